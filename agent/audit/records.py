@@ -1,0 +1,34 @@
+"""One audit record per decision: who, what, when, outcome, why; never a token, signature or key."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from agent.config.model import Policy
+    from agent.engine import Decision, RequestView
+
+
+def decision_record(view: RequestView, d: Decision, policy: Policy, now: float) -> dict[str, object]:
+    who = d.principal
+    return {
+        "type": "decision",
+        "time": datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "decision_id": d.decision_id,
+        "service": policy.service,
+        "policy_version": policy.version,
+        "route": d.route,
+        "method": view.method,
+        "path": view.path.split("?", 1)[0].split("#", 1)[0],
+        "source": view.source,
+        "subject": who.subject if who else None,
+        "client_id": who.client_id if who else None,
+        "issuer": who.issuer if who else None,
+        "jti": who.jti if who else None,
+        "authn": who.method if who else None,
+        "decision": d.outcome,
+        "reason": d.reason,
+        "status": d.status,
+        "latency_us": d.latency_us,
+    }

@@ -1,0 +1,122 @@
+"""RFC 7662 introspection of opaque access tokens at the one identity provider configured for it."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+
+from agent import reasons as R
+from agent.authn.http import client_session, read_json
+from agent.authn.jwt import principal_from_claims
+from agent.authn.principal import Principal
+from agent.authn.strict import is_number
+from agent.config.model import IdentityProvider
+from agent.errors import AuthnError, KeySourceError
+
+CACHE_ENTRIES = 10_000
+
+
+class Introspector:
+    """Asks the identity provider about an opaque token; caches positive answers briefly."""
+
+    def __init__(self, idp: IdentityProvider, clock: Callable[[], float] = time.time) -> None:
+        assert idp.introspection is not None
+        self.idp = idp
+        self.cfg = idp.introspection
+        self.calls = 0
+        self._clock = clock
+        # Keyed by a hash of the token, so the cache holds no token text.
+        self._cache: OrderedDict[bytes, tuple[Principal, float]] = OrderedDict()
+        self._inflight: dict[bytes, asyncio.Future[Principal]] = {}
+        self._sem = asyncio.Semaphore(self.cfg.max_concurrent)
+        self._session: aiohttp.ClientSession | None = None
+        user = quote(self.cfg.client_id, safe="")
+        secret = quote(self.cfg.client_secret, safe="")
+        # RFC 6749 §2.3.1: form-urlencode the credentials before Basic encoding them.
+        self._auth = aiohttp.BasicAuth(user, secret)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def introspect(self, token: str) -> Principal:
+        key = hashlib.sha256(token.encode()).digest()
+        now = self._clock()
+        hit = self._cache.get(key)
+        if hit is not None:
+            principal, until = hit
+            if now < until:
+                return principal
+            del self._cache[key]
+        pending = self._inflight.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        if self._sem.locked():
+            # Beyond the concurrency bound we fail closed now rather than queue behind a slow IdP.
+            raise AuthnError(R.INTROSPECTION_UNAVAILABLE, "too many introspections in flight")
+        fut: asyncio.Future[Principal] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = fut
+        try:
+            async with self._sem:
+                principal = await self._ask(token)
+            until = min(now + self.cfg.cache_s, principal.expires_at or now + self.cfg.cache_s)
+            if until > now:
+                self._cache[key] = (principal, until)
+                if len(self._cache) > CACHE_ENTRIES:
+                    self._cache.popitem(last=False)
+            fut.set_result(principal)
+            return principal
+        except BaseException as e:
+            fut.set_exception(e)
+            fut.exception()  # mark retrieved: joiners re-raise it, nobody else must
+            raise
+        finally:
+            del self._inflight[key]
+
+    async def _ask(self, token: str) -> Principal:
+        self.calls += 1
+        if self._session is None:
+            self._session = client_session(self.idp.ca_file, self.cfg.timeout_s)
+        try:
+            async with self._session.post(
+                self.cfg.endpoint,
+                data={"token": token, "token_type_hint": "access_token"},
+                auth=self._auth,
+                allow_redirects=False,
+                headers={"accept": "application/json"},
+            ) as resp:
+                doc = await read_json(resp)
+        except (aiohttp.ClientError, TimeoutError, OSError, KeySourceError) as e:
+            raise AuthnError(R.INTROSPECTION_UNAVAILABLE, type(e).__name__) from None
+        if doc.get("active") is not True:
+            raise AuthnError(R.TOKEN_INACTIVE)
+        if "iss" in doc and doc["iss"] != self.idp.issuer:
+            raise AuthnError(R.TOKEN_ISSUER_UNKNOWN)
+        token_type = doc.get("token_type")
+        if isinstance(token_type, str) and token_type.lower() == "refresh_token":
+            raise AuthnError(R.TOKEN_INACTIVE, "refresh token")
+        now = self._clock()
+        exp: Any = doc.get("exp")
+        if exp is not None:
+            if not is_number(exp):
+                raise AuthnError(R.TOKEN_CLAIM_INVALID, "exp")
+            if now >= float(exp) + self.idp.leeway_s:
+                raise AuthnError(R.TOKEN_EXPIRED)
+        nbf: Any = doc.get("nbf")
+        if is_number(nbf) and now + self.idp.leeway_s < float(nbf):
+            raise AuthnError(R.TOKEN_NOT_YET_VALID)
+        aud = doc.get("aud")
+        if aud is not None:
+            auds = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
+            if self.idp.audiences.isdisjoint(a for a in auds if isinstance(a, str)):
+                raise AuthnError(R.TOKEN_AUDIENCE_MISMATCH)
+        if "sub" not in doc and isinstance(doc.get("client_id"), str):
+            doc = {**doc, "sub": doc["client_id"]}  # a client-credentials token is its client
+        return principal_from_claims(self.idp, doc, "introspection", float(exp) if is_number(exp) else None)

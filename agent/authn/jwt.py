@@ -1,0 +1,161 @@
+"""Strict JWT access-token verification: explicit algorithms, configured keys only, every claim checked."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from agent import reasons as R
+from agent.authn.jwk import verify_signature
+from agent.authn.jwks import KeyStore
+from agent.authn.principal import Principal, claim_at, string_set
+from agent.authn.strict import b64url_decode, is_number, strict_json_object
+from agent.config.model import IdentityProvider
+from agent.errors import AuthnError
+
+
+class UnknownKid(AuthnError):
+    """The issuer's key set lacks the token's kid: the caller may refetch once and retry."""
+
+    def __init__(self, store: KeyStore) -> None:
+        super().__init__(R.TOKEN_KID_UNKNOWN)
+        self.store = store
+
+
+class JwtVerifier:
+    """Verifies JWT access tokens against the configured identity providers (chosen by exact `iss`)."""
+
+    def __init__(self, stores: dict[str, KeyStore], clock: Callable[[], float] = time.time) -> None:
+        self._by_issuer: dict[str, tuple[IdentityProvider, KeyStore]] = {
+            s.idp.issuer: (s.idp, s) for s in stores.values()
+        }
+        self.max_token_bytes = max((s.idp.max_token_bytes for s in stores.values()), default=8192)
+        self._clock = clock
+
+    async def verify(self, token: str) -> Principal:
+        try:
+            return self.verify_now(token)
+        except UnknownKid as e:
+            if await e.store.on_unknown_kid():
+                return self.verify_now(token)
+            raise
+
+    def verify_now(self, token: str) -> Principal:
+        """Verify with the keys held now; raises UnknownKid when a refetch might help."""
+        if len(token) > self.max_token_bytes:
+            raise AuthnError(R.TOKEN_TOO_LARGE)
+        parts = token.split(".")
+        if len(parts) != 3:
+            raise AuthnError(R.TOKEN_MALFORMED, "not three dot-separated parts")
+        try:
+            header = strict_json_object(b64url_decode(parts[0]))
+            claims = strict_json_object(b64url_decode(parts[1]))
+            signature = b64url_decode(parts[2])
+        except ValueError as e:
+            raise AuthnError(R.TOKEN_MALFORMED, str(e)) from None
+        iss = claims.get("iss")
+        found = self._by_issuer.get(iss) if isinstance(iss, str) else None
+        if found is None:
+            raise AuthnError(R.TOKEN_ISSUER_UNKNOWN)
+        idp, store = found
+        if len(token) > idp.max_token_bytes:
+            raise AuthnError(R.TOKEN_TOO_LARGE)
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg not in idp.algorithms:
+            raise AuthnError(R.TOKEN_ALG_NOT_ALLOWED)
+        if "crit" in header:
+            # RFC 7515 §4.1.11: extensions we do not understand must fail; we understand none.
+            raise AuthnError(R.TOKEN_CRIT_UNSUPPORTED)
+        typ = header.get("typ")
+        if typ is None:
+            if idp.require_typ:
+                raise AuthnError(R.TOKEN_TYP_NOT_ALLOWED, "typ required")
+        elif not isinstance(typ, str) or typ.lower() not in idp.token_types:
+            raise AuthnError(R.TOKEN_TYP_NOT_ALLOWED)
+        kid = header.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            raise AuthnError(R.TOKEN_MALFORMED, "kid is not a string")
+        # `jku`, `x5u`, `jwk` and `x5c` are never read: keys come from configuration only.
+        keys = store.keys
+        if keys is None:
+            raise AuthnError(R.KEYS_UNAVAILABLE)
+        candidates, kid_known = keys.candidates(kid, alg)
+        if not candidates:
+            if kid_known:
+                raise AuthnError(R.TOKEN_KEY_MISMATCH)
+            raise UnknownKid(store)
+        signing_input = token[: len(parts[0]) + 1 + len(parts[1])].encode("ascii")
+        if not any(verify_signature(k, alg, signing_input, signature) for k in candidates):
+            raise AuthnError(R.TOKEN_SIGNATURE_INVALID)
+        return self._check_claims(idp, claims)
+
+    def _check_claims(self, idp: IdentityProvider, claims: dict[str, Any]) -> Principal:
+        now = self._clock()
+        leeway = idp.leeway_s
+        exp = _time_claim(claims, "exp", required=True)
+        assert exp is not None
+        if now >= exp + leeway:
+            raise AuthnError(R.TOKEN_EXPIRED)
+        nbf = _time_claim(claims, "nbf", required=False)
+        if nbf is not None and now + leeway < nbf:
+            raise AuthnError(R.TOKEN_NOT_YET_VALID)
+        iat = _time_claim(claims, "iat", required=True)
+        assert iat is not None
+        if iat > now + leeway:
+            raise AuthnError(R.TOKEN_ISSUED_IN_FUTURE)
+        if exp - iat > idp.max_token_lifetime_s:
+            raise AuthnError(R.TOKEN_LIFETIME_TOO_LONG)
+        aud = claims.get("aud")
+        if isinstance(aud, str):
+            auds: list[Any] = [aud]
+        elif isinstance(aud, list) and aud and all(isinstance(a, str) for a in aud):
+            auds = aud
+        elif aud is None:
+            raise AuthnError(R.TOKEN_CLAIM_MISSING, "aud")
+        else:
+            raise AuthnError(R.TOKEN_CLAIM_INVALID, "aud")
+        if idp.audiences.isdisjoint(auds):
+            raise AuthnError(R.TOKEN_AUDIENCE_MISMATCH)
+        return principal_from_claims(idp, claims, "jwt", exp)
+
+
+def principal_from_claims(idp: IdentityProvider, claims: dict[str, Any], method: str, exp: float | None) -> Principal:
+    names = idp.claims
+    sub = claim_at(claims, tuple(names.subject.split(".")))
+    if not isinstance(sub, str) or not sub:
+        raise AuthnError(R.TOKEN_CLAIM_MISSING, names.subject)
+    client_id = claim_at(claims, tuple(names.client_id.split(".")))
+    if client_id is not None and not isinstance(client_id, str):
+        raise AuthnError(R.TOKEN_CLAIM_INVALID, names.client_id)
+    scopes = string_set(claim_at(claims, tuple(names.scopes.split("."))), split_spaces=True)
+    if scopes is None:
+        raise AuthnError(R.TOKEN_CLAIM_INVALID, names.scopes)
+    roles = string_set(claim_at(claims, tuple(names.roles.split("."))), split_spaces=False)
+    if roles is None:
+        raise AuthnError(R.TOKEN_CLAIM_INVALID, names.roles)
+    jti = claims.get("jti")
+    if jti is not None and not isinstance(jti, str):
+        raise AuthnError(R.TOKEN_CLAIM_INVALID, "jti")
+    return Principal(
+        subject=sub,
+        issuer=idp.issuer,
+        method=method,
+        client_id=client_id,
+        jti=jti,
+        scopes=scopes,
+        roles=roles,
+        expires_at=exp,
+        claims=claims,
+    )
+
+
+def _time_claim(claims: dict[str, Any], name: str, required: bool) -> float | None:
+    v = claims.get(name)
+    if v is None:
+        if required:
+            raise AuthnError(R.TOKEN_CLAIM_MISSING, name)
+        return None
+    if not is_number(v):
+        raise AuthnError(R.TOKEN_CLAIM_INVALID, name)
+    return float(v)

@@ -1,0 +1,155 @@
+"""`authz-agent` subcommands: run, check, policy lint, envoy-config, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+
+from agent.errors import ConfigErrors
+
+
+def _load(path: str) -> object:
+    from agent.config import load_policy
+
+    return load_policy(path)
+
+
+def cmd_lint(args: argparse.Namespace) -> int:
+    try:
+        policy = _load(args.file)
+    except ConfigErrors as e:
+        for err in e.errors:
+            print(err, file=sys.stderr)
+        print(f"{len(e.errors)} error(s); the policy was not accepted", file=sys.stderr)
+        return 1
+    print(f"{args.file}: ok ({policy.version}, {len(policy.routes)} routes)")  # type: ignore[attr-defined]
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from agent.server.run import serve
+
+    try:
+        policy = _load(args.policy)
+    except ConfigErrors as e:
+        print(e, file=sys.stderr)
+        return 2
+    if args.transport != "grpcio":
+        print(f"transport {args.transport!r} is not built yet; use --transport grpcio", file=sys.stderr)
+        return 2
+    asyncio.run(serve(policy, args.listen, args.admin, args.audit_log))  # type: ignore[arg-type]
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from agent.engine import Engine, RequestView
+
+    try:
+        policy = _load(args.policy)
+    except ConfigErrors as e:
+        print(e, file=sys.stderr)
+        return 2
+    headers: dict[str, str] = {}
+    for h in args.header:
+        name, sep, value = h.partition(":")
+        if not sep:
+            print(f"-H {h!r}: write it as 'name: value'", file=sys.stderr)
+            return 2
+        headers[name.strip().lower()] = value.strip()
+
+    async def go() -> int:
+        engine = Engine.for_policy(policy)  # type: ignore[arg-type]
+        try:
+            for store in engine.stores.values():
+                await store.refresh()
+                if not store.ready:
+                    print(f"identity provider {store.idp.name}: keys not loaded: {store.last_error}")
+            trace: list[str] = []
+            view = RequestView(method=args.method.upper(), path=args.path, host=args.host, headers=headers,
+                               source=args.source)  # fmt: skip
+            d = await engine.check(view, trace)
+        finally:
+            await engine.close()
+        for step in trace:
+            print(f"- {step}")
+        out = {"decision": d.outcome, "status": d.status, "reason": d.reason, "route": d.route}
+        if d.allowed:
+            out["upstream_headers"] = dict(d.upstream_headers)
+            out["removed_headers"] = d.remove_headers
+        else:
+            out["response_headers"] = dict(d.response_headers)
+        print(json.dumps(out, indent=2))
+        return 0 if d.allowed else 1
+
+    return asyncio.run(go())
+
+
+def cmd_envoy_config(args: argparse.Namespace) -> int:
+    from agent.envoyconf import bootstrap
+
+    cfg = bootstrap(args.listen, args.upstream, args.agent, args.admin)
+    print(json.dumps(cfg, indent=2))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from agent.demo.run import run_demo
+
+    return asyncio.run(run_demo(args.port, args.self_test, args.workdir))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="authz-agent", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    r = sub.add_parser("run", help="serve ext_authz for Envoy")
+    r.add_argument("--policy", required=True)
+    r.add_argument("--listen", default="127.0.0.1:9191", help="HOST:PORT or unix:PATH")
+    r.add_argument("--admin", default="127.0.0.1:9192", help="HOST:PORT for /healthz and /readyz")
+    r.add_argument("--transport", default="grpcio", choices=["grpcio", "native"])
+    r.add_argument("--audit-log", default=None, help="append JSON lines here (default: stdout)")
+    r.set_defaults(func=cmd_run)
+
+    c = sub.add_parser("check", help="decide one request and explain every step")
+    c.add_argument("--policy", required=True)
+    c.add_argument("--method", default="GET")
+    c.add_argument("--path", required=True)
+    c.add_argument("--host", default="")
+    c.add_argument("--source", default="127.0.0.1")
+    c.add_argument("-H", "--header", action="append", default=[], help="'name: value', repeatable")
+    c.set_defaults(func=cmd_check)
+
+    pol = sub.add_parser("policy", help="policy file tools")
+    psub = pol.add_subparsers(dest="pcmd", required=True)
+    lint = psub.add_parser("lint", help="validate a policy file; errors name file:line")
+    lint.add_argument("file")
+    lint.set_defaults(func=cmd_lint)
+
+    e = sub.add_parser("envoy-config", help="print an Envoy bootstrap that attaches the agent")
+    e.add_argument("--listen", default="0.0.0.0:10000")
+    e.add_argument("--upstream", default="127.0.0.1:8080")
+    e.add_argument("--agent", default="127.0.0.1:9191", help="the agent's HOST:PORT or unix:PATH")
+    e.add_argument("--admin", default="127.0.0.1:9901")
+    e.set_defaults(func=cmd_envoy_config)
+
+    d = sub.add_parser("demo", help="Envoy + agent + local IdP + demo app; prints curl lines")
+    d.add_argument("--port", type=int, default=10000, help="Envoy's listener port")
+    d.add_argument("--self-test", action="store_true", help="run the printed requests, check them, exit")
+    d.add_argument("--workdir", default=None)
+    d.set_defaults(func=cmd_demo)
+
+    args = p.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

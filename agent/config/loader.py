@@ -1,0 +1,506 @@
+"""Load and validate a policy file into frozen objects; every problem is reported with file:line and a fix."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import math
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from agent.config.model import (
+    ASYMMETRIC_ALGORITHMS,
+    Allow,
+    ClaimNames,
+    ClaimRule,
+    IdentityProvider,
+    Introspection,
+    Policy,
+    Route,
+)
+from agent.config.yamlsrc import LDict, LList, line_of, load_yaml
+from agent.errors import ConfigError, ConfigErrors
+from agent.policy.paths import PARAM, Segment, parse_template, shape, valid_method
+
+# Keys of DESIGN's policy format whose features are not built yet. They are refused, never accepted and
+# silently not enforced: a policy that asks for DPoP binding must not run without it.
+NOT_YET = {
+    "bind": "proof-of-possession binding (bind: dpop | mtls)",
+    "rate_limit": "rate limits",
+    "hmac_clients": "HMAC request signatures (hmac_clients)",
+    "mode": "shadow rules (mode: shadow)",
+    "shared_state": "shared state in Redis",
+}
+AUTHN_KINDS = {"jwt"}
+AUTHN_NOT_YET = {"hmac": "HMAC request signatures", "dpop": "DPoP", "mtls": "mTLS client authentication"}
+TOP_KEYS = {"version", "service", "identity_providers", "routes", "default"}
+IDP_KEYS = {
+    "issuer", "jwks_uri", "jwks_file", "discovery", "audiences", "algorithms", "leeway_s",
+    "max_token_lifetime_s", "claims", "token_types", "require_typ", "ca_file", "refresh_s",
+    "min_refetch_s", "fetch_timeout_s", "unknown_kid_wait_s", "max_token_bytes",
+    "introspection_endpoint", "client_id", "client_secret_file", "introspection_cache_s",
+    "introspection_timeout_s",
+}  # fmt: skip
+CLAIM_KEYS = {"subject", "roles", "scopes", "client_id"}
+ROUTE_KEYS = {"name", "match", "authn", "allow", "public", "forward_token"}
+MATCH_KEYS = {"methods", "path"}
+ALLOW_KEYS = {
+    "scopes_all", "scopes_any", "roles_all", "roles_any", "claims", "acr_any", "max_auth_age_s",
+    "not_before", "not_after",
+}  # fmt: skip
+_DEFAULT_IDP = IdentityProvider(name="", issuer="", audiences=frozenset(), algorithms=frozenset())
+
+
+class _Ctx:
+    """One load pass: the file being read and every error found so far."""
+
+    def __init__(self, file: str, base_dir: Path) -> None:
+        self.file = file
+        self.base_dir = base_dir
+        self.errors: list[ConfigError] = []
+
+    def err(self, line: int, message: str) -> None:
+        self.errors.append(ConfigError(message, self.file, line))
+
+    def keys(self, d: LDict, allowed: set[str], where: str) -> None:
+        for key in d:
+            if key in allowed:
+                continue
+            if key in NOT_YET:
+                self.err(d.lines[key], f"{where}: {key!r} is not supported yet ({NOT_YET[key]}); remove it")
+                continue
+            hint = difflib.get_close_matches(key, sorted(allowed), n=1)
+            fix = f"did you mean {hint[0]!r}?" if hint else f"allowed keys: {', '.join(sorted(allowed))}"
+            self.err(d.lines[key], f"{where}: unknown key {key!r}; {fix}")
+
+    def path(self, value: str) -> Path:
+        p = Path(os.path.expanduser(value))
+        return p if p.is_absolute() else self.base_dir / p
+
+
+def _type_name(t: type | tuple[type, ...]) -> str:
+    names = {str: "a string", bool: "true or false", int: "an integer", float: "a number", list: "a list"}
+    if isinstance(t, tuple):
+        return " or ".join(names.get(x, x.__name__) for x in t)
+    return names.get(t, t.__name__)
+
+
+def _get(ctx: _Ctx, d: LDict, key: str, typ: type | tuple[type, ...], where: str, default: Any = None) -> Any:
+    if key not in d:
+        return default
+    v = d[key]
+    ok = isinstance(v, typ) and not (isinstance(v, bool) and typ in (int, float, (int, float)))
+    if ok and isinstance(v, float) and not math.isfinite(v):
+        ok = False
+    if not ok:
+        ctx.err(d.lines[key], f"{where}.{key} must be {_type_name(typ)}, got {v!r}")
+        return default
+    return v
+
+
+def _number(ctx: _Ctx, d: LDict, key: str, where: str, default: float, minimum: float = 0.0) -> float:
+    v = _get(ctx, d, key, (int, float), where, None)
+    if v is None:
+        return default
+    if v < minimum:
+        ctx.err(d.lines[key], f"{where}.{key} must be at least {minimum}, got {v}")
+        return default
+    return float(v)
+
+
+def _str_list(ctx: _Ctx, d: LDict, key: str, where: str) -> list[str] | None:
+    if key not in d:
+        return None
+    v = d[key]
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
+        ctx.err(d.lines[key], f"{where}.{key} must be a list of non-empty strings, got {v!r}")
+        return None
+    return list(v)
+
+
+def _mapping(ctx: _Ctx, parent: LDict, key: str, where: str) -> LDict | None:
+    v = parent.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, LDict):
+        ctx.err(parent.lines[key], f"{where}.{key} must be a mapping, got {v!r}")
+        return None
+    return v
+
+
+def _url(ctx: _Ctx, d: LDict, key: str, where: str) -> str | None:
+    v = _get(ctx, d, key, str, where)
+    if v is None:
+        return None
+    u = urlsplit(v)
+    if u.scheme == "https" and u.hostname:
+        return str(v)
+    if u.scheme == "http" and u.hostname and _is_loopback(u.hostname):
+        return str(v)
+    ctx.err(d.lines[key], f"{where}.{key} must be an https:// URL (http:// only to a loopback address), got {v!r}")
+    return None
+
+
+def _is_loopback(host: str) -> bool:
+    return host in {"localhost", "::1"} or host.startswith("127.")
+
+
+def _read_secret(ctx: _Ctx, d: LDict, key: str, where: str) -> str | None:
+    name = _get(ctx, d, key, str, where)
+    if name is None:
+        return None
+    p = ctx.path(name)
+    try:
+        secret = p.read_text(encoding="utf-8").strip()
+    except OSError as e:
+        ctx.err(d.lines[key], f"{where}.{key}: cannot read {str(p)!r}: {e.strerror}")
+        return None
+    if not secret:
+        ctx.err(d.lines[key], f"{where}.{key}: {str(p)!r} is empty")
+        return None
+    return secret
+
+
+def _identity_provider(ctx: _Ctx, name: str, d: LDict) -> IdentityProvider | None:
+    where = f"identity_providers.{name}"
+    n_errors = len(ctx.errors)
+    ctx.keys(d, IDP_KEYS, where)
+    issuer = _get(ctx, d, "issuer", str, where)
+    if not issuer:
+        ctx.err(d.line, f"{where}: 'issuer' is required (the exact `iss` its tokens carry)")
+    discovery = bool(_get(ctx, d, "discovery", bool, where, False))
+    jwks_uri = _url(ctx, d, "jwks_uri", where)
+    jwks_file = _get(ctx, d, "jwks_file", str, where)
+    sources = [k for k in ("jwks_uri", "jwks_file") if k in d] + (["discovery"] if discovery else [])
+    introspection_endpoint = _url(ctx, d, "introspection_endpoint", where)
+    if len(sources) > 1:
+        ctx.err(d.line, f"{where}: give exactly one key source, not {' and '.join(sources)}")
+    elif not sources and "introspection_endpoint" not in d:
+        ctx.err(d.line, f"{where}: no key source; add jwks_uri, jwks_file or discovery: true")
+    if discovery and issuer:
+        u = urlsplit(issuer)
+        if not (u.scheme == "https" or (u.scheme == "http" and _is_loopback(u.hostname or ""))):
+            ctx.err(d.lines["discovery"], f"{where}: discovery needs an https:// issuer, got {issuer!r}")
+    if jwks_file is not None:
+        jwks_file = str(ctx.path(jwks_file))
+    audiences = _str_list(ctx, d, "audiences", where)
+    if not audiences:
+        ctx.err(
+            d.lines.get("audiences", d.line),
+            f"{where}: 'audiences' is required and non-empty; a token for another API must not pass here",
+        )
+    algorithms = _str_list(ctx, d, "algorithms", where)
+    if not algorithms:
+        ctx.err(d.lines.get("algorithms", d.line), f"{where}: 'algorithms' is required, e.g. [RS256, ES256]")
+        algorithms = []
+    for alg in algorithms:
+        if alg in ASYMMETRIC_ALGORITHMS:
+            continue
+        if alg.upper().startswith("HS"):
+            why = "a shared-secret algorithm; identity providers must sign with asymmetric keys"
+        elif alg.lower() == "none":
+            why = "unsigned tokens are never accepted"
+        else:
+            why = f"unknown; use some of {', '.join(sorted(ASYMMETRIC_ALGORITHMS))}"
+        ctx.err(d.lines["algorithms"], f"{where}.algorithms: {alg!r} is {why}")
+    claims = ClaimNames()
+    cm = _mapping(ctx, d, "claims", where)
+    if cm is not None:
+        ctx.keys(cm, CLAIM_KEYS, f"{where}.claims")
+        claims = ClaimNames(**{k: _get(ctx, cm, k, str, f"{where}.claims") or "" for k in cm if k in CLAIM_KEYS})
+        for k in CLAIM_KEYS:
+            if not getattr(claims, k):
+                ctx.err(cm.lines.get(k, cm.line), f"{where}.claims.{k} must be a non-empty claim name")
+    types = _str_list(ctx, d, "token_types", where)
+    introspection = None
+    if introspection_endpoint is not None:
+        client_id = _get(ctx, d, "client_id", str, where)
+        secret = _read_secret(ctx, d, "client_secret_file", where)
+        if not client_id or secret is None:
+            ctx.err(
+                d.lines["introspection_endpoint"],
+                f"{where}: introspection needs client_id and client_secret_file (client credentials)",
+            )
+        else:
+            introspection = Introspection(
+                endpoint=introspection_endpoint,
+                client_id=client_id,
+                client_secret=secret,
+                cache_s=_number(ctx, d, "introspection_cache_s", where, 30.0),
+                timeout_s=_number(ctx, d, "introspection_timeout_s", where, 0.5, 0.01),
+            )
+    elif "client_secret_file" in d or "client_id" in d:
+        ctx.err(d.line, f"{where}: client_id/client_secret_file are only for introspection_endpoint")
+    ca_file = _get(ctx, d, "ca_file", str, where)
+    if ca_file is not None:
+        ca_file = str(ctx.path(ca_file))
+        if not Path(ca_file).is_file():
+            ctx.err(d.lines["ca_file"], f"{where}.ca_file: no such file {ca_file!r}")
+    dflt = _DEFAULT_IDP
+    idp = IdentityProvider(
+        name=name,
+        issuer=issuer or "",
+        audiences=frozenset(audiences or ()),
+        algorithms=frozenset(algorithms),
+        jwks_uri=jwks_uri,
+        jwks_file=jwks_file,
+        discovery=discovery,
+        leeway_s=_number(ctx, d, "leeway_s", where, dflt.leeway_s),
+        max_token_lifetime_s=_number(ctx, d, "max_token_lifetime_s", where, dflt.max_token_lifetime_s, 1),
+        claims=claims,
+        token_types=frozenset(t.lower() for t in types) if types else dflt.token_types,
+        require_typ=bool(_get(ctx, d, "require_typ", bool, where, False)),
+        ca_file=ca_file,
+        refresh_s=_number(ctx, d, "refresh_s", where, dflt.refresh_s, 1),
+        min_refetch_s=_number(ctx, d, "min_refetch_s", where, dflt.min_refetch_s),
+        fetch_timeout_s=_number(ctx, d, "fetch_timeout_s", where, dflt.fetch_timeout_s, 0.05),
+        unknown_kid_wait_s=_number(ctx, d, "unknown_kid_wait_s", where, dflt.unknown_kid_wait_s),
+        max_token_bytes=int(_number(ctx, d, "max_token_bytes", where, dflt.max_token_bytes, 256)),
+        introspection=introspection,
+    )
+    return idp if len(ctx.errors) == n_errors else None
+
+
+def _timestamp(ctx: _Ctx, d: LDict, key: str, where: str) -> datetime | None:
+    if key not in d:
+        return None
+    v = d[key]
+    if isinstance(v, str):
+        try:
+            v = datetime.fromisoformat(v)
+        except ValueError:
+            v = None
+    if isinstance(v, datetime):
+        if v.tzinfo is None:
+            ctx.err(d.lines[key], f"{where}.{key} needs a time zone, e.g. 2026-12-01T00:00:00Z")
+            return None
+        return v
+    ctx.err(d.lines[key], f"{where}.{key} must be an ISO 8601 time like 2026-12-01T00:00:00Z, got {d[key]!r}")
+    return None
+
+
+def _allow(ctx: _Ctx, d: LDict, where: str, params: set[str]) -> Allow:
+    ctx.keys(d, ALLOW_KEYS, where)
+
+    def fs(key: str) -> frozenset[str]:
+        v = _str_list(ctx, d, key, where)
+        if v is not None and not v:
+            ctx.err(d.lines[key], f"{where}.{key} is empty; remove it or list at least one value")
+        return frozenset(v or ())
+
+    rules: list[ClaimRule] = []
+    cm = _mapping(ctx, d, "claims", where)
+    if cm is not None:
+        for claim, value in cm.items():
+            cpath = tuple(claim.split("."))
+            if not all(cpath):
+                ctx.err(cm.lines[claim], f"{where}.claims: {claim!r} is not a claim name or dotted path")
+                continue
+            if isinstance(value, str) and value.startswith("{") and value.endswith("}"):
+                pname = value[1:-1]
+                if pname not in params:
+                    have = ", ".join(sorted(params)) or "none"
+                    ctx.err(cm.lines[claim], f"{where}.claims.{claim}: {value} is not a parameter of the path "
+                            f"(the path binds: {have})")  # fmt: skip
+                    continue
+                rules.append(ClaimRule(cpath, param=pname))
+            elif isinstance(value, str | int | float | bool) and not (
+                isinstance(value, float) and not math.isfinite(value)
+            ):
+                rules.append(ClaimRule(cpath, literal=value))
+            else:
+                ctx.err(cm.lines[claim], f"{where}.claims.{claim} must be a string, number, true/false or "
+                        f"a {{param}} of the path, got {value!r}")  # fmt: skip
+    max_age = _get(ctx, d, "max_auth_age_s", (int, float), where)
+    if max_age is not None and max_age < 0:
+        ctx.err(d.lines["max_auth_age_s"], f"{where}.max_auth_age_s must not be negative")
+    not_before = _timestamp(ctx, d, "not_before", where)
+    not_after = _timestamp(ctx, d, "not_after", where)
+    if not_before and not_after and not_after <= not_before:
+        ctx.err(d.lines["not_after"], f"{where}: not_after is not later than not_before; this rule never applies")
+    elif not_after and not_after <= datetime.now(UTC):
+        ctx.err(d.lines["not_after"], f"{where}.not_after is in the past; this grant has expired, remove it")
+    return Allow(
+        scopes_all=fs("scopes_all"),
+        scopes_any=fs("scopes_any"),
+        roles_all=fs("roles_all"),
+        roles_any=fs("roles_any"),
+        claims=tuple(rules),
+        acr_any=tuple(fs("acr_any")),
+        max_auth_age_s=float(max_age) if max_age is not None else None,
+        not_before=not_before,
+        not_after=not_after,
+    )
+
+
+def _route(ctx: _Ctx, d: LDict, index: int, idps: dict[str, IdentityProvider]) -> Route | None:
+    name = d.get("name")
+    where = f"routes[{index}]" + (f" ({name})" if isinstance(name, str) else "")
+    n_errors = len(ctx.errors)
+    ctx.keys(d, ROUTE_KEYS, where)
+    if not isinstance(name, str) or not name:
+        ctx.err(d.lines.get("name", d.line), f"{where}: every route needs a non-empty 'name'")
+        name = f"route-{index}"
+    m = _mapping(ctx, d, "match", where)
+    if m is None:
+        ctx.err(d.line, f"{where}: 'match' with a 'path' is required")
+        return None
+    ctx.keys(m, MATCH_KEYS, f"{where}.match")
+    path = _get(ctx, m, "path", str, f"{where}.match")
+    segments: tuple[Segment, ...] = ()
+    if path is None:
+        ctx.err(m.line, f"{where}.match: 'path' is required, e.g. /v1/orders/{{id}}")
+    else:
+        try:
+            segments = parse_template(path)
+        except ValueError as e:
+            ctx.err(m.lines["path"], f"{where}.match: {e}")
+    methods: frozenset[str] | None = None
+    if "methods" in m:
+        ml = _str_list(ctx, m, "methods", f"{where}.match")
+        if ml is not None and not ml:
+            ctx.err(m.lines["methods"], f"{where}.match.methods is empty, so the route can never match; "
+                    "list methods or remove the key to match any")  # fmt: skip
+        for meth in ml or ():
+            if not valid_method(meth) or meth != meth.upper():
+                ctx.err(m.lines["methods"], f"{where}.match.methods: {meth!r} is not an upper-case HTTP method")
+        methods = frozenset(ml or ())
+    public = bool(_get(ctx, d, "public", bool, where, False))
+    authn = _str_list(ctx, d, "authn", where) or []
+    for kind in authn:
+        if kind in AUTHN_NOT_YET:
+            ctx.err(d.lines["authn"], f"{where}.authn: {kind!r} is not supported yet ({AUTHN_NOT_YET[kind]})")
+        elif kind not in AUTHN_KINDS:
+            ctx.err(d.lines["authn"], f"{where}.authn: unknown kind {kind!r}; use one of: jwt")
+    params = {s.value for s in segments if s.kind == PARAM}
+    allow = None
+    am = _mapping(ctx, d, "allow", where)
+    if public:
+        for key in ("authn", "allow"):
+            if key in d:
+                ctx.err(d.lines[key], f"{where}: a public route takes no {key!r}; remove it or public: true")
+    else:
+        if not authn:
+            ctx.err(d.lines.get("authn", d.line), f"{where}: needs 'authn' (e.g. [jwt]) or 'public: true'; "
+                    "a route never means 'no credentials needed' by omission")  # fmt: skip
+        if "jwt" in authn and not idps:
+            ctx.err(d.lines["authn"], f"{where}.authn: jwt needs at least one identity provider")
+        if am is None and "allow" not in d:
+            ctx.err(d.line, f"{where}: needs 'allow' (write 'allow: {{}}' to admit any authenticated caller)")
+        elif am is not None:
+            allow = _allow(ctx, am, f"{where}.allow", params)
+        elif d.get("allow") is None:
+            ctx.err(
+                d.lines["allow"],
+                f"{where}.allow is empty; write 'allow: {{}}' to admit any authenticated caller",
+            )
+    route = Route(
+        name=name,
+        path=path or "",
+        methods=methods,
+        public=public,
+        authn=tuple(authn),
+        allow=allow,
+        forward_token=bool(_get(ctx, d, "forward_token", bool, where, False)),
+        line=d.line,
+    )
+    return route if len(ctx.errors) == n_errors else None
+
+
+def _check_overlaps(ctx: _Ctx, routes: list[Route]) -> None:
+    by_shape: dict[tuple[str, ...], list[Route]] = {}
+    names: dict[str, Route] = {}
+    for r in routes:
+        if r.name in names:
+            ctx.err(r.line, f"route name {r.name!r} is already used at line {names[r.name].line}")
+        names[r.name] = r
+        seen = by_shape.setdefault(shape(parse_template(r.path)), [])
+        for other in seen:
+            if r.methods is None and other.methods is None:
+                clash = "any method"
+            elif r.methods is not None and other.methods is not None and r.methods & other.methods:
+                clash = ", ".join(sorted(r.methods & other.methods))
+            else:
+                continue
+            ctx.err(r.line, f"route {r.name!r} matches the same requests as {other.name!r} (line {other.line}) "
+                    f"for {clash}; merge them or split their methods")  # fmt: skip
+        seen.append(r)
+
+
+def load_policy_text(text: str, file: str = "<policy>", base_dir: Path | None = None) -> Policy:
+    """Validate a whole policy; raises ConfigErrors listing every problem with its line."""
+    ctx = _Ctx(file, base_dir or Path.cwd())
+    try:
+        doc = load_yaml(text, file)
+    except ConfigError as e:
+        raise ConfigErrors([e]) from None
+    if not isinstance(doc, LDict):
+        raise ConfigErrors([ConfigError("the policy must be a mapping (version:, service:, routes:, ...)", file, 1)])
+    ctx.keys(doc, TOP_KEYS, "policy")
+    version = doc.get("version")
+    if version != 1 or isinstance(version, bool):
+        ctx.err(line_of(doc, "version", 1), f"'version: 1' is required, got {version!r}")
+    service = _get(ctx, doc, "service", str, "policy")
+    if not service:
+        ctx.err(line_of(doc, "service", 1), "'service' is required: the name of the service this policy protects")
+    default = doc.get("default", "deny")
+    if default != "deny":
+        ctx.err(line_of(doc, "default", 1), f"'default' must be 'deny' (got {default!r}); "
+                "allow what should pass with a route")  # fmt: skip
+    idps: dict[str, IdentityProvider] = {}
+    im = _mapping(ctx, doc, "identity_providers", "policy")
+    for name, body in (im or {}).items():
+        if not isinstance(body, LDict):
+            ctx.err(im.lines[name] if im else 0, f"identity_providers.{name} must be a mapping")
+            continue
+        idp = _identity_provider(ctx, name, body)
+        if idp is not None:
+            idps[name] = idp
+    issuers: dict[str, str] = {}
+    for idp in idps.values():
+        if idp.issuer in issuers:
+            ctx.err(line_of(im, idp.name), f"identity_providers.{idp.name}: issuer {idp.issuer!r} is also "
+                    f"{issuers[idp.issuer]!r}'s; one provider per issuer")  # fmt: skip
+        issuers[idp.issuer] = idp.name
+    introspecting = [i.name for i in idps.values() if i.introspection]
+    if len(introspecting) > 1:
+        ctx.err(line_of(im), "only one identity provider may introspect opaque tokens (an opaque token names no "
+                f"issuer, and sending it to the wrong one leaks it); found {', '.join(introspecting)}")  # fmt: skip
+    routes: list[Route] = []
+    rl = doc.get("routes")
+    if not isinstance(rl, LList) or not rl:
+        ctx.err(line_of(doc, "routes", 1), "'routes' must be a non-empty list; with none, everything is denied")
+    else:
+        for i, item in enumerate(rl):
+            if not isinstance(item, LDict):
+                ctx.err(rl.lines[i], f"routes[{i}] must be a mapping with name, match, authn, allow")
+                continue
+            route = _route(ctx, item, i, idps)
+            if route is not None:
+                routes.append(route)
+        _check_overlaps(ctx, routes)
+    if ctx.errors:
+        raise ConfigErrors(sorted(ctx.errors, key=lambda e: e.line))
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    return Policy(
+        service=str(service),
+        identity_providers=tuple(idps.values()),
+        routes=tuple(routes),
+        version=f"{service}@{digest}",
+        source=file,
+    )
+
+
+def load_policy(path: str | os.PathLike[str]) -> Policy:
+    """Read and validate a policy file; relative key/secret files resolve against the file's folder."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigErrors([ConfigError(f"cannot read the policy: {e}", str(p), 0)]) from None
+    return load_policy_text(text, str(p), p.parent)

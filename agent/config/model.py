@@ -1,0 +1,110 @@
+"""The policy as frozen objects: what the loader produces and the engine reads, nothing mutable."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+# JWS algorithms an identity provider may sign access tokens with. Symmetric (HS*) ones are absent on
+# purpose: a JWKS is public, so an HMAC key in it would let anyone mint tokens.
+ASYMMETRIC_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA", "Ed25519"}
+)
+DEFAULT_TOKEN_TYPES = ("at+jwt", "application/at+jwt", "jwt")
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimNames:
+    """Where an identity provider puts the facts the rules read (dotted paths for nested claims)."""
+
+    subject: str = "sub"
+    roles: str = "roles"
+    scopes: str = "scope"
+    client_id: str = "client_id"
+
+
+@dataclass(frozen=True, slots=True)
+class Introspection:
+    """RFC 7662 introspection of opaque tokens, authenticated with client credentials."""
+
+    endpoint: str
+    client_id: str
+    client_secret: str = field(repr=False)
+    cache_s: float = 30.0
+    timeout_s: float = 0.5
+    max_concurrent: int = 32
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityProvider:
+    """One trusted OpenID Connect / OAuth issuer and how its tokens are checked."""
+
+    name: str
+    issuer: str
+    audiences: frozenset[str]
+    algorithms: frozenset[str]
+    jwks_uri: str | None = None
+    jwks_file: str | None = None
+    discovery: bool = False
+    leeway_s: float = 30.0
+    max_token_lifetime_s: float = 86400.0
+    claims: ClaimNames = ClaimNames()
+    token_types: frozenset[str] = frozenset(DEFAULT_TOKEN_TYPES)
+    require_typ: bool = False
+    ca_file: str | None = None
+    refresh_s: float = 300.0
+    min_refetch_s: float = 30.0
+    fetch_timeout_s: float = 2.0
+    unknown_kid_wait_s: float = 0.25
+    max_token_bytes: int = 8192
+    introspection: Introspection | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimRule:
+    """The token's claim at `path` must equal `literal`, or the path parameter named `param`."""
+
+    path: tuple[str, ...]
+    literal: str | int | float | bool | None = None
+    param: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Allow:
+    """What an authenticated caller must have for a route; every listed condition must hold."""
+
+    scopes_all: frozenset[str] = frozenset()
+    scopes_any: frozenset[str] = frozenset()
+    roles_all: frozenset[str] = frozenset()
+    roles_any: frozenset[str] = frozenset()
+    claims: tuple[ClaimRule, ...] = ()
+    acr_any: tuple[str, ...] = ()
+    max_auth_age_s: float | None = None
+    not_before: datetime | None = None
+    not_after: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One per-route rule as a service owner wrote it."""
+
+    name: str
+    path: str
+    methods: frozenset[str] | None  # None: any method
+    public: bool = False
+    authn: tuple[str, ...] = ()
+    allow: Allow | None = None
+    forward_token: bool = False
+    line: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """A whole, validated policy file."""
+
+    service: str
+    identity_providers: tuple[IdentityProvider, ...]
+    routes: tuple[Route, ...]
+    version: str  # the service name and a digest of the file: what audit records and /readyz report
+    source: str = "<policy>"
+    default: str = "deny"

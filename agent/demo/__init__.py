@@ -1,0 +1,1 @@
+"""`authz-agent demo`: Envoy + agent + a local identity provider + a demo app, wired on loopback."""

@@ -1,0 +1,91 @@
+"""Run the demo: local IdP, demo app, the agent and a real Envoy in front; print curl lines that work."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import tempfile
+import time
+from importlib import resources
+from pathlib import Path
+
+import aiohttp
+
+from agent.config import load_policy_text
+from agent.demo.app import demo_app, start_site
+from agent.demo.idp import LocalIdP
+from agent.envoyconf import EnvoyProcess, bootstrap
+from agent.server.run import AgentServer
+
+
+def demo_policy_text(issuer: str) -> str:
+    return resources.files("agent.demo").joinpath("policy.yaml").read_text().replace("__ISSUER__", issuer)
+
+
+async def run_demo(port: int = 10000, self_test: bool = False, workdir: str | None = None) -> int:
+    work = Path(workdir or tempfile.mkdtemp(prefix="authz-demo-"))
+    work.mkdir(parents=True, exist_ok=True)
+    idp = LocalIdP()
+    await idp.start()
+    app_runner, app_port = await start_site(demo_app())
+    policy = load_policy_text(demo_policy_text(idp.issuer), "agent/demo/policy.yaml")
+    agent = AgentServer(policy, "127.0.0.1:0", None, str(work / "audit.log"))
+    envoy: EnvoyProcess | None = None
+    try:
+        await agent.start()
+        if not await agent.wait_ready(10):
+            print("the agent did not become ready (identity provider keys not loaded)")
+            return 1
+        cfg = bootstrap(f"127.0.0.1:{port}", f"127.0.0.1:{app_port}", f"127.0.0.1:{agent.port}")
+        envoy = EnvoyProcess(cfg, work)
+        await asyncio.to_thread(envoy.start)
+        now = int(time.time())
+        reader = idp.mint(sub="alice", tenant_id="acme", scope="orders:read", iat=now, exp=now + 3600)
+        no_scope = idp.mint(sub="bob", tenant_id="acme", scope="profile", iat=now, exp=now + 3600)
+        base = f"http://127.0.0.1:{port}"
+        cases = [
+            ("allowed (200): alice may list orders", "GET", "/v1/orders", reader, 200),
+            ("401: no token", "GET", "/v1/orders", None, 401),
+            ("403: bob's token lacks orders:read", "GET", "/v1/orders", no_scope, 403),
+            ("403: alice is tenant acme, not globex", "GET", "/v1/tenants/globex/orders/7", reader, 403),
+            (
+                "allowed (200): alice reads her own tenant's order",
+                "GET",
+                "/v1/tenants/acme/orders/7",
+                reader,
+                200,
+            ),
+        ]
+        print(f"\nauthz-agent demo: Envoy on {base}, agent on 127.0.0.1:{agent.port}, IdP {idp.issuer}")
+        print(f"policy: agent/demo/policy.yaml   audit log: {work / 'audit.log'}   (tokens valid 1 h)\n")
+        for title, method, path, token, _ in cases:
+            auth = f" -H 'authorization: Bearer {token}'" if token else ""
+            print(f"# {title}\ncurl -i -X {method} {base}{path}{auth}\n")
+        if self_test:
+            return await _self_test(base, cases)
+        print("Ctrl-C to stop.")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        return 0
+    finally:
+        if envoy is not None:
+            await asyncio.to_thread(envoy.stop)
+        await agent.stop(grace=0.5)
+        await app_runner.cleanup()
+        await idp.stop()
+
+
+async def _self_test(base: str, cases: list[tuple[str, str, str, str | None, int]]) -> int:
+    failed = 0
+    async with aiohttp.ClientSession() as http:
+        for title, method, path, token, expected in cases:
+            headers = {"authorization": f"Bearer {token}"} if token else {}
+            async with http.request(method, base + path, headers=headers) as resp:
+                ok = resp.status == expected
+                failed += not ok
+                print(f"{'ok ' if ok else 'BAD'} {resp.status} {title}")
+    print(f"{len(cases) - failed} passed, {failed} failed")
+    return 1 if failed else 0

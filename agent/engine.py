@@ -1,0 +1,228 @@
+"""The one straight path: RequestView -> route -> verifiers -> rules -> Decision, audited in one place."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from agent import reasons as R
+from agent.audit.records import decision_record
+from agent.authn.introspection import Introspector
+from agent.authn.jwks import KeyStore
+from agent.authn.jwt import JwtVerifier
+from agent.authn.principal import Principal
+from agent.config.model import Policy, Route
+from agent.errors import AuthnError
+from agent.policy.paths import Matcher, Segment, bind, parse_template, split_request_path
+from agent.policy.rules import Refusal, evaluate
+from agent.response import AUTHN_STATUS, bearer_challenge, problem_body
+
+log = logging.getLogger("agent.engine")
+
+# RFC 6750 §2.1 b64token: what may follow "Bearer ". Anything else is malformed before any parsing.
+_B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+UPSTREAM_HEADERS = ("x-authz-subject", "x-authz-client-id", "x-authz-route", "x-authz-decision-id")
+
+
+@dataclass(slots=True)
+class RequestView:
+    """The few facts of a CheckRequest the engine reads; transports build it, nothing else does."""
+
+    method: str
+    path: str
+    host: str = ""
+    headers: Mapping[str, str] = field(default_factory=dict)
+    source: str = ""
+
+
+@dataclass(slots=True)
+class Decision:
+    decision_id: str
+    allowed: bool
+    status: int  # the HTTP status the caller gets on a deny; 200 when allowed
+    reason: str
+    outcome: str  # "allow", "deny" or "error": errors are told apart from denies everywhere
+    route: str | None = None
+    principal: Principal | None = None
+    upstream_headers: list[tuple[str, str]] = field(default_factory=list)
+    remove_headers: list[str] = field(default_factory=list)
+    response_headers: list[tuple[str, str]] = field(default_factory=list)
+    body: bytes = b""
+    latency_us: int = 0
+
+
+class AuditSink:
+    """Where decision records go; the audit package provides the real ones."""
+
+    def submit(self, record: dict[str, object]) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def new_decision_id() -> str:
+    return base64.urlsafe_b64encode(os.urandom(12)).decode("ascii")
+
+
+class Engine:
+    """Decides requests against one compiled policy. Transports call `check`; nothing here knows grpc."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        stores: dict[str, KeyStore],
+        audit: AuditSink | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.policy = policy
+        self.stores = stores
+        self.audit = audit
+        self._clock = clock
+        self.jwt = JwtVerifier(stores, clock)
+        intro = next((i for i in policy.identity_providers if i.introspection is not None), None)
+        self.introspector = Introspector(intro, clock) if intro is not None else None
+        self._matcher: Matcher[int] = Matcher()
+        self._segments: list[tuple[Segment, ...]] = []
+        for i, route in enumerate(policy.routes):
+            segs = parse_template(route.path)
+            self._segments.append(segs)
+            self._matcher.add(segs, route.methods, i)
+
+    @classmethod
+    def for_policy(cls, policy: Policy, audit: AuditSink | None = None,
+                   clock: Callable[[], float] = time.time) -> Engine:  # fmt: skip
+        stores = {i.name: KeyStore(i) for i in policy.identity_providers if i.jwks_uri or i.jwks_file or i.discovery}
+        return cls(policy, stores, audit, clock)
+
+    @property
+    def ready(self) -> bool:
+        return all(s.ready for s in self.stores.values())
+
+    async def close(self) -> None:
+        for s in self.stores.values():
+            await s.close()
+        if self.introspector is not None:
+            await self.introspector.close()
+
+    async def check(self, view: RequestView, trace: list[str] | None = None) -> Decision:
+        """Decide one request. Never raises: an unexpected error is a deny with reason internal_error."""
+        start = time.perf_counter_ns()
+        decision_id = new_decision_id()
+        try:
+            decision = await self._decide(view, decision_id, trace)
+        except Exception as e:
+            # Only the exception's type: its text could carry request material.
+            log.exception("internal error deciding %s (%s)", decision_id, type(e).__name__)
+            decision = self._deny(decision_id, 500, R.INTERNAL_ERROR, None, None)
+            if trace is not None:
+                trace.append(f"internal error: {type(e).__name__}")
+        decision.latency_us = (time.perf_counter_ns() - start) // 1000
+        if self.audit is not None:
+            try:
+                self.audit.submit(decision_record(view, decision, self.policy, self._clock()))
+            except Exception:
+                log.exception("audit record for %s could not be queued", decision_id)
+        return decision
+
+    async def _decide(self, view: RequestView, decision_id: str, trace: list[str] | None) -> Decision:
+        segs = split_request_path(view.path)
+        if segs is None:
+            if trace is not None:
+                trace.append("path is not in normal form (dot segments, '//', encoded '/', bad escapes)")
+            return self._deny(decision_id, 400, R.MALFORMED_REQUEST, None, None)
+        index = self._matcher.match(segs, view.method)
+        if index is None:
+            if trace is not None:
+                trace.append(f"no route matches {view.method} {view.path.split('?')[0]}; default: deny")
+            return self._deny(decision_id, 403, R.NO_ROUTE, None, None)
+        route = self.policy.routes[index]
+        if trace is not None:
+            trace.append(f"route {route.name!r} (line {route.line}) matches {route.methods or 'any'} {route.path}")
+        if route.public:
+            if trace is not None:
+                trace.append("route is public: no credentials needed")
+            return self._allow(decision_id, route, None, view, R.PUBLIC)
+        try:
+            principal = await self._authenticate(view)
+        except AuthnError as e:
+            if trace is not None:
+                trace.append(f"authentication failed: {e.reason}" + (f" ({e.detail})" if e.detail else ""))
+            return self._deny_authn(decision_id, e.reason, route)
+        if trace is not None:
+            p = principal
+            trace.append(
+                f"authenticated by {p.method}: subject {p.subject!r}, issuer {p.issuer!r}, "
+                f"scopes {sorted(p.scopes)}, roles {sorted(p.roles)}"
+            )
+        assert route.allow is not None
+        refusal = evaluate(route.allow, principal, bind(self._segments[index], segs), self._clock())
+        if refusal is not None:
+            if trace is not None:
+                trace.append(
+                    f"allow rule refused: {refusal.reason}" + (f" ({refusal.detail})" if refusal.detail else "")
+                )
+            return self._deny_rule(decision_id, refusal, route, principal)
+        if trace is not None:
+            trace.append("allow rule satisfied")
+        return self._allow(decision_id, route, principal, view, R.ALLOWED)
+
+    async def _authenticate(self, view: RequestView) -> Principal:
+        header = view.headers.get("authorization")
+        if not header:
+            raise AuthnError(R.TOKEN_MISSING)
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer":
+            raise AuthnError(R.AUTH_SCHEME_UNSUPPORTED)
+        if _B64TOKEN.fullmatch(token) is None:
+            raise AuthnError(R.TOKEN_MALFORMED, "not an RFC 6750 b64token")
+        if token.count(".") == 2:
+            return await self.jwt.verify(token)
+        if self.introspector is not None and "." not in token:
+            if len(token) > self.jwt.max_token_bytes:
+                raise AuthnError(R.TOKEN_TOO_LARGE)
+            return await self.introspector.introspect(token)
+        raise AuthnError(R.TOKEN_MALFORMED, "not a JWT and no introspection endpoint is configured")
+
+    def _allow(self, did: str, route: Route, who: Principal | None, view: RequestView, reason: str) -> Decision:
+        add = [("x-authz-route", route.name), ("x-authz-decision-id", did)]
+        if who is not None:
+            add.append(("x-authz-subject", who.subject))
+            if who.client_id is not None:
+                add.append(("x-authz-client-id", who.client_id))
+        ours = {k for k, _ in add}
+        # Whatever the client sent as x-authz-* must not reach the upstream as if we had said it.
+        remove = [h for h in view.headers if h.startswith("x-authz-") and h not in ours]
+        if not route.forward_token and "authorization" in view.headers:
+            remove.append("authorization")
+        return Decision(did, True, 200, reason, "allow", route.name, who, add, remove)
+
+    def _deny(self, did: str, status: int, reason: str, route: Route | None, who: Principal | None,
+              headers: list[tuple[str, str]] | None = None) -> Decision:  # fmt: skip
+        outcome = "error" if status >= 500 else "deny"
+        hdrs = [("content-type", "application/problem+json"), *(headers or [])]
+        if status == 503:
+            hdrs.append(("retry-after", "1"))
+        return Decision(did, False, status, reason, outcome, route.name if route else None, who,
+                        response_headers=hdrs, body=problem_body(status, reason, did))  # fmt: skip
+
+    def _deny_authn(self, did: str, reason: str, route: Route) -> Decision:
+        status = AUTHN_STATUS.get(reason, 401)
+        if status != 401:
+            return self._deny(did, status, reason, route, None)
+        no_credentials = reason in (R.TOKEN_MISSING, R.AUTH_SCHEME_UNSUPPORTED)
+        challenge = bearer_challenge(None if no_credentials else "invalid_token", None if no_credentials else reason)
+        return self._deny(did, 401, reason, route, None, [("www-authenticate", challenge)])
+
+    def _deny_rule(self, did: str, refusal: Refusal, route: Route, who: Principal) -> Decision:
+        headers: list[tuple[str, str]] = []
+        if refusal.status == 401:
+            challenge = bearer_challenge("insufficient_user_authentication", refusal.reason,
+                                         acr_values=refusal.acr_values, max_age=refusal.max_age)  # fmt: skip
+            headers.append(("www-authenticate", challenge))
+        elif refusal.missing_scopes:
+            challenge = bearer_challenge("insufficient_scope", refusal.reason, scope=refusal.missing_scopes)
+            headers.append(("www-authenticate", challenge))
+        return self._deny(did, refusal.status, refusal.reason, route, who, headers)

