@@ -83,6 +83,8 @@ class _Ctx:
 
 def _type_name(t: type | tuple[type, ...]) -> str:
     names = {str: "a string", bool: "true or false", int: "an integer", float: "a number", list: "a list"}
+    if t == (int, float):
+        return "a number"
     if isinstance(t, tuple):
         return " or ".join(names.get(x, x.__name__) for x in t)
     return names.get(t, t.__name__)

@@ -1,0 +1,100 @@
+"""Test keys and tokens made independently of the agent: `cryptography` keys, joserfc for JOSE."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import serialization as S
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from joserfc import jwt
+from joserfc.jwk import ECKey, OKPKey, RSAKey
+
+ISSUER = "https://idp.example.test"
+AUDIENCE = "orders-api"
+
+
+def b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+@dataclass
+class SigningKey:
+    kid: str
+    alg: str
+    private: Any
+    jose: Any  # the joserfc key
+
+    @property
+    def public_jwk(self) -> dict[str, Any]:
+        return dict(self.jose.as_dict(private=False))
+
+    def sign(self, signing_input: bytes) -> bytes:
+        """A raw JWS signature, made with `cryptography` alone."""
+        h = {"256": hashes.SHA256(), "384": hashes.SHA384(), "512": hashes.SHA512()}.get(self.alg[2:])
+        if self.alg.startswith("RS"):
+            return self.private.sign(signing_input, padding.PKCS1v15(), h)
+        if self.alg.startswith("PS"):
+            assert h is not None
+            return self.private.sign(signing_input, padding.PSS(padding.MGF1(h), h.digest_size), h)
+        if self.alg.startswith("ES"):
+            r, s = decode_dss_signature(self.private.sign(signing_input, ec.ECDSA(h)))
+            n = (self.private.curve.key_size + 7) // 8
+            return r.to_bytes(n, "big") + s.to_bytes(n, "big")
+        return self.private.sign(signing_input)
+
+
+def make_key(alg: str, kid: str) -> SigningKey:
+    if alg.startswith("ES"):
+        curve = {"ES256": ec.SECP256R1(), "ES384": ec.SECP384R1(), "ES512": ec.SECP521R1()}[alg]
+        private: Any = ec.generate_private_key(curve)
+        cls: Any = ECKey
+    elif alg.startswith(("RS", "PS")):
+        private = rsa.generate_private_key(65537, 2048)
+        cls = RSAKey
+    else:
+        private = ed25519.Ed25519PrivateKey.generate()
+        cls = OKPKey
+    pem = private.private_bytes(S.Encoding.PEM, S.PrivateFormat.PKCS8, S.NoEncryption())
+    return SigningKey(kid, alg, private, cls.import_key(pem, {"kid": kid}))
+
+
+def claims(**overrides: Any) -> dict[str, Any]:
+    now = int(time.time())
+    base: dict[str, Any] = {
+        "iss": ISSUER,
+        "sub": "alice",
+        "aud": AUDIENCE,
+        "iat": now,
+        "exp": now + 300,
+        "jti": "j-1",
+        "client_id": "web-app",
+        "scope": "orders:read",
+    }
+    base.update(overrides)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+def mint(key: SigningKey, body: dict[str, Any] | None = None, **header: Any) -> str:
+    """A well-formed token signed by joserfc."""
+    hdr: dict[str, Any] = {"alg": key.alg, "typ": "at+jwt", "kid": key.kid}
+    hdr.update(header)
+    hdr = {k: v for k, v in hdr.items() if v is not None}
+    return jwt.encode(hdr, body if body is not None else claims(), key.jose, algorithms=[hdr["alg"]])
+
+
+def craft(key: SigningKey, header: str | dict[str, Any], payload: str | dict[str, Any]) -> str:
+    """A token from raw JSON text (duplicate members, NaN...), correctly signed so only the JSON is at fault."""
+    h = header if isinstance(header, str) else json.dumps(header)
+    p = payload if isinstance(payload, str) else json.dumps(payload)
+    signing_input = f"{b64(h.encode())}.{b64(p.encode())}"
+    return f"{signing_input}.{b64(key.sign(signing_input.encode()))}"
+
+
+def jwks(*keys: SigningKey) -> dict[str, Any]:
+    return {"keys": [k.public_jwk for k in keys]}
