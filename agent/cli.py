@@ -68,8 +68,9 @@ def cmd_check(args: argparse.Namespace) -> int:
                 if not store.ready:
                     print(f"identity provider {store.idp.name}: keys not loaded: {store.last_error}")
             trace: list[str] = []
-            view = RequestView(method=args.method.upper(), path=args.path, host=args.host, headers=headers,
-                               source=args.source)  # fmt: skip
+            view = RequestView(
+                method=args.method.upper(), path=args.path, host=args.host, headers=headers, source=args.source
+            )
             d = await engine.check(view, trace)
         finally:
             await engine.close()

@@ -92,8 +92,9 @@ class Engine:
             self._matcher.add(segs, route.methods, i)
 
     @classmethod
-    def for_policy(cls, policy: Policy, audit: AuditSink | None = None,
-                   clock: Callable[[], float] = time.time) -> Engine:  # fmt: skip
+    def for_policy(
+        cls, policy: Policy, audit: AuditSink | None = None, clock: Callable[[], float] = time.time
+    ) -> Engine:
         stores = {i.name: KeyStore(i) for i in policy.identity_providers if i.jwks_uri or i.jwks_file or i.discovery}
         return cls(policy, stores, audit, clock)
 
@@ -199,14 +200,30 @@ class Engine:
             remove.append("authorization")
         return Decision(did, True, 200, reason, "allow", route.name, who, add, remove)
 
-    def _deny(self, did: str, status: int, reason: str, route: Route | None, who: Principal | None,
-              headers: list[tuple[str, str]] | None = None) -> Decision:  # fmt: skip
+    def _deny(
+        self,
+        did: str,
+        status: int,
+        reason: str,
+        route: Route | None,
+        who: Principal | None,
+        headers: list[tuple[str, str]] | None = None,
+    ) -> Decision:
         outcome = "error" if status >= 500 else "deny"
         hdrs = [("content-type", "application/problem+json"), *(headers or [])]
         if status == 503:
             hdrs.append(("retry-after", "1"))
-        return Decision(did, False, status, reason, outcome, route.name if route else None, who,
-                        response_headers=hdrs, body=problem_body(status, reason, did))  # fmt: skip
+        return Decision(
+            did,
+            False,
+            status,
+            reason,
+            outcome,
+            route.name if route else None,
+            who,
+            response_headers=hdrs,
+            body=problem_body(status, reason, did),
+        )
 
     def _deny_authn(self, did: str, reason: str, route: Route) -> Decision:
         status = AUTHN_STATUS.get(reason, 401)
@@ -219,8 +236,12 @@ class Engine:
     def _deny_rule(self, did: str, refusal: Refusal, route: Route, who: Principal) -> Decision:
         headers: list[tuple[str, str]] = []
         if refusal.status == 401:
-            challenge = bearer_challenge("insufficient_user_authentication", refusal.reason,
-                                         acr_values=refusal.acr_values, max_age=refusal.max_age)  # fmt: skip
+            challenge = bearer_challenge(
+                "insufficient_user_authentication",
+                refusal.reason,
+                acr_values=refusal.acr_values,
+                max_age=refusal.max_age,
+            )
             headers.append(("www-authenticate", challenge))
         elif refusal.missing_scopes:
             challenge = bearer_challenge("insufficient_scope", refusal.reason, scope=refusal.missing_scopes)

@@ -155,10 +155,21 @@ class EnvoyProcess:
         addr_file.unlink(missing_ok=True)
         self.log = (self.workdir / "envoy.log").open("w")
         self.proc = subprocess.Popen(  # noqa: S603 - our own binary and generated config
-            [find_envoy(), "-c", str(path), "--use-dynamic-base-id", "--concurrency", "1",
-             "--log-level", self.log_level, "--admin-address-path", str(addr_file)],
-            stdout=self.log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [
+                find_envoy(),
+                "-c",
+                str(path),
+                "--use-dynamic-base-id",
+                "--concurrency",
+                "1",
+                "--log-level",
+                self.log_level,
+                "--admin-address-path",
+                str(addr_file),
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

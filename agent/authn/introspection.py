@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from base64 import b64encode
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -37,10 +38,9 @@ class Introspector:
         self._inflight: dict[bytes, asyncio.Future[Principal]] = {}
         self._sem = asyncio.Semaphore(self.cfg.max_concurrent)
         self._session: aiohttp.ClientSession | None = None
-        user = quote(self.cfg.client_id, safe="")
-        secret = quote(self.cfg.client_secret, safe="")
         # RFC 6749 §2.3.1: form-urlencode the credentials before Basic encoding them.
-        self._auth = aiohttp.BasicAuth(user, secret)
+        pair = f"{quote(self.cfg.client_id, safe='')}:{quote(self.cfg.client_secret, safe='')}"
+        self._headers = {"accept": "application/json", "authorization": "Basic " + b64encode(pair.encode()).decode()}
 
     async def close(self) -> None:
         if self._session is not None:
@@ -88,9 +88,8 @@ class Introspector:
             async with self._session.post(
                 self.cfg.endpoint,
                 data={"token": token, "token_type_hint": "access_token"},
-                auth=self._auth,
                 allow_redirects=False,
-                headers={"accept": "application/json"},
+                headers=self._headers,
             ) as resp:
                 doc = await read_json(resp)
         except (aiohttp.ClientError, TimeoutError, OSError, KeySourceError) as e:

@@ -32,7 +32,9 @@ class KeyStore:
         self.last_error: str | None = None
         self.fetch_count = 0  # attempts, for tests and metrics: a kid storm must not raise it
         self._clock = clock
-        self._last_attempt = -1e18
+        # Only refetches caused by unknown kids are rate-limited: the scheduled fetch must not delay the
+        # pick-up of a key rotated in just after it.
+        self._last_kid_refetch = -1e18
         self._inflight: asyncio.Task[bool] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._jwks_uri = idp.jwks_uri
@@ -57,7 +59,6 @@ class KeyStore:
     async def _fetch_once(self) -> bool:
         """One fetch; on any failure the previous key set stays and the error is remembered."""
         self.fetch_count += 1
-        self._last_attempt = self._clock()
         try:
             if self.idp.jwks_file is not None:
                 doc = strict_json_object(await asyncio.to_thread(Path(self.idp.jwks_file).read_bytes))
@@ -66,8 +67,9 @@ class KeyStore:
             keys, skipped = parse_jwks(doc)
         except (KeySourceError, ValueError, OSError) as e:
             self.last_error = f"{type(e).__name__}: {e}"
-            log.warning("identity provider %s: key fetch failed, keeping the last good keys: %s",
-                        self.idp.name, self.last_error)  # fmt: skip
+            log.warning(
+                "identity provider %s: key fetch failed, keeping the last good keys: %s", self.idp.name, self.last_error
+            )
             return False
         self.keys = keys
         self.fetched_at = self._clock()
@@ -108,8 +110,10 @@ class KeyStore:
         of fetches, and no request waits longer than `unknown_kid_wait_s`.
         """
         running = self._inflight is not None and not self._inflight.done()
-        if not running and self._clock() - self._last_attempt < self.idp.min_refetch_s:
-            return False
+        if not running:
+            if self._clock() - self._last_kid_refetch < self.idp.min_refetch_s:
+                return False
+            self._last_kid_refetch = self._clock()
         task = self.refresh()
         try:
             return await asyncio.wait_for(asyncio.shield(task), self.idp.unknown_kid_wait_s)
@@ -132,8 +136,7 @@ class KeyStore:
 
     def status(self) -> dict[str, object]:
         age = None if self.fetched_at is None else round(self._clock() - self.fetched_at, 1)
-        return {"ready": self.ready, "keys": self.keys.size if self.keys else 0, "age_s": age,
-                "error": self.last_error}  # fmt: skip
+        return {"ready": self.ready, "keys": self.keys.size if self.keys else 0, "age_s": age, "error": self.last_error}
 
 
 def describe(stores: list[KeyStore]) -> str:

@@ -38,19 +38,43 @@ AUTHN_KINDS = {"jwt"}
 AUTHN_NOT_YET = {"hmac": "HMAC request signatures", "dpop": "DPoP", "mtls": "mTLS client authentication"}
 TOP_KEYS = {"version", "service", "identity_providers", "routes", "default"}
 IDP_KEYS = {
-    "issuer", "jwks_uri", "jwks_file", "discovery", "audiences", "algorithms", "leeway_s",
-    "max_token_lifetime_s", "claims", "token_types", "require_typ", "ca_file", "refresh_s",
-    "min_refetch_s", "fetch_timeout_s", "unknown_kid_wait_s", "max_token_bytes",
-    "introspection_endpoint", "client_id", "client_secret_file", "introspection_cache_s",
+    "issuer",
+    "jwks_uri",
+    "jwks_file",
+    "discovery",
+    "audiences",
+    "algorithms",
+    "leeway_s",
+    "max_token_lifetime_s",
+    "claims",
+    "token_types",
+    "require_typ",
+    "ca_file",
+    "refresh_s",
+    "min_refetch_s",
+    "fetch_timeout_s",
+    "unknown_kid_wait_s",
+    "max_token_bytes",
+    "introspection_endpoint",
+    "client_id",
+    "client_secret_file",
+    "introspection_cache_s",
     "introspection_timeout_s",
-}  # fmt: skip
+}
 CLAIM_KEYS = {"subject", "roles", "scopes", "client_id"}
 ROUTE_KEYS = {"name", "match", "authn", "allow", "public", "forward_token"}
 MATCH_KEYS = {"methods", "path"}
 ALLOW_KEYS = {
-    "scopes_all", "scopes_any", "roles_all", "roles_any", "claims", "acr_any", "max_auth_age_s",
-    "not_before", "not_after",
-}  # fmt: skip
+    "scopes_all",
+    "scopes_any",
+    "roles_all",
+    "roles_any",
+    "claims",
+    "acr_any",
+    "max_auth_age_s",
+    "not_before",
+    "not_after",
+}
 _DEFAULT_IDP = IdentityProvider(name="", issuer="", audiences=frozenset(), algorithms=frozenset())
 
 
@@ -307,8 +331,10 @@ def _allow(ctx: _Ctx, d: LDict, where: str, params: set[str]) -> Allow:
                 pname = value[1:-1]
                 if pname not in params:
                     have = ", ".join(sorted(params)) or "none"
-                    ctx.err(cm.lines[claim], f"{where}.claims.{claim}: {value} is not a parameter of the path "
-                            f"(the path binds: {have})")  # fmt: skip
+                    ctx.err(
+                        cm.lines[claim],
+                        f"{where}.claims.{claim}: {value} is not a parameter of the path (the path binds: {have})",
+                    )
                     continue
                 rules.append(ClaimRule(cpath, param=pname))
             elif isinstance(value, str | int | float | bool) and not (
@@ -316,8 +342,11 @@ def _allow(ctx: _Ctx, d: LDict, where: str, params: set[str]) -> Allow:
             ):
                 rules.append(ClaimRule(cpath, literal=value))
             else:
-                ctx.err(cm.lines[claim], f"{where}.claims.{claim} must be a string, number, true/false or "
-                        f"a {{param}} of the path, got {value!r}")  # fmt: skip
+                ctx.err(
+                    cm.lines[claim],
+                    f"{where}.claims.{claim} must be a string, number, true/false or "
+                    f"a {{param}} of the path, got {value!r}",
+                )
     max_age = _get(ctx, d, "max_auth_age_s", (int, float), where)
     if max_age is not None and max_age < 0:
         ctx.err(d.lines["max_auth_age_s"], f"{where}.max_auth_age_s must not be negative")
@@ -366,8 +395,11 @@ def _route(ctx: _Ctx, d: LDict, index: int, idps: dict[str, IdentityProvider]) -
     if "methods" in m:
         ml = _str_list(ctx, m, "methods", f"{where}.match")
         if ml is not None and not ml:
-            ctx.err(m.lines["methods"], f"{where}.match.methods is empty, so the route can never match; "
-                    "list methods or remove the key to match any")  # fmt: skip
+            ctx.err(
+                m.lines["methods"],
+                f"{where}.match.methods is empty, so the route can never match; "
+                "list methods or remove the key to match any",
+            )
         for meth in ml or ():
             if not valid_method(meth) or meth != meth.upper():
                 ctx.err(m.lines["methods"], f"{where}.match.methods: {meth!r} is not an upper-case HTTP method")
@@ -388,8 +420,11 @@ def _route(ctx: _Ctx, d: LDict, index: int, idps: dict[str, IdentityProvider]) -
                 ctx.err(d.lines[key], f"{where}: a public route takes no {key!r}; remove it or public: true")
     else:
         if not authn:
-            ctx.err(d.lines.get("authn", d.line), f"{where}: needs 'authn' (e.g. [jwt]) or 'public: true'; "
-                    "a route never means 'no credentials needed' by omission")  # fmt: skip
+            ctx.err(
+                d.lines.get("authn", d.line),
+                f"{where}: needs 'authn' (e.g. [jwt]) or 'public: true'; "
+                "a route never means 'no credentials needed' by omission",
+            )
         if "jwt" in authn and not idps:
             ctx.err(d.lines["authn"], f"{where}.authn: jwt needs at least one identity provider")
         if am is None and "allow" not in d:
@@ -429,8 +464,11 @@ def _check_overlaps(ctx: _Ctx, routes: list[Route]) -> None:
                 clash = ", ".join(sorted(r.methods & other.methods))
             else:
                 continue
-            ctx.err(r.line, f"route {r.name!r} matches the same requests as {other.name!r} (line {other.line}) "
-                    f"for {clash}; merge them or split their methods")  # fmt: skip
+            ctx.err(
+                r.line,
+                f"route {r.name!r} matches the same requests as {other.name!r} (line {other.line}) "
+                f"for {clash}; merge them or split their methods",
+            )
         seen.append(r)
 
 
@@ -452,8 +490,10 @@ def load_policy_text(text: str, file: str = "<policy>", base_dir: Path | None = 
         ctx.err(line_of(doc, "service", 1), "'service' is required: the name of the service this policy protects")
     default = doc.get("default", "deny")
     if default != "deny":
-        ctx.err(line_of(doc, "default", 1), f"'default' must be 'deny' (got {default!r}); "
-                "allow what should pass with a route")  # fmt: skip
+        ctx.err(
+            line_of(doc, "default", 1),
+            f"'default' must be 'deny' (got {default!r}); allow what should pass with a route",
+        )
     idps: dict[str, IdentityProvider] = {}
     im = _mapping(ctx, doc, "identity_providers", "policy")
     for name, body in (im or {}).items():
@@ -466,13 +506,19 @@ def load_policy_text(text: str, file: str = "<policy>", base_dir: Path | None = 
     issuers: dict[str, str] = {}
     for idp in idps.values():
         if idp.issuer in issuers:
-            ctx.err(line_of(im, idp.name), f"identity_providers.{idp.name}: issuer {idp.issuer!r} is also "
-                    f"{issuers[idp.issuer]!r}'s; one provider per issuer")  # fmt: skip
+            ctx.err(
+                line_of(im, idp.name),
+                f"identity_providers.{idp.name}: issuer {idp.issuer!r} is also "
+                f"{issuers[idp.issuer]!r}'s; one provider per issuer",
+            )
         issuers[idp.issuer] = idp.name
     introspecting = [i.name for i in idps.values() if i.introspection]
     if len(introspecting) > 1:
-        ctx.err(line_of(im), "only one identity provider may introspect opaque tokens (an opaque token names no "
-                f"issuer, and sending it to the wrong one leaks it); found {', '.join(introspecting)}")  # fmt: skip
+        ctx.err(
+            line_of(im),
+            "only one identity provider may introspect opaque tokens (an opaque token names no "
+            f"issuer, and sending it to the wrong one leaks it); found {', '.join(introspecting)}",
+        )
     routes: list[Route] = []
     rl = doc.get("routes")
     if not isinstance(rl, LList) or not rl:

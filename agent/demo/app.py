@@ -6,13 +6,15 @@ from aiohttp import web
 
 
 async def _echo(request: web.Request) -> web.Response:
-    return web.json_response({
-        "app": "orders (demo upstream)",
-        "method": request.method,
-        "path": request.path,
-        "from_agent": {k: v for k, v in request.headers.items() if k.lower().startswith("x-authz-")},
-        "authorization_reached_app": "authorization" in request.headers,
-    })  # fmt: skip
+    return web.json_response(
+        {
+            "app": "orders (demo upstream)",
+            "method": request.method,
+            "path": request.path,
+            "from_agent": {k: v for k, v in request.headers.items() if k.lower().startswith("x-authz-")},
+            "authorization_reached_app": "authorization" in request.headers,
+        }
+    )
 
 
 def demo_app() -> web.Application:

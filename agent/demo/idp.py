@@ -28,8 +28,15 @@ def _new_key(alg: str, kid: str) -> Key:
 class LocalIdP:
     """A real HTTP identity provider on loopback. `mode` makes it misbehave for outage tests."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, ssl_context: ssl.SSLContext | None = None,
-                 alg: str = "ES256", client_id: str = "agent", client_secret: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        ssl_context: ssl.SSLContext | None = None,
+        alg: str = "ES256",
+        client_id: str = "agent",
+        client_secret: str | None = None,
+    ) -> None:
         self.host, self.port = host, port
         self.ssl_context = ssl_context
         self.alg = alg
@@ -85,12 +92,14 @@ class LocalIdP:
         bad = await self._misbehave()
         if bad is not None:
             return bad
-        return web.json_response({
-            "issuer": self.issuer,
-            "jwks_uri": self.jwks_uri,
-            "introspection_endpoint": f"{self.issuer}/introspect",
-            "id_token_signing_alg_values_supported": [self.alg],
-        })  # fmt: skip
+        return web.json_response(
+            {
+                "issuer": self.issuer,
+                "jwks_uri": self.jwks_uri,
+                "introspection_endpoint": f"{self.issuer}/introspect",
+                "id_token_signing_alg_values_supported": [self.alg],
+            }
+        )
 
     async def _jwks(self, _: web.Request) -> web.Response:
         self.jwks_hits += 1
@@ -125,14 +134,26 @@ class LocalIdP:
     def claims(self, **overrides: Any) -> dict[str, Any]:
         now = int(time.time())
         base: dict[str, Any] = {
-            "iss": self.issuer, "sub": "alice", "aud": "orders-api", "iat": now, "exp": now + 600,
-            "jti": secrets.token_hex(8), "client_id": "web-app", "scope": "orders:read",
-        }  # fmt: skip
+            "iss": self.issuer,
+            "sub": "alice",
+            "aud": "orders-api",
+            "iat": now,
+            "exp": now + 600,
+            "jti": secrets.token_hex(8),
+            "client_id": "web-app",
+            "scope": "orders:read",
+        }
         base.update(overrides)
         return {k: v for k, v in base.items() if v is not None}
 
-    def mint(self, claims: dict[str, Any] | None = None, *, key: Key | None = None,
-             header: dict[str, Any] | None = None, **overrides: Any) -> str:  # fmt: skip
+    def mint(
+        self,
+        claims: dict[str, Any] | None = None,
+        *,
+        key: Key | None = None,
+        header: dict[str, Any] | None = None,
+        **overrides: Any,
+    ) -> str:
         """A signed access token (RFC 9068 `at+jwt`) for this issuer; `overrides` change claims."""
         key = key or self.keys[0]
         hdr: dict[str, Any] = {"alg": self.alg, "typ": "at+jwt", "kid": key.kid}

@@ -33,11 +33,13 @@ def evaluate(allow: Allow, who: Principal, params: dict[str, str], now: float) -
             return Refusal(R.GRANT_NOT_ACTIVE, detail="outside the rule's not_before/not_after window")
     if allow.scopes_all and not allow.scopes_all <= who.scopes:
         missing = tuple(sorted(allow.scopes_all - who.scopes))
-        return Refusal(R.SCOPE_MISSING, missing_scopes=tuple(sorted(allow.scopes_all)),
-                       detail=f"missing scopes {' '.join(missing)}")  # fmt: skip
+        return Refusal(
+            R.SCOPE_MISSING,
+            missing_scopes=tuple(sorted(allow.scopes_all)),
+            detail=f"missing scopes {' '.join(missing)}",
+        )
     if allow.scopes_any and allow.scopes_any.isdisjoint(who.scopes):
-        return Refusal(R.SCOPE_MISSING, missing_scopes=tuple(sorted(allow.scopes_any)),
-                       detail="none of scopes_any")  # fmt: skip
+        return Refusal(R.SCOPE_MISSING, missing_scopes=tuple(sorted(allow.scopes_any)), detail="none of scopes_any")
     if allow.roles_all and not allow.roles_all <= who.roles:
         return Refusal(R.ROLE_MISSING, detail=f"missing roles {' '.join(sorted(allow.roles_all - who.roles))}")
     if allow.roles_any and allow.roles_any.isdisjoint(who.roles):

@@ -41,8 +41,13 @@ class AgentServer:
         if self.admin_listen:
             self._admin = await start_admin(admin_app(lambda: self.engine), self.admin_listen)
         self._tasks.append(loop.create_task(self._watch_ready()))
-        log.info("serving %s on %s (admin %s), policy %s", "ext_authz", self.listen, self.admin_listen,
-                 self.engine.policy.version)  # fmt: skip
+        log.info(
+            "serving %s on %s (admin %s), policy %s",
+            "ext_authz",
+            self.listen,
+            self.admin_listen,
+            self.engine.policy.version,
+        )
 
     async def _watch_ready(self) -> None:
         serving: bool | None = None

@@ -13,6 +13,7 @@ from agent.config import load_policy, load_policy_text
 from agent.errors import ConfigErrors
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
+PUBLIC = "routes:\n  - {name: r, match: {path: /}, public: true}\n"
 IDP = """\
 version: 1
 service: orders
@@ -58,8 +59,9 @@ def test_designs_policy_without_unbuilt_features_loads() -> None:
 
 
 def test_unknown_key_names_its_line_and_suggests_the_fix() -> None:
-    line, msg = only_error(IDP + "routes:\n  - name: r\n    match: {path: /x}\n    authn: [jwt]\n    alow: {}\n"
-                           "    allow: {}\n")  # fmt: skip
+    line, msg = only_error(
+        IDP + "routes:\n  - name: r\n    match: {path: /x}\n    authn: [jwt]\n    alow: {}\n    allow: {}\n"
+    )
     assert line == 13 and "unknown key 'alow'" in msg and "did you mean 'allow'" in msg
 
 
@@ -68,11 +70,9 @@ def test_wrong_types_are_named() -> None:
     assert line == 9 and "leeway_s must be a number" in msg
 
 
-@pytest.mark.parametrize(
-    "alg,why", [("HS256", "shared-secret"), ("none", "unsigned"), ("RS257", "unknown")]
-)
+@pytest.mark.parametrize("alg,why", [("HS256", "shared-secret"), ("none", "unsigned"), ("RS257", "unknown")])
 def test_unusable_algorithms_are_refused(alg: str, why: str) -> None:
-    line, msg = only_error(IDP.replace("[RS256]", f"[RS256, {alg}]") + "routes:\n  - {name: r, match: {path: /}, public: true}\n")
+    line, msg = only_error(IDP.replace("[RS256]", f"[RS256, {alg}]") + PUBLIC)
     assert line == 8 and why in msg
 
 
@@ -98,18 +98,20 @@ def test_route_that_can_never_match_is_refused() -> None:
 
 
 def test_route_without_authn_is_not_public_by_omission() -> None:
-    line, msg = only_error(IDP + "routes:\n  - {name: r, match: {path: /x}, allow: {}}\n")
+    _, msg = only_error(IDP + "routes:\n  - {name: r, match: {path: /x}, allow: {}}\n")
     assert "needs 'authn'" in msg
 
 
 def test_route_without_allow_must_say_so() -> None:
-    line, msg = only_error(IDP + "routes:\n  - {name: r, match: {path: /x}, authn: [jwt]}\n")
+    _, msg = only_error(IDP + "routes:\n  - {name: r, match: {path: /x}, authn: [jwt]}\n")
     assert "needs 'allow'" in msg
 
 
 def test_claim_bound_to_a_missing_path_parameter_is_refused() -> None:
-    text = IDP + "routes:\n  - name: r\n    match: {path: '/t/{tenant}'}\n    authn: [jwt]\n" \
-        "    allow: {claims: {tenant_id: '{tenantt}'}}\n"  # fmt: skip
+    text = (
+        IDP + "routes:\n  - name: r\n    match: {path: '/t/{tenant}'}\n    authn: [jwt]\n"
+        "    allow: {claims: {tenant_id: '{tenantt}'}}\n"
+    )
     line, msg = only_error(text)
     assert line == 13 and "{tenantt} is not a parameter" in msg and "tenant" in msg
 
@@ -125,18 +127,20 @@ def test_invalid_yaml_names_its_line() -> None:
 
 
 def test_expired_grant_is_refused() -> None:
-    text = IDP + "routes:\n  - name: r\n    match: {path: /x}\n    authn: [jwt]\n" \
-        "    allow: {not_after: 2020-01-01T00:00:00Z}\n"  # fmt: skip
+    text = (
+        IDP + "routes:\n  - name: r\n    match: {path: /x}\n    authn: [jwt]\n"
+        "    allow: {not_after: 2020-01-01T00:00:00Z}\n"
+    )
     line, msg = only_error(text)
     assert line == 13 and "in the past" in msg
 
 
 def test_plain_http_key_sources_are_refused_except_loopback() -> None:
-    line, msg = only_error(IDP.replace("https://idp.example.com/jwks.json", "http://idp.example.com/jwks.json")
-                           + "routes:\n  - {name: r, match: {path: /}, public: true}\n")  # fmt: skip
+    line, msg = only_error(
+        IDP.replace("https://idp.example.com/jwks.json", "http://idp.example.com/jwks.json") + PUBLIC
+    )
     assert line == 6 and "https://" in msg
-    load_policy_text(IDP.replace("https://idp.example.com/jwks.json", "http://127.0.0.1:9/jwks.json")
-                     + "routes:\n  - {name: r, match: {path: /}, public: true}\n")  # fmt: skip
+    load_policy_text(IDP.replace("https://idp.example.com/jwks.json", "http://127.0.0.1:9/jwks.json") + PUBLIC)
 
 
 def test_two_introspecting_providers_are_refused(tmp_path: Path) -> None:
@@ -150,8 +154,12 @@ def test_two_introspecting_providers_are_refused(tmp_path: Path) -> None:
             audiences: [a]
             algorithms: [RS256]
         """)
-    text = "version: 1\nservice: s\nidentity_providers:\n" + textwrap.indent(block.format(name="a"), "  ") + \
-        textwrap.indent(block.format(name="b"), "  ") + "routes:\n  - {name: r, match: {path: /}, public: true}\n"  # fmt: skip
+    text = (
+        "version: 1\nservice: s\nidentity_providers:\n"
+        + textwrap.indent(block.format(name="a"), "  ")
+        + textwrap.indent(block.format(name="b"), "  ")
+        + PUBLIC
+    )
     with pytest.raises(ConfigErrors) as e:
         load_policy_text(text, "p.yaml", tmp_path)
     assert "only one identity provider may introspect" in str(e.value)
@@ -160,9 +168,14 @@ def test_two_introspecting_providers_are_refused(tmp_path: Path) -> None:
 
 def test_the_secret_never_appears_in_the_policys_repr(tmp_path: Path) -> None:
     (tmp_path / "secret").write_text("s3cret-value\n")
-    text = IDP.replace("    jwks_uri: https://idp.example.com/jwks.json\n",
-                       "    introspection_endpoint: https://idp.example.com/i\n    client_id: agent\n"
-                       "    client_secret_file: secret\n") + "routes:\n  - {name: r, match: {path: /}, public: true}\n"  # fmt: skip
+    text = (
+        IDP.replace(
+            "    jwks_uri: https://idp.example.com/jwks.json\n",
+            "    introspection_endpoint: https://idp.example.com/i\n    client_id: agent\n"
+            "    client_secret_file: secret\n",
+        )
+        + PUBLIC
+    )
     policy = load_policy_text(text, "p.yaml", tmp_path)
     assert policy.identity_providers[0].introspection is not None
     assert "s3cret-value" not in repr(policy)

@@ -39,7 +39,7 @@ def test_encryption_keys_and_mismatched_alg_are_refused(keys: dict[str, SigningK
 
 
 def test_symmetric_keys_are_not_verification_keys() -> None:
-    with pytest.raises(ValueError, match="private key material|key type"):
+    with pytest.raises(ValueError, match=r"private key material|key type"):
         parse_jwk({"kty": "oct", "k": b64(b"secret-secret-secret")})
     with pytest.raises(ValueError, match="key type"):
         parse_jwk({"kty": "oct"})

@@ -33,7 +33,9 @@ def refused(v: JwtVerifier, token: str) -> str:
 
 
 @pytest.mark.parametrize("alg", ["ES256", "RS256", "PS256", "EdDSA", "ES384"])
-def test_valid_token_of_each_algorithm_is_accepted(verifier: JwtVerifier, keys: dict[str, SigningKey], alg: str) -> None:
+def test_valid_token_of_each_algorithm_is_accepted(
+    verifier: JwtVerifier, keys: dict[str, SigningKey], alg: str
+) -> None:
     who = verifier.verify_now(mint(keys[alg]))
     assert (who.subject, who.client_id, who.jti, who.issuer) == ("alice", "web-app", "j-1", ISSUER)
     assert who.scopes == {"orders:read"}

