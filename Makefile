@@ -16,9 +16,11 @@ $(STAMP): pyproject.toml setup.py
 run: $(STAMP)
 	$(BIN)/authz-agent demo
 
+SOURCES := $(wildcard agent tests benchmarks)
+
 lint: $(STAMP)
-	$(BIN)/ruff check agent tests benchmarks
-	$(BIN)/ruff format --check agent tests benchmarks
+	$(BIN)/ruff check $(SOURCES)
+	$(BIN)/ruff format --check $(SOURCES)
 	$(BIN)/mypy --strict agent
 
 test: lint

@@ -40,7 +40,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.transport != "grpcio":
         print(f"transport {args.transport!r} is not built yet; use --transport grpcio", file=sys.stderr)
         return 2
-    asyncio.run(serve(policy, args.listen, args.admin, args.audit_log))  # type: ignore[arg-type]
+    asyncio.run(serve(policy, args.listen, args.admin, args.audit_log, args.policy))  # type: ignore[arg-type]
     return 0
 
 

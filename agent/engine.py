@@ -141,7 +141,8 @@ class Engine:
             return self._deny(decision_id, 403, R.NO_ROUTE, None, None)
         route = self.policy.routes[index]
         if trace is not None:
-            trace.append(f"route {route.name!r} (line {route.line}) matches {route.methods or 'any'} {route.path}")
+            methods = ",".join(sorted(route.methods)) if route.methods else "any method"
+            trace.append(f"route {route.name!r} (line {route.line}) matches {methods} {route.path}")
         if route.public:
             if trace is not None:
                 trace.append("route is public: no credentials needed")

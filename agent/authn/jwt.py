@@ -120,13 +120,20 @@ class JwtVerifier:
         return principal_from_claims(idp, claims, "jwt", exp)
 
 
+def _header_safe(value: str) -> bool:
+    # These values become upstream request headers: no control characters (CR/LF would split headers).
+    return all(c >= " " and c != "\x7f" for c in value)
+
+
 def principal_from_claims(idp: IdentityProvider, claims: dict[str, Any], method: str, exp: float | None) -> Principal:
     names = idp.claims
     sub = claim_at(claims, tuple(names.subject.split(".")))
     if not isinstance(sub, str) or not sub:
         raise AuthnError(R.TOKEN_CLAIM_MISSING, names.subject)
+    if not _header_safe(sub) or len(sub) > 1024:
+        raise AuthnError(R.TOKEN_CLAIM_INVALID, names.subject)
     client_id = claim_at(claims, tuple(names.client_id.split(".")))
-    if client_id is not None and not isinstance(client_id, str):
+    if client_id is not None and (not isinstance(client_id, str) or not _header_safe(client_id)):
         raise AuthnError(R.TOKEN_CLAIM_INVALID, names.client_id)
     scopes = string_set(claim_at(claims, tuple(names.scopes.split("."))), split_spaces=True)
     if scopes is None:

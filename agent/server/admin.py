@@ -10,7 +10,7 @@ from aiohttp import web
 from agent.engine import Engine
 
 
-def admin_app(engine: Callable[[], Engine]) -> web.Application:
+def admin_app(engine: Callable[[], Engine], policy_error: Callable[[], str | None]) -> web.Application:
     async def healthz(_: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
@@ -19,6 +19,7 @@ def admin_app(engine: Callable[[], Engine]) -> web.Application:
         body = {
             "ready": e.ready,
             "policy_version": e.policy.version,
+            "policy_error": policy_error(),
             "identity_providers": {name: s.status() for name, s in e.stores.items()},
         }
         return web.Response(

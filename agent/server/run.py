@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from contextlib import suppress
+from pathlib import Path
 
 from aiohttp import web
 
 from agent.audit.writer import JsonLinesAudit
+from agent.authn.jwks import KeyStore
+from agent.config import load_policy
 from agent.config.model import Policy
 from agent.engine import Engine
+from agent.errors import ConfigErrors
 from agent.server.admin import admin_app, start_admin
 from agent.server.grpc_transport import GrpcTransport
 
@@ -19,35 +24,138 @@ log = logging.getLogger("agent")
 
 
 class AgentServer:
-    def __init__(self, policy: Policy, listen: str, admin: str | None, audit_log: str | None) -> None:
+    """One agent. The engine is swapped whole on reload; in-flight checks finish on the engine they began with."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        listen: str,
+        admin: str | None,
+        audit_log: str | None,
+        policy_path: str | None = None,
+        reload_wait_s: float = 10.0,
+    ) -> None:
         self.audit = JsonLinesAudit(audit_log)
         self.engine = Engine.for_policy(policy, self.audit)
         self.listen = listen
         self.admin_listen = admin
+        self.policy_path = policy_path
+        self.reload_wait_s = reload_wait_s
+        self.policy_error: str | None = None  # why the file on disk is not the policy enforced, if it is not
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._refreshers: dict[int, tuple[asyncio.Event, asyncio.Task[None]]] = {}
         self._admin: web.AppRunner | None = None
+        self._reload_lock = asyncio.Lock()
         self.transport = GrpcTransport(lambda: self.engine, listen)
 
     @property
     def port(self) -> int:
         return int(self.transport.port)
 
+    def _start_refresher(self, store: KeyStore) -> None:
+        stop = asyncio.Event()
+        task = asyncio.get_running_loop().create_task(store.run(stop))
+        self._refreshers[id(store)] = (stop, task)
+
+    async def _stop_refresher(self, store: KeyStore) -> None:
+        stop, task = self._refreshers.pop(id(store))
+        stop.set()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await store.close()
+
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         for store in self.engine.stores.values():
-            self._tasks.append(loop.create_task(store.run(self._stop)))
+            self._start_refresher(store)
         await self.transport.start()
         if self.admin_listen:
-            self._admin = await start_admin(admin_app(lambda: self.engine), self.admin_listen)
+            self._admin = await start_admin(admin_app(lambda: self.engine, lambda: self.policy_error),
+                                            self.admin_listen)  # fmt: skip
         self._tasks.append(loop.create_task(self._watch_ready()))
-        log.info(
-            "serving %s on %s (admin %s), policy %s",
-            "ext_authz",
-            self.listen,
-            self.admin_listen,
-            self.engine.policy.version,
-        )
+        if self.policy_path:
+            self._tasks.append(loop.create_task(self._watch_file()))
+        log.info("serving ext_authz on %s (admin %s), policy %s", self.listen, self.admin_listen,
+                 self.engine.policy.version)  # fmt: skip
+
+    async def reload(self) -> bool:
+        """Load the policy file again; swap only when it is valid and its keys are loaded, else keep the old."""
+        if self.policy_path is None:
+            return False
+        async with self._reload_lock:
+            old = self.engine
+            try:
+                policy = await asyncio.to_thread(load_policy, self.policy_path)
+            except ConfigErrors as e:
+                self.policy_error = str(e)
+                log.error("policy %s refused; still enforcing %s:\n%s", self.policy_path, old.policy.version, e)
+                return False
+            if policy.version == old.policy.version:
+                self.policy_error = None
+                return True
+            # Identity providers configured exactly as before keep their keys and refresher.
+            kept = {s.idp: s for s in old.stores.values()}
+            stores: dict[str, KeyStore] = {}
+            fresh: list[KeyStore] = []
+            for idp in policy.identity_providers:
+                if not (idp.jwks_uri or idp.jwks_file or idp.discovery):
+                    continue
+                store = kept.get(idp)
+                if store is None:
+                    store = KeyStore(idp)
+                    fresh.append(store)
+                stores[idp.name] = store
+            new = Engine(policy, stores, self.audit)
+            await asyncio.gather(*(s.refresh() for s in fresh))
+            deadline = asyncio.get_running_loop().time() + self.reload_wait_s
+            while not all(s.ready for s in fresh) and asyncio.get_running_loop().time() < deadline:
+                await asyncio.gather(*(s.refresh() for s in fresh if not s.ready))
+                await asyncio.sleep(0.2)
+            if not all(s.ready for s in fresh):
+                why = "; ".join(f"{s.idp.name}: {s.last_error}" for s in fresh if not s.ready)
+                self.policy_error = f"{self.policy_path}: keys of new identity providers not loaded ({why})"
+                log.error("policy %s refused; still enforcing %s: %s", self.policy_path, old.policy.version, why)
+                for s in fresh:
+                    await s.close()
+                return False
+            for s in fresh:
+                self._start_refresher(s)
+            self.engine = new
+            self.policy_error = None
+            retired = [s for s in old.stores.values() if s not in stores.values()]
+            self._tasks.append(asyncio.get_running_loop().create_task(self._retire(retired, old)))
+            log.info("policy %s now enforced (was %s)", policy.version, old.policy.version)
+            return True
+
+    async def _retire(self, stores: list[KeyStore], old: Engine, grace_s: float = 5.0) -> None:
+        """Close what only the old engine used, once checks that began on it have had time to finish."""
+        for s in stores:
+            stop, _ = self._refreshers[id(s)]
+            stop.set()
+        with suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), grace_s)
+        for s in stores:
+            await self._stop_refresher(s)
+        if old.introspector is not None:
+            await old.introspector.close()
+
+    async def _watch_file(self) -> None:
+        assert self.policy_path is not None
+        path = Path(self.policy_path)
+        loop = asyncio.get_running_loop()
+        hup = asyncio.Event()
+        with suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGHUP, hup.set)
+        last = _stamp(path)
+        while not self._stop.is_set():
+            with suppress(TimeoutError):
+                await asyncio.wait_for(hup.wait(), 1.0)
+            now = _stamp(path)
+            if hup.is_set() or now != last:
+                hup.clear()
+                last = now
+                await self.reload()
 
     async def _watch_ready(self) -> None:
         serving: bool | None = None
@@ -75,15 +183,26 @@ class AgentServer:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        for store in list(self.engine.stores.values()):
+            if id(store) in self._refreshers:
+                await self._stop_refresher(store)
         if self._admin is not None:
             await self._admin.cleanup()
         await self.engine.close()
         await asyncio.to_thread(self.audit.close)
 
 
-async def serve(policy: Policy, listen: str, admin: str | None, audit_log: str | None) -> None:
+def _stamp(path: Path) -> tuple[float, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime, st.st_size)
+
+
+async def serve(policy: Policy, listen: str, admin: str | None, audit_log: str | None, policy_path: str) -> None:
     """Run until SIGTERM or SIGINT, then drain in-flight checks and stop."""
-    server = AgentServer(policy, listen, admin, audit_log)
+    server = AgentServer(policy, listen, admin, audit_log, policy_path)
     await server.start()
     done = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -253,3 +253,11 @@ def test_scopes_from_string_or_array(verifier: JwtVerifier, keys: dict[str, Sign
 
 def test_missing_subject_is_refused(verifier: JwtVerifier, keys: dict[str, SigningKey]) -> None:
     assert refused(verifier, mint(keys["ES256"], claims(sub=None))) == R.TOKEN_CLAIM_MISSING
+
+
+@pytest.mark.parametrize("field", ["sub", "client_id"])
+@pytest.mark.parametrize("value", ["alice\r\nx-authz-role: admin", "a\x00b", "a\x7f"])
+def test_identity_values_that_would_split_upstream_headers_are_refused(
+    verifier: JwtVerifier, keys: dict[str, SigningKey], field: str, value: str
+) -> None:
+    assert refused(verifier, mint(keys["ES256"], claims(**{field: value}))) == R.TOKEN_CLAIM_INVALID
