@@ -254,3 +254,22 @@ async def test_wrong_client_secret_fails_closed(idp: LocalIdP, make_harness: Any
     )
     h = await make_harness(idp, f"jwks_uri: {idp.jwks_uri}", extra=extra)
     assert reason(await h.check(idp.mint_opaque())) == R.INTROSPECTION_UNAVAILABLE
+
+
+async def test_jku_x5u_and_embedded_keys_are_never_fetched_or_trusted(idp: LocalIdP, make_harness: Any) -> None:
+    h = await make_harness(idp, f"jwks_uri: {idp.jwks_uri}", refetch=0)
+    attacker = LocalIdP()
+    await attacker.start()
+    try:
+        evil_key = attacker.keys[0]
+        header = {
+            "jku": attacker.jwks_uri,
+            "x5u": f"{attacker.issuer}/cert.pem",
+            "jwk": evil_key.as_dict(private=False),
+        }
+        for kid in ("evil-kid", "key-1"):  # a kid nobody configured, then the IdP's own kid
+            token = attacker.mint(header={**header, "kid": kid}, iss=idp.issuer)
+            assert reason(await h.check(token)) in (R.TOKEN_KID_UNKNOWN, R.TOKEN_SIGNATURE_INVALID)
+        assert attacker.jwks_hits == 0 and attacker.discovery_hits == 0
+    finally:
+        await attacker.stop()
