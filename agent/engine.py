@@ -9,6 +9,7 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from agent import reasons as R
 from agent.audit.records import decision_record
@@ -56,11 +57,10 @@ class Decision:
     latency_us: int = 0
 
 
-class AuditSink:
-    """Where decision records go; the audit package provides the real ones."""
+class AuditSink(Protocol):
+    """Where decision records go; the audit package provides the real ones. Must not block."""
 
-    def submit(self, record: dict[str, object]) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
+    def submit(self, record: dict[str, object]) -> None: ...
 
 
 def new_decision_id() -> str:

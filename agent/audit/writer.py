@@ -9,13 +9,11 @@ import sys
 import threading
 from typing import IO
 
-from agent.engine import AuditSink
-
 log = logging.getLogger("agent.audit")
 _STOP = object()
 
 
-class JsonLinesAudit(AuditSink):
+class JsonLinesAudit:
     """Writes one JSON object per line to a file (appending) or to stdout, from its own thread."""
 
     def __init__(self, path: str | None = None, max_queue: int = 65536) -> None:

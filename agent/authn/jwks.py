@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -137,7 +136,3 @@ class KeyStore:
     def status(self) -> dict[str, object]:
         age = None if self.fetched_at is None else round(self._clock() - self.fetched_at, 1)
         return {"ready": self.ready, "keys": self.keys.size if self.keys else 0, "age_s": age, "error": self.last_error}
-
-
-def describe(stores: list[KeyStore]) -> str:
-    return json.dumps({s.idp.name: s.status() for s in stores})

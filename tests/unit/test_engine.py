@@ -14,11 +14,11 @@ import pytest
 
 from agent import reasons as R
 from agent.config import load_policy
-from agent.engine import AuditSink, Decision, Engine, RequestView
+from agent.engine import Decision, Engine, RequestView
 from tests.keys import SigningKey, claims, mint
 
 
-class ListAudit(AuditSink):
+class ListAudit:
     def __init__(self) -> None:
         self.records: list[dict[str, object]] = []
 
