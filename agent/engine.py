@@ -7,7 +7,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -15,7 +15,7 @@ from agent import reasons as R
 from agent.audit.records import decision_record
 from agent.authn.introspection import Introspector
 from agent.authn.jwks import KeyStore
-from agent.authn.jwt import JwtVerifier
+from agent.authn.jwt import JwtVerifier, UnknownKid
 from agent.authn.principal import Principal
 from agent.config.model import Policy, Route
 from agent.errors import AuthnError
@@ -63,6 +63,13 @@ class AuditSink(Protocol):
     def submit(self, record: dict[str, object]) -> None: ...
 
 
+class _Pending(Exception):
+    """Authentication needs a network round trip; `resolve` does it and yields the principal."""
+
+    def __init__(self, resolve: Callable[[], Awaitable[Principal]]) -> None:
+        self.resolve = resolve
+
+
 def new_decision_id() -> str:
     return base64.urlsafe_b64encode(os.urandom(12)).decode("ascii")
 
@@ -108,27 +115,61 @@ class Engine:
         if self.introspector is not None:
             await self.introspector.close()
 
+    def decide(self, view: RequestView, trace: list[str] | None = None) -> Decision | None:
+        """Decide without waiting on anything; None when the credential needs a network round trip.
+
+        The hot path: a transport calls this first and only falls back to `check` (a coroutine) for an
+        unknown kid or an opaque token not in the introspection cache.
+        """
+        start = time.perf_counter_ns()
+        decision_id = new_decision_id()
+        try:
+            decision = self._decide(view, decision_id, trace, None)
+        except _Pending:
+            return None
+        except Exception as e:  # noqa: BLE001 - the engine never raises: any bug is a logged, audited deny
+            decision = self._internal_error(decision_id, e, trace)
+        return self._finish(view, decision, start)
+
     async def check(self, view: RequestView, trace: list[str] | None = None) -> Decision:
         """Decide one request. Never raises: an unexpected error is a deny with reason internal_error."""
         start = time.perf_counter_ns()
         decision_id = new_decision_id()
+        mark = len(trace) if trace is not None else 0
         try:
-            decision = await self._decide(view, decision_id, trace)
-        except Exception as e:
-            # Only the exception's type: its text could carry request material.
-            log.exception("internal error deciding %s (%s)", decision_id, type(e).__name__)
-            decision = self._deny(decision_id, 500, R.INTERNAL_ERROR, None, None)
-            if trace is not None:
-                trace.append(f"internal error: {type(e).__name__}")
+            try:
+                decision = self._decide(view, decision_id, trace, None)
+            except _Pending as pending:
+                try:
+                    outcome: Principal | AuthnError = await pending.resolve()
+                except AuthnError as e:
+                    outcome = e
+                if trace is not None:
+                    del trace[mark:]
+                decision = self._decide(view, decision_id, trace, outcome)
+        except Exception as e:  # noqa: BLE001 - the engine never raises: any bug is a logged, audited deny
+            decision = self._internal_error(decision_id, e, trace)
+        return self._finish(view, decision, start)
+
+    def _internal_error(self, decision_id: str, e: Exception, trace: list[str] | None) -> Decision:
+        # Only the exception's type: its text could carry request material.
+        log.exception("internal error deciding %s (%s)", decision_id, type(e).__name__)
+        if trace is not None:
+            trace.append(f"internal error: {type(e).__name__}")
+        return self._deny(decision_id, 500, R.INTERNAL_ERROR, None, None)
+
+    def _finish(self, view: RequestView, decision: Decision, start: int) -> Decision:
         decision.latency_us = (time.perf_counter_ns() - start) // 1000
         if self.audit is not None:
             try:
                 self.audit.submit(decision_record(view, decision, self.policy, self._clock()))
             except Exception:
-                log.exception("audit record for %s could not be queued", decision_id)
+                log.exception("audit record for %s could not be queued", decision.decision_id)
         return decision
 
-    async def _decide(self, view: RequestView, decision_id: str, trace: list[str] | None) -> Decision:
+    def _decide(
+        self, view: RequestView, decision_id: str, trace: list[str] | None, resolved: Principal | AuthnError | None
+    ) -> Decision:
         segs = split_request_path(view.path)
         if segs is None:
             if trace is not None:
@@ -148,7 +189,12 @@ class Engine:
                 trace.append("route is public: no credentials needed")
             return self._allow(decision_id, route, None, view, R.PUBLIC)
         try:
-            principal = await self._authenticate(view)
+            if resolved is None:
+                principal = self._authenticate(view)
+            elif isinstance(resolved, AuthnError):
+                raise resolved
+            else:
+                principal = resolved
         except AuthnError as e:
             if trace is not None:
                 trace.append(f"authentication failed: {e.reason}" + (f" ({e.detail})" if e.detail else ""))
@@ -171,7 +217,8 @@ class Engine:
             trace.append("allow rule satisfied")
         return self._allow(decision_id, route, principal, view, R.ALLOWED)
 
-    async def _authenticate(self, view: RequestView) -> Principal:
+    def _authenticate(self, view: RequestView) -> Principal:
+        """The caller's identity from what is known now; raises _Pending when only I/O can tell."""
         header = view.headers.get("authorization")
         if not header:
             raise AuthnError(R.TOKEN_MISSING)
@@ -181,11 +228,19 @@ class Engine:
         if _B64TOKEN.fullmatch(token) is None:
             raise AuthnError(R.TOKEN_MALFORMED, "not an RFC 6750 b64token")
         if token.count(".") == 2:
-            return await self.jwt.verify(token)
-        if self.introspector is not None and "." not in token:
+            try:
+                return self.jwt.verify_now(token)
+            except UnknownKid as e:
+                store = e.store
+                raise _Pending(lambda: self.jwt.after_refetch(token, store)) from None
+        introspector = self.introspector
+        if introspector is not None and "." not in token:
             if len(token) > self.jwt.max_token_bytes:
                 raise AuthnError(R.TOKEN_TOO_LARGE)
-            return await self.introspector.introspect(token)
+            cached = introspector.cached(token)
+            if cached is not None:
+                return cached
+            raise _Pending(lambda: introspector.introspect(token))
         raise AuthnError(R.TOKEN_MALFORMED, "not a JWT and no introspection endpoint is configured")
 
     def _allow(self, did: str, route: Route, who: Principal | None, view: RequestView, reason: str) -> Decision:

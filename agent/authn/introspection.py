@@ -46,15 +46,23 @@ class Introspector:
         if self._session is not None:
             await self._session.close()
 
-    async def introspect(self, token: str) -> Principal:
+    def cached(self, token: str) -> Principal | None:
+        """A still-valid earlier answer for this token, without any I/O."""
         key = hashlib.sha256(token.encode()).digest()
-        now = self._clock()
         hit = self._cache.get(key)
         if hit is not None:
             principal, until = hit
-            if now < until:
+            if self._clock() < until:
                 return principal
             del self._cache[key]
+        return None
+
+    async def introspect(self, token: str) -> Principal:
+        hit = self.cached(token)
+        if hit is not None:
+            return hit
+        key = hashlib.sha256(token.encode()).digest()
+        now = self._clock()
         pending = self._inflight.get(key)
         if pending is not None:
             return await asyncio.shield(pending)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -23,28 +24,80 @@ class UnknownKid(AuthnError):
         self.store = store
 
 
+class _Verified:
+    """A cache entry: the principal, and what must still hold for it to be reused without a signature check."""
+
+    __slots__ = ("idp", "keys", "nbf", "principal", "store")
+
+    def __init__(self, principal: Principal, idp: IdentityProvider, store: KeyStore, nbf: float | None) -> None:
+        self.principal = principal
+        self.idp = idp
+        self.store = store
+        self.keys = store.keys  # the key set that verified it: a refresh or rotation invalidates the entry
+        self.nbf = nbf
+
+
 class JwtVerifier:
     """Verifies JWT access tokens against the configured identity providers (chosen by exact `iss`)."""
 
-    def __init__(self, stores: dict[str, KeyStore], clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, stores: dict[str, KeyStore], clock: Callable[[], float] = time.time, cache_entries: int = 10_000
+    ) -> None:
         self._by_issuer: dict[str, tuple[IdentityProvider, KeyStore]] = {
             s.idp.issuer: (s.idp, s) for s in stores.values()
         }
         self.max_token_bytes = max((s.idp.max_token_bytes for s in stores.values()), default=8192)
         self._clock = clock
+        # Verified tokens by SHA-256 of the token: the cache holds no token text, only what was proven.
+        self._cache: dict[bytes, _Verified] = {}
+        self.cache_entries = cache_entries
+        self.hits = 0
+        self.misses = 0
 
     async def verify(self, token: str) -> Principal:
         try:
             return self.verify_now(token)
         except UnknownKid as e:
-            if await e.store.on_unknown_kid():
+            return await self.after_refetch(token, e.store)
+
+    async def after_refetch(self, token: str, store: KeyStore) -> Principal:
+        """Verify a token whose kid was unknown, after at most one (shared, rate-limited) refetch."""
+        if await store.on_unknown_kid():
+            try:
                 return self.verify_now(token)
-            raise
+            except UnknownKid:
+                pass
+        raise AuthnError(R.TOKEN_KID_UNKNOWN)
 
     def verify_now(self, token: str) -> Principal:
         """Verify with the keys held now; raises UnknownKid when a refetch might help."""
         if len(token) > self.max_token_bytes:
             raise AuthnError(R.TOKEN_TOO_LARGE)
+        key = hashlib.sha256(token.encode()).digest()
+        hit = self._cache.get(key)
+        if hit is not None:
+            # Time-based claims are checked again on every hit; the signature is not.
+            now = self._clock()
+            who = hit.principal
+            leeway = hit.idp.leeway_s
+            assert who.expires_at is not None
+            if (
+                hit.store.keys is hit.keys
+                and now < who.expires_at + leeway
+                and (hit.nbf is None or now + leeway >= hit.nbf)
+            ):
+                self.hits += 1
+                return who
+            del self._cache[key]
+        self.misses += 1
+        principal, idp, store, nbf = self._verify_full(token)
+        cache = self._cache
+        if len(cache) >= self.cache_entries:
+            del cache[next(iter(cache))]  # oldest first: dicts keep insertion order
+        cache[key] = _Verified(principal, idp, store, nbf)
+        return principal
+
+    def _verify_full(self, token: str) -> tuple[Principal, IdentityProvider, KeyStore, float | None]:
         parts = token.split(".")
         if len(parts) != 3:
             raise AuthnError(R.TOKEN_MALFORMED, "not three dot-separated parts")
@@ -88,9 +141,10 @@ class JwtVerifier:
         signing_input = token[: len(parts[0]) + 1 + len(parts[1])].encode("ascii")
         if not any(verify_signature(k, alg, signing_input, signature) for k in candidates):
             raise AuthnError(R.TOKEN_SIGNATURE_INVALID)
-        return self._check_claims(idp, claims)
+        principal, nbf = self._check_claims(idp, claims)
+        return principal, idp, store, nbf
 
-    def _check_claims(self, idp: IdentityProvider, claims: dict[str, Any]) -> Principal:
+    def _check_claims(self, idp: IdentityProvider, claims: dict[str, Any]) -> tuple[Principal, float | None]:
         now = self._clock()
         leeway = idp.leeway_s
         exp = _time_claim(claims, "exp", required=True)
@@ -117,7 +171,7 @@ class JwtVerifier:
             raise AuthnError(R.TOKEN_CLAIM_INVALID, "aud")
         if idp.audiences.isdisjoint(auds):
             raise AuthnError(R.TOKEN_AUDIENCE_MISMATCH)
-        return principal_from_claims(idp, claims, "jwt", exp)
+        return principal_from_claims(idp, claims, "jwt", exp), nbf
 
 
 def _header_safe(value: str) -> bool:
