@@ -1,9 +1,26 @@
 """Declares the Cython extensions only; all other metadata is in pyproject.toml."""
 
-from setuptools import setup
+import os
 
-# The native hot path (native/*.pyx -> agent._*_c) arrives with the native-transport work;
-# until then every module is pure Python and this list is empty on purpose.
-EXTENSIONS: list[object] = []
+from setuptools import Extension, setup
 
-setup(ext_modules=EXTENSIONS)
+# Each native/_x.pyx is built as agent._x_c beside its pure twin agent/_x_py.py. AGENT_NO_EXTENSIONS=1 at
+# build time skips them (the twins serve), as multidict and yarl do.
+NAMES = ["_wire", "_h2"]
+LIBRARIES = {"_h2": ["nghttp2"]}
+
+
+def extensions() -> list[Extension]:
+    if os.environ.get("AGENT_NO_EXTENSIONS"):
+        return []
+    from Cython.Build import cythonize
+
+    exts = [
+        Extension(f"agent.{name}_c", [f"native/{name}.pyx"], libraries=LIBRARIES.get(name, []),
+                  extra_compile_args=["-O2"])
+        for name in NAMES
+    ]
+    return cythonize(exts, language_level=3, include_path=["native"], compiler_directives={"embedsignature": True})
+
+
+setup(ext_modules=extensions())

@@ -37,10 +37,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigErrors as e:
         print(e, file=sys.stderr)
         return 2
-    if args.transport != "grpcio":
-        print(f"transport {args.transport!r} is not built yet; use --transport grpcio", file=sys.stderr)
-        return 2
-    asyncio.run(serve(policy, args.listen, args.admin, args.audit_log, args.policy))  # type: ignore[arg-type]
+    from agent.server.native_transport import available
+
+    transport = args.transport or ("native" if available() else "grpcio")
+    if transport == "native":
+        if not available():
+            print(
+                "--transport native needs the Cython extensions (not built, or AGENT_NO_EXTENSIONS=1); "
+                "use --transport grpcio",
+                file=sys.stderr,
+            )
+            return 2
+        import uvloop
+
+        uvloop.run(serve(policy, args.listen, args.admin, args.audit_log, args.policy, transport))  # type: ignore[arg-type]
+        return 0
+    asyncio.run(serve(policy, args.listen, args.admin, args.audit_log, args.policy, transport))  # type: ignore[arg-type]
     return 0
 
 
@@ -111,7 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--policy", required=True)
     r.add_argument("--listen", default="127.0.0.1:9191", help="HOST:PORT or unix:PATH")
     r.add_argument("--admin", default="127.0.0.1:9192", help="HOST:PORT for /healthz and /readyz")
-    r.add_argument("--transport", default="grpcio", choices=["grpcio", "native"])
+    r.add_argument(
+        "--transport",
+        default=None,
+        choices=["grpcio", "native"],
+        help="default: native when the extensions are built, else grpcio",
+    )
     r.add_argument("--audit-log", default=None, help="append JSON lines here (default: stdout)")
     r.set_defaults(func=cmd_run)
 

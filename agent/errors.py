@@ -37,3 +37,7 @@ class AuthnError(AgentError):
 
 class KeySourceError(AgentError):
     """A JWKS / discovery / introspection endpoint answered badly or not at all."""
+
+
+class WireError(AgentError, ValueError):
+    """Bytes that are not a CheckRequest the decoder can read."""

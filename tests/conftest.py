@@ -76,3 +76,13 @@ def write_policy(tmp_path: Path, keys: dict[str, SigningKey]) -> Callable[..., P
         return path
 
     return write
+
+
+def native_module(name: str) -> object | None:
+    """The Cython twin of agent.<name>, or None where extensions are off (AGENT_NO_EXTENSIONS=1)."""
+    import importlib
+    import os
+
+    if os.environ.get("AGENT_NO_EXTENSIONS"):
+        return None
+    return importlib.import_module(f"agent.{name}_c")

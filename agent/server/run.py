@@ -19,6 +19,7 @@ from agent.engine import Engine
 from agent.errors import ConfigErrors
 from agent.server.admin import admin_app, start_admin
 from agent.server.grpc_transport import GrpcTransport
+from agent.server.native_transport import NativeTransport
 
 log = logging.getLogger("agent")
 
@@ -34,6 +35,7 @@ class AgentServer:
         audit_log: str | None,
         policy_path: str | None = None,
         reload_wait_s: float = 10.0,
+        transport: str = "grpcio",
     ) -> None:
         self.audit = JsonLinesAudit(audit_log)
         self.engine = Engine.for_policy(policy, self.audit)
@@ -47,7 +49,11 @@ class AgentServer:
         self._refreshers: dict[int, tuple[asyncio.Event, asyncio.Task[None]]] = {}
         self._admin: web.AppRunner | None = None
         self._reload_lock = asyncio.Lock()
-        self.transport = GrpcTransport(lambda: self.engine, listen)
+        self.transport: GrpcTransport | NativeTransport
+        if transport == "native":
+            self.transport = NativeTransport(lambda: self.engine, listen)
+        else:
+            self.transport = GrpcTransport(lambda: self.engine, listen)
 
     @property
     def port(self) -> int:
@@ -200,9 +206,11 @@ def _stamp(path: Path) -> tuple[float, int] | None:
     return (st.st_mtime, st.st_size)
 
 
-async def serve(policy: Policy, listen: str, admin: str | None, audit_log: str | None, policy_path: str) -> None:
+async def serve(
+    policy: Policy, listen: str, admin: str | None, audit_log: str | None, policy_path: str, transport: str
+) -> None:
     """Run until SIGTERM or SIGINT, then drain in-flight checks and stop."""
-    server = AgentServer(policy, listen, admin, audit_log, policy_path)
+    server = AgentServer(policy, listen, admin, audit_log, policy_path, transport=transport)
     await server.start()
     done = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -1,0 +1,118 @@
+"""The native transport: unary gRPC over libnghttp2 (agent._h2_c) on asyncio/uvloop, the engine in-line.
+
+Its pure twin is the grpcio transport: where the extension is not built, `--transport native` is refused
+and grpcio serves. Decoding and encoding use agent._wire (Cython when built).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from google.protobuf.message import DecodeError
+
+from agent._wire import WireError, decode_check_request, encode_check_response
+from agent.engine import Engine
+
+log = logging.getLogger("agent.native")
+
+CHECK = b"/envoy.service.auth.v3.Authorization/Check"
+HEALTH = b"/grpc.health.v1.Health/Check"
+SERVICE_NAME = "envoy.service.auth.v3.Authorization"
+_SERVING, _NOT_SERVING = b"\x08\x01", b"\x08\x02"
+INVALID_ARGUMENT, NOT_FOUND, UNIMPLEMENTED = 3, 5, 12
+
+
+def available() -> bool:
+    if os.environ.get("AGENT_NO_EXTENSIONS"):
+        return False
+    try:
+        import agent._h2_c  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class NativeTransport:
+    def __init__(
+        self, engine: Callable[[], Engine], listen: str, max_message: int = 1 << 20, max_streams: int = 1024
+    ) -> None:
+        from agent._h2_c import GrpcProtocol
+
+        self._protocol_cls = GrpcProtocol
+        self._engine = engine
+        self.listen = listen
+        self.max_message = max_message
+        self.max_streams = max_streams
+        self.serving = False
+        self.port = 0
+        self._server: asyncio.AbstractServer | None = None
+        self._connections: set[Any] = set()
+
+    def _handle(self, path: bytes, message: bytes) -> bytes | int | Awaitable[bytes | int]:
+        if path == CHECK:
+            try:
+                view = decode_check_request(message)
+            except WireError:
+                return INVALID_ARGUMENT
+            engine = self._engine()
+            decision = engine.decide(view)
+            if decision is not None:
+                return encode_check_response(decision)
+            return self._slow(engine, view)
+        if path == HEALTH:
+            return self._health(message)
+        return UNIMPLEMENTED
+
+    async def _slow(self, engine: Engine, view: Any) -> bytes:
+        return encode_check_response(await engine.check(view))
+
+    def _health(self, message: bytes) -> bytes | int:
+        from grpc_health.v1 import health_pb2
+
+        req = health_pb2.HealthCheckRequest()
+        try:
+            req.ParseFromString(message)
+        except DecodeError:
+            return INVALID_ARGUMENT
+        if req.service not in ("", SERVICE_NAME):
+            return NOT_FOUND
+        return _SERVING if self.serving else _NOT_SERVING
+
+    def _factory(self) -> Any:
+        proto = self._protocol_cls(self._handle, self.max_message, self.max_streams, self._connections.discard)
+        self._connections.add(proto)
+        return proto
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.listen.startswith("unix:"):
+            path = self.listen[5:]
+            if os.path.exists(path):
+                os.unlink(path)
+            self._server = await loop.create_unix_server(self._factory, path)
+        else:
+            host, _, port = self.listen.rpartition(":")
+            self._server = await loop.create_server(self._factory, host.strip("[]"), int(port), reuse_address=True)
+            self.port = self._server.sockets[0].getsockname()[1]
+
+    async def set_serving(self, serving: bool) -> None:
+        self.serving = serving
+
+    async def stop(self, grace: float) -> None:
+        """Stop accepting, GOAWAY every connection, let in-flight calls finish for up to `grace` seconds."""
+        self.serving = False
+        if self._server is not None:
+            self._server.close()
+        for proto in list(self._connections):
+            proto.drain()
+        deadline = asyncio.get_running_loop().time() + grace
+        while self._connections and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
+        for proto in list(self._connections):
+            proto.abort()
+        if self._server is not None:
+            await self._server.wait_closed()
