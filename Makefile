@@ -1,36 +1,52 @@
-# The verbs: make run (the demo), make test (lint + every test), make lint.
+# The verbs: make run (the demo), make test (lint + every test, native and pure), make bench, make lint.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+SOURCES := $(wildcard agent tests benchmarks)
+# Debian packages the project needs: nghttp2's headers for the native transport; redis and the load tools
+# for tests and benchmarks. Installed only when missing.
+APT_PACKAGES := libnghttp2-dev nghttp2-client nghttp2-server wrk
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test lint unit e2e clean
+.PHONY: run test lint build bench unit e2e fuzz clean system-deps
 
-$(STAMP): pyproject.toml setup.py
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if command -v apt-get >/dev/null; then \
+	    echo "installing:$$missing"; $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $$missing; \
+	  else echo "missing Debian packages:$$missing (the pure-Python path still works)"; fi; \
+	fi
+
+$(STAMP): pyproject.toml setup.py | system-deps
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel Cython
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $@
 
-# Envoy + agent + local identity provider + demo app; prints curl lines that work. Ctrl-C stops it.
-run: $(STAMP)
-	$(BIN)/authz-agent demo
+# Cython extensions, rebuilt when a .pyx/.pxd changes (cythonize compares timestamps).
+build: $(STAMP) system-deps
+	$(BIN)/python setup.py -q build_ext --inplace
 
-SOURCES := $(wildcard agent tests benchmarks)
+# Envoy + agent + local identity provider + demo app; prints curl lines that work. Ctrl-C stops it.
+run: build
+	$(BIN)/authz-agent demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(SOURCES)
 	$(BIN)/ruff format --check $(SOURCES)
 	$(BIN)/mypy --strict agent
 
-test: lint
+test: lint build
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	AGENT_NO_EXTENSIONS=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests
 
-unit: $(STAMP)
+unit: build
 	$(BIN)/python -m pytest -q tests/unit
 
-e2e: $(STAMP)
+e2e: build
 	$(BIN)/python -m pytest -q tests/e2e
 
 clean:
-	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache agent/*.so native/*.c

@@ -15,10 +15,11 @@ def extensions() -> list[Extension]:
         return []
     from Cython.Build import cythonize
 
+    names = [n for n in NAMES if n != "_h2" or os.path.exists("/usr/include/nghttp2/nghttp2.h")]
     exts = [
         Extension(f"agent.{name}_c", [f"native/{name}.pyx"], libraries=LIBRARIES.get(name, []),
                   extra_compile_args=["-O2"])
-        for name in NAMES
+        for name in names
     ]
     return cythonize(exts, language_level=3, include_path=["native"], compiler_directives={"embedsignature": True})
 

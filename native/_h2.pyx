@@ -136,8 +136,9 @@ cdef int on_data_chunk(nghttp2_session *session, uint8_t flags, int32_t stream_i
         if <size_t>len(st.body) + n > <size_t>self.max_message + 5:
             # Answer now and stop reading this stream, rather than buffer an unbounded body.
             st.too_big = True
+            st.body = None
+            # on_frame_send resets the stream once this answer is out, so the client stops sending.
             self.respond_error(st, RESOURCE_EXHAUSTED, b"message larger than the limit")
-            nghttp2_submit_rst_stream(self.session, NGHTTP2_FLAG_NONE, stream_id, NGHTTP2_NO_ERROR)
             return 0
         st.body += (<const char*>data)[:n]
     except BaseException:
@@ -157,6 +158,16 @@ cdef int on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame, voi
         except BaseException:
             log.exception("native transport: dispatch failed")
             return NGHTTP2_ERR_CALLBACK_FAILURE
+    return 0
+
+
+cdef int on_frame_send(nghttp2_session *session, const nghttp2_frame *frame, void *user_data) noexcept:
+    cdef GrpcProtocol self = <GrpcProtocol>user_data
+    cdef _Stream st
+    if frame.hd.type == NGHTTP2_HEADERS and (frame.hd.flags & NGHTTP2_FLAG_END_STREAM):
+        st = self.streams.get(frame.hd.stream_id)
+        if st is not None and st.too_big:
+            nghttp2_submit_rst_stream(session, NGHTTP2_FLAG_NONE, frame.hd.stream_id, NGHTTP2_NO_ERROR)
     return 0
 
 
@@ -197,6 +208,7 @@ cdef void ensure_callbacks():
     nghttp2_session_callbacks_set_on_header_callback(CALLBACKS, on_header)
     nghttp2_session_callbacks_set_on_data_chunk_recv_callback(CALLBACKS, on_data_chunk)
     nghttp2_session_callbacks_set_on_frame_recv_callback(CALLBACKS, on_frame_recv)
+    nghttp2_session_callbacks_set_on_frame_send_callback(CALLBACKS, on_frame_send)
     nghttp2_session_callbacks_set_on_stream_close_callback(CALLBACKS, on_stream_close)
 
 

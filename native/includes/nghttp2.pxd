@@ -59,6 +59,8 @@ cdef extern from "nghttp2/nghttp2.h":
         void *user_data) noexcept
     ctypedef int (*nghttp2_on_frame_recv_callback)(
         nghttp2_session *session, const nghttp2_frame *frame, void *user_data) noexcept
+    ctypedef int (*nghttp2_on_frame_send_callback)(
+        nghttp2_session *session, const nghttp2_frame *frame, void *user_data) noexcept
     ctypedef int (*nghttp2_on_stream_close_callback)(
         nghttp2_session *session, int32_t stream_id, uint32_t error_code, void *user_data) noexcept
 
@@ -71,6 +73,8 @@ cdef extern from "nghttp2/nghttp2.h":
         nghttp2_session_callbacks *cbs, nghttp2_on_data_chunk_recv_callback cb)
     void nghttp2_session_callbacks_set_on_frame_recv_callback(
         nghttp2_session_callbacks *cbs, nghttp2_on_frame_recv_callback cb)
+    void nghttp2_session_callbacks_set_on_frame_send_callback(
+        nghttp2_session_callbacks *cbs, nghttp2_on_frame_send_callback cb)
     void nghttp2_session_callbacks_set_on_stream_close_callback(
         nghttp2_session_callbacks *cbs, nghttp2_on_stream_close_callback cb)
 

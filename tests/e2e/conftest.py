@@ -105,7 +105,7 @@ default: deny
 
 
 class AgentProcess:
-    def __init__(self, policy: Path, listen: str, workdir: Path) -> None:
+    def __init__(self, policy: Path, listen: str, workdir: Path, transport: str = "grpcio") -> None:
         self.admin = f"127.0.0.1:{free_port()}"
         self.listen = listen
         self.audit = workdir / "audit.log"
@@ -125,6 +125,8 @@ class AgentProcess:
                 self.admin,
                 "--audit-log",
                 str(self.audit),
+                "--transport",
+                transport,
             ],
             stdout=self._err,
             stderr=subprocess.STDOUT,
@@ -182,7 +184,7 @@ def make_stack(loop_thread: LoopThread, tmp_path_factory: pytest.TempPathFactory
     stacks: list[Stack] = []
     cleanups: list[Callable[[], None]] = []
 
-    def make(listen_unix: bool = False) -> Stack:
+    def make(listen_unix: bool = False, transport: str = "grpcio") -> Stack:
         work = tmp_path_factory.mktemp("stack")
         idp = LocalIdP()
         loop_thread.run(idp.start())
@@ -193,7 +195,7 @@ def make_stack(loop_thread: LoopThread, tmp_path_factory: pytest.TempPathFactory
         policy = work / "policy.yaml"
         policy.write_text(POLICY.format(issuer=idp.issuer))
         listen = f"unix:{work / 'agent.sock'}" if listen_unix else f"127.0.0.1:{free_port()}"
-        agent = AgentProcess(policy, listen, work)
+        agent = AgentProcess(policy, listen, work, transport)
         port = free_port()
         envoy = EnvoyProcess(bootstrap(f"127.0.0.1:{port}", f"127.0.0.1:{app_port}", listen), work)
         envoy.start()
@@ -209,6 +211,18 @@ def make_stack(loop_thread: LoopThread, tmp_path_factory: pytest.TempPathFactory
         c()
 
 
+TRANSPORTS = ["native", "grpcio"]
+
+
+@pytest.fixture(scope="module", params=TRANSPORTS)
+def transport(request: pytest.FixtureRequest) -> str:
+    from agent.server.native_transport import available
+
+    if request.param == "native" and not available():
+        pytest.skip("native extensions not built (AGENT_NO_EXTENSIONS=1)")
+    return str(request.param)
+
+
 @pytest.fixture(scope="module")
-def stack(make_stack: Callable[..., Stack]) -> Stack:
-    return make_stack()
+def stack(make_stack: Callable[..., Stack], transport: str) -> Stack:
+    return make_stack(transport=transport)

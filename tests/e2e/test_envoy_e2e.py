@@ -117,9 +117,9 @@ def test_audit_log_has_every_decision_and_no_token(stack: Stack) -> None:
     assert "secret-query" not in logs
 
 
-def test_agent_on_a_unix_socket_and_fail_closed_when_it_dies(make_stack: Callable[..., Stack]) -> None:
+def test_agent_on_a_unix_socket_and_fail_closed_when_it_dies(make_stack: Callable[..., Stack], transport: str) -> None:
     # A second stack: a second Envoy beside the first (--use-dynamic-base-id), agent on a unix socket.
-    s2 = make_stack(listen_unix=True)
+    s2 = make_stack(listen_unix=True, transport=transport)
     token = s2.idp.mint()
     assert s2.get("/v1/orders", token).status == 200
     s2.agent.stop()

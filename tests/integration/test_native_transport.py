@@ -1,0 +1,291 @@
+"""The native transport against clients nobody here wrote: grpcio, and the h2 library speaking raw HTTP/2."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+from envoy.service.auth.v3 import external_auth_pb2 as ext
+from envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from agent.config import load_policy
+from agent.server.native_transport import available
+from agent.server.run import AgentServer
+from tests.keys import SigningKey, mint
+
+pytestmark = pytest.mark.skipif(not available(), reason="native extensions not built (AGENT_NO_EXTENSIONS=1)")
+CHECK = "/envoy.service.auth.v3.Authorization/Check"
+
+
+def check_request(token: str | None = None, path: str = "/v1/orders") -> bytes:
+    req = ext.CheckRequest()
+    http = req.attributes.request.http
+    http.method, http.path = "GET", path
+    if token:
+        http.headers["authorization"] = f"Bearer {token}"
+    return bytes(req.SerializeToString())
+
+
+def frame(message: bytes, flag: int = 0) -> bytes:
+    return bytes([flag]) + struct.pack(">I", len(message)) + message
+
+
+@pytest.fixture
+async def server(write_policy: Callable[..., Path]) -> AsyncIterator[AgentServer]:
+    s = AgentServer(load_policy(write_policy()), "127.0.0.1:0", None, None, transport="native")
+    await s.start()
+    assert await s.wait_ready(5)
+    await asyncio.sleep(0.15)  # the readiness watcher flips health to SERVING
+    yield s
+    await s.stop(0.5)
+
+
+class RawH2:
+    """A blocking HTTP/2 client made with the h2 library, run in a thread."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+        self.conn.initiate_connection()
+        self.sock.sendall(self.conn.data_to_send())
+
+    def call(self, body: bytes, path: str = CHECK, headers: list[tuple[str, str]] | None = None) -> dict[str, Any]:
+        sid = self.conn.get_next_available_stream_id()
+        hdrs = headers or [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":authority", "x"),
+            (":path", path),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+        ]
+        self.conn.send_headers(sid, hdrs)
+        self.conn.send_data(sid, body, end_stream=True)
+        self.sock.sendall(self.conn.data_to_send())
+        return self.read(sid)
+
+    def read(self, sid: int) -> dict[str, Any]:
+        out: dict[str, Any] = {"headers": {}, "data": b"", "trailers": {}, "reset": None}
+        while True:
+            data = self.sock.recv(65536)
+            if not data:
+                out["closed"] = True
+                return out
+            for ev in self.conn.receive_data(data):
+                if isinstance(ev, h2.events.ResponseReceived) and ev.stream_id == sid:
+                    out["headers"] = dict(ev.headers)
+                elif isinstance(ev, h2.events.DataReceived) and ev.stream_id == sid:
+                    out["data"] += ev.data
+                    self.conn.acknowledge_received_data(ev.flow_controlled_length, sid)
+                elif isinstance(ev, h2.events.TrailersReceived) and ev.stream_id == sid:
+                    out["trailers"] = dict(ev.headers)
+                elif isinstance(ev, h2.events.StreamReset) and ev.stream_id == sid:
+                    out["reset"] = ev.error_code
+                elif isinstance(ev, h2.events.StreamEnded) and ev.stream_id == sid:
+                    self.sock.sendall(self.conn.data_to_send())
+                    return out
+            self.sock.sendall(self.conn.data_to_send())
+
+    def status(self, result: dict[str, Any]) -> str | None:
+        s = result["trailers"].get("grpc-status") or result["headers"].get("grpc-status")
+        return str(s) if s is not None else None
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def in_thread(fn: Callable[[], Any]) -> Any:
+    return await asyncio.to_thread(fn)
+
+
+async def test_grpcio_client_check_health_and_unknown_methods(server: AgentServer, keys: dict[str, SigningKey]) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        stub = ext_grpc.AuthorizationStub(ch)
+        req = ext.CheckRequest.FromString(check_request(mint(keys["ES256"])))
+        ok = await stub.Check(req, timeout=5)
+        assert ok.status.code == 0 and ok.dynamic_metadata["reason"] == "allowed"
+        denied = await stub.Check(ext.CheckRequest.FromString(check_request()), timeout=5)
+        assert denied.denied_response.status.code == 401
+        results = await asyncio.gather(*(stub.Check(req, timeout=10) for _ in range(300)))
+        assert all(r.status.code == 0 for r in results)
+        health = health_pb2_grpc.HealthStub(ch)
+        h = await health.Check(health_pb2.HealthCheckRequest(service="envoy.service.auth.v3.Authorization"))
+        assert h.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await health.Check(health_pb2.HealthCheckRequest(service="other"))
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await ch.unary_unary("/envoy.service.auth.v3.Authorization/Other")(b"", timeout=5)
+        assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_h2_client_gets_grpc_framing_and_trailers(server: AgentServer, keys: dict[str, SigningKey]) -> None:
+    c = RawH2(server.port)
+    try:
+        r = await in_thread(lambda: c.call(frame(check_request(mint(keys["ES256"])))))
+        assert r["headers"][":status"] == "200" and r["headers"]["content-type"] == "application/grpc"
+        assert c.status(r) == "0"
+        flag, length = r["data"][0], struct.unpack(">I", r["data"][1:5])[0]
+        resp = ext.CheckResponse.FromString(r["data"][5:])
+        assert flag == 0 and length == len(r["data"]) - 5 and resp.status.code == 0
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize(
+    "body,expected",
+    [
+        (frame(check_request(), flag=1), "12"),  # compressed: not supported
+        (frame(check_request())[:-1], "13"),  # length prefix says more than sent
+        (frame(check_request()) + frame(check_request()), "13"),  # two messages on a unary call
+        (b"\x00\x00", "13"),  # no complete prefix
+        (frame(b"\x0a\xff"), "3"),  # not a CheckRequest
+    ],
+)
+async def test_bad_grpc_frames_get_a_grpc_status(server: AgentServer, body: bytes, expected: str) -> None:
+    c = RawH2(server.port)
+    try:
+        r = await in_thread(lambda: c.call(body))
+        assert c.status(r) == expected
+        # The connection stays usable.
+        assert c.status(await in_thread(lambda: c.call(frame(check_request())))) == "0"
+    finally:
+        c.close()
+
+
+async def test_non_grpc_requests_get_415(server: AgentServer) -> None:
+    c = RawH2(server.port)
+    try:
+        hdrs = [(":method", "GET"), (":scheme", "http"), (":authority", "x"), (":path", CHECK)]
+        sid = c.conn.get_next_available_stream_id()
+        c.conn.send_headers(sid, hdrs, end_stream=True)
+        c.sock.sendall(c.conn.data_to_send())
+        r = await in_thread(lambda: c.read(sid))
+        assert r["headers"][":status"] == "415"
+    finally:
+        c.close()
+
+
+async def test_oversized_message_is_resource_exhausted(server: AgentServer) -> None:
+    c = RawH2(server.port)
+
+    def send_big() -> dict[str, Any]:
+        big = frame(b"\x00" * ((1 << 20) + 1))
+        sid = c.conn.get_next_available_stream_id()
+        hdrs = [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":authority", "x"),
+            (":path", CHECK),
+            ("content-type", "application/grpc"),
+        ]
+        c.conn.send_headers(sid, hdrs)
+        sent = 0
+        while True:
+            window = min(c.conn.local_flow_control_window(sid), c.conn.max_outbound_frame_size, len(big) - sent)
+            if window > 0:
+                c.conn.send_data(sid, big[sent : sent + window])
+                sent += window
+                c.sock.sendall(c.conn.data_to_send())
+                continue
+            data = c.sock.recv(65536)
+            assert data, "closed before answering"
+            for ev in c.conn.receive_data(data):
+                if isinstance(ev, h2.events.ResponseReceived) and ev.stream_id == sid:
+                    return dict(ev.headers)
+                assert not isinstance(ev, h2.events.StreamReset), "reset before the grpc-status was sent"
+            c.sock.sendall(c.conn.data_to_send())
+
+    try:
+        headers = await in_thread(send_big)
+        assert headers.get("grpc-status") == "8"
+    finally:
+        c.close()
+
+
+async def test_rapid_reset_does_not_stop_service(server: AgentServer, keys: dict[str, SigningKey]) -> None:
+    c = RawH2(server.port)
+    try:
+        hdrs = [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":authority", "x"),
+            (":path", CHECK),
+            ("content-type", "application/grpc"),
+        ]
+        for _ in range(500):
+            sid = c.conn.get_next_available_stream_id()
+            c.conn.send_headers(sid, hdrs)
+            c.conn.reset_stream(sid)
+        c.sock.sendall(c.conn.data_to_send())
+    finally:
+        c.close()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        ok = await ext_grpc.AuthorizationStub(ch).Check(
+            ext.CheckRequest.FromString(check_request(mint(keys["ES256"]))), timeout=5
+        )
+        assert ok.status.code == 0
+
+
+async def test_garbage_instead_of_http2_closes_only_that_connection(server: AgentServer) -> None:
+    def garbage() -> bytes:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 3)
+            data = b""
+            while chunk := s.recv(4096):
+                data += chunk
+            return data
+
+    await in_thread(garbage)  # returns when the server closes it
+    c = RawH2(server.port)
+    try:
+        assert c.status(await in_thread(lambda: c.call(frame(check_request())))) == "0"
+    finally:
+        c.close()
+
+
+async def test_drain_sends_goaway_and_closes(write_policy: Callable[..., Path]) -> None:
+    s = AgentServer(load_policy(write_policy()), "127.0.0.1:0", None, None, transport="native")
+    await s.start()
+    assert await s.wait_ready(5)
+    c = RawH2(s.port)
+    try:
+        assert c.status(await in_thread(lambda: c.call(frame(check_request())))) == "0"
+        await s.stop(1.0)
+
+        def events() -> list[Any]:
+            seen: list[Any] = []
+            while data := c.sock.recv(65536):
+                seen += c.conn.receive_data(data)
+            return seen
+
+        assert any(isinstance(e, h2.events.ConnectionTerminated) and e.error_code == 0 for e in await in_thread(events))
+    finally:
+        c.close()
+
+
+async def test_unix_socket_listener(
+    write_policy: Callable[..., Path], tmp_path: Path, keys: dict[str, SigningKey]
+) -> None:
+    sock = tmp_path / "agent.sock"
+    s = AgentServer(load_policy(write_policy()), f"unix:{sock}", None, None, transport="native")
+    await s.start()
+    try:
+        assert await s.wait_ready(5)
+        async with grpc.aio.insecure_channel(f"unix:{sock}") as ch:
+            ok = await ext_grpc.AuthorizationStub(ch).Check(
+                ext.CheckRequest.FromString(check_request(mint(keys["ES256"]))), timeout=5
+            )
+            assert ok.status.code == 0
+    finally:
+        await s.stop(0.5)
