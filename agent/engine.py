@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import itertools
 import logging
 import os
 import re
@@ -12,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from agent import reasons as R
-from agent.audit.records import decision_record
 from agent.authn.introspection import Introspector
 from agent.authn.jwks import KeyStore
 from agent.authn.jwt import JwtVerifier, UnknownKid
@@ -58,9 +58,9 @@ class Decision:
 
 
 class AuditSink(Protocol):
-    """Where decision records go; the audit package provides the real ones. Must not block."""
+    """Where decisions go to be recorded (agent.audit builds the record). Must not block."""
 
-    def submit(self, record: dict[str, object]) -> None: ...
+    def submit(self, view: RequestView, decision: Decision, policy: Policy, now: float) -> None: ...
 
 
 class _Pending(Exception):
@@ -70,8 +70,14 @@ class _Pending(Exception):
         self.resolve = resolve
 
 
+# A random prefix per process and a counter: unique across agents and restarts without a getrandom()
+# per request (measured at ~27 us in sandboxed kernels, a third of a whole decision).
+_ID_PREFIX = base64.urlsafe_b64encode(os.urandom(9)).decode("ascii")
+_id_counter = itertools.count(1)
+
+
 def new_decision_id() -> str:
-    return base64.urlsafe_b64encode(os.urandom(12)).decode("ascii")
+    return f"{_ID_PREFIX}{next(_id_counter):x}"
 
 
 class Engine:
@@ -162,7 +168,7 @@ class Engine:
         decision.latency_us = (time.perf_counter_ns() - start) // 1000
         if self.audit is not None:
             try:
-                self.audit.submit(decision_record(view, decision, self.policy, self._clock()))
+                self.audit.submit(view, decision, self.policy, self._clock())
             except Exception:
                 log.exception("audit record for %s could not be queued", decision.decision_id)
         return decision

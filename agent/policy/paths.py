@@ -67,6 +67,10 @@ def valid_method(method: str) -> bool:
     return bool(_TOKEN_RE.match(method))
 
 
+# Paths made only of unreserved and sub-delim characters, with no dot segment: split without decoding.
+_PLAIN_PATH = re.compile(r"(?:/(?!\.\.?(?:/|$))[A-Za-z0-9\-._~!$&'()*+,;=:@]+)+")
+
+
 def split_request_path(raw: str) -> list[str] | None:
     """The decoded segments of a request path, or None when it is not in a form safe to match.
 
@@ -80,6 +84,9 @@ def split_request_path(raw: str) -> list[str] | None:
         if j != -1 and j < cut:
             cut = j
     path = raw[:cut]
+    if len(path) < 512 and _PLAIN_PATH.fullmatch(path):
+        parts = path[1:].split("/")
+        return parts if len(parts) <= MAX_SEGMENTS else None
     if not path.startswith("/"):
         return None
     if path == "/":

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from agent import reasons as R
-from agent.config import load_policy
+from agent.audit.records import decision_record
+from agent.config import Policy, load_policy
 from agent.engine import Decision, Engine, RequestView
 from tests.keys import SigningKey, claims, mint
 
@@ -22,8 +23,8 @@ class ListAudit:
     def __init__(self) -> None:
         self.records: list[dict[str, object]] = []
 
-    def submit(self, record: dict[str, object]) -> None:
-        self.records.append(record)
+    def submit(self, view: RequestView, decision: Decision, policy: Policy, now: float) -> None:
+        self.records.append(decision_record(view, decision, policy, now))
 
 
 @pytest.fixture
