@@ -42,6 +42,10 @@ test: lint build
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 	AGENT_NO_EXTENSIONS=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests
 
+# The agent beside its baselines in one run (server on CPU 0, load on CPU 1); table + benchmarks/results/latest.json.
+bench: build
+	$(BIN)/python -m benchmarks.run
+
 unit: build
 	$(BIN)/python -m pytest -q tests/unit
 

@@ -7,11 +7,15 @@ import asyncio
 import json
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 from agent.errors import ConfigErrors
 
+if TYPE_CHECKING:
+    from agent.config import Policy
 
-def _load(path: str) -> object:
+
+def _load(path: str) -> Policy:
     from agent.config import load_policy
 
     return load_policy(path)
@@ -25,7 +29,7 @@ def cmd_lint(args: argparse.Namespace) -> int:
             print(err, file=sys.stderr)
         print(f"{len(e.errors)} error(s); the policy was not accepted", file=sys.stderr)
         return 1
-    print(f"{args.file}: ok ({policy.version}, {len(policy.routes)} routes)")  # type: ignore[attr-defined]
+    print(f"{args.file}: ok ({policy.version}, {len(policy.routes)} routes)")
     return 0
 
 
@@ -50,9 +54,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             return 2
         import uvloop
 
-        uvloop.run(serve(policy, args.listen, args.admin, args.audit_log, args.policy, transport))  # type: ignore[arg-type]
+        uvloop.run(
+            serve(policy, args.listen, args.admin, args.audit_log, args.policy, transport, args.token_cache_entries)
+        )
         return 0
-    asyncio.run(serve(policy, args.listen, args.admin, args.audit_log, args.policy, transport))  # type: ignore[arg-type]
+    asyncio.run(
+        serve(policy, args.listen, args.admin, args.audit_log, args.policy, transport, args.token_cache_entries)
+    )
     return 0
 
 
@@ -73,7 +81,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         headers[name.strip().lower()] = value.strip()
 
     async def go() -> int:
-        engine = Engine.for_policy(policy)  # type: ignore[arg-type]
+        engine = Engine.for_policy(policy)
         try:
             for store in engine.stores.values():
                 await store.refresh()
@@ -130,6 +138,12 @@ def main(argv: list[str] | None = None) -> int:
         help="default: native when the extensions are built, else grpcio",
     )
     r.add_argument("--audit-log", default=None, help="append JSON lines here (default: stdout)")
+    r.add_argument(
+        "--token-cache-entries",
+        type=int,
+        default=10_000,
+        help="verified tokens kept (keyed by hash, never past exp); 0 disables the cache",
+    )
     r.set_defaults(func=cmd_run)
 
     c = sub.add_parser("check", help="decide one request and explain every step")

@@ -89,12 +89,13 @@ class Engine:
         stores: dict[str, KeyStore],
         audit: AuditSink | None = None,
         clock: Callable[[], float] = time.time,
+        token_cache_entries: int = 10_000,
     ) -> None:
         self.policy = policy
         self.stores = stores
         self.audit = audit
         self._clock = clock
-        self.jwt = JwtVerifier(stores, clock)
+        self.jwt = JwtVerifier(stores, clock, token_cache_entries)
         intro = next((i for i in policy.identity_providers if i.introspection is not None), None)
         self.introspector = Introspector(intro, clock) if intro is not None else None
         self._matcher: Matcher[int] = Matcher()
@@ -106,10 +107,14 @@ class Engine:
 
     @classmethod
     def for_policy(
-        cls, policy: Policy, audit: AuditSink | None = None, clock: Callable[[], float] = time.time
+        cls,
+        policy: Policy,
+        audit: AuditSink | None = None,
+        clock: Callable[[], float] = time.time,
+        token_cache_entries: int = 10_000,
     ) -> Engine:
         stores = {i.name: KeyStore(i) for i in policy.identity_providers if i.jwks_uri or i.jwks_file or i.discovery}
-        return cls(policy, stores, audit, clock)
+        return cls(policy, stores, audit, clock, token_cache_entries)
 
     @property
     def ready(self) -> bool:

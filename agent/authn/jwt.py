@@ -91,10 +91,11 @@ class JwtVerifier:
             del self._cache[key]
         self.misses += 1
         principal, idp, store, nbf = self._verify_full(token)
-        cache = self._cache
-        if len(cache) >= self.cache_entries:
-            del cache[next(iter(cache))]  # oldest first: dicts keep insertion order
-        cache[key] = _Verified(principal, idp, store, nbf)
+        if self.cache_entries > 0:
+            cache = self._cache
+            if len(cache) >= self.cache_entries:
+                del cache[next(iter(cache))]  # oldest first: dicts keep insertion order
+            cache[key] = _Verified(principal, idp, store, nbf)
         return principal
 
     def _verify_full(self, token: str) -> tuple[Principal, IdentityProvider, KeyStore, float | None]:
@@ -176,23 +177,23 @@ class JwtVerifier:
 
 def _header_safe(value: str) -> bool:
     # These values become upstream request headers: no control characters (CR/LF would split headers).
-    return all(c >= " " and c != "\x7f" for c in value)
+    return value.isprintable()
 
 
 def principal_from_claims(idp: IdentityProvider, claims: dict[str, Any], method: str, exp: float | None) -> Principal:
     names = idp.claims
-    sub = claim_at(claims, tuple(names.subject.split(".")))
+    sub = claim_at(claims, names.subject_path)
     if not isinstance(sub, str) or not sub:
         raise AuthnError(R.TOKEN_CLAIM_MISSING, names.subject)
     if not _header_safe(sub) or len(sub) > 1024:
         raise AuthnError(R.TOKEN_CLAIM_INVALID, names.subject)
-    client_id = claim_at(claims, tuple(names.client_id.split(".")))
+    client_id = claim_at(claims, names.client_id_path)
     if client_id is not None and (not isinstance(client_id, str) or not _header_safe(client_id)):
         raise AuthnError(R.TOKEN_CLAIM_INVALID, names.client_id)
-    scopes = string_set(claim_at(claims, tuple(names.scopes.split("."))), split_spaces=True)
+    scopes = string_set(claim_at(claims, names.scopes_path), split_spaces=True)
     if scopes is None:
         raise AuthnError(R.TOKEN_CLAIM_INVALID, names.scopes)
-    roles = string_set(claim_at(claims, tuple(names.roles.split("."))), split_spaces=False)
+    roles = string_set(claim_at(claims, names.roles_path), split_spaces=False)
     if roles is None:
         raise AuthnError(R.TOKEN_CLAIM_INVALID, names.roles)
     jti = claims.get("jti")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import lru_cache
 
 # JWS algorithms an identity provider may sign access tokens with. Symmetric (HS*) ones are absent on
 # purpose: a JWKS is public, so an HMAC key in it would let anyone mint tokens.
@@ -11,6 +12,11 @@ ASYMMETRIC_ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA", "Ed25519"}
 )
 DEFAULT_TOKEN_TYPES = ("at+jwt", "application/at+jwt", "jwt")
+
+
+@lru_cache(maxsize=256)
+def _path(name: str) -> tuple[str, ...]:
+    return tuple(name.split("."))
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +27,23 @@ class ClaimNames:
     roles: str = "roles"
     scopes: str = "scope"
     client_id: str = "client_id"
+
+    # The same names split once into paths, so no request splits strings.
+    @property
+    def subject_path(self) -> tuple[str, ...]:
+        return _path(self.subject)
+
+    @property
+    def roles_path(self) -> tuple[str, ...]:
+        return _path(self.roles)
+
+    @property
+    def scopes_path(self) -> tuple[str, ...]:
+        return _path(self.scopes)
+
+    @property
+    def client_id_path(self) -> tuple[str, ...]:
+        return _path(self.client_id)
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,9 +36,11 @@ class AgentServer:
         policy_path: str | None = None,
         reload_wait_s: float = 10.0,
         transport: str = "grpcio",
+        token_cache_entries: int = 10_000,
     ) -> None:
         self.audit = JsonLinesAudit(audit_log)
-        self.engine = Engine.for_policy(policy, self.audit)
+        self.token_cache_entries = token_cache_entries
+        self.engine = Engine.for_policy(policy, self.audit, token_cache_entries=token_cache_entries)
         self.listen = listen
         self.admin_listen = admin
         self.policy_path = policy_path
@@ -112,7 +114,7 @@ class AgentServer:
                     store = KeyStore(idp)
                     fresh.append(store)
                 stores[idp.name] = store
-            new = Engine(policy, stores, self.audit)
+            new = Engine(policy, stores, self.audit, token_cache_entries=self.token_cache_entries)
             await asyncio.gather(*(s.refresh() for s in fresh))
             deadline = asyncio.get_running_loop().time() + self.reload_wait_s
             while not all(s.ready for s in fresh) and asyncio.get_running_loop().time() < deadline:
@@ -207,10 +209,18 @@ def _stamp(path: Path) -> tuple[float, int] | None:
 
 
 async def serve(
-    policy: Policy, listen: str, admin: str | None, audit_log: str | None, policy_path: str, transport: str
+    policy: Policy,
+    listen: str,
+    admin: str | None,
+    audit_log: str | None,
+    policy_path: str,
+    transport: str,
+    token_cache_entries: int = 10_000,
 ) -> None:
     """Run until SIGTERM or SIGINT, then drain in-flight checks and stop."""
-    server = AgentServer(policy, listen, admin, audit_log, policy_path, transport=transport)
+    server = AgentServer(
+        policy, listen, admin, audit_log, policy_path, transport=transport, token_cache_entries=token_cache_entries
+    )
     await server.start()
     done = asyncio.Event()
     loop = asyncio.get_running_loop()

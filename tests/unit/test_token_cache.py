@@ -84,3 +84,14 @@ def test_a_refused_token_is_never_cached(
         with pytest.raises(AuthnError):
             v.verify_now(token)
     assert len(v._cache) == 0 and v.misses == 2
+
+
+async def test_a_zero_sized_cache_verifies_every_time(
+    write_policy: Callable[..., Path], keys: dict[str, SigningKey]
+) -> None:
+    store = KeyStore(load_policy(write_policy()).identity_providers[0])
+    assert await store.refresh()
+    v = JwtVerifier({"corp": store}, cache_entries=0)
+    token = mint(keys["ES256"])
+    assert v.verify_now(token).subject == v.verify_now(token).subject == "alice"
+    assert (v.hits, v.misses, len(v._cache)) == (0, 2, 0)

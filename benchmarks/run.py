@@ -1,0 +1,497 @@
+"""`make bench`: the agent side by side with its baselines in one run; a table on stdout, JSON in results/.
+
+Server processes are pinned to CPU 0 and the load generators (h2load, wrk) to CPU 1. Every load is
+bounded in time (BENCH_SECONDS each, default 5) and traffic goes to 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from envoy.service.auth.v3 import external_auth_pb2 as ext
+
+from agent.envoyconf import EnvoyProcess, bootstrap
+
+ROOT = Path(__file__).resolve().parent.parent
+SECONDS = int(os.environ.get("BENCH_SECONDS", "5"))
+SERVER_CPU, LOAD_CPU = "0", "1"
+ISSUER, AUDIENCE = "https://idp.bench.test", "orders-api"
+CHECK_PATH = "/envoy.service.auth.v3.Authorization/Check"
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {port}")
+
+
+@contextmanager
+def server(cmd: list[str], port: int, log: Path, ready_url: str | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    with log.open("wb") as out:
+        proc = subprocess.Popen(["taskset", "-c", SERVER_CPU, *cmd], stdout=out, stderr=subprocess.STDOUT)
+        try:
+            wait_port(port)
+            if ready_url:
+                deadline = time.monotonic() + 20
+                while time.monotonic() < deadline:
+                    try:
+                        with urllib.request.urlopen(ready_url, timeout=1) as r:
+                            if r.status == 200:
+                                break
+                    except OSError:
+                        time.sleep(0.05)
+            yield proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+class Fixture:
+    """Keys, JWKS, policy, tokens and request bodies for one run."""
+
+    def __init__(self, work: Path) -> None:
+        from cryptography.hazmat.primitives import serialization as S
+        from cryptography.hazmat.primitives.asymmetric import rsa
+        from joserfc import jwt as jose_jwt
+        from joserfc.jwk import RSAKey
+
+        self.work = work
+        private = rsa.generate_private_key(65537, 2048)
+        pem = private.private_bytes(S.Encoding.PEM, S.PrivateFormat.PKCS8, S.NoEncryption())
+        self.key = RSAKey.import_key(pem, {"kid": "bench-1"})
+        self.private = private
+        self.jwks = {"keys": [self.key.as_dict(private=False)]}
+        (work / "jwks.json").write_text(json.dumps(self.jwks))
+        (work / "policy.yaml").write_text(f"""version: 1
+service: orders
+identity_providers:
+  bench:
+    issuer: {ISSUER}
+    jwks_file: jwks.json
+    audiences: [{AUDIENCE}]
+    algorithms: [RS256]
+    max_token_lifetime_s: 3600
+routes:
+  - name: list-orders
+    match: {{methods: [GET], path: /v1/orders}}
+    authn: [jwt]
+    allow: {{scopes_all: [orders:read]}}
+default: deny
+""")
+        now = int(time.time())
+        claims = {
+            "iss": ISSUER,
+            "sub": "alice",
+            "aud": AUDIENCE,
+            "iat": now,
+            "exp": now + 3500,
+            "scope": "orders:read",
+            "client_id": "bench",
+            "jti": "bench-jti",
+        }
+        self.token = jose_jwt.encode({"alg": "RS256", "kid": "bench-1", "typ": "at+jwt"}, claims, self.key)
+        self.allow_body = self.body(self.token)
+        self.deny_body = self.body(None)
+
+    def body(self, token: str | None) -> Path:
+        req = ext.CheckRequest()
+        http = req.attributes.request.http
+        http.method, http.path, http.host = "GET", "/v1/orders", "orders.local"
+        http.headers["x-request-id"] = "bench"
+        if token:
+            http.headers["authorization"] = f"Bearer {token}"
+        req.attributes.source.address.socket_address.address = "127.0.0.1"
+        msg = req.SerializeToString()
+        path = self.work / ("allow.bin" if token else "deny.bin")
+        path.write_bytes(b"\0" + struct.pack(">I", len(msg)) + msg)
+        return path
+
+
+def h2load(port: int, body: Path, rps: int | None = None) -> dict[str, Any]:
+    cmd = [
+        "taskset",
+        "-c",
+        LOAD_CPU,
+        "h2load",
+        "-D",
+        str(SECONDS),
+        "--warm-up-time=1",
+        "-d",
+        str(body),
+        "-H",
+        "content-type: application/grpc",
+        "-H",
+        "te: trailers",
+    ]
+    cmd += ["-c", "1", "-m", "1", f"--rps={rps}"] if rps else ["-c", "4", "-m", "16"]
+    cmd.append(f"http://127.0.0.1:{port}{CHECK_PATH}")
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=SECONDS + 60, check=False).stdout
+    m = re.search(r"finished in [\d.]+s, ([\d.]+) req/s", out)
+    lat = re.search(r"time for request:\s+(\S+)\s+(\S+)\s+(\S+)", out)
+    done = re.search(r"(\d+) succeeded, (\d+) failed, (\d+) errored", out)
+    return {
+        "rps": float(m.group(1)) if m else 0.0,
+        "latency_min": lat.group(1) if lat else None,
+        "latency_max": lat.group(2) if lat else None,
+        "latency_mean": lat.group(3) if lat else None,
+        "succeeded": int(done.group(1)) if done else 0,
+        "failed": int(done.group(2)) + int(done.group(3)) if done else 0,
+    }
+
+
+def wrk(port: int, token: str | None) -> dict[str, Any]:
+    cmd = ["taskset", "-c", LOAD_CPU, "wrk", "-t1", "-c16", f"-d{SECONDS}s", "--latency"]
+    if token:
+        cmd += ["-H", f"authorization: Bearer {token}"]
+    cmd.append(f"http://127.0.0.1:{port}/v1/orders")
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=SECONDS + 60, check=False).stdout
+    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    lat = re.search(r"Latency\s+(\S+)\s+\S+\s+(\S+)", out)
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {
+        "rps": float(m.group(1)) if m else 0.0,
+        "latency_mean": lat.group(1) if lat else None,
+        "latency_max": lat.group(2) if lat else None,
+        "non_2xx": int(bad.group(1)) if bad else 0,
+    }
+
+
+def agent_cmd(fx: Fixture, transport: str, port: int, admin: int, cache: int = 10_000) -> list[str]:
+    return [
+        str(BIN / "authz-agent"),
+        "run",
+        "--transport",
+        transport,
+        "--policy",
+        str(fx.work / "policy.yaml"),
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--admin",
+        f"127.0.0.1:{admin}",
+        "--audit-log",
+        str(fx.work / f"audit-{transport}-{port}.log"),
+        "--token-cache-entries",
+        str(cache),
+    ]
+
+
+def baseline_cmd(fx: Fixture, port: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "benchmarks.baselines.grpcio_pyjwt",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--jwks",
+        str(fx.work / "jwks.json"),
+        "--issuer",
+        ISSUER,
+        "--audience",
+        AUDIENCE,
+    ]
+
+
+def nghttpd_cmd(fx: Fixture, port: int) -> list[str]:
+    docroot = fx.work / "nghttpd"
+    (docroot / "envoy.service.auth.v3.Authorization").mkdir(parents=True, exist_ok=True)
+    resp = ext.CheckResponse()
+    resp.status.code = 0
+    resp.ok_response.SetInParent()
+    msg = resp.SerializeToString()
+    (docroot / "envoy.service.auth.v3.Authorization" / "Check").write_bytes(b"\0" + struct.pack(">I", len(msg)) + msg)
+    return ["nghttpd", "--no-tls", "-d", str(docroot), "--trailer", "grpc-status: 0", str(port)]
+
+
+def direct_rows(fx: Fixture) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+
+    def run(name: str, cmd: list[str], port: int, workloads: dict[str, Path], ready: str | None = None) -> None:
+        with server(cmd, port, fx.work / f"{name.replace(' ', '_')}.log", ready):
+            for workload, body in workloads.items():
+                r = h2load(port, body)
+                rows.append({"group": "direct", "server": name, "workload": workload, **r})
+                print(f"  direct  {name:<28} {workload:<9} {r['rps']:>10.0f} req/s  mean {r['latency_mean']}")
+
+    both = {"repeated": fx.allow_body, "deny": fx.deny_body}
+    p = free_port()
+    run("grpcio+PyJWT (baseline)", baseline_cmd(fx, p), p, both)
+    for transport in ("grpcio", "native"):
+        p, a = free_port(), free_port()
+        run(f"agent {transport}", agent_cmd(fx, transport, p, a), p, both, f"http://127.0.0.1:{a}/readyz")
+        p, a = free_port(), free_port()
+        run(
+            f"agent {transport}",
+            agent_cmd(fx, transport, p, a, cache=0),
+            p,
+            {"distinct": fx.allow_body},
+            f"http://127.0.0.1:{a}/readyz",
+        )
+    p = free_port()
+    run("nghttpd canned OK (limit)", nghttpd_cmd(fx, p), p, {"repeated": fx.allow_body})
+    return rows
+
+
+def latency_rows(fx: Fixture) -> list[dict[str, Any]]:
+    rows = []
+    p = free_port()
+    with server(baseline_cmd(fx, p), p, fx.work / "lat-baseline.log"):
+        rows.append({"group": "latency@1k", "server": "grpcio+PyJWT (baseline)", **h2load(p, fx.allow_body, 1000)})
+    p, a = free_port(), free_port()
+    with server(agent_cmd(fx, "native", p, a), p, fx.work / "lat-native.log", f"http://127.0.0.1:{a}/readyz"):
+        rows.append({"group": "latency@1k", "server": "agent native", **h2load(p, fx.allow_body, 1000)})
+    for r in rows:
+        print(f"  1k/s    {r['server']:<28} mean {r['latency_mean']}  max {r['latency_max']}")
+    return rows
+
+
+def envoy_config(listen: int, authz: int | None, jwt_rbac: Fixture | None = None) -> dict[str, Any]:
+    cfg = bootstrap(f"127.0.0.1:{listen}", "127.0.0.1:1", f"127.0.0.1:{authz or 1}")
+    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    # The "app" is Envoy's own direct response, so every row measures Envoy plus authorization only.
+    hcm["route_config"]["virtual_hosts"][0]["routes"] = [
+        {"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "ok"}}}
+    ]
+    filters = hcm["http_filters"]
+    if authz is None:
+        filters.pop(0)
+        cfg["static_resources"]["clusters"] = [
+            c for c in cfg["static_resources"]["clusters"] if c["name"] != "authz_agent"
+        ]
+    if jwt_rbac is not None:
+        jwt_filter = {
+            "name": "envoy.filters.http.jwt_authn",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+                "providers": {
+                    "bench": {
+                        "issuer": ISSUER,
+                        "audiences": [AUDIENCE],
+                        "payload_in_metadata": "jwt",
+                        "local_jwks": {"inline_string": json.dumps(jwt_rbac.jwks)},
+                    }
+                },
+                "rules": [{"match": {"prefix": "/"}, "requires": {"provider_name": "bench"}}],
+            },
+        }
+        rbac = {
+            "name": "envoy.filters.http.rbac",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
+                "rules": {
+                    "action": "ALLOW",
+                    "policies": {
+                        "scope": {
+                            "permissions": [{"any": True}],
+                            "principals": [
+                                {
+                                    "metadata": {
+                                        "filter": "envoy.filters.http.jwt_authn",
+                                        "path": [{"key": "jwt"}, {"key": "scope"}],
+                                        "value": {"string_match": {"exact": "orders:read"}},
+                                    }
+                                }
+                            ],
+                        }
+                    },
+                },
+            },
+        }
+        filters[0:0] = [jwt_filter, rbac]
+    return cfg
+
+
+def envoy_rows(fx: Fixture) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+
+    def run(name: str, cfg: dict[str, Any], token: str | None) -> None:
+        env = EnvoyProcess(cfg, fx.work / f"envoy-{len(rows)}")
+        env.start()
+        subprocess.run(["taskset", "-pc", SERVER_CPU, str(env.proc.pid)], capture_output=True, check=False)
+        try:
+            r = wrk(cfg["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"], token)
+        finally:
+            env.stop()
+        rows.append({"group": "envoy", "server": name, **r})
+        print(f"  envoy   {name:<34} {r['rps']:>10.0f} req/s  mean {r['latency_mean']}  non-2xx {r['non_2xx']}")
+
+    run("Envoy alone", envoy_config(free_port(), None), None)
+    run("Envoy + jwt_authn + rbac", envoy_config(free_port(), None, fx), fx.token)
+    p = free_port()
+    with server(nghttpd_cmd(fx, p), p, fx.work / "envoy-nghttpd.log"):
+        run("Envoy + ideal ext_authz (nghttpd)", envoy_config(free_port(), p), fx.token)
+    for transport in ("grpcio", "native"):
+        p, a = free_port(), free_port()
+        with server(
+            agent_cmd(fx, transport, p, a), p, fx.work / f"envoy-agent-{transport}.log", f"http://127.0.0.1:{a}/readyz"
+        ):
+            run(f"Envoy + agent {transport}", envoy_config(free_port(), p), fx.token)
+    return rows
+
+
+def verify_rows(fx: Fixture) -> list[dict[str, Any]]:
+    import asyncio
+    import timeit
+
+    import jwt as pyjwt
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    from agent.authn.jwks import KeyStore
+    from agent.authn.jwt import JwtVerifier
+    from agent.authn.strict import b64url_decode
+    from agent.config import load_policy
+
+    store = KeyStore(load_policy(fx.work / "policy.yaml").identity_providers[0])
+
+    async def load() -> None:
+        await store.refresh()
+
+    asyncio.run(load())
+    verifier = JwtVerifier({"bench": store}, cache_entries=0)
+    cached = JwtVerifier({"bench": store})
+    pyjwt_key = pyjwt.PyJWK(fx.jwks["keys"][0])
+    public = fx.private.public_key()
+    head, payload, sig = fx.token.split(".")
+    si, raw_sig = f"{head}.{payload}".encode(), b64url_decode(sig)
+
+    def bare() -> None:
+        public.verify(raw_sig, si, padding.PKCS1v15(), hashes.SHA256())
+
+    cases = {
+        "OpenSSL floor (cryptography verify)": bare,
+        "PyJWT decode": lambda: pyjwt.decode(
+            fx.token, pyjwt_key, algorithms=["RS256"], audience=AUDIENCE, issuer=ISSUER
+        ),
+        "agent verify (cache miss)": lambda: verifier.verify_now(fx.token),
+        "agent verify (cache hit)": lambda: cached.verify_now(fx.token),
+    }
+    rows = []
+    for name, fn in cases.items():
+        fn()
+        n = 3000
+        best = min(timeit.repeat(fn, number=n, repeat=3)) / n
+        rows.append({"group": "verify", "server": name, "us": round(best * 1e6, 2)})
+        print(f"  verify  {name:<36} {best * 1e6:8.2f} us")
+    return rows
+
+
+def memory_row() -> dict[str, Any]:
+    n = int(os.environ.get("BENCH_TOKENS", "1000000"))
+    out = subprocess.run(
+        ["taskset", "-c", SERVER_CPU, sys.executable, "-m", "benchmarks.memory", str(n)],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        check=True,
+        cwd=ROOT,
+    )
+    row = {
+        "group": "memory",
+        "server": "agent (engine, default cache)",
+        **json.loads(out.stdout.strip().splitlines()[-1]),
+    }
+    print(f"  memory  {n} distinct tokens: RSS +{row['rss_growth_mb']} MB ({row['seconds']} s)")
+    return row
+
+
+def ratio(rows: list[dict[str, Any]], a: tuple[str, ...], b: tuple[str, ...]) -> float | None:
+    def find(key: tuple[str, ...]) -> dict[str, Any] | None:
+        return next(
+            (r for r in rows if tuple(r.get(k) for k in ("group", "server", "workload")[: len(key)]) == key), None
+        )
+
+    ra, rb = find(a), find(b)
+    if not ra or not rb or not rb.get("rps"):
+        return None
+    return round(ra["rps"] / rb["rps"], 2)
+
+
+def main() -> int:
+    for tool in ("h2load", "nghttpd", "wrk", "taskset"):
+        if not shutil.which(tool):
+            print(f"{tool} is missing: run 'make system-deps'", file=sys.stderr)
+            return 2
+    work = Path(tempfile.mkdtemp(prefix="authz-bench-"))
+    fx = Fixture(work)
+    print(f"authz-agent benchmarks: {SECONDS} s per load, server on CPU {SERVER_CPU}, load on CPU {LOAD_CPU}")
+    rows: list[dict[str, Any]] = []
+    only = set(filter(None, os.environ.get("BENCH_ONLY", "").split(",")))
+    sections = [("direct", direct_rows), ("latency", latency_rows), ("envoy", envoy_rows), ("verify", verify_rows)]
+    for name, fn in sections:
+        if not only or name in only:
+            print(f"[{name}]")
+            rows += fn(fx)
+    if not only or "memory" in only:
+        print("[memory]")
+        rows.append(memory_row())
+    base = ("direct", "grpcio+PyJWT (baseline)", "repeated")
+    ratios = {
+        "native/baseline repeated": ratio(rows, ("direct", "agent native", "repeated"), base),
+        "native/baseline distinct": ratio(rows, ("direct", "agent native", "distinct"), base),
+        "native/baseline deny": ratio(
+            rows, ("direct", "agent native", "deny"), ("direct", "grpcio+PyJWT (baseline)", "deny")
+        ),
+        "grpcio agent/baseline repeated": ratio(rows, ("direct", "agent grpcio", "repeated"), base),
+        "nghttpd/baseline": ratio(rows, ("direct", "nghttpd canned OK (limit)", "repeated"), base),
+        "envoy+native/envoy+ideal": ratio(
+            rows, ("envoy", "Envoy + agent native"), ("envoy", "Envoy + ideal ext_authz (nghttpd)")
+        ),
+        "envoy+grpcio/envoy+ideal": ratio(
+            rows, ("envoy", "Envoy + agent grpcio"), ("envoy", "Envoy + ideal ext_authz (nghttpd)")
+        ),
+    }
+    verify = {r["server"]: r["us"] for r in rows if r["group"] == "verify"}
+    if verify:
+        ratios["agent miss/OpenSSL floor"] = round(
+            verify["agent verify (cache miss)"] / verify["OpenSSL floor (cryptography verify)"], 2
+        )
+    print("\nratios:")
+    for k, v in ratios.items():
+        print(f"  {k:<32} {v if v is not None else 'n/a'}")
+    results = ROOT / "benchmarks" / "results"
+    results.mkdir(exist_ok=True)
+    doc = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds_per_load": SECONDS,
+        "rows": rows,
+        "ratios": ratios,
+        "machine": {"cpus": os.cpu_count(), "uname": " ".join(os.uname())},
+    }
+    (results / "latest.json").write_text(json.dumps(doc, indent=1))
+    print(f"\nsaved {results / 'latest.json'}")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
