@@ -46,6 +46,13 @@ test: lint build
 bench: build
 	$(BIN)/python -m benchmarks.run
 
+# Long fuzz runs of the native decoder and HTTP/2 framing (FUZZ_SECONDS each, default 300); corpus kept in build/.
+FUZZ_SECONDS ?= 300
+fuzz: build
+	for t in fuzz_wire fuzz_h2; do mkdir -p build/corpus/$$t; \
+	  $(BIN)/python tests/fuzz/$$t.py --seeds build/corpus/$$t; \
+	  $(BIN)/python tests/fuzz/$$t.py -max_total_time=$(FUZZ_SECONDS) -max_len=4096 -artifact_prefix=build/ build/corpus/$$t || exit 1; done
+
 unit: build
 	$(BIN)/python -m pytest -q tests/unit
 
