@@ -118,7 +118,12 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from agent.demo.run import run_demo
+    from agent.server.native_transport import available
 
+    if available():
+        import uvloop
+
+        return uvloop.run(run_demo(args.port, args.self_test, args.workdir))
     return asyncio.run(run_demo(args.port, args.self_test, args.workdir))
 
 

@@ -27,6 +27,7 @@ log = logging.getLogger("agent.engine")
 
 # RFC 6750 §2.1 b64token: what may follow "Bearer ". Anything else is malformed before any parsing.
 _B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+_NO_PARAMS: dict[str, str] = {}
 UPSTREAM_HEADERS = ("x-authz-subject", "x-authz-client-id", "x-authz-route", "x-authz-decision-id")
 
 
@@ -216,8 +217,10 @@ class Engine:
                 f"authenticated by {p.method}: subject {p.subject!r}, issuer {p.issuer!r}, "
                 f"scopes {sorted(p.scopes)}, roles {sorted(p.roles)}"
             )
-        assert route.allow is not None
-        refusal = evaluate(route.allow, principal, bind(self._segments[index], segs), self._clock())
+        allow = route.allow
+        assert allow is not None
+        params = bind(self._segments[index], segs) if allow.claims else _NO_PARAMS
+        refusal = evaluate(allow, principal, params, self._clock())
         if refusal is not None:
             if trace is not None:
                 trace.append(
@@ -236,14 +239,15 @@ class Engine:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer":
             raise AuthnError(R.AUTH_SCHEME_UNSUPPORTED)
-        if _B64TOKEN.fullmatch(token) is None:
-            raise AuthnError(R.TOKEN_MALFORMED, "not an RFC 6750 b64token")
         if token.count(".") == 2:
+            # A JWT's parts are decoded as strict base64url, which refuses every character b64token would.
             try:
                 return self.jwt.verify_now(token)
             except UnknownKid as e:
                 store = e.store
                 raise _Pending(lambda: self.jwt.after_refetch(token, store)) from None
+        if _B64TOKEN.fullmatch(token) is None:
+            raise AuthnError(R.TOKEN_MALFORMED, "not an RFC 6750 b64token")
         introspector = self.introspector
         if introspector is not None and "." not in token:
             if len(token) > self.jwt.max_token_bytes:

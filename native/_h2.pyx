@@ -13,7 +13,7 @@ gRPC status code (int) for an error, or an awaitable yielding either, for work t
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdint cimport int32_t, uint8_t, uint32_t
-from libc.string cimport memcpy
+from libc.string cimport memcmp, memcpy
 
 from includes.nghttp2 cimport *
 
@@ -111,14 +111,14 @@ cdef int on_header(nghttp2_session *session, const nghttp2_frame *frame, const u
         st = self.streams.get(frame.hd.stream_id)
         if st is None:
             return 0
-        if namelen == 5 and (<const char*>name)[:5] == b":path":
+        if namelen == 5 and memcmp(name, b":path", 5) == 0:
             st.path = (<const char*>value)[:valuelen]
-        elif namelen == 7 and (<const char*>name)[:7] == b":method":
-            st.post = valuelen == 4 and (<const char*>value)[:4] == b"POST"
-        elif namelen == 12 and (<const char*>name)[:12] == b"content-type":
-            st.grpc = valuelen >= 16 and (<const char*>value)[:16] == b"application/grpc" and (
+        elif namelen == 7 and memcmp(name, b":method", 7) == 0:
+            st.post = valuelen == 4 and memcmp(value, b"POST", 4) == 0
+        elif namelen == 12 and memcmp(name, b"content-type", 12) == 0:
+            st.grpc = valuelen >= 16 and memcmp(value, b"application/grpc", 16) == 0 and (
                 valuelen == 16 or value[16] == 43 or value[16] == 59)  # '+proto' or ';...'
-        elif namelen == 12 and (<const char*>name)[:12] == b"grpc-timeout":
+        elif namelen == 12 and memcmp(name, b"grpc-timeout", 12) == 0:
             st.timeout = parse_timeout(value, valuelen)
     except BaseException:
         return NGHTTP2_ERR_CALLBACK_FAILURE

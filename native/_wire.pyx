@@ -235,86 +235,137 @@ cpdef object decode_check_request(bytes data):
 
 
 # ---- encoding -----------------------------------------------------------------------------------
+# Messages are written into C buffers; a nested message is written into its own buffer first, then
+# copied behind its tag and length.
 
-cdef inline void put_varint(bytearray out, uint64_t v):
-    while v >= 0x80:
-        out.append((v & 0x7F) | 0x80)
-        v >>= 7
-    out.append(v)
-
-
-cdef inline void put_bytes(bytearray out, int field, bytes b):
-    put_varint(out, (field << 3) | 2)
-    put_varint(out, len(b))
-    out += b
+from libc.stdlib cimport free, realloc
+from libc.string cimport memcpy
 
 
-cdef inline void put_str(bytearray out, int field, str s):
-    put_bytes(out, field, s.encode("utf-8"))
+cdef class Buf:
+    cdef char *data
+    cdef Py_ssize_t n, cap
+
+    def __cinit__(self):
+        self.cap = 256
+        self.data = <char*>realloc(NULL, self.cap)
+        if self.data == NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        free(self.data)
+
+    cdef inline int reserve(self, Py_ssize_t extra) except -1:
+        cdef char *grown
+        if self.n + extra <= self.cap:
+            return 0
+        while self.cap < self.n + extra:
+            self.cap *= 2
+        grown = <char*>realloc(self.data, self.cap)
+        if grown == NULL:
+            raise MemoryError()
+        self.data = grown
+        return 0
+
+    cdef inline int varint(self, uint64_t v) except -1:
+        self.reserve(10)
+        while v >= 0x80:
+            self.data[self.n] = <char>((v & 0x7F) | 0x80)
+            self.n += 1
+            v >>= 7
+        self.data[self.n] = <char>v
+        self.n += 1
+        return 0
+
+    cdef inline int raw(self, const char *p, Py_ssize_t k) except -1:
+        self.reserve(k)
+        memcpy(self.data + self.n, p, k)
+        self.n += k
+        return 0
+
+    cdef inline int field_bytes(self, int field, const char *p, Py_ssize_t k) except -1:
+        self.varint((field << 3) | 2)
+        self.varint(k)
+        self.raw(p, k)
+        return 0
+
+    cdef inline int field_str(self, int field, str s) except -1:
+        cdef bytes b = s.encode("utf-8")
+        self.field_bytes(field, PyBytes_AS_STRING(b), PyBytes_GET_SIZE(b))
+        return 0
+
+    cdef inline int field_buf(self, int field, Buf inner) except -1:
+        self.field_bytes(field, inner.data, inner.n)
+        return 0
+
+    cdef inline int field_varint(self, int field, uint64_t v) except -1:
+        self.varint(field << 3)
+        self.varint(v)
+        return 0
 
 
-cdef bytes header_option(str key, str value):
-    cdef bytearray hv = bytearray()
+cdef int header_option(Buf out, int field, str key, str value) except -1:
+    cdef Buf hv = Buf()
+    cdef Buf opt = Buf()
     if key:
-        put_str(hv, 1, key)
+        hv.field_str(1, key)
     if value:
-        put_str(hv, 2, value)
-    cdef bytearray opt = bytearray()
-    put_bytes(opt, 1, bytes(hv))
-    put_varint(opt, 3 << 3 | 0)
-    put_varint(opt, 2)  # append_action: OVERWRITE_IF_EXISTS_OR_ADD
-    return bytes(opt)
+        hv.field_str(2, value)
+    opt.field_buf(1, hv)
+    opt.field_varint(3, 2)  # append_action: OVERWRITE_IF_EXISTS_OR_ADD
+    out.field_buf(field, opt)
+    return 0
 
 
-cdef bytes struct_field(str key, str value):
-    # google.protobuf.Struct.fields map entry: key=1, value=2 (Value.string_value=3)
-    cdef bytearray val = bytearray()
-    put_str(val, 3, value)
-    cdef bytearray entry = bytearray()
-    put_str(entry, 1, key)
-    put_bytes(entry, 2, bytes(val))
-    return bytes(entry)
+cdef int struct_field(Buf meta, str key, str value) except -1:
+    # google.protobuf.Struct.fields map entry {key = 1, value = 2 (Value.string_value = 3)}
+    cdef Buf val = Buf()
+    cdef Buf entry = Buf()
+    val.field_str(3, value)
+    entry.field_str(1, key)
+    entry.field_buf(2, val)
+    meta.field_buf(1, entry)
+    return 0
 
 
-_RPC_CODE = {401: 16, 403: 7, 400: 3, 429: 8, 500: 13, 503: 14}
+cdef dict _RPC_CODE = {401: 16, 403: 7, 400: 3, 429: 8, 500: 13, 503: 14}
 
 
 cpdef bytes encode_check_response(object d):
     """The serialized CheckResponse for a Decision (same message as agent.server.envoy_wire.encode)."""
-    cdef bytearray out = bytearray()
-    cdef bytearray part = bytearray()
-    cdef bytearray meta = bytearray()
-    cdef int code
-    if d.allowed:
-        code = 0
-    else:
-        code = _RPC_CODE.get(d.status, 7)
+    cdef Buf out = Buf()
+    cdef Buf part = Buf()
+    cdef Buf st = Buf()
+    cdef Buf meta = Buf()
+    cdef bint allowed = d.allowed
+    cdef int status = d.status
+    cdef int code = 0 if allowed else _RPC_CODE.get(status, 7)
+    cdef bytes body
     if code:
-        put_varint(part, 1 << 3 | 0)
-        put_varint(part, code)
-    put_bytes(out, 1, bytes(part))
-    part = bytearray()
-    if d.allowed:
+        st.field_varint(1, code)
+    out.field_buf(1, st)
+    if allowed:
         for k, v in d.upstream_headers:
-            put_bytes(part, 2, header_option(k, v))
+            header_option(part, 2, k, v)
         for k in d.remove_headers:
-            put_str(part, 5, k)
-        put_bytes(out, 3, bytes(part))
+            part.field_str(5, k)
+        out.field_buf(3, part)
     else:
-        st = bytearray()
-        if d.status:
-            put_varint(st, 1 << 3 | 0)
-            put_varint(st, d.status)
-        put_bytes(part, 1, bytes(st))
+        st = Buf()
+        if status:
+            st.field_varint(1, status)
+        part.field_buf(1, st)
         for k, v in d.response_headers:
-            put_bytes(part, 2, header_option(k, v))
-        if d.body:
-            put_bytes(part, 3, d.body)
-        put_bytes(out, 2, bytes(part))
-    put_bytes(meta, 1, struct_field("decision_id", d.decision_id))
-    put_bytes(meta, 1, struct_field("decision", d.outcome))
-    put_bytes(meta, 1, struct_field("reason", d.reason))
-    if d.route is not None:
-        put_bytes(meta, 1, struct_field("route", d.route))
-    put_bytes(out, 4, bytes(meta))
-    return bytes(out)
+            header_option(part, 2, k, v)
+        body = d.body
+        if body:
+            part.field_bytes(3, PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body))
+        out.field_buf(2, part)
+    struct_field(meta, "decision_id", d.decision_id)
+    struct_field(meta, "decision", d.outcome)
+    struct_field(meta, "reason", d.reason)
+    route = d.route
+    if route is not None:
+        struct_field(meta, "route", route)
+    out.field_buf(4, meta)
+    return PyBytes_FromStringAndSize(out.data, out.n)

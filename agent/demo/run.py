@@ -23,13 +23,17 @@ def demo_policy_text(issuer: str) -> str:
 
 
 async def run_demo(port: int = 10000, self_test: bool = False, workdir: str | None = None) -> int:
+    """The demo on this loop; the CLI runs it under uvloop when the native transport is built."""
     work = Path(workdir or tempfile.mkdtemp(prefix="authz-demo-"))
     work.mkdir(parents=True, exist_ok=True)
     idp = LocalIdP()
     await idp.start()
     app_runner, app_port = await start_site(demo_app())
     policy = load_policy_text(demo_policy_text(idp.issuer), "agent/demo/policy.yaml")
-    agent = AgentServer(policy, "127.0.0.1:0", None, str(work / "audit.log"))
+    from agent.server.native_transport import available
+
+    transport = "native" if available() else "grpcio"
+    agent = AgentServer(policy, "127.0.0.1:0", None, str(work / "audit.log"), transport=transport)
     envoy: EnvoyProcess | None = None
     try:
         await agent.start()
@@ -56,7 +60,7 @@ async def run_demo(port: int = 10000, self_test: bool = False, workdir: str | No
                 200,
             ),
         ]
-        print(f"\nauthz-agent demo: Envoy on {base}, agent on 127.0.0.1:{agent.port}, IdP {idp.issuer}")
+        print(f"\nauthz-agent demo: Envoy on {base}, agent ({transport}) on 127.0.0.1:{agent.port}, IdP {idp.issuer}")
         print(f"policy: agent/demo/policy.yaml   audit log: {work / 'audit.log'}   (tokens valid 1 h)\n")
         for title, method, path, token, _ in cases:
             auth = f" -H 'authorization: Bearer {token}'" if token else ""

@@ -156,8 +156,13 @@ class Matcher(Generic[T]):
 
     def __init__(self) -> None:
         self._root: _Node[T] = _Node()
+        # Templates made only of literals, by their segments: such a template matching the whole path is
+        # the most specific match there is, so one dict lookup settles most requests.
+        self._exact: dict[tuple[str, ...], list[tuple[frozenset[str] | None, T]]] = {}
 
     def add(self, segments: Sequence[Segment], methods: frozenset[str] | None, value: T) -> None:
+        if all(s.kind == LITERAL for s in segments):
+            self._exact.setdefault(tuple(s.value for s in segments), []).append((methods, value))
         node = self._root
         for seg in segments:
             if seg.kind == LITERAL:
@@ -172,6 +177,11 @@ class Matcher(Generic[T]):
         node.end.append((methods, value))
 
     def match(self, segments: Sequence[str], method: str) -> T | None:
+        entries = self._exact.get(tuple(segments))
+        if entries is not None:
+            found = _pick(entries, method)
+            if found is not None:
+                return found
         return self._walk(self._root, segments, 0, method)
 
     def _walk(self, node: _Node[T], segs: Sequence[str], i: int, method: str) -> T | None:
