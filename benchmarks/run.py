@@ -269,6 +269,10 @@ def latency_rows(fx: Fixture) -> list[dict[str, Any]]:
     p, a = free_port(), free_port()
     with server(agent_cmd(fx, "native", p, a), p, fx.work / "lat-native.log", f"http://127.0.0.1:{a}/readyz"):
         rows.append({"group": "latency@1k", "server": "agent native", **h2load(p, fx.allow_body, 1000)})
+    p = free_port()
+    with server(nghttpd_cmd(fx, p), p, fx.work / "lat-nghttpd.log"):
+        # The floor: a zero-work C server's round trip at the same rate on this machine.
+        rows.append({"group": "latency@1k", "server": "nghttpd canned OK (limit)", **h2load(p, fx.allow_body, 1000)})
     for r in rows:
         print(f"  1k/s    {r['server']:<28} mean {r['latency_mean']}  max {r['latency_max']}")
     return rows
