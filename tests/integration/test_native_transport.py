@@ -289,3 +289,70 @@ async def test_unix_socket_listener(
             assert ok.status.code == 0
     finally:
         await s.stop(0.5)
+
+
+async def test_streams_beyond_the_concurrency_limit_are_refused() -> None:
+    from agent._h2_c import GrpcProtocol
+
+    release = asyncio.Event()
+
+    async def slow() -> bytes:
+        await release.wait()
+        return b""
+
+    def handler(path: bytes, message: bytes) -> Any:
+        return slow()
+
+    loop = asyncio.get_running_loop()
+    srv = await loop.create_server(lambda: GrpcProtocol(handler, 1 << 20, 2), "127.0.0.1", 0)
+    c = RawH2(srv.sockets[0].getsockname()[1])
+    hdrs = [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":authority", "x"),
+        (":path", CHECK),
+        ("content-type", "application/grpc"),
+    ]
+
+    def exceed_the_limit() -> list[tuple[int, int, int]]:
+        c.conn.receive_data(c.sock.recv(65536))  # the server's SETTINGS (max 2 concurrent streams)
+        c.sock.sendall(c.conn.data_to_send())
+        for sid in (1, 3):
+            c.conn.send_headers(sid, hdrs)
+            c.conn.send_data(sid, frame(b""), end_stream=True)
+        c.sock.sendall(c.conn.data_to_send())
+        # A client ignoring the limit: h2 would refuse, so the third HEADERS frame is written by hand.
+        block = c.conn.encoder.encode(hdrs)
+        c.sock.sendall(struct.pack(">I", len(block))[1:] + bytes([0x1, 0x4]) + struct.pack(">I", 5) + block)
+        frames: list[tuple[int, int, int]] = []  # (type, stream, error code for RST_STREAM)
+        buf = b""
+        while not any((t == 3 and sid == 5) or t == 7 for t, sid, _ in frames):
+            chunk = c.sock.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+            while len(buf) >= 9:
+                length = int.from_bytes(buf[:3], "big")
+                if len(buf) < 9 + length:
+                    break
+                ftype, sid = buf[3], int.from_bytes(buf[5:9], "big") & 0x7FFFFFFF
+                if ftype == 3:  # RST_STREAM: error code
+                    frames.append((ftype, sid, int.from_bytes(buf[9:13], "big")))
+                elif ftype == 7:  # GOAWAY: last stream id, then error code
+                    frames.append((ftype, int.from_bytes(buf[9:13], "big"), int.from_bytes(buf[13:17], "big")))
+                else:
+                    frames.append((ftype, sid, 0))
+                buf = buf[9 + length :]
+        return frames
+
+    try:
+        frames = await in_thread(exceed_the_limit)
+        resets = [code for t, sid, code in frames if t == 3 and sid == 5]
+        goaways = [(last, code) for t, last, code in frames if t == 7]
+        # RFC 9113 5.1.2: a stream error PROTOCOL_ERROR or REFUSED_STREAM; nghttp2 is stricter once the limit
+        # was acknowledged and ends the connection with PROTOCOL_ERROR, never processing stream 5.
+        assert (resets and resets[0] in (1, 7)) or (goaways and goaways[0][0] < 5 and goaways[0][1] == 1), frames
+    finally:
+        release.set()
+        c.close()
+        srv.close()
