@@ -10,11 +10,23 @@ if TYPE_CHECKING:
     from agent.engine import Decision, RequestView
 
 
+_second: list[object] = [None, ""]  # the last whole second formatted, and its text
+
+
+def rfc3339_ms(now: float) -> str:
+    """UTC time with milliseconds, e.g. 2026-11-23T00:57:02.410Z; the seconds part is formatted once a second."""
+    whole = int(now)
+    if _second[0] != whole:
+        _second[1] = datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        _second[0] = whole
+    return f"{_second[1]}.{int((now - whole) * 1000):03d}Z"
+
+
 def decision_record(view: RequestView, d: Decision, policy: Policy, now: float) -> dict[str, object]:
     who = d.principal
     return {
         "type": "decision",
-        "time": datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "time": rfc3339_ms(now),
         "decision_id": d.decision_id,
         "service": policy.service,
         "policy_version": policy.version,

@@ -1,4 +1,4 @@
-"""A background writer for audit records: the hot path only appends to a deque; overflow is counted, never silent."""
+"""A background writer for audit records: the hot path serialises one line; disk I/O happens in a thread."""
 
 from __future__ import annotations
 
@@ -20,10 +20,12 @@ log = logging.getLogger("agent.audit")
 
 
 class JsonLinesAudit:
-    """Writes one JSON object per decision to a file (appending) or to stdout, from its own thread.
+    """Writes one JSON object per decision to a file (appending) or to stdout.
 
-    The hot path pays for one deque append (atomic in CPython, no lock); building the record, formatting
-    its time and serialising it happen in the writer thread, a batch at a time.
+    The request's thread serialises the record (orjson, about a microsecond) and appends the line to a
+    deque; the writer thread takes everything queued at once and writes it with the GIL released. Handing
+    the thread objects to format instead made it hold the GIL for whole batches, and the GIL handoffs cost
+    more than the formatting (measured: 40% of native throughput).
     """
 
     def __init__(self, path: str | None = None, max_queue: int = 65536, flush_interval_s: float = 0.05) -> None:
@@ -31,7 +33,7 @@ class JsonLinesAudit:
         self.dropped = 0
         self.written = 0
         self.max_queue = max_queue
-        self._pending: deque[tuple[RequestView, Decision, Policy, float]] = deque()
+        self._pending: deque[bytes] = deque()
         self._interval = flush_interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
@@ -43,7 +45,7 @@ class JsonLinesAudit:
             if self.dropped == 1 or self.dropped % 1000 == 0:
                 log.error("audit queue full: %d records dropped so far", self.dropped)
             return
-        self._pending.append((view, decision, policy, now))
+        self._pending.append(orjson.dumps(decision_record(view, decision, policy, now)))
 
     def close(self, timeout: float = 5.0) -> None:
         """Write what is queued, then stop."""
@@ -56,14 +58,14 @@ class JsonLinesAudit:
         try:
             while True:
                 stopping = self._stop.wait(self._interval)
-                lines = []
-                while pending:
-                    lines.append(orjson.dumps(decision_record(*pending.popleft())))
-                if lines:
+                n = len(pending)
+                if n:
+                    popleft = pending.popleft
+                    lines = [popleft() for _ in range(n)]
                     lines.append(b"")
-                    out.write(b"\n".join(lines))
+                    out.write(b"\n".join(lines))  # the GIL is released during the write
                     out.flush()
-                    self.written += len(lines) - 1
+                    self.written += n
                 if stopping and not pending:
                     return
         except OSError:
