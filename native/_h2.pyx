@@ -11,6 +11,7 @@ The handler is called as handler(path: bytes, message: bytes) and returns the re
 gRPC status code (int) for an error, or an awaitable yielding either, for work that must wait on I/O.
 """
 
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdint cimport int32_t, uint8_t, uint32_t
 from libc.string cimport memcmp, memcpy
@@ -70,6 +71,12 @@ cdef class _Stream:
         self.path = b""
         self.body = bytearray()
         self.timeout = 0.0
+
+
+cdef inline void append(bytearray buf, const char *data, Py_ssize_t n) except *:
+    cdef Py_ssize_t old = PyByteArray_GET_SIZE(buf)
+    PyByteArray_Resize(buf, old + n)
+    memcpy(PyByteArray_AS_STRING(buf) + old, data, n)
 
 
 cdef double parse_timeout(const uint8_t *v, size_t n):
@@ -133,14 +140,14 @@ cdef int on_data_chunk(nghttp2_session *session, uint8_t flags, int32_t stream_i
         st = self.streams.get(stream_id)
         if st is None or st.answered:
             return 0
-        if <size_t>len(st.body) + n > <size_t>self.max_message + 5:
+        if <size_t>PyByteArray_GET_SIZE(st.body) + n > <size_t>self.max_message + 5:
             # Answer now and stop reading this stream, rather than buffer an unbounded body.
             st.too_big = True
             st.body = None
             # on_frame_send resets the stream once this answer is out, so the client stops sending.
             self.respond_error(st, RESOURCE_EXHAUSTED, b"message larger than the limit")
             return 0
-        st.body += (<const char*>data)[:n]
+        append(st.body, <const char*>data, n)
     except BaseException:
         return NGHTTP2_ERR_CALLBACK_FAILURE
     return 0
@@ -286,7 +293,7 @@ cdef class GrpcProtocol:
     cdef void flush(self) except *:
         cdef const uint8_t *data
         cdef ssize_t n
-        cdef list chunks = []
+        cdef bytearray out = None
         if self.closed or self.transport is None:
             return
         while True:
@@ -296,9 +303,12 @@ cdef class GrpcProtocol:
                 return
             if n == 0:
                 break
-            chunks.append(PyBytes_FromStringAndSize(<const char*>data, n))
-        if chunks:
-            self.transport.write(b"".join(chunks) if len(chunks) > 1 else chunks[0])
+            if out is None:
+                out = bytearray()
+            append(out, <const char*>data, n)
+        if out is not None:
+            # A new buffer per flush: the transport may keep a reference until it is written.
+            self.transport.write(out)
         if self.close_when_flushed or (
                 nghttp2_session_want_read(self.session) == 0 and nghttp2_session_want_write(self.session) == 0):
             self.close()
@@ -309,7 +319,7 @@ cdef class GrpcProtocol:
             self.transport.close()
 
     cdef void dispatch(self, _Stream st) except *:
-        cdef Py_ssize_t n = len(st.body)
+        cdef Py_ssize_t n = PyByteArray_GET_SIZE(st.body)
         cdef const unsigned char *b
         if not st.post or not st.grpc:
             self.respond_http(st, V_415)
@@ -317,7 +327,7 @@ cdef class GrpcProtocol:
         if n < 5:
             self.respond_error(st, INTERNAL, b"no request message")
             return
-        b = <const unsigned char*>(<char*>st.body)
+        b = <const unsigned char*>PyByteArray_AS_STRING(st.body)
         if b[0] != 0:
             self.respond_error(st, UNIMPLEMENTED, b"compressed messages are not supported")
             return
@@ -325,7 +335,7 @@ cdef class GrpcProtocol:
         if length != n - 5:
             self.respond_error(st, INTERNAL, b"malformed gRPC frame (one unary message expected)")
             return
-        message = bytes(st.body[5:])
+        message = PyBytes_FromStringAndSize(<const char*>b + 5, n - 5)
         st.body = None
         try:
             result = self.handler(st.path, message)
@@ -366,8 +376,16 @@ cdef class GrpcProtocol:
         cdef nghttp2_nv nv[2]
         cdef nghttp2_data_provider prd
         cdef Py_ssize_t n = PyBytes_GET_SIZE(message)
+        cdef bytes out = PyBytes_FromStringAndSize(NULL, n + 5)
+        cdef unsigned char *o = <unsigned char*>PyBytes_AS_STRING(out)
         st.answered = True
-        st.out = bytes((0, (n >> 24) & 0xFF, (n >> 16) & 0xFF, (n >> 8) & 0xFF, n & 0xFF)) + message
+        o[0] = 0
+        o[1] = (n >> 24) & 0xFF
+        o[2] = (n >> 16) & 0xFF
+        o[3] = (n >> 8) & 0xFF
+        o[4] = n & 0xFF
+        memcpy(o + 5, PyBytes_AS_STRING(message), n)
+        st.out = out
         st.out_pos = 0
         set_nv(&nv[0], H_STATUS, V_200)
         set_nv(&nv[1], H_CT, V_GRPC)

@@ -1,7 +1,7 @@
 """atheris target: the native HTTP/2 + gRPC framing layer survives any bytes after a valid client preface.
 
 The real nghttp2 session runs; the transport is an in-memory sink, so the fuzzer drives data_received
-directly. Passing means: no crash, no exception out of the protocol, every write is bytes.
+directly. Passing means: no crash, no exception out of the protocol, every write is bytes-like.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ class Sink:
         self.closed = False
 
     def write(self, data: bytes) -> None:
-        assert isinstance(data, bytes)
+        assert isinstance(data, (bytes, bytearray))  # asyncio transports take any bytes-like object
         self.out += len(data)
 
     def close(self) -> None:
