@@ -25,6 +25,13 @@ from tests.keys import SigningKey, mint
 
 pytestmark = pytest.mark.skipif(not available(), reason="native extensions not built (AGENT_NO_EXTENSIONS=1)")
 CHECK = "/envoy.service.auth.v3.Authorization/Check"
+GRPC_HEADERS = [
+    (":method", "POST"),
+    (":scheme", "http"),
+    (":authority", "x"),
+    (":path", CHECK),
+    ("content-type", "application/grpc"),
+]
 
 
 def check_request(token: str | None = None, path: str = "/v1/orders") -> bytes:
@@ -61,14 +68,7 @@ class RawH2:
 
     def call(self, body: bytes, path: str = CHECK, headers: list[tuple[str, str]] | None = None) -> dict[str, Any]:
         sid = self.conn.get_next_available_stream_id()
-        hdrs = headers or [
-            (":method", "POST"),
-            (":scheme", "http"),
-            (":authority", "x"),
-            (":path", path),
-            ("content-type", "application/grpc"),
-            ("te", "trailers"),
-        ]
+        hdrs = headers or [*GRPC_HEADERS[:3], (":path", path), ("content-type", "application/grpc"), ("te", "trailers")]
         self.conn.send_headers(sid, hdrs)
         self.conn.send_data(sid, body, end_stream=True)
         self.sock.sendall(self.conn.data_to_send())
@@ -182,13 +182,7 @@ async def test_oversized_message_is_resource_exhausted(server: AgentServer) -> N
     def send_big() -> dict[str, Any]:
         big = frame(b"\x00" * ((1 << 20) + 1))
         sid = c.conn.get_next_available_stream_id()
-        hdrs = [
-            (":method", "POST"),
-            (":scheme", "http"),
-            (":authority", "x"),
-            (":path", CHECK),
-            ("content-type", "application/grpc"),
-        ]
+        hdrs = GRPC_HEADERS
         c.conn.send_headers(sid, hdrs)
         sent = 0
         while True:
@@ -216,13 +210,7 @@ async def test_oversized_message_is_resource_exhausted(server: AgentServer) -> N
 async def test_rapid_reset_does_not_stop_service(server: AgentServer, keys: dict[str, SigningKey]) -> None:
     c = RawH2(server.port)
     try:
-        hdrs = [
-            (":method", "POST"),
-            (":scheme", "http"),
-            (":authority", "x"),
-            (":path", CHECK),
-            ("content-type", "application/grpc"),
-        ]
+        hdrs = GRPC_HEADERS
         for _ in range(500):
             sid = c.conn.get_next_available_stream_id()
             c.conn.send_headers(sid, hdrs)
@@ -306,13 +294,7 @@ async def test_streams_beyond_the_concurrency_limit_are_refused() -> None:
     loop = asyncio.get_running_loop()
     srv = await loop.create_server(lambda: GrpcProtocol(handler, 1 << 20, 2), "127.0.0.1", 0)
     c = RawH2(srv.sockets[0].getsockname()[1])
-    hdrs = [
-        (":method", "POST"),
-        (":scheme", "http"),
-        (":authority", "x"),
-        (":path", CHECK),
-        ("content-type", "application/grpc"),
-    ]
+    hdrs = GRPC_HEADERS
 
     def exceed_the_limit() -> list[tuple[int, int, int]]:
         c.conn.receive_data(c.sock.recv(65536))  # the server's SETTINGS (max 2 concurrent streams)
