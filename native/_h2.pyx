@@ -282,6 +282,16 @@ cdef class GrpcProtocol:
     def eof_received(self):
         return False
 
+    def pause_writing(self):
+        # The peer is not reading our answers: stop reading its requests until it does, so a client that
+        # only writes cannot make us buffer answers without bound.
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def resume_writing(self):
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
     def connection_lost(self, exc):
         self.closed = True
         self.streams.clear()

@@ -338,3 +338,57 @@ async def test_streams_beyond_the_concurrency_limit_are_refused() -> None:
         release.set()
         c.close()
         srv.close()
+
+
+async def test_a_client_that_never_reads_is_stopped_not_buffered(
+    server: AgentServer, keys: dict[str, SigningKey]
+) -> None:
+    # HEADERS frames are not flow-controlled, so a client can send requests without end and never read the
+    # answers. The server must stop reading (backpressure) so the client's writes block, instead of queueing
+    # answers in memory without bound.
+    limit = 64 * (1 << 20)
+
+    def flood() -> int:
+        c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=2)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        c.initiate_connection()
+        for sid in (1, 3):  # body-less requests, each answered "no request message"
+            c.send_headers(sid, GRPC_HEADERS, end_stream=True)
+        first = c.data_to_send()
+        sent = 0
+        try:
+            sock.sendall(first)
+            last = c.data_to_send()
+            # Once HPACK's dynamic table holds these headers, every further block is the same bytes: take the
+            # block of a second identical request and repeat it under new stream ids, 1000 frames a write.
+            c2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            c2.initiate_connection()
+            c2.data_to_send()
+            c2.send_headers(1, GRPC_HEADERS, end_stream=True)
+            c2.data_to_send()
+            c2.send_headers(3, GRPC_HEADERS, end_stream=True)
+            second = c2.data_to_send()
+            payload = second[9:]
+            sid = 5
+            while sent < limit:
+                chunk = bytearray(last)
+                last = b""
+                for _ in range(1000):
+                    chunk += len(payload).to_bytes(3, "big") + bytes([0x1, 0x5]) + sid.to_bytes(4, "big") + payload
+                    sid += 2
+                sock.sendall(chunk)
+                sent += len(chunk)
+        except TimeoutError:
+            return sent
+        finally:
+            sock.close()
+        return sent
+
+    sent = await in_thread(flood)
+    assert sent < limit, f"the server kept reading {sent} bytes from a client that never reads"
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:  # and it still serves others
+        ok = await ext_grpc.AuthorizationStub(ch).Check(
+            ext.CheckRequest.FromString(check_request(mint(keys["ES256"]))), timeout=5
+        )
+        assert ok.status.code == 0
