@@ -42,7 +42,8 @@ class LocalIdP:
         self.alg = alg
         self.keys: list[Key] = [_new_key(alg, "key-1")]
         self.published: list[Key] = list(self.keys)
-        self.mode = "ok"  # "ok", "down" (503), "garbage" (not JSON), "empty" (no keys), "slow" (5 s)
+        self.mode = "ok"  # "ok", "down" (503), "garbage" (not JSON), "empty" (no keys), "slow" (slow_s)
+        self.slow_s = 5.0
         self.jwks_hits = 0
         self.discovery_hits = 0
         self.introspection_hits = 0
@@ -84,7 +85,7 @@ class LocalIdP:
         if self.mode == "garbage":
             return web.Response(text="<html>not json</html>", content_type="application/json")
         if self.mode == "slow":
-            await asyncio.sleep(5)
+            await asyncio.sleep(self.slow_s)
         return None
 
     async def _discovery(self, _: web.Request) -> web.Response:

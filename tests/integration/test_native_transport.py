@@ -392,3 +392,42 @@ async def test_a_client_that_never_reads_is_stopped_not_buffered(
             ext.CheckRequest.FromString(check_request(mint(keys["ES256"]))), timeout=5
         )
         assert ok.status.code == 0
+
+
+async def test_grpc_timeout_bounds_a_check_that_waits_on_the_network(tmp_path: Path) -> None:
+    from agent.demo.idp import LocalIdP
+
+    idp = LocalIdP()
+    await idp.start()
+    secret = tmp_path / "secret"
+    secret.write_text(idp.client_secret)
+    policy = tmp_path / "p.yaml"
+    policy.write_text(f"""version: 1
+service: orders
+identity_providers:
+  corp:
+    issuer: {idp.issuer}
+    introspection_endpoint: {idp.issuer}/introspect
+    client_id: {idp.client_id}
+    client_secret_file: {secret}
+    introspection_timeout_s: 5
+    audiences: [orders-api]
+    algorithms: [ES256]
+routes:
+  - {{name: r, match: {{path: /v1/orders}}, authn: [jwt], allow: {{}}}}
+""")
+    s = AgentServer(load_policy(policy), "127.0.0.1:0", None, None, transport="native")
+    await s.start()
+    c = RawH2(s.port)
+    try:
+        idp.mode, idp.slow_s = "slow", 1.5  # the introspection endpoint answers after 1.5 s
+        token = idp.mint_opaque()
+        hdrs = [*GRPC_HEADERS, ("grpc-timeout", "200m")]
+        started = asyncio.get_running_loop().time()
+        r = await in_thread(lambda: c.call(frame(check_request(token)), headers=hdrs))
+        assert c.status(r) == "4"  # DEADLINE_EXCEEDED
+        assert asyncio.get_running_loop().time() - started < 1.2  # the deadline, not the IdP, ended it
+    finally:
+        c.close()
+        await s.stop(0.2)
+        await idp.stop()
