@@ -46,12 +46,20 @@ test: lint build
 bench: build
 	$(BIN)/python -m benchmarks.run
 
-# Long fuzz runs of the native decoder and HTTP/2 framing (FUZZ_SECONDS each, default 300); corpus kept in build/.
+# Long, coverage-guided fuzz runs of the native decoder and HTTP/2 framing (FUZZ_SECONDS each, default 300):
+# the extensions are rebuilt with clang's coverage instrumentation into build/fuzz-ext; corpus kept in build/.
 FUZZ_SECONDS ?= 300
 fuzz: build
+	command -v clang >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq clang; }
+	A=$$($(BIN)/python -c 'import atheris, os; print(os.path.dirname(atheris.__file__))'); \
+	CORE=$$(cd $$A && ls core_with_libfuzzer*.so); \
+	CC=clang LDSHARED="clang -shared" CFLAGS="-fsanitize-coverage=inline-8bit-counters,pc-table,trace-cmp -O1 -g" \
+	  LDFLAGS="-L$$A -l:$$CORE -Wl,-rpath,$$A" \
+	  $(BIN)/python setup.py -q build_ext --build-lib build/fuzz-ext --build-temp build/fuzz-tmp --force
 	for t in fuzz_wire fuzz_h2; do mkdir -p build/corpus/$$t; \
 	  $(BIN)/python tests/fuzz/$$t.py --seeds build/corpus/$$t; \
-	  $(BIN)/python tests/fuzz/$$t.py -max_total_time=$(FUZZ_SECONDS) -max_len=4096 -artifact_prefix=build/ build/corpus/$$t || exit 1; done
+	  AGENT_FUZZ_EXT=build/fuzz-ext/agent $(BIN)/python tests/fuzz/$$t.py -max_total_time=$(FUZZ_SECONDS) \
+	    -max_len=4096 -artifact_prefix=build/ build/corpus/$$t || exit 1; done
 
 unit: build
 	$(BIN)/python -m pytest -q tests/unit

@@ -7,11 +7,12 @@ directly. Passing means: no crash, no exception out of the protocol, every write
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import atheris
+from native_coverage import use_instrumented_extensions
 
-with atheris.instrument_imports(include=["agent"]):
-    from agent._h2_c import GrpcProtocol
+GrpcProtocol: Any = None
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # magic + empty SETTINGS
 
@@ -80,4 +81,7 @@ if __name__ == "__main__":
             Path(sys.argv[2], f"seed-{i}").write_bytes(seed)
         raise SystemExit(0)
     atheris.Setup(sys.argv, test_one)
+    use_instrumented_extensions()  # after Setup: atheris' libFuzzer is loaded for them to link against
+    with atheris.instrument_imports(include=["agent"]):
+        from agent._h2_c import GrpcProtocol
     atheris.Fuzz()

@@ -6,14 +6,17 @@ python tests/fuzz/fuzz_wire.py [libFuzzer flags] [corpus dir]; `make fuzz` runs 
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import atheris
 from envoy.service.auth.v3 import external_auth_pb2 as ext
+from native_coverage import use_instrumented_extensions
 
 with atheris.instrument_imports(include=["agent"]):
-    from agent._wire_c import decode_check_request
     from agent.errors import WireError
     from agent.server.envoy_wire import decode
+
+decode_check_request: Any = None
 
 
 def test_one(data: bytes) -> None:
@@ -51,4 +54,7 @@ if __name__ == "__main__":
             Path(sys.argv[2], f"seed-{i}").write_bytes(seed)
         raise SystemExit(0)
     atheris.Setup(sys.argv, test_one)
+    use_instrumented_extensions()
+    with atheris.instrument_imports(include=["agent"]):
+        from agent._wire_c import decode_check_request
     atheris.Fuzz()
