@@ -430,3 +430,57 @@ routes:
         c.close()
         await s.stop(0.2)
         await idp.stop()
+
+
+def test_sigterm_sends_goaway_and_exits_cleanly(write_policy: Callable[..., Path], tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    port = socket.socket()
+    port.bind(("127.0.0.1", 0))
+    listen = f"127.0.0.1:{port.getsockname()[1]}"
+    port.close()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "agent",
+            "run",
+            "--transport",
+            "native",
+            "--policy",
+            str(write_policy()),
+            "--listen",
+            listen,
+            "--admin",
+            "127.0.0.1:0",
+            "--audit-log",
+            str(tmp_path / "audit.log"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                c = RawH2(int(listen.rsplit(":", 1)[1]))
+                break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None, proc.stderr and proc.stderr.read()
+                time.sleep(0.05)
+        assert c.status(c.call(frame(check_request()))) == "0"
+        proc.send_signal(signal.SIGTERM)
+        events: list[Any] = []
+        while data := c.sock.recv(65536):
+            events += c.conn.receive_data(data)
+        assert any(isinstance(e, h2.events.ConnectionTerminated) and e.error_code == 0 for e in events)
+        assert proc.wait(20) == 0
+        c.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
