@@ -249,7 +249,8 @@ class Engine:
         if _B64TOKEN.fullmatch(token) is None:
             raise AuthnError(R.TOKEN_MALFORMED, "not an RFC 6750 b64token")
         introspector = self.introspector
-        if introspector is not None and "." not in token:
+        # Anything that is not a three-part JWT is opaque (some issuers' opaque tokens contain dots).
+        if introspector is not None:
             if len(token) > self.jwt.max_token_bytes:
                 raise AuthnError(R.TOKEN_TOO_LARGE)
             cached = introspector.cached(token)

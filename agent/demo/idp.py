@@ -162,8 +162,8 @@ class LocalIdP:
         body = claims if claims is not None else self.claims(**overrides)
         return jwt.encode({k: v for k, v in hdr.items() if v is not None}, body, key, algorithms=[hdr["alg"]])
 
-    def mint_opaque(self, **overrides: Any) -> str:
-        token = secrets.token_urlsafe(32)
+    def mint_opaque(self, prefix: str = "", **overrides: Any) -> str:
+        token = prefix + secrets.token_urlsafe(32)
         claims = self.claims(**overrides)
         self.opaque[token] = {**claims, "token_type": "Bearer"}
         return token

@@ -234,6 +234,8 @@ async def test_opaque_tokens_are_introspected_with_client_credentials(
     assert {o.header.key: o.header.value for o in first.ok_response.headers}["x-authz-subject"] == "svc-1"
     assert reason(await h.check(token)) == R.ALLOWED
     assert idp.introspection_hits == 1  # the second answer came from the cache
+    dotted = idp.mint_opaque(prefix="ya29.", sub="svc-2", scope="orders:read")  # opaque tokens may hold a dot
+    assert reason(await h.check(dotted)) == R.ALLOWED
     assert reason(await h.check(idp.mint_opaque(scope="profile"))) == R.SCOPE_MISSING
     assert reason(await h.check("never-issued-token")) == R.TOKEN_INACTIVE
     idp.mode = "down"
