@@ -21,6 +21,9 @@ TITLES = {
 }
 ERROR_REASONS = frozenset({R.KEYS_UNAVAILABLE, R.INTROSPECTION_UNAVAILABLE, R.INTERNAL_ERROR})
 AUTHN_STATUS = {R.KEYS_UNAVAILABLE: 503, R.INTROSPECTION_UNAVAILABLE: 503}
+# The google.rpc.Code a denied CheckResponse carries for each HTTP status (Envoy acts on the HTTP one).
+RPC_CODE = {401: 16, 403: 7, 400: 3, 429: 8, 500: 13, 503: 14}
+RPC_PERMISSION_DENIED = 7
 
 
 def _q(value: str) -> str:

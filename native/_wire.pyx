@@ -11,6 +11,7 @@ from libc.stdint cimport uint64_t
 
 from agent.engine import RequestView
 from agent.errors import WireError
+from agent.response import RPC_CODE, RPC_PERMISSION_DENIED
 
 
 cdef struct Cursor:
@@ -328,7 +329,7 @@ cdef int struct_field(Buf meta, str key, str value) except -1:
     return 0
 
 
-cdef dict _RPC_CODE = {401: 16, 403: 7, 400: 3, 429: 8, 500: 13, 503: 14}
+cdef dict _RPC_CODE = RPC_CODE
 
 
 cpdef bytes encode_check_response(object d):
@@ -339,7 +340,7 @@ cpdef bytes encode_check_response(object d):
     cdef Buf meta = Buf()
     cdef bint allowed = d.allowed
     cdef int status = d.status
-    cdef int code = 0 if allowed else _RPC_CODE.get(status, 7)
+    cdef int code = 0 if allowed else _RPC_CODE.get(status, RPC_PERMISSION_DENIED)
     cdef bytes body
     if code:
         st.field_varint(1, code)

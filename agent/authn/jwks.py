@@ -8,7 +8,6 @@ import time
 from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -17,6 +16,7 @@ from agent.authn.jwk import KeySet, parse_jwks
 from agent.authn.strict import strict_json_object
 from agent.config.model import IdentityProvider
 from agent.errors import KeySourceError
+from agent.urls import fetchable
 
 log = logging.getLogger("agent.jwks")
 
@@ -88,9 +88,7 @@ class KeyStore:
         uri = doc.get("jwks_uri")
         if not isinstance(uri, str):
             raise KeySourceError("discovery document has no jwks_uri")
-        u = urlsplit(uri)
-        loopback = (u.hostname or "") in ("localhost", "::1") or (u.hostname or "").startswith("127.")
-        if not (u.scheme == "https" or (u.scheme == "http" and loopback)):
+        if not fetchable(uri):
             raise KeySourceError("discovery's jwks_uri is not https")
         self._jwks_uri = uri
         return uri

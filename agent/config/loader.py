@@ -9,7 +9,6 @@ import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from agent.config.model import (
     ASYMMETRIC_ALGORITHMS,
@@ -24,6 +23,7 @@ from agent.config.model import (
 from agent.config.yamlsrc import LDict, LList, line_of, load_yaml
 from agent.errors import ConfigError, ConfigErrors
 from agent.policy.paths import PARAM, Segment, parse_template, shape, valid_method
+from agent.urls import fetchable
 
 # Keys of DESIGN's policy format whose features are not built yet. They are refused, never accepted and
 # silently not enforced: a policy that asks for DPoP binding must not run without it.
@@ -163,17 +163,10 @@ def _url(ctx: _Ctx, d: LDict, key: str, where: str) -> str | None:
     v = _get(ctx, d, key, str, where)
     if v is None:
         return None
-    u = urlsplit(v)
-    if u.scheme == "https" and u.hostname:
-        return str(v)
-    if u.scheme == "http" and u.hostname and _is_loopback(u.hostname):
+    if fetchable(v):
         return str(v)
     ctx.err(d.lines[key], f"{where}.{key} must be an https:// URL (http:// only to a loopback address), got {v!r}")
     return None
-
-
-def _is_loopback(host: str) -> bool:
-    return host in {"localhost", "::1"} or host.startswith("127.")
 
 
 def _read_secret(ctx: _Ctx, d: LDict, key: str, where: str) -> str | None:
@@ -208,10 +201,8 @@ def _identity_provider(ctx: _Ctx, name: str, d: LDict) -> IdentityProvider | Non
         ctx.err(d.line, f"{where}: give exactly one key source, not {' and '.join(sources)}")
     elif not sources and "introspection_endpoint" not in d:
         ctx.err(d.line, f"{where}: no key source; add jwks_uri, jwks_file or discovery: true")
-    if discovery and issuer:
-        u = urlsplit(issuer)
-        if not (u.scheme == "https" or (u.scheme == "http" and _is_loopback(u.hostname or ""))):
-            ctx.err(d.lines["discovery"], f"{where}: discovery needs an https:// issuer, got {issuer!r}")
+    if discovery and issuer and not fetchable(issuer):
+        ctx.err(d.lines["discovery"], f"{where}: discovery needs an https:// issuer, got {issuer!r}")
     if jwks_file is not None:
         jwks_file = str(ctx.path(jwks_file))
     audiences = _str_list(ctx, d, "audiences", where)

@@ -8,10 +8,9 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2 as ext
 
 from agent.engine import Decision, RequestView
+from agent.response import RPC_CODE, RPC_PERMISSION_DENIED
 
 _OVERWRITE = base_pb2.HeaderValueOption.HeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD
-# google.rpc.Code: what the gRPC-level status says; Envoy acts on denied_response.status.
-_RPC_CODE = {401: 16, 403: 7, 400: 3, 429: 8, 500: 13, 503: 14}
 
 
 def decode(req: Any) -> RequestView:
@@ -45,7 +44,7 @@ def encode(d: Decision) -> Any:
             opt.append_action = _OVERWRITE
         ok.headers_to_remove.extend(d.remove_headers)
         return resp
-    resp.status.code = _RPC_CODE.get(d.status, 7)
+    resp.status.code = RPC_CODE.get(d.status, RPC_PERMISSION_DENIED)
     denied = resp.denied_response
     denied.status.code = d.status  # envoy.type.v3.StatusCode uses the HTTP numbers
     for key, value in d.response_headers:
