@@ -1,0 +1,3 @@
+from typing import Any
+
+def strict_json_object(raw: bytes) -> dict[str, Any]: ...
