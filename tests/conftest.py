@@ -78,6 +78,13 @@ def write_policy(tmp_path: Path, keys: dict[str, SigningKey]) -> Callable[..., P
     return write
 
 
+def twins(pure: str, native: str) -> list[str]:
+    """The module names a twin-parametrised fixture runs over: the pure twin, and the native one when built."""
+    import os
+
+    return [pure] + ([] if os.environ.get("AGENT_NO_EXTENSIONS") else [f"agent.{native}_c"])
+
+
 def native_module(name: str) -> object | None:
     """The Cython twin of agent.<name>, or None where extensions are off (AGENT_NO_EXTENSIONS=1)."""
     import importlib

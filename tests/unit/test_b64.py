@@ -4,28 +4,20 @@ from __future__ import annotations
 
 import base64
 import importlib
-import os
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import native_module
+from tests.conftest import native_module, twins
 
-MODULES = ["agent.authn._b64_py"] + ([] if os.environ.get("AGENT_NO_EXTENSIONS") else ["agent._b64_c"])
+MODULES = twins("agent.authn._b64_py", "_b64")
 
 
 @pytest.fixture(params=MODULES, scope="module")
 def b64(request: pytest.FixtureRequest) -> Any:
     return importlib.import_module(request.param)
-
-
-def test_the_extension_is_loaded_unless_disabled() -> None:
-    from agent.authn import _b64
-
-    native = native_module("_b64")
-    assert (_b64.b64url_decode is getattr(native, "b64url_decode", None)) == (native is not None)
 
 
 def outcome(mod: Any, s: str) -> bytes | None:

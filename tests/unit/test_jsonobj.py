@@ -4,28 +4,20 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import native_module
+from tests.conftest import native_module, twins
 
-MODULES = ["agent.authn._jsonobj_py"] + ([] if os.environ.get("AGENT_NO_EXTENSIONS") else ["agent._jsonobj_c"])
+MODULES = twins("agent.authn._jsonobj_py", "_jsonobj")
 
 
 @pytest.fixture(params=MODULES, scope="module")
 def sj(request: pytest.FixtureRequest) -> Any:
     return importlib.import_module(request.param)
-
-
-def test_the_extension_is_loaded_unless_disabled() -> None:
-    from agent.authn import _jsonobj
-
-    native = native_module("_jsonobj")
-    assert (_jsonobj.strict_json_object is getattr(native, "strict_json_object", None)) == (native is not None)
 
 
 def outcome(mod: Any, raw: bytes) -> tuple[str, Any]:

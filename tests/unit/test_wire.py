@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import os
 from typing import Any
 
 import pytest
@@ -13,24 +12,14 @@ from hypothesis import strategies as st
 
 from agent.engine import Decision
 from agent.server.envoy_wire import decode, encode
-from tests.conftest import native_module
+from tests.conftest import twins
 
-MODULES = ["agent._wire_py"] + ([] if os.environ.get("AGENT_NO_EXTENSIONS") else ["agent._wire_c"])
+MODULES = twins("agent._wire_py", "_wire")
 
 
 @pytest.fixture(params=MODULES, scope="module")
 def wire(request: pytest.FixtureRequest) -> Any:
     return importlib.import_module(request.param)
-
-
-def test_the_extension_is_loaded_unless_disabled() -> None:
-    import agent._wire as chosen
-
-    native = native_module("_wire")
-    if native is None:
-        assert chosen.decode_check_request.__module__ == "agent._wire_py"
-    else:
-        assert chosen.decode_check_request is native.decode_check_request  # type: ignore[attr-defined]
 
 
 text = st.text(max_size=30)
