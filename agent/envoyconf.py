@@ -26,6 +26,17 @@ def find_envoy() -> str:
 _HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 
 
+def http_ok(url: str, timeout: float = 1.0) -> bool:
+    """Whether a GET of a local readiness URL (Envoy's /ready, the agent's /readyz) answers 200 now."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - loopback URLs we built
+            return bool(r.status == 200)
+    except OSError:
+        return False
+
+
 def _address(addr: str) -> dict[str, Any]:
     if addr.startswith("unix:"):
         return {"pipe": {"path": addr[5:]}}
@@ -144,7 +155,6 @@ class EnvoyProcess:
         import json
         import subprocess
         import time
-        import urllib.request
 
         self.workdir.mkdir(parents=True, exist_ok=True)
         cfg = dict(self.config)
@@ -176,12 +186,8 @@ class EnvoyProcess:
                 raise RuntimeError(f"envoy exited with {self.proc.returncode}; see {self.workdir / 'envoy.log'}")
             if addr_file.exists() and addr_file.read_text().strip():
                 self.admin_address = addr_file.read_text().strip()
-                try:
-                    with urllib.request.urlopen(f"http://{self.admin_address}/ready", timeout=1) as r:
-                        if r.status == 200:
-                            return
-                except OSError:
-                    pass
+                if http_ok(f"http://{self.admin_address}/ready"):
+                    return
             time.sleep(0.05)
         self.stop()
         raise TimeoutError("envoy did not become ready")

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any
 
 from envoy.service.auth.v3 import external_auth_pb2 as ext
 
-from agent.envoyconf import EnvoyProcess, bootstrap
+from agent.envoyconf import EnvoyProcess, bootstrap, http_ok
 
 ROOT = Path(__file__).resolve().parent.parent
 SECONDS = int(os.environ.get("BENCH_SECONDS", "5"))
@@ -59,13 +58,8 @@ def server(cmd: list[str], port: int, log: Path, ready_url: str | None = None) -
             wait_port(port)
             if ready_url:
                 deadline = time.monotonic() + 20
-                while time.monotonic() < deadline:
-                    try:
-                        with urllib.request.urlopen(ready_url, timeout=1) as r:
-                            if r.status == 200:
-                                break
-                    except OSError:
-                        time.sleep(0.05)
+                while time.monotonic() < deadline and not http_ok(ready_url):
+                    time.sleep(0.05)
             yield proc
         finally:
             proc.terminate()

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from aiohttp import web
 
 from agent.demo.app import demo_app, start_site
 from agent.demo.idp import LocalIdP
-from agent.envoyconf import EnvoyProcess, bootstrap
+from agent.envoyconf import EnvoyProcess, bootstrap, http_ok
 
 pytestmark = pytest.mark.e2e
 
@@ -134,12 +133,8 @@ class AgentProcess:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.stderr_path.read_text()
-            try:
-                with urllib.request.urlopen(f"http://{self.admin}/readyz", timeout=1) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
+            if http_ok(f"http://{self.admin}/readyz"):
+                return
             time.sleep(0.05)
         raise TimeoutError("agent not ready: " + self.stderr_path.read_text())
 
