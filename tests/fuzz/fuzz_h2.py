@@ -6,11 +6,10 @@ directly. Passing means: no crash, no exception out of the protocol, every write
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import atheris
-from native_coverage import use_instrumented_extensions
+from native_coverage import run
 
 GrpcProtocol: Any = None
 
@@ -73,15 +72,12 @@ def seeds() -> list[bytes]:
     return [c.data_to_send()]
 
 
-if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--seeds":
-        from pathlib import Path
+def load() -> None:
+    global GrpcProtocol
+    from agent._h2_c import GrpcProtocol as protocol
 
-        for i, seed in enumerate(seeds()):
-            Path(sys.argv[2], f"seed-{i}").write_bytes(seed)
-        raise SystemExit(0)
-    atheris.Setup(sys.argv, test_one)
-    use_instrumented_extensions()  # after Setup: atheris' libFuzzer is loaded for them to link against
-    with atheris.instrument_imports(include=["agent"]):
-        from agent._h2_c import GrpcProtocol
-    atheris.Fuzz()
+    GrpcProtocol = protocol
+
+
+if __name__ == "__main__":
+    run(test_one, seeds, load)

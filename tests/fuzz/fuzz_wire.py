@@ -5,12 +5,11 @@ python tests/fuzz/fuzz_wire.py [libFuzzer flags] [corpus dir]; `make fuzz` runs 
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import atheris
 from envoy.service.auth.v3 import external_auth_pb2 as ext
-from native_coverage import use_instrumented_extensions
+from native_coverage import run
 
 with atheris.instrument_imports(include=["agent"]):
     from agent.errors import WireError
@@ -46,15 +45,12 @@ def seeds() -> list[bytes]:
     return [req.SerializeToString()]
 
 
-if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--seeds":
-        from pathlib import Path
+def load() -> None:
+    global decode_check_request
+    from agent._wire_c import decode_check_request as decoder
 
-        for i, seed in enumerate(seeds()):
-            Path(sys.argv[2], f"seed-{i}").write_bytes(seed)
-        raise SystemExit(0)
-    atheris.Setup(sys.argv, test_one)
-    use_instrumented_extensions()
-    with atheris.instrument_imports(include=["agent"]):
-        from agent._wire_c import decode_check_request
-    atheris.Fuzz()
+    decode_check_request = decoder
+
+
+if __name__ == "__main__":
+    run(test_one, seeds, load)

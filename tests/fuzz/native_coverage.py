@@ -10,6 +10,11 @@ comparisons, not just the Python around it.
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import atheris
 
 
 def use_instrumented_extensions() -> bool:
@@ -20,3 +25,17 @@ def use_instrumented_extensions() -> bool:
 
     agent.__path__.insert(0, os.path.abspath(ext_dir))
     return True
+
+
+def run(test_one: Callable[[bytes], None], seeds: Callable[[], list[bytes]], load: Callable[[], None]) -> None:
+    """A fuzz target's main: `--seeds DIR` writes its seed corpus; otherwise set up, import the native
+    module under test (`load`, instrumented when built so), and fuzz."""
+    if len(sys.argv) == 3 and sys.argv[1] == "--seeds":
+        for i, seed in enumerate(seeds()):
+            Path(sys.argv[2], f"seed-{i}").write_bytes(seed)
+        return
+    atheris.Setup(sys.argv, test_one)
+    use_instrumented_extensions()  # after Setup: atheris' libFuzzer is loaded for them to link against
+    with atheris.instrument_imports(include=["agent"]):
+        load()
+    atheris.Fuzz()
