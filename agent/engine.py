@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import itertools
 import logging
 import os
@@ -15,7 +16,7 @@ from typing import Protocol
 from agent import reasons as R
 from agent.authn.introspection import Introspector
 from agent.authn.jwks import KeyStore
-from agent.authn.jwt import JwtVerifier, UnknownKid
+from agent.authn.jwt import JwtVerifier, UnknownKid, Verified
 from agent.authn.principal import Principal
 from agent.config.model import Policy, Route
 from agent.errors import AuthnError
@@ -29,6 +30,7 @@ log = logging.getLogger("agent.engine")
 _B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 _NO_PARAMS: dict[str, str] = {}
 UPSTREAM_HEADERS = ("x-authz-subject", "x-authz-client-id", "x-authz-route", "x-authz-decision-id")
+_OURS = frozenset(UPSTREAM_HEADERS)
 
 
 @dataclass(slots=True)
@@ -81,6 +83,14 @@ def new_decision_id() -> str:
     return f"{_ID_PREFIX}{next(_id_counter):x}"
 
 
+@dataclass(slots=True)
+class _Remembered:
+    """An allow decided for one (Authorization header, method, path): reused while its token is reusable."""
+
+    verified: Verified
+    route: Route
+
+
 class Engine:
     """Decides requests against one compiled policy. Transports call `check`; nothing here knows grpc."""
 
@@ -97,6 +107,12 @@ class Engine:
         self.audit = audit
         self._clock = clock
         self.jwt = JwtVerifier(stores, clock, token_cache_entries)
+        # Allows already decided, by SHA-256 of the Authorization header plus method and path (no token text).
+        # Only for rules whose outcome depends on nothing but the verified token and the request line; bounded
+        # like the token cache, and gone with this engine when the policy changes.
+        self._remembered: dict[tuple[bytes, str, str], _Remembered] = {}
+        self._remember_max = token_cache_entries
+        self.remembered_hits = 0
         intro = next((i for i in policy.identity_providers if i.introspection is not None), None)
         self.introspector = Introspector(intro, clock) if intro is not None else None
         self._matcher: Matcher[int] = Matcher()
@@ -136,7 +152,9 @@ class Engine:
         start = time.perf_counter_ns()
         decision_id = new_decision_id()
         try:
-            decision = self._decide(view, decision_id, trace, None)
+            decision = self._recall(view, decision_id) if trace is None else None
+            if decision is None:
+                decision = self._decide(view, decision_id, trace, None)
         except _Pending:
             return None
         except Exception as e:  # noqa: BLE001 - the engine never raises: any bug is a logged, audited deny
@@ -162,6 +180,42 @@ class Engine:
         except Exception as e:  # noqa: BLE001 - the engine never raises: any bug is a logged, audited deny
             decision = self._internal_error(decision_id, e, trace)
         return self._finish(view, decision, start)
+
+    def _recall(self, view: RequestView, decision_id: str) -> Decision | None:
+        """The hot path for a repeated request: the same token, method and path allowed before."""
+        header = view.headers.get("authorization")
+        if header is None or not self._remembered:
+            return None
+        key = (hashlib.sha256(header.encode()).digest(), view.method, view.path)
+        hit = self._remembered.get(key)
+        if hit is None:
+            return None
+        if not self.jwt.reusable(hit.verified):
+            del self._remembered[key]
+            return None
+        self.remembered_hits += 1
+        return self._allow(decision_id, hit.route, hit.verified.principal, view, R.ALLOWED)
+
+    def _remember(self, view: RequestView, route: Route, principal: Principal) -> None:
+        allow = route.allow
+        if (
+            self._remember_max <= 0
+            or principal.method != "jwt"
+            or allow is None
+            or allow.not_before is not None
+            or allow.not_after is not None
+            or allow.max_auth_age_s is not None
+        ):
+            return  # the outcome depends on the clock or on a credential that is not a cached JWT
+        header = view.headers.get("authorization")
+        _, _, token = (header or "").partition(" ")
+        verified = self.jwt.entry(token)
+        if header is None or verified is None or verified.principal is not principal:
+            return
+        memo = self._remembered
+        if len(memo) >= self._remember_max:
+            del memo[next(iter(memo))]  # oldest first
+        memo[(hashlib.sha256(header.encode()).digest(), view.method, view.path)] = _Remembered(verified, route)
 
     def _internal_error(self, decision_id: str, e: Exception, trace: list[str] | None) -> Decision:
         # Only the exception's type: its text could carry request material.
@@ -229,6 +283,8 @@ class Engine:
             return self._deny_rule(decision_id, refusal, route, principal)
         if trace is not None:
             trace.append("allow rule satisfied")
+        elif resolved is None:
+            self._remember(view, route, principal)
         return self._allow(decision_id, route, principal, view, R.ALLOWED)
 
     def _authenticate(self, view: RequestView) -> Principal:
@@ -265,7 +321,7 @@ class Engine:
             add.append(("x-authz-subject", who.subject))
             if who.client_id is not None:
                 add.append(("x-authz-client-id", who.client_id))
-        ours = {k for k, _ in add}
+        ours = _OURS if len(add) == 4 else frozenset(k for k, _ in add)
         # Whatever the client sent as x-authz-* must not reach the upstream as if we had said it.
         remove = [h for h in view.headers if h.startswith("x-authz-") and h not in ours]
         if not route.forward_token and "authorization" in view.headers:

@@ -22,6 +22,14 @@ def rfc3339_ms(now: float) -> str:
     return f"{_second[1]}.{int((now - whole) * 1000):03d}Z"
 
 
+def _without_query(path: str) -> str:
+    if "?" in path:
+        path = path.split("?", 1)[0]
+    if "#" in path:
+        path = path.split("#", 1)[0]
+    return path
+
+
 def decision_record(view: RequestView, d: Decision, policy: Policy, now: float) -> dict[str, object]:
     who = d.principal
     return {
@@ -32,7 +40,7 @@ def decision_record(view: RequestView, d: Decision, policy: Policy, now: float) 
         "policy_version": policy.version,
         "route": d.route,
         "method": view.method,
-        "path": view.path.split("?", 1)[0].split("#", 1)[0],
+        "path": _without_query(view.path),
         "source": view.source,
         "subject": who.subject if who else None,
         "client_id": who.client_id if who else None,

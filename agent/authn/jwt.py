@@ -24,7 +24,7 @@ class UnknownKid(AuthnError):
         self.store = store
 
 
-class _Verified:
+class Verified:
     """A cache entry: the principal, and what must still hold for it to be reused without a signature check."""
 
     __slots__ = ("idp", "keys", "nbf", "principal", "store")
@@ -49,7 +49,7 @@ class JwtVerifier:
         self.max_token_bytes = max((s.idp.max_token_bytes for s in stores.values()), default=8192)
         self._clock = clock
         # Verified tokens by SHA-256 of the token: the cache holds no token text, only what was proven.
-        self._cache: dict[bytes, _Verified] = {}
+        self._cache: dict[bytes, Verified] = {}
         self.cache_entries = cache_entries
         self.hits = 0
         self.misses = 0
@@ -76,18 +76,9 @@ class JwtVerifier:
         key = hashlib.sha256(token.encode()).digest()
         hit = self._cache.get(key)
         if hit is not None:
-            # Time-based claims are checked again on every hit; the signature is not.
-            now = self._clock()
-            who = hit.principal
-            leeway = hit.idp.leeway_s
-            assert who.expires_at is not None
-            if (
-                hit.store.keys is hit.keys
-                and now < who.expires_at + leeway
-                and (hit.nbf is None or now + leeway >= hit.nbf)
-            ):
+            if self.reusable(hit):
                 self.hits += 1
-                return who
+                return hit.principal
             del self._cache[key]
         self.misses += 1
         principal, idp, store, nbf = self._verify_full(token)
@@ -95,8 +86,23 @@ class JwtVerifier:
             cache = self._cache
             if len(cache) >= self.cache_entries:
                 del cache[next(iter(cache))]  # oldest first: dicts keep insertion order
-            cache[key] = _Verified(principal, idp, store, nbf)
+            cache[key] = Verified(principal, idp, store, nbf)
         return principal
+
+    def reusable(self, entry: Verified) -> bool:
+        """Whether a verified token may be reused now: time-based claims are checked again on every use,
+        and a refreshed or rotated key set invalidates it; the signature is not checked again."""
+        now = self._clock()
+        leeway = entry.idp.leeway_s
+        exp = entry.principal.expires_at
+        assert exp is not None
+        return (
+            entry.store.keys is entry.keys and now < exp + leeway and (entry.nbf is None or now + leeway >= entry.nbf)
+        )
+
+    def entry(self, token: str) -> Verified | None:
+        """The cache entry of a token verified just now (None when the cache is off or it was evicted)."""
+        return self._cache.get(hashlib.sha256(token.encode()).digest())
 
     def _verify_full(self, token: str) -> tuple[Principal, IdentityProvider, KeyStore, float | None]:
         parts = token.split(".")
