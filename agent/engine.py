@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import itertools
 import logging
 import os
@@ -14,15 +15,19 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from agent import reasons as R
+from agent.authn.dpop import DpopVerifier, NonceRequired, normal_uri
+from agent.authn.httpsig import HmacVerifier
 from agent.authn.introspection import Introspector
 from agent.authn.jwks import KeyStore
 from agent.authn.jwt import JwtVerifier, UnknownKid, Verified
+from agent.authn.mtls import CertificateThumbprints
 from agent.authn.principal import Principal
+from agent.authn.replay import ReplayCache
 from agent.config.model import Policy, Route
 from agent.errors import AuthnError
 from agent.policy.paths import Matcher, Segment, bind, parse_template, split_request_path
 from agent.policy.rules import Refusal, evaluate
-from agent.response import AUTHN_STATUS, bearer_challenge, problem_body
+from agent.response import AUTHN_STATUS, DPOP_REASONS, SIGNATURE_REASONS, bearer_challenge, challenge, problem_body
 
 log = logging.getLogger("agent.engine")
 
@@ -42,6 +47,9 @@ class RequestView:
     host: str = ""
     headers: Mapping[str, str] = field(default_factory=dict)
     source: str = ""
+    scheme: str = ""
+    body: bytes = b""  # what Envoy sent of the request body (with_request_body), for Content-Digest
+    certificate: str = ""  # the client's leaf certificate, URL-encoded PEM (include_peer_certificate)
 
 
 @dataclass(slots=True)
@@ -101,6 +109,7 @@ class Engine:
         audit: AuditSink | None = None,
         clock: Callable[[], float] = time.time,
         token_cache_entries: int = 10_000,
+        replay: ReplayCache | None = None,
     ) -> None:
         self.policy = policy
         self.stores = stores
@@ -113,6 +122,12 @@ class Engine:
         self._remembered: dict[tuple[bytes, str, str], _Remembered] = {}
         self._remember_max = token_cache_entries
         self.remembered_hits = 0
+        # One-time values (DPoP jti, signature nonces) must stay remembered across policy reloads: the
+        # server passes the same cache to every engine it builds.
+        self.replay = replay if replay is not None else ReplayCache(policy.dpop.replay_cache_entries, clock)
+        self.dpop = DpopVerifier(policy.dpop, self.replay, clock)
+        self.hmac = HmacVerifier(policy.hmac_clients, self.replay, clock)
+        self.certificates = CertificateThumbprints()
         intro = next((i for i in policy.identity_providers if i.introspection is not None), None)
         self.introspector = Introspector(intro, clock) if intro is not None else None
         self._matcher: Matcher[int] = Matcher()
@@ -129,9 +144,10 @@ class Engine:
         audit: AuditSink | None = None,
         clock: Callable[[], float] = time.time,
         token_cache_entries: int = 10_000,
+        replay: ReplayCache | None = None,
     ) -> Engine:
         stores = {i.name: KeyStore(i) for i in policy.identity_providers if i.jwks_uri or i.jwks_file or i.discovery}
-        return cls(policy, stores, audit, clock, token_cache_entries)
+        return cls(policy, stores, audit, clock, token_cache_entries, replay)
 
     @property
     def ready(self) -> bool:
@@ -201,6 +217,8 @@ class Engine:
         if (
             self._remember_max <= 0
             or principal.method != "jwt"
+            or principal.cnf_jkt is not None  # every request needs a fresh proof
+            or principal.cnf_x5t is not None  # and its own certificate
             or allow is None
             or allow.not_before is not None
             or allow.not_after is not None
@@ -256,15 +274,17 @@ class Engine:
             return self._allow(decision_id, route, None, view, R.PUBLIC)
         try:
             if resolved is None:
-                principal = self._authenticate(view)
+                principal = self._authenticate(view, route)
             elif isinstance(resolved, AuthnError):
                 raise resolved
             else:
                 principal = resolved
+            if principal.method != "hmac":
+                self._check_binding(view, route, principal, trace)
         except AuthnError as e:
             if trace is not None:
                 trace.append(f"authentication failed: {e.reason}" + (f" ({e.detail})" if e.detail else ""))
-            return self._deny_authn(decision_id, e.reason, route)
+            return self._deny_authn(decision_id, e, route, view)
         if trace is not None:
             p = principal
             trace.append(
@@ -287,13 +307,16 @@ class Engine:
             self._remember(view, route, principal)
         return self._allow(decision_id, route, principal, view, R.ALLOWED)
 
-    def _authenticate(self, view: RequestView) -> Principal:
+    def _authenticate(self, view: RequestView, route: Route) -> Principal:
         """The caller's identity from what is known now; raises _Pending when only I/O can tell."""
+        if "hmac" in route.authn and ("jwt" not in route.authn or "signature-input" in view.headers):
+            # A signed request on a route that takes signatures is judged by its signature alone.
+            return self.hmac.verify(view.method, view.scheme, view.host, view.path, view.headers, view.body)
         header = view.headers.get("authorization")
         if not header:
             raise AuthnError(R.TOKEN_MISSING)
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer":
+        if scheme.lower() not in ("bearer", "dpop"):
             raise AuthnError(R.AUTH_SCHEME_UNSUPPORTED)
         if token.count(".") == 2:
             # A JWT's parts are decoded as strict base64url, which refuses every character b64token would.
@@ -314,6 +337,34 @@ class Engine:
                 return cached
             raise _Pending(lambda: introspector.introspect(token))
         raise AuthnError(R.TOKEN_MALFORMED, "not a JWT and no introspection endpoint is configured")
+
+    def _check_binding(self, view: RequestView, route: Route, who: Principal, trace: list[str] | None) -> None:
+        """Proof of possession: a bound token only from its holder (every route); `bind:` routes only bound."""
+        scheme, _, token = view.headers.get("authorization", "").partition(" ")
+        dpop_scheme = scheme.lower() == "dpop"
+        if route.bind == "dpop" and who.cnf_jkt is None:
+            raise AuthnError(R.TOKEN_NOT_BOUND, "the route needs a DPoP-bound token (cnf.jkt)")
+        if route.bind == "mtls" and who.cnf_x5t is None:
+            raise AuthnError(R.TOKEN_NOT_BOUND, "the route needs a certificate-bound token (cnf.x5t#S256)")
+        if who.cnf_jkt is not None:
+            if not dpop_scheme:
+                raise AuthnError(R.DPOP_BOUND_TOKEN_AS_BEARER, "a DPoP-bound token needs the DPoP scheme")
+            htu = normal_uri(view.scheme, view.host, view.path)
+            jkt = self.dpop.verify(view.headers.get("dpop"), view.method, htu, token)
+            if not hmac.compare_digest(jkt.encode(), who.cnf_jkt.encode()):
+                raise AuthnError(R.DPOP_KEY_MISMATCH, "the proof is signed by another key than the token names")
+            if trace is not None:
+                trace.append("DPoP proof valid and signed by the key the token is bound to")
+        elif dpop_scheme:
+            raise AuthnError(R.TOKEN_NOT_BOUND, "the DPoP scheme needs a DPoP-bound token (cnf.jkt)")
+        if who.cnf_x5t is not None:
+            presented = self.certificates.of(view.certificate)
+            if presented is None:
+                raise AuthnError(R.CERTIFICATE_MISSING, "the token is bound to a client certificate")
+            if not hmac.compare_digest(presented.encode(), who.cnf_x5t.encode()):
+                raise AuthnError(R.CERTIFICATE_MISMATCH)
+            if trace is not None:
+                trace.append("client certificate matches the token's cnf.x5t#S256")
 
     def _allow(self, did: str, route: Route, who: Principal | None, view: RequestView, reason: str) -> Decision:
         add = [("x-authz-route", route.name), ("x-authz-decision-id", did)]
@@ -353,13 +404,32 @@ class Engine:
             body=problem_body(status, reason, did),
         )
 
-    def _deny_authn(self, did: str, reason: str, route: Route) -> Decision:
+    def _deny_authn(self, did: str, e: AuthnError, route: Route, view: RequestView) -> Decision:
+        reason = e.reason
         status = AUTHN_STATUS.get(reason, 401)
         if status != 401:
             return self._deny(did, status, reason, route, None)
-        no_credentials = reason in (R.TOKEN_MISSING, R.AUTH_SCHEME_UNSUPPORTED)
-        challenge = bearer_challenge(None if no_credentials else "invalid_token", None if no_credentials else reason)
-        return self._deny(did, 401, reason, route, None, [("www-authenticate", challenge)])
+        headers: list[tuple[str, str]] = []
+        no_credentials = reason in (R.TOKEN_MISSING, R.AUTH_SCHEME_UNSUPPORTED, R.SIGNATURE_MISSING)
+        if reason in SIGNATURE_REASONS or (reason == R.TOKEN_MISSING and "jwt" not in route.authn):
+            scheme = "Signature"
+            error: str | None = None if reason == R.SIGNATURE_MISSING else "invalid_signature"
+        elif (
+            route.bind == "dpop"
+            or reason in DPOP_REASONS
+            or view.headers.get("authorization", "")[:5].lower() == "dpop "
+        ):
+            scheme = "DPoP"
+            error = None if no_credentials else "invalid_dpop_proof" if reason in DPOP_REASONS else "invalid_token"
+            if isinstance(e, NonceRequired):
+                error = "use_dpop_nonce"
+                headers.append(("dpop-nonce", self.dpop.nonces.issue()))
+        else:
+            scheme = "Bearer"
+            error = None if no_credentials else "invalid_token"
+        algs = self.dpop.algs_challenge if scheme == "DPoP" else None
+        value = challenge(scheme, error, None if no_credentials else reason, algs=algs)
+        return self._deny(did, 401, reason, route, None, [("www-authenticate", value), *headers])
 
     def _deny_rule(self, did: str, refusal: Refusal, route: Route, who: Principal) -> Decision:
         headers: list[tuple[str, str]] = []

@@ -32,6 +32,28 @@ TOKEN_INACTIVE = "token_inactive"
 AUTH_SCHEME_UNSUPPORTED = "auth_scheme_unsupported"
 STEP_UP_REQUIRED = "step_up_required"
 
+# proof of possession (401): DPoP (RFC 9449) and certificate-bound tokens (RFC 8705)
+DPOP_PROOF_MISSING = "dpop_proof_missing"
+DPOP_PROOF_INVALID = "dpop_proof_invalid"
+DPOP_PROOF_REPLAYED = "dpop_proof_replayed"
+DPOP_NONCE_REQUIRED = "dpop_nonce_required"
+DPOP_KEY_MISMATCH = "dpop_key_mismatch"
+DPOP_BOUND_TOKEN_AS_BEARER = "dpop_bound_token_as_bearer"
+TOKEN_NOT_BOUND = "token_not_bound"
+CERTIFICATE_MISSING = "certificate_missing"
+CERTIFICATE_MISMATCH = "certificate_mismatch"
+
+# request signatures (401): RFC 9421 with RFC 9530 Content-Digest
+SIGNATURE_MISSING = "signature_missing"
+SIGNATURE_MALFORMED = "signature_malformed"
+SIGNATURE_KEY_UNKNOWN = "signature_key_unknown"
+SIGNATURE_INVALID = "signature_invalid"
+SIGNATURE_EXPIRED = "signature_expired"
+SIGNATURE_COMPONENTS_MISSING = "signature_components_missing"
+SIGNATURE_REPLAYED = "signature_replayed"
+CONTENT_DIGEST_MISMATCH = "content_digest_mismatch"
+BODY_UNAVAILABLE = "body_unavailable"
+
 # authorization (403)
 SCOPE_MISSING = "scope_missing"
 ROLE_MISSING = "role_missing"
@@ -42,3 +64,4 @@ GRANT_NOT_ACTIVE = "grant_not_active"
 KEYS_UNAVAILABLE = "keys_unavailable"
 INTROSPECTION_UNAVAILABLE = "introspection_unavailable"
 INTERNAL_ERROR = "internal_error"
+REPLAY_CACHE_FULL = "replay_cache_full"

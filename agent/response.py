@@ -18,9 +18,27 @@ TITLES = {
     R.KEYS_UNAVAILABLE: "Authorization temporarily unavailable",
     R.INTROSPECTION_UNAVAILABLE: "Authorization temporarily unavailable",
     R.INTERNAL_ERROR: "Authorization failed",
+    R.REPLAY_CACHE_FULL: "Authorization temporarily unavailable",
 }
-ERROR_REASONS = frozenset({R.KEYS_UNAVAILABLE, R.INTROSPECTION_UNAVAILABLE, R.INTERNAL_ERROR})
-AUTHN_STATUS = {R.KEYS_UNAVAILABLE: 503, R.INTROSPECTION_UNAVAILABLE: 503}
+ERROR_REASONS = frozenset({R.KEYS_UNAVAILABLE, R.INTROSPECTION_UNAVAILABLE, R.INTERNAL_ERROR, R.REPLAY_CACHE_FULL})
+AUTHN_STATUS = {R.KEYS_UNAVAILABLE: 503, R.INTROSPECTION_UNAVAILABLE: 503, R.REPLAY_CACHE_FULL: 503}
+# Reasons whose 401 challenge is `DPoP error="invalid_dpop_proof"` (RFC 9449 §7.1) or `Signature`.
+DPOP_REASONS = frozenset(
+    {R.DPOP_PROOF_MISSING, R.DPOP_PROOF_INVALID, R.DPOP_PROOF_REPLAYED, R.DPOP_NONCE_REQUIRED, R.DPOP_KEY_MISMATCH}
+)
+SIGNATURE_REASONS = frozenset(
+    {
+        R.SIGNATURE_MISSING,
+        R.SIGNATURE_MALFORMED,
+        R.SIGNATURE_KEY_UNKNOWN,
+        R.SIGNATURE_INVALID,
+        R.SIGNATURE_EXPIRED,
+        R.SIGNATURE_COMPONENTS_MISSING,
+        R.SIGNATURE_REPLAYED,
+        R.CONTENT_DIGEST_MISMATCH,
+        R.BODY_UNAVAILABLE,
+    }
+)
 # The google.rpc.Code a denied CheckResponse carries for each HTTP status (Envoy acts on the HTTP one).
 RPC_CODE = {401: 16, 403: 7, 400: 3, 429: 8, 500: 13, 503: 14}
 RPC_PERMISSION_DENIED = 7
@@ -29,6 +47,20 @@ RPC_PERMISSION_DENIED = 7
 def _q(value: str) -> str:
     """An RFC 9110 quoted-string (our own values only; nothing the caller sent)."""
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def challenge(scheme: str, error: str | None, reason: str | None, algs: str | None = None) -> str:
+    """A 401 challenge for `scheme` (Bearer, DPoP per RFC 9449 §7.1, Signature); error only with credentials."""
+    if scheme == "Bearer":
+        return bearer_challenge(error, reason)
+    parts: list[str] = []
+    if error:
+        parts.append(f"error={_q(error)}")
+    if reason:
+        parts.append(f"error_description={_q(reason)}")
+    if algs:
+        parts.append(f"algs={_q(algs)}")
+    return scheme + (" " + ", ".join(parts) if parts else "")
 
 
 def bearer_challenge(

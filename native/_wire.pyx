@@ -95,7 +95,8 @@ cdef inline str utf8(Cursor s):
 
 
 cdef class _State:
-    cdef public str method, path, host, source
+    cdef public str method, path, host, source, scheme, body, certificate
+    cdef public bytes raw_body
     cdef public dict headers
     cdef public list header_map
 
@@ -153,6 +154,13 @@ cdef void parse_http(Cursor c, _State st) except *:
             st.path = utf8(read_len(&c))
         elif key == (5 << 3 | 2):
             st.host = utf8(read_len(&c))
+        elif key == (6 << 3 | 2):
+            st.scheme = utf8(read_len(&c))
+        elif key == (11 << 3 | 2):
+            st.body = utf8(read_len(&c))
+        elif key == (12 << 3 | 2):
+            s = read_len(&c)
+            st.raw_body = PyBytes_FromStringAndSize(<const char*>s.p, s.end - s.p)
         elif key == (13 << 3 | 2):
             s = read_len(&c)
             while s.p < s.end:
@@ -181,6 +189,8 @@ cdef void parse_source(Cursor c, _State st) except *:
                     st.source = ""
                 else:
                     skip_field(&a, key, 0)
+        elif key == (5 << 3 | 2):  # Peer.certificate: the URL-encoded PEM Envoy sends with include_peer_certificate
+            st.certificate = utf8(read_len(&c))
         else:
             skip_field(&c, key, 0)
 
@@ -200,7 +210,8 @@ cpdef object decode_check_request(bytes data):
     cdef Cursor c, attrs, req
     cdef uint64_t key
     cdef _State st = _State()
-    st.method = st.path = st.host = st.source = ""
+    st.method = st.path = st.host = st.source = st.scheme = st.body = st.certificate = ""
+    st.raw_body = b""
     st.headers = {}
     st.header_map = []
     c.p = <const unsigned char*>PyBytes_AS_STRING(data)
@@ -232,7 +243,9 @@ cpdef object decode_check_request(bytes data):
             value = raw.decode("utf-8", "replace") if raw else v
             k = k.lower()
             headers[k] = headers[k] + "," + value if k in headers else value
-    return RequestView(st.method, st.path, st.host, headers, st.source)
+    # with_request_body sends `raw_body` when pack_as_bytes is set, `body` (UTF-8 text) otherwise.
+    body = st.raw_body if st.raw_body else st.body.encode("utf-8")
+    return RequestView(st.method, st.path, st.host, headers, st.source, st.scheme, body, st.certificate)
 
 
 # ---- encoding -----------------------------------------------------------------------------------

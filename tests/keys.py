@@ -98,3 +98,34 @@ def craft(key: SigningKey, header: str | dict[str, Any], payload: str | dict[str
 
 def jwks(*keys: SigningKey) -> dict[str, Any]:
     return {"keys": [k.public_jwk for k in keys]}
+
+
+def dpop_proof(
+    key: SigningKey,
+    method: str,
+    url: str,
+    token: str | None,
+    header: dict[str, Any] | None = None,
+    **claims: Any,
+) -> str:
+    """A DPoP proof (RFC 9449 §4.2) made by joserfc, as a client would make it; overrides drop on None."""
+    import hashlib
+    import uuid
+
+    from joserfc import jws
+
+    hdr: dict[str, Any] = {"typ": "dpop+jwt", "alg": key.alg, "jwk": key.public_jwk}
+    hdr["jwk"].pop("kid", None)
+    hdr.update(header or {})
+    body: dict[str, Any] = {"jti": uuid.uuid4().hex, "htm": method, "htu": url, "iat": int(time.time())}
+    if token is not None:
+        body["ath"] = b64(hashlib.sha256(token.encode()).digest())
+    body.update(claims)
+    hdr = {k: v for k, v in hdr.items() if v is not None}
+    body = {k: v for k, v in body.items() if v is not None}
+    return jws.serialize_compact(hdr, json.dumps(body).encode(), key.jose, algorithms=[key.alg])
+
+
+def jkt(key: SigningKey) -> str:
+    """The RFC 7638 thumbprint of a key, by joserfc."""
+    return str(key.jose.thumbprint())

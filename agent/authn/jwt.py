@@ -205,6 +205,15 @@ def principal_from_claims(idp: IdentityProvider, claims: dict[str, Any], method:
     jti = claims.get("jti")
     if jti is not None and not isinstance(jti, str):
         raise AuthnError(R.TOKEN_CLAIM_INVALID, "jti")
+    jkt = x5t = None
+    cnf = claims.get("cnf")
+    if cnf is not None:
+        # A confirmation method we cannot check must not turn a bound token into a bearer token.
+        if not isinstance(cnf, dict) or not cnf or set(cnf) - {"jkt", "x5t#S256"}:
+            raise AuthnError(R.TOKEN_CLAIM_INVALID, "cnf (only jkt and x5t#S256 are supported)")
+        jkt, x5t = cnf.get("jkt"), cnf.get("x5t#S256")
+        if (jkt is not None and not isinstance(jkt, str)) or (x5t is not None and not isinstance(x5t, str)):
+            raise AuthnError(R.TOKEN_CLAIM_INVALID, "cnf")
     return Principal(
         subject=sub,
         issuer=idp.issuer,
@@ -214,6 +223,8 @@ def principal_from_claims(idp: IdentityProvider, claims: dict[str, Any], method:
         scopes=scopes,
         roles=roles,
         expires_at=exp,
+        cnf_jkt=jkt,
+        cnf_x5t=x5t,
         claims=claims,
     )
 

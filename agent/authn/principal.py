@@ -16,6 +16,10 @@ class Principal:
     scopes: frozenset[str] = frozenset()
     roles: frozenset[str] = frozenset()
     expires_at: float | None = None
+    # RFC 7800 confirmation: the DPoP key thumbprint (cnf.jkt) or certificate thumbprint (cnf.x5t#S256)
+    # the token is bound to; a bound token is accepted only from the holder of that key or certificate.
+    cnf_jkt: str | None = None
+    cnf_x5t: str | None = None
     # The verified claims, for claim rules. Never logged or audited whole.
     claims: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import base64
 import difflib
 import hashlib
 import math
 import os
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from agent.config.model import (
     ASYMMETRIC_ALGORITHMS,
+    DEFAULT_HMAC_COMPONENTS,
     Allow,
     ClaimNames,
     ClaimRule,
+    Dpop,
+    HmacClient,
     IdentityProvider,
     Introspection,
     Policy,
@@ -28,15 +33,42 @@ from agent.urls import fetchable
 # Keys of DESIGN's policy format whose features are not built yet. They are refused, never accepted and
 # silently not enforced: a policy that asks for DPoP binding must not run without it.
 NOT_YET = {
-    "bind": "proof-of-possession binding (bind: dpop | mtls)",
     "rate_limit": "rate limits",
-    "hmac_clients": "HMAC request signatures (hmac_clients)",
     "mode": "shadow rules (mode: shadow)",
     "shared_state": "shared state in Redis",
 }
-AUTHN_KINDS = {"jwt"}
-AUTHN_NOT_YET = {"hmac": "HMAC request signatures", "dpop": "DPoP", "mtls": "mTLS client authentication"}
-TOP_KEYS = {"version", "service", "identity_providers", "routes", "default"}
+AUTHN_KINDS = {"jwt", "hmac"}
+AUTHN_NOT_KINDS = {
+    "dpop": "a DPoP-bound token is a JWT: write 'authn: [jwt]' and 'bind: dpop'",
+    "mtls": "a certificate-bound token is a JWT: write 'authn: [jwt]' and 'bind: mtls' "
+    "(certificate-only authentication, without a token, is not supported)",
+}
+BIND_KINDS = ("dpop", "mtls")
+TOP_KEYS = {"version", "service", "identity_providers", "routes", "default", "dpop", "hmac_clients"}
+DPOP_KEYS = {
+    "algorithms",
+    "max_age_s",
+    "leeway_s",
+    "use_dpop_nonce",
+    "nonce_lifetime_s",
+    "nonce_secret_file",
+    "replay_cache_entries",
+}
+HMAC_CLIENT_KEYS = {
+    "key_file",
+    "key_env",
+    "keys",
+    "roles",
+    "scopes",
+    "components",
+    "max_age_s",
+    "leeway_s",
+    "require_nonce",
+}
+HMAC_KEY_KEYS = {"key_file", "key_env"}
+MIN_HMAC_KEY_BYTES = 32  # RFC 2104 §3: not shorter than the hash output
+DERIVED_COMPONENTS = {"@method", "@authority", "@path", "@query", "@target-uri", "@scheme", "@request-target"}
+_FIELD_NAME = re.compile(r"[a-z0-9!#$%&'*+\-.^_`|~]+")
 IDP_KEYS = {
     "issuer",
     "jwks_uri",
@@ -62,7 +94,7 @@ IDP_KEYS = {
     "introspection_timeout_s",
 }
 CLAIM_KEYS = {"subject", "roles", "scopes", "client_id"}
-ROUTE_KEYS = {"name", "match", "authn", "allow", "public", "forward_token"}
+ROUTE_KEYS = {"name", "match", "authn", "allow", "public", "forward_token", "bind"}
 MATCH_KEYS = {"methods", "path"}
 ALLOW_KEYS = {
     "scopes_all",
@@ -360,7 +392,7 @@ def _allow(ctx: _Ctx, d: LDict, where: str, params: set[str]) -> Allow:
     )
 
 
-def _route(ctx: _Ctx, d: LDict, index: int, idps: dict[str, IdentityProvider]) -> Route | None:
+def _route(ctx: _Ctx, d: LDict, index: int, idps: dict[str, IdentityProvider], has_hmac_clients: bool) -> Route | None:
     name = d.get("name")
     where = f"routes[{index}]" + (f" ({name})" if isinstance(name, str) else "")
     n_errors = len(ctx.errors)
@@ -398,15 +430,26 @@ def _route(ctx: _Ctx, d: LDict, index: int, idps: dict[str, IdentityProvider]) -
     public = bool(_get(ctx, d, "public", bool, where, False))
     authn = _str_list(ctx, d, "authn", where) or []
     for kind in authn:
-        if kind in AUTHN_NOT_YET:
-            ctx.err(d.lines["authn"], f"{where}.authn: {kind!r} is not supported yet ({AUTHN_NOT_YET[kind]})")
+        if kind in AUTHN_NOT_KINDS:
+            ctx.err(d.lines["authn"], f"{where}.authn: {kind!r} is not an authn kind; {AUTHN_NOT_KINDS[kind]}")
         elif kind not in AUTHN_KINDS:
-            ctx.err(d.lines["authn"], f"{where}.authn: unknown kind {kind!r}; use one of: jwt")
+            ctx.err(d.lines["authn"], f"{where}.authn: unknown kind {kind!r}; use jwt and/or hmac")
+    if len(set(authn)) != len(authn):
+        ctx.err(d.lines["authn"], f"{where}.authn lists a kind twice")
+    bind = _get(ctx, d, "bind", str, where)
+    if bind is not None and bind not in BIND_KINDS:
+        ctx.err(d.lines["bind"], f"{where}.bind must be dpop or mtls, got {bind!r}")
+        bind = None
+    elif bind is not None and authn != ["jwt"]:
+        ctx.err(
+            d.lines["bind"],
+            f"{where}.bind: {bind} binds a token to its caller, so the route needs 'authn: [jwt]' and nothing else",
+        )
     params = {s.value for s in segments if s.kind == PARAM}
     allow = None
     am = _mapping(ctx, d, "allow", where)
     if public:
-        for key in ("authn", "allow"):
+        for key in ("authn", "allow", "bind"):
             if key in d:
                 ctx.err(d.lines[key], f"{where}: a public route takes no {key!r}; remove it or public: true")
     else:
@@ -418,6 +461,8 @@ def _route(ctx: _Ctx, d: LDict, index: int, idps: dict[str, IdentityProvider]) -
             )
         if "jwt" in authn and not idps:
             ctx.err(d.lines["authn"], f"{where}.authn: jwt needs at least one identity provider")
+        if "hmac" in authn and not has_hmac_clients:
+            ctx.err(d.lines["authn"], f"{where}.authn: hmac needs at least one entry in hmac_clients")
         if am is None and "allow" not in d:
             ctx.err(d.line, f"{where}: needs 'allow' (write 'allow: {{}}' to admit any authenticated caller)")
         elif am is not None:
@@ -435,9 +480,119 @@ def _route(ctx: _Ctx, d: LDict, index: int, idps: dict[str, IdentityProvider]) -
         authn=tuple(authn),
         allow=allow,
         forward_token=bool(_get(ctx, d, "forward_token", bool, where, False)),
+        bind=bind,
         line=d.line,
     )
     return route if len(ctx.errors) == n_errors else None
+
+
+def _dpop(ctx: _Ctx, d: LDict) -> Dpop:
+    where = "dpop"
+    ctx.keys(d, DPOP_KEYS, where)
+    algs = _str_list(ctx, d, "algorithms", where)
+    for alg in algs or ():
+        if alg not in ASYMMETRIC_ALGORITHMS:
+            ctx.err(
+                d.lines["algorithms"],
+                f"{where}.algorithms: {alg!r} is not an asymmetric JWS algorithm "
+                f"(use: {', '.join(sorted(ASYMMETRIC_ALGORITHMS))})",
+            )
+    if algs is not None and not algs:
+        ctx.err(d.lines["algorithms"], f"{where}.algorithms is empty; no proof could ever be accepted")
+    secret: bytes | None = None
+    if "nonce_secret_file" in d:
+        text = _read_secret(ctx, d, "nonce_secret_file", where)
+        if text is not None:
+            secret = text.encode()
+            if len(secret) < MIN_HMAC_KEY_BYTES:
+                ctx.err(d.lines["nonce_secret_file"], f"{where}.nonce_secret_file: use at least 32 random bytes")
+    entries = _get(ctx, d, "replay_cache_entries", int, where, 262_144)
+    if entries < 1024:
+        ctx.err(d.lines["replay_cache_entries"], f"{where}.replay_cache_entries must be at least 1024")
+    return Dpop(
+        algorithms=frozenset(algs) if algs else ASYMMETRIC_ALGORITHMS,
+        max_age_s=_number(ctx, d, "max_age_s", where, 60.0, minimum=1.0),
+        leeway_s=_number(ctx, d, "leeway_s", where, 5.0),
+        use_nonce=bool(_get(ctx, d, "use_dpop_nonce", bool, where, False)),
+        nonce_lifetime_s=_number(ctx, d, "nonce_lifetime_s", where, 300.0, minimum=1.0),
+        nonce_secret=secret,
+        replay_cache_entries=max(int(entries), 1024),
+    )
+
+
+def _hmac_key(ctx: _Ctx, d: LDict, where: str) -> bytes | None:
+    """One key, base64 on one line, from a file or an environment variable. Never echoed in errors."""
+    if ("key_file" in d) == ("key_env" in d):
+        ctx.err(d.line, f"{where}: give exactly one of key_file or key_env")
+        return None
+    if "key_file" in d:
+        text = _read_secret(ctx, d, "key_file", where)
+        line, what = d.lines["key_file"], "key_file"
+    else:
+        env = _get(ctx, d, "key_env", str, where)
+        line, what = d.lines["key_env"], f"key_env ${env}"
+        text = os.environ.get(env, "").strip() if env else None
+        if env and not text:
+            ctx.err(line, f"{where}.key_env: the environment variable {env} is unset or empty")
+            return None
+    if text is None:
+        return None
+    try:
+        key = base64.b64decode(text, validate=True)
+    except ValueError:
+        ctx.err(line, f"{where}: {what} must hold the key base64-encoded on one line")
+        return None
+    if len(key) < MIN_HMAC_KEY_BYTES:
+        ctx.err(line, f"{where}: {what} holds {len(key)} bytes; an hmac-sha256 key needs at least {MIN_HMAC_KEY_BYTES}")
+        return None
+    return key
+
+
+def _hmac_client(ctx: _Ctx, name: str, d: LDict) -> HmacClient | None:
+    where = f"hmac_clients.{name}"
+    n_errors = len(ctx.errors)
+    ctx.keys(d, HMAC_CLIENT_KEYS, where)
+    keys: list[bytes] = []
+    if "keys" in d:
+        if "key_file" in d or "key_env" in d:
+            ctx.err(d.lines["keys"], f"{where}: give 'keys' (a list, for rotation) or one key_file/key_env, not both")
+        kl = d["keys"]
+        if not isinstance(kl, LList) or not kl:
+            ctx.err(d.lines["keys"], f"{where}.keys must be a non-empty list of {{key_file: ...}} or {{key_env: ...}}")
+        else:
+            for i, item in enumerate(kl):
+                if not isinstance(item, LDict):
+                    ctx.err(kl.lines[i], f"{where}.keys[{i}] must be a mapping with key_file or key_env")
+                    continue
+                ctx.keys(item, HMAC_KEY_KEYS, f"{where}.keys[{i}]")
+                key = _hmac_key(ctx, item, f"{where}.keys[{i}]")
+                if key is not None:
+                    keys.append(key)
+    else:
+        key = _hmac_key(ctx, d, where)
+        if key is not None:
+            keys.append(key)
+    components = _str_list(ctx, d, "components", where)
+    for c in components or ():
+        if c.startswith("@") and c not in DERIVED_COMPONENTS:
+            ctx.err(
+                d.lines["components"],
+                f"{where}.components: {c!r} is not a derived component (use: {', '.join(sorted(DERIVED_COMPONENTS))})",
+            )
+        elif not c.startswith("@") and _FIELD_NAME.fullmatch(c) is None:
+            ctx.err(d.lines["components"], f"{where}.components: {c!r} is not a lower-case header field name")
+    client = HmacClient(
+        name=name,
+        keys=tuple(keys),
+        roles=frozenset(_str_list(ctx, d, "roles", where) or ()),
+        scopes=frozenset(_str_list(ctx, d, "scopes", where) or ()),
+        components=tuple(components) if components is not None else DEFAULT_HMAC_COMPONENTS,
+        max_age_s=_number(ctx, d, "max_age_s", where, 300.0, minimum=1.0),
+        leeway_s=_number(ctx, d, "leeway_s", where, 5.0),
+        require_nonce=bool(_get(ctx, d, "require_nonce", bool, where, True)),
+        line=d.line,
+    )
+    return client if len(ctx.errors) == n_errors and keys else None
 
 
 def _check_overlaps(ctx: _Ctx, routes: list[Route]) -> None:
@@ -510,6 +665,19 @@ def load_policy_text(text: str, file: str = "<policy>", base_dir: Path | None = 
             "only one identity provider may introspect opaque tokens (an opaque token names no "
             f"issuer, and sending it to the wrong one leaks it); found {', '.join(introspecting)}",
         )
+    dpop = Dpop()
+    dm = _mapping(ctx, doc, "dpop", "policy")
+    if dm is not None:
+        dpop = _dpop(ctx, dm)
+    hmac_clients: list[HmacClient] = []
+    hm = _mapping(ctx, doc, "hmac_clients", "policy")
+    for name, body in (hm or {}).items():
+        if not isinstance(body, LDict):
+            ctx.err(hm.lines[name] if hm else 0, f"hmac_clients.{name} must be a mapping (key_file or key_env, roles)")
+            continue
+        client = _hmac_client(ctx, str(name), body)
+        if client is not None:
+            hmac_clients.append(client)
     routes: list[Route] = []
     rl = doc.get("routes")
     if not isinstance(rl, LList) or not rl:
@@ -519,7 +687,7 @@ def load_policy_text(text: str, file: str = "<policy>", base_dir: Path | None = 
             if not isinstance(item, LDict):
                 ctx.err(rl.lines[i], f"routes[{i}] must be a mapping with name, match, authn, allow")
                 continue
-            route = _route(ctx, item, i, idps)
+            route = _route(ctx, item, i, idps, bool(hmac_clients))
             if route is not None:
                 routes.append(route)
         _check_overlaps(ctx, routes)
@@ -532,6 +700,8 @@ def load_policy_text(text: str, file: str = "<policy>", base_dir: Path | None = 
         routes=tuple(routes),
         version=f"{service}@{digest}",
         source=file,
+        dpop=dpop,
+        hmac_clients=tuple(hmac_clients),
     )
 
 

@@ -12,6 +12,8 @@ ASYMMETRIC_ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA", "Ed25519"}
 )
 DEFAULT_TOKEN_TYPES = ("at+jwt", "application/at+jwt", "jwt")
+# What an RFC 9421 signature must cover unless a client says otherwise (plus content-digest with a body).
+DEFAULT_HMAC_COMPONENTS = ("@method", "@authority", "@path")
 
 
 @lru_cache(maxsize=256)
@@ -108,6 +110,36 @@ class Allow:
 
 
 @dataclass(frozen=True, slots=True)
+class Dpop:
+    """How DPoP proofs (RFC 9449) are checked: algorithms, freshness window, server nonces, replay cache."""
+
+    algorithms: frozenset[str] = ASYMMETRIC_ALGORITHMS
+    max_age_s: float = 60.0  # a proof's iat may be this old
+    leeway_s: float = 5.0  # and this far in the future (clock skew)
+    use_nonce: bool = False  # RFC 9449 §8: proofs must carry a nonce this agent issued (DPoP-Nonce)
+    nonce_lifetime_s: float = 300.0
+    # Nonces are MACed with this secret; replicas that share it accept each other's nonces. Random per
+    # process when not configured.
+    nonce_secret: bytes | None = field(default=None, repr=False)
+    replay_cache_entries: int = 262_144
+
+
+@dataclass(frozen=True, slots=True)
+class HmacClient:
+    """A client that signs requests with RFC 9421 `hmac-sha256`; its name is the signature's keyid."""
+
+    name: str
+    keys: tuple[bytes, ...] = field(repr=False)  # every active key (rotation): any one may verify
+    roles: frozenset[str] = frozenset()
+    scopes: frozenset[str] = frozenset()
+    components: tuple[str, ...] = DEFAULT_HMAC_COMPONENTS  # must be covered; plus content-digest with a body
+    max_age_s: float = 300.0  # `created` may be this old
+    leeway_s: float = 5.0
+    require_nonce: bool = True
+    line: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     """One per-route rule as a service owner wrote it."""
 
@@ -118,6 +150,7 @@ class Route:
     authn: tuple[str, ...] = ()
     allow: Allow | None = None
     forward_token: bool = False
+    bind: str | None = None  # "dpop" or "mtls": the token must be bound to the caller's key or certificate
     line: int = 0
 
 
@@ -131,3 +164,5 @@ class Policy:
     version: str  # the service name and a digest of the file: what audit records and /readyz report
     source: str = "<policy>"
     default: str = "deny"
+    dpop: Dpop = Dpop()
+    hmac_clients: tuple[HmacClient, ...] = ()

@@ -22,8 +22,18 @@ def decode(req: Any) -> RequestView:
             value = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
             key = h.key.lower()
             headers[key] = f"{headers[key]},{value}" if key in headers else value
-    sock = req.attributes.source.address.socket_address
-    return RequestView(method=http.method, path=http.path, host=http.host, headers=headers, source=sock.address)
+    source = req.attributes.source
+    return RequestView(
+        method=http.method,
+        path=http.path,
+        host=http.host,
+        headers=headers,
+        source=source.address.socket_address.address,
+        scheme=http.scheme,
+        # with_request_body sends `raw_body` when pack_as_bytes is set, `body` (UTF-8 text) otherwise.
+        body=http.raw_body or http.body.encode("utf-8"),
+        certificate=source.certificate,
+    )
 
 
 def encode(d: Decision) -> Any:

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from agent.audit.writer import JsonLinesAudit
 from agent.authn.jwks import KeyStore
+from agent.authn.replay import ReplayCache
 from agent.config import load_policy
 from agent.config.model import Policy
 from agent.engine import Engine
@@ -40,7 +41,9 @@ class AgentServer:
     ) -> None:
         self.audit = JsonLinesAudit(audit_log)
         self.token_cache_entries = token_cache_entries
-        self.engine = Engine.for_policy(policy, self.audit, token_cache_entries=token_cache_entries)
+        # Shared by every engine this server builds, so a reload never forgets a DPoP jti or a signature nonce.
+        self.replay = ReplayCache(policy.dpop.replay_cache_entries)
+        self.engine = Engine.for_policy(policy, self.audit, token_cache_entries=token_cache_entries, replay=self.replay)
         self.listen = listen
         self.admin_listen = admin
         self.policy_path = policy_path
@@ -114,7 +117,7 @@ class AgentServer:
                     store = KeyStore(idp)
                     fresh.append(store)
                 stores[idp.name] = store
-            new = Engine(policy, stores, self.audit, token_cache_entries=self.token_cache_entries)
+            new = Engine(policy, stores, self.audit, token_cache_entries=self.token_cache_entries, replay=self.replay)
             await asyncio.gather(*(s.refresh() for s in fresh))
             deadline = asyncio.get_running_loop().time() + self.reload_wait_s
             while not all(s.ready for s in fresh) and asyncio.get_running_loop().time() < deadline:

@@ -36,7 +36,11 @@ def check_requests(draw: st.DrawFn) -> bytes:
     http.host = draw(text)
     http.id = draw(text)
     http.size = draw(st.integers(-1, 2**40))
-    http.raw_body = draw(st.binary(max_size=20))
+    http.scheme = draw(st.sampled_from(["", "http", "https"]))
+    if draw(st.booleans()):
+        http.raw_body = draw(st.binary(max_size=20))
+    if draw(st.booleans()):
+        http.body = draw(text)
     for k, v in draw(st.dictionaries(header_names, text, max_size=6)).items():
         http.headers[k] = v
     if draw(st.booleans()):
@@ -54,6 +58,8 @@ def check_requests(draw: st.DrawFn) -> bytes:
     elif kind == "pipe":
         attrs.source.address.pipe.path = draw(text)
     attrs.source.principal = draw(text)
+    if draw(st.booleans()):
+        attrs.source.certificate = draw(text)
     attrs.destination.address.socket_address.address = draw(text)
     for k, v in draw(st.dictionaries(text, text, max_size=3)).items():
         attrs.context_extensions[k] = v

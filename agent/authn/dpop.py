@@ -1,0 +1,205 @@
+"""DPoP (RFC 9449): every check of §4.3 on a proof, the RFC 7638 thumbprint, and server-issued nonces (§8)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import struct
+import time
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+from agent import reasons as R
+from agent.authn.jwk import parse_jwk, verify_signature
+from agent.authn.replay import ReplayCache, Seen
+from agent.authn.strict import b64url_decode, is_number, strict_json_object
+from agent.config.model import Dpop
+from agent.errors import AuthnError
+
+MAX_PROOF_BYTES = 8192
+_THUMBPRINT_MEMBERS = {"EC": ("crv", "kty", "x", "y"), "RSA": ("e", "kty", "n"), "OKP": ("crv", "kty", "x")}
+_DEFAULT_PORTS = {"http": ":80", "https": ":443"}
+# Nonces stay valid across policy reloads within one process; replicas share them only with nonce_secret_file.
+_PROCESS_NONCE_SECRET = os.urandom(32)
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+
+def b64url(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def jwk_thumbprint(jwk: dict[str, Any]) -> str:
+    """RFC 7638: SHA-256 over the required members, sorted, without whitespace; base64url."""
+    members = _THUMBPRINT_MEMBERS.get(jwk.get("kty"))  # type: ignore[arg-type]
+    if members is None or not all(isinstance(jwk.get(m), str) for m in members):
+        raise ValueError("not a key the thumbprint is defined for")
+    canonical = json.dumps({m: jwk[m] for m in members}, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+    return b64url(hashlib.sha256(canonical.encode("utf-8")).digest())
+
+
+def access_token_hash(token: str) -> str:
+    """The `ath` a proof carries for an access token: base64url(SHA-256(ASCII of the token))."""
+    return b64url(hashlib.sha256(token.encode("ascii")).digest())
+
+
+def _normal_path(path: str) -> str | None:
+    # RFC 3986 §6.2.2: percent-encodings upper-cased, unreserved characters decoded; the rest as sent.
+    out = bytearray()
+    raw = path.encode("utf-8")
+    i = 0
+    while i < len(raw):
+        c = raw[i]
+        if c == 0x25:  # '%'
+            h = raw[i + 1 : i + 3]
+            try:
+                v = int(h, 16) if len(h) == 2 else -1
+            except ValueError:
+                return None
+            if v < 0:
+                return None
+            if v in _UNRESERVED:
+                out.append(v)
+            else:
+                out += b"%" + h.upper()
+            i += 3
+        else:
+            out.append(c)
+            i += 1
+    text = out.decode("utf-8", "replace")
+    return text or "/"
+
+
+def normal_uri(scheme: str, authority: str, path: str) -> str | None:
+    """scheme://authority/path compared the way RFC 9449 §4.3 asks: RFC 3986 §6.2.2 and §6.2.3, no query."""
+    scheme = scheme.lower()
+    if scheme not in _DEFAULT_PORTS or not authority or "@" in authority:
+        return None
+    authority = authority.lower()
+    if authority.endswith(_DEFAULT_PORTS[scheme]):
+        authority = authority[: -len(_DEFAULT_PORTS[scheme])]
+    p = _normal_path(path.split("?", 1)[0].split("#", 1)[0])
+    return None if p is None else f"{scheme}://{authority}{p}"
+
+
+def normal_htu(htu: str) -> str | None:
+    try:
+        u = urlsplit(htu)
+    except ValueError:
+        return None
+    return normal_uri(u.scheme, u.netloc, u.path)
+
+
+class Nonces:
+    """Stateless server nonces: an issue time and its MAC, valid for `lifetime_s`; shared by replicas that
+    share the secret."""
+
+    def __init__(self, secret: bytes, lifetime_s: float, clock: Callable[[], float]) -> None:
+        self._secret = secret
+        self._lifetime = lifetime_s
+        self._clock = clock
+
+    def issue(self) -> str:
+        stamp = struct.pack(">Q", int(self._clock()))
+        return b64url(stamp + hmac.digest(self._secret, stamp, "sha256")[:16])
+
+    def valid(self, nonce: object) -> bool:
+        if not isinstance(nonce, str) or len(nonce) != 32:
+            return False
+        try:
+            raw = b64url_decode(nonce)
+        except ValueError:
+            return False
+        if len(raw) != 24 or not hmac.compare_digest(raw[8:], hmac.digest(self._secret, raw[:8], "sha256")[:16]):
+            return False
+        issued: int = struct.unpack(">Q", raw[:8])[0]
+        now = self._clock()
+        return issued <= now + 5 and now - issued <= self._lifetime
+
+
+class NonceRequired(AuthnError):
+    """The proof lacks a valid nonce: the caller retries with the one in `DPoP-Nonce`."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(R.DPOP_NONCE_REQUIRED, detail)
+
+
+class DpopVerifier:
+    def __init__(self, settings: Dpop, replay: ReplayCache, clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self._clock = clock
+        self.replay = replay
+        self.nonces = Nonces(settings.nonce_secret or _PROCESS_NONCE_SECRET, settings.nonce_lifetime_s, clock)
+        self.algs_challenge = " ".join(sorted(settings.algorithms))
+
+    def verify(self, proof: str | None, method: str, htu: str | None, access_token: str) -> str:
+        """Check one proof for a request carrying `access_token`; returns the proof key's RFC 7638 thumbprint.
+
+        `proof` is the DPoP header as Envoy passed it (repeated headers arrive joined by commas).
+        """
+        if not proof:
+            raise AuthnError(R.DPOP_PROOF_MISSING)
+        if "," in proof or " " in proof.strip():
+            raise AuthnError(R.DPOP_PROOF_INVALID, "more than one DPoP header")
+        if len(proof) > MAX_PROOF_BYTES:
+            raise AuthnError(R.DPOP_PROOF_INVALID, "proof too large")
+        s = self.settings
+        parts = proof.split(".")
+        if len(parts) != 3:
+            raise AuthnError(R.DPOP_PROOF_INVALID, "not a JWT")
+        try:
+            header = strict_json_object(b64url_decode(parts[0]))
+            claims = strict_json_object(b64url_decode(parts[1]))
+            signature = b64url_decode(parts[2])
+        except ValueError as e:
+            raise AuthnError(R.DPOP_PROOF_INVALID, str(e)) from None
+        typ = header.get("typ")
+        if not isinstance(typ, str) or typ.lower() != "dpop+jwt":
+            raise AuthnError(R.DPOP_PROOF_INVALID, "typ is not dpop+jwt")
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg not in s.algorithms:
+            raise AuthnError(R.DPOP_PROOF_INVALID, "alg not allowed")
+        if "crit" in header:
+            raise AuthnError(R.DPOP_PROOF_INVALID, "crit is not supported")
+        jwk = header.get("jwk")
+        if not isinstance(jwk, dict):
+            raise AuthnError(R.DPOP_PROOF_INVALID, "no jwk in the header")
+        try:
+            key = parse_jwk(jwk)  # refuses private members, weak RSA, off-curve points
+            thumbprint = jwk_thumbprint(jwk)
+        except ValueError as e:
+            raise AuthnError(R.DPOP_PROOF_INVALID, f"jwk: {e}") from None
+        if alg not in key.algs:
+            raise AuthnError(R.DPOP_PROOF_INVALID, "alg does not fit the jwk")
+        signing_input = proof[: len(parts[0]) + 1 + len(parts[1])].encode("ascii")
+        if not verify_signature(key, alg, signing_input, signature):
+            raise AuthnError(R.DPOP_PROOF_INVALID, "signature does not verify with the header's jwk")
+        jti = claims.get("jti")
+        if not isinstance(jti, str) or not jti or len(jti) > 256:
+            raise AuthnError(R.DPOP_PROOF_INVALID, "jti missing or invalid")
+        if claims.get("htm") != method:
+            raise AuthnError(R.DPOP_PROOF_INVALID, "htm does not match the request method")
+        htu_claim = claims.get("htu")
+        if not isinstance(htu_claim, str) or htu is None or normal_htu(htu_claim) != htu:
+            raise AuthnError(R.DPOP_PROOF_INVALID, "htu does not match the request URI")
+        iat = claims.get("iat")
+        if iat is None or not is_number(iat):
+            raise AuthnError(R.DPOP_PROOF_INVALID, "iat missing or not a number")
+        now = self._clock()
+        if iat > now + s.leeway_s or iat < now - s.max_age_s - s.leeway_s:
+            raise AuthnError(R.DPOP_PROOF_INVALID, "iat outside the accepted window")
+        ath = claims.get("ath")
+        if not isinstance(ath, str) or not hmac.compare_digest(ath.encode(), access_token_hash(access_token).encode()):
+            raise AuthnError(R.DPOP_PROOF_INVALID, "ath does not match the access token")
+        if s.use_nonce and not self.nonces.valid(claims.get("nonce")):
+            raise NonceRequired("nonce missing" if "nonce" not in claims else "nonce invalid or expired")
+        # Remembered for as long as the proof's iat would still be accepted.
+        seen = self.replay.check_and_remember(f"dpop:{thumbprint}", jti, s.max_age_s + 2 * s.leeway_s)
+        if seen is Seen.REPLAYED:
+            raise AuthnError(R.DPOP_PROOF_REPLAYED)
+        if seen is Seen.FULL:
+            raise AuthnError(R.REPLAY_CACHE_FULL)
+        return thumbprint

@@ -1,0 +1,219 @@
+"""RFC 9421 HTTP message signatures with `hmac-sha256`, and RFC 9530 `Content-Digest` of the request body.
+
+Structured fields (RFC 8941) are parsed by `http_sfv`; the signature base, the checks and the policy are
+ours. Keys come only from `hmac_clients` in the policy; the signature's `keyid` names the client.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from http_sfv.dictionary import Dictionary
+from http_sfv.item import InnerList, Item
+
+from agent import reasons as R
+from agent.authn.principal import Principal
+from agent.authn.replay import ReplayCache, Seen
+from agent.config.model import HmacClient
+from agent.errors import AuthnError
+
+MAX_FIELD_BYTES = 8192
+MAX_COMPONENTS = 32
+HMAC_ISSUER = "hmac_clients"  # what audit records show as the issuer of an HMAC-authenticated caller
+_DIGESTS = {"sha-256": hashlib.sha256, "sha-512": hashlib.sha512}
+
+
+def _dictionary(value: str, what: str) -> Dictionary:
+    if len(value) > MAX_FIELD_BYTES:
+        raise AuthnError(R.SIGNATURE_MALFORMED, f"{what} too large")
+    d = Dictionary()
+    try:
+        d.parse(value.encode("ascii"))
+    except (ValueError, UnicodeEncodeError):
+        raise AuthnError(R.SIGNATURE_MALFORMED, f"{what} is not a structured-field dictionary") from None
+    return d
+
+
+def _target(view_path: str) -> tuple[str, str]:
+    path, sep, query = view_path.partition("?")
+    return path or "/", "?" + query if sep else "?"
+
+
+def component_value(
+    name: str, method: str, scheme: str, authority: str, target: str, headers: Mapping[str, str]
+) -> str:
+    """The value of one covered component (RFC 9421 §2.1 fields, §2.2 derived components)."""
+    path, query = _target(target)
+    if name == "@method":
+        return method
+    if name == "@authority":
+        return authority.lower()
+    if name == "@scheme":
+        return scheme.lower()
+    if name == "@path":
+        return path
+    if name == "@query":
+        return query
+    if name == "@request-target":
+        return target
+    if name == "@target-uri":
+        return f"{scheme.lower()}://{authority.lower()}{target}"
+    if name.startswith("@"):
+        raise AuthnError(R.SIGNATURE_MALFORMED, f"derived component {name} is not supported")
+    value = headers.get(name)
+    if value is None:
+        raise AuthnError(R.SIGNATURE_INVALID, f"covered field {name} is absent")
+    return value.strip()
+
+
+def signature_base(
+    covered: InnerList, method: str, scheme: str, authority: str, target: str, headers: Mapping[str, str]
+) -> bytes:
+    """RFC 9421 §2.5: one line per covered component, then @signature-params."""
+    lines = []
+    seen: set[str] = set()
+    for item in covered:
+        name = item.value
+        if not isinstance(name, str) or name != name.lower():
+            raise AuthnError(R.SIGNATURE_MALFORMED, "component identifiers must be lower-case strings")
+        if item.params:
+            raise AuthnError(R.SIGNATURE_MALFORMED, "component parameters (sf, key, bs, req, tr) are not supported")
+        if name in seen:
+            raise AuthnError(R.SIGNATURE_MALFORMED, f"component {name} covered twice")
+        seen.add(name)
+        value = component_value(name, method, scheme, authority, target, headers)
+        if "\n" in value or "\r" in value:
+            raise AuthnError(R.SIGNATURE_MALFORMED, "component value with a line break")
+        lines.append(f'"{name}": {value}')
+    lines.append(f'"@signature-params": {covered}')
+    return "\n".join(lines).encode("utf-8")
+
+
+def check_content_digest(header: str | None, body: bytes) -> None:
+    """RFC 9530: every supported digest in Content-Digest must match the body; at least one must be there."""
+    if header is None:
+        raise AuthnError(R.CONTENT_DIGEST_MISMATCH, "Content-Digest absent")
+    d = _dictionary(header, "Content-Digest")
+    checked = 0
+    for alg, member in d.items():
+        fn = _DIGESTS.get(alg)
+        if fn is None:
+            continue
+        if not isinstance(member, Item) or not isinstance(member.value, bytes):
+            raise AuthnError(R.CONTENT_DIGEST_MISMATCH, f"{alg} is not a byte sequence")
+        if not hmac.compare_digest(member.value, fn(body).digest()):
+            raise AuthnError(R.CONTENT_DIGEST_MISMATCH)
+        checked += 1
+    if not checked:
+        raise AuthnError(R.CONTENT_DIGEST_MISMATCH, "no sha-256 or sha-512 digest")
+
+
+def has_body(headers: Mapping[str, str], body: bytes) -> bool:
+    if body or "transfer-encoding" in headers:
+        return True
+    length = headers.get("content-length", "0").strip()
+    return not (length.isdigit() and int(length) == 0)
+
+
+class HmacVerifier:
+    def __init__(self, clients: tuple[HmacClient, ...], replay: ReplayCache, clock: Callable[[], float] = time.time):
+        self._clients = {c.name: c for c in clients}
+        self._principals = {
+            c.name: Principal(
+                subject=c.name, issuer=HMAC_ISSUER, method="hmac", client_id=c.name, scopes=c.scopes, roles=c.roles
+            )
+            for c in clients
+        }
+        self.replay = replay
+        self._clock = clock
+
+    def verify(
+        self, method: str, scheme: str, authority: str, target: str, headers: Mapping[str, str], body: bytes
+    ) -> Principal:
+        sig_input = headers.get("signature-input")
+        sig_field = headers.get("signature")
+        if not sig_input or not sig_field:
+            raise AuthnError(R.SIGNATURE_MISSING)
+        inputs = _dictionary(sig_input, "Signature-Input")
+        signatures = _dictionary(sig_field, "Signature")
+        ours: list[tuple[str, InnerList, HmacClient]] = []
+        for label, member in inputs.items():
+            if not isinstance(member, InnerList):
+                raise AuthnError(R.SIGNATURE_MALFORMED, "a Signature-Input member is not an inner list")
+            keyid = member.params.get("keyid")
+            client = self._clients.get(keyid) if isinstance(keyid, str) else None
+            if client is not None:
+                ours.append((label, member, client))
+        if not ours:
+            raise AuthnError(R.SIGNATURE_KEY_UNKNOWN)
+        if len(ours) > 1:
+            raise AuthnError(R.SIGNATURE_MALFORMED, "more than one signature by a configured client")
+        label, covered, client = ours[0]
+        params: Mapping[str, Any] = covered.params
+        alg = params.get("alg")
+        if alg is not None and alg != "hmac-sha256":
+            raise AuthnError(R.SIGNATURE_MALFORMED, "alg is not hmac-sha256")
+        if len(covered) > MAX_COMPONENTS:
+            raise AuthnError(R.SIGNATURE_MALFORMED, "too many covered components")
+        names = {item.value for item in covered}
+        required = set(client.components)
+        body_present = has_body(headers, body)
+        if body_present:
+            required.add("content-digest")
+        missing = sorted(required - names)
+        if missing:
+            raise AuthnError(R.SIGNATURE_COMPONENTS_MISSING, "not covered: " + " ".join(missing))
+        created = params.get("created")
+        expires = params.get("expires")
+        if not isinstance(created, int) or isinstance(created, bool):
+            raise AuthnError(R.SIGNATURE_MALFORMED, "created missing or not an integer")
+        if expires is not None and (not isinstance(expires, int) or isinstance(expires, bool)):
+            raise AuthnError(R.SIGNATURE_MALFORMED, "expires is not an integer")
+        nonce = params.get("nonce")
+        if nonce is not None and (not isinstance(nonce, str) or not nonce or len(nonce) > 256):
+            raise AuthnError(R.SIGNATURE_MALFORMED, "nonce is not a short string")
+        if client.require_nonce and nonce is None:
+            raise AuthnError(R.SIGNATURE_MALFORMED, "nonce required")
+        now = self._clock()
+        if created > now + client.leeway_s or created < now - client.max_age_s - client.leeway_s:
+            raise AuthnError(R.SIGNATURE_EXPIRED, "created outside the accepted window")
+        if expires is not None and now >= expires + client.leeway_s:
+            raise AuthnError(R.SIGNATURE_EXPIRED, "expired")
+        value = signatures.get(label)
+        if not isinstance(value, Item) or not isinstance(value.value, bytes):
+            raise AuthnError(R.SIGNATURE_MALFORMED, "no Signature member for the Signature-Input label")
+        base = signature_base(covered, method, scheme, authority, target, headers)
+        given = value.value
+        # Every key is tried (constant time each) so the time taken does not tell which key is active.
+        ok = False
+        for key in client.keys:
+            ok |= hmac.compare_digest(hmac.digest(key, base, "sha256"), given)
+        if not ok:
+            raise AuthnError(R.SIGNATURE_INVALID)
+        if body_present or "content-digest" in names:
+            # Envoy adds this header when it truncated the body; a client-sent copy is joined to Envoy's, so
+            # any "true" in it counts.
+            if "true" in headers.get("x-envoy-auth-partial-body", "").lower():
+                raise AuthnError(R.BODY_UNAVAILABLE, "Envoy sent a truncated body")
+            length = headers.get("content-length", "").strip()
+            if length and (not length.isdigit() or int(length) != len(body)):
+                raise AuthnError(R.BODY_UNAVAILABLE, "the body Envoy sent is not the whole body")
+            check_content_digest(headers.get("content-digest"), body)
+        if nonce is not None:
+            window = client.max_age_s + 2 * client.leeway_s
+            seen = self.replay.check_and_remember(f"hmac:{client.name}", nonce, window)
+            if seen is Seen.REPLAYED:
+                raise AuthnError(R.SIGNATURE_REPLAYED)
+            if seen is Seen.FULL:
+                raise AuthnError(R.REPLAY_CACHE_FULL)
+        return self._principals[client.name]
+
+
+def b64_key(text: str) -> bytes:
+    """A key as RFC 9421's examples write it: standard base64 on one line."""
+    return base64.b64decode(text.strip(), validate=True)

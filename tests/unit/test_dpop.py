@@ -1,0 +1,207 @@
+"""DPoP proofs (RFC 9449 §4.3): the RFC's own examples, then one test per rejection rule."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+
+from agent import reasons as R
+from agent.authn.dpop import DpopVerifier, NonceRequired, access_token_hash, jwk_thumbprint, normal_htu, normal_uri
+from agent.authn.replay import ReplayCache
+from agent.config.model import Dpop
+from agent.errors import AuthnError
+from tests.keys import SigningKey, b64, dpop_proof, jkt, make_key
+
+# RFC 7638 §3.1
+RFC7638_JWK = {
+    "kty": "RSA",
+    "n": "0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFxuhDR1L6tSoc_BJECPebWKRXjBZCiFV4n3"
+    "oknjhMstn64tZ_2W-5JsGY4Hc5n9yBXArwl93lqt7_RN5w6Cf0h4QyQ5v-65YGjQR0_FDW2QvzqY368QQMicAtaSqzs8KJZgnYb9c7d0zgdAZHz"
+    "u6qMQvRL5hajrn1n91CbOpbISD08qNLyrdkt-bFTWhAI4vMQFh6WeZu0fM4lFd2NcRwr3XPksINHaQ-G_xBniIqbw0Ls1jF44-csFCur-kEgU8"
+    "awapJzKnqDKgw",
+    "e": "AQAB",
+    "alg": "RS256",
+    "kid": "2011-04-29",
+}
+# RFC 9449 §7.1 (figure 13): a resource request's proof, its access token, and §6.1's thumbprint of its key.
+RFC9449_TOKEN = "Kz~8mXK1EalYznwH-LC-1fBAo.4Ljp~zsPE_NeO.gxU"
+RFC9449_PROOF = (
+    "eyJ0eXAiOiJkcG9wK2p3dCIsImFsZyI6IkVTMjU2IiwiandrIjp7Imt0eSI6IkVDIiwieCI6Imw4dEZyaHgtMzR0VjNoUklDUkRZOXpDa0Rs"
+    "cEJoRjQyVVFVZldWQVdCRnMiLCJ5IjoiOVZFNGpmX09rX282NHpiVFRsY3VOSmFqSG10NnY5VERWclUwQ2R2R1JEQSIsImNydiI6IlAtMjU2"
+    "In19.eyJqdGkiOiJlMWozVl9iS2ljOC1MQUVCIiwiaHRtIjoiR0VUIiwiaHR1IjoiaHR0cHM6Ly9yZXNvdXJjZS5leGFtcGxlLm9yZy9wcm90"
+    "ZWN0ZWRyZXNvdXJjZSIsImlhdCI6MTU2MjI2MjYxOCwiYXRoIjoiZlVIeU8ycjJaM0RaNTNFc05yV0JiMHhXWG9hTnk1OUlpS0NBcWtzbVFF"
+    "byJ9.2oW9RP35yRqzhrtNP86L-Ey71EOptxRimPPToA1plemAgR6pxHF8y6-yqyVnmcw6Fy1dqd-jfxSYoMxhAJpLjA"
+)
+RFC9449_JKT = "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"
+URL = "https://api.example.test/v1/orders"
+HTU = normal_uri("https", "api.example.test", "/v1/orders")
+
+
+class Clock:
+    def __init__(self, now: float | None = None) -> None:
+        self.now = time.time() if now is None else now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def verifier(clock: Clock | None = None, **settings: Any) -> DpopVerifier:
+    c = clock or Clock()
+    return DpopVerifier(Dpop(**settings), ReplayCache(settings.get("replay_cache_entries", 1024), c), c)
+
+
+@pytest.fixture(scope="module")
+def es256() -> SigningKey:
+    return make_key("ES256", "client")
+
+
+def refused(v: DpopVerifier, proof: str | None, token: str = "tok", method: str = "GET", htu: str | None = HTU) -> str:
+    with pytest.raises(AuthnError) as e:
+        v.verify(proof, method, htu, token)
+    return e.value.reason + (f": {e.value.detail}" if e.value.detail else "")
+
+
+def test_rfc7638_thumbprint() -> None:
+    assert jwk_thumbprint(RFC7638_JWK) == "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs"
+
+
+def test_rfc9449_resource_proof_with_a_frozen_clock() -> None:
+    assert access_token_hash(RFC9449_TOKEN) == "fUHyO2r2Z3DZ53EsNrWBb0xWXoaNy59IiKCAqksmQEo"
+    v = verifier(Clock(1562262618))
+    htu = normal_uri("https", "resource.example.org", "/protectedresource")
+    assert v.verify(RFC9449_PROOF, "GET", htu, RFC9449_TOKEN) == RFC9449_JKT
+    assert refused(v, RFC9449_PROOF, RFC9449_TOKEN, htu=htu) == R.DPOP_PROOF_REPLAYED
+    # The same proof a minute and a half later is too old, whoever sends it.
+    late = verifier(Clock(1562262618 + 90))
+    assert refused(late, RFC9449_PROOF, RFC9449_TOKEN, htu=htu).startswith(R.DPOP_PROOF_INVALID + ": iat")
+
+
+def test_a_fresh_proof_from_joserfc_passes_and_names_its_key(es256: SigningKey) -> None:
+    assert verifier().verify(dpop_proof(es256, "GET", URL, "tok"), "GET", HTU, "tok") == jkt(es256)
+
+
+@pytest.mark.parametrize("alg", ["ES384", "PS256", "RS256", "EdDSA"])
+def test_other_asymmetric_algorithms(alg: str) -> None:
+    key = make_key(alg, "client")
+    assert verifier().verify(dpop_proof(key, "GET", URL, "tok"), "GET", HTU, "tok") == jkt(key)
+
+
+@pytest.mark.parametrize(
+    ("url", "ok"),
+    [
+        ("https://API.example.test:443/v1/orders", True),  # case and default port normalised
+        ("https://api.example.test/v1/orders?page=2#top", True),  # query and fragment ignored
+        ("https://api.example.test/v1/%6Frders", True),  # an unreserved character percent-encoded
+        ("https://api.example.test/v1/orders/", False),
+        ("https://api.example.test:8443/v1/orders", False),
+        ("http://api.example.test/v1/orders", False),
+        ("https://other.example.test/v1/orders", False),
+        ("https://user@api.example.test/v1/orders", False),
+    ],
+)
+def test_htu_is_compared_after_rfc3986_normalisation(es256: SigningKey, url: str, ok: bool) -> None:
+    proof = dpop_proof(es256, "GET", url, "tok")
+    if ok:
+        assert normal_htu(url) == HTU
+        assert verifier().verify(proof, "GET", HTU, "tok")
+    else:
+        assert refused(verifier(), proof) == f"{R.DPOP_PROOF_INVALID}: htu does not match the request URI"
+
+
+def forge(header: dict[str, Any], claims: dict[str, Any], key: SigningKey) -> str:
+    """A proof with any header at all (none, HS256...), signed by `key` where a signature is wanted."""
+    si = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(claims).encode())}"
+    return f"{si}.{b64(key.sign(si.encode()))}"
+
+
+def claims(**over: Any) -> dict[str, Any]:
+    c = {"jti": "j1", "htm": "GET", "htu": URL, "iat": int(time.time()), "ath": access_token_hash("tok")}
+    c.update(over)
+    return {k: v for k, v in c.items() if v is not None}
+
+
+def test_each_rejection_rule(es256: SigningKey) -> None:
+    other = make_key("ES256", "other")
+    jwk = {k: v for k, v in es256.public_jwk.items() if k != "kid"}
+    now = int(time.time())
+    cases: dict[str, str | None] = {
+        "no DPoP header": None,
+        "two DPoP headers (Envoy joins them)": dpop_proof(es256, "GET", URL, "tok")
+        + ","
+        + dpop_proof(es256, "GET", URL, "tok"),
+        "not a JWT": "abc.def",
+        "typ is jwt": dpop_proof(es256, "GET", URL, "tok", {"typ": "jwt"}),
+        "no typ": dpop_proof(es256, "GET", URL, "tok", {"typ": None}),
+        "alg none": forge({"typ": "dpop+jwt", "alg": "none", "jwk": jwk}, claims(), es256).rsplit(".", 1)[0] + ".",
+        "alg HS256": forge({"typ": "dpop+jwt", "alg": "HS256", "jwk": jwk}, claims(), es256),
+        "no jwk": dpop_proof(es256, "GET", URL, "tok", {"jwk": None}),
+        "jwk with the private key": forge(
+            {"typ": "dpop+jwt", "alg": "ES256", "jwk": es256.jose.as_dict(private=True)}, claims(), es256
+        ),
+        "signed by another key than its jwk": forge({"typ": "dpop+jwt", "alg": "ES256", "jwk": jwk}, claims(), other),
+        "alg does not fit the jwk": forge({"typ": "dpop+jwt", "alg": "ES384", "jwk": jwk}, claims(), es256),
+        "crit": forge({"typ": "dpop+jwt", "alg": "ES256", "jwk": jwk, "crit": ["exp"], "exp": 1}, claims(), es256),
+        "htm differs": dpop_proof(es256, "POST", URL, "tok"),
+        "htu differs": dpop_proof(es256, "GET", URL + "/1", "tok"),
+        "no htu": dpop_proof(es256, "GET", URL, "tok", htu=None),
+        "iat too old": dpop_proof(es256, "GET", URL, "tok", iat=now - 120),
+        "iat in the future": dpop_proof(es256, "GET", URL, "tok", iat=now + 60),
+        "iat a string": dpop_proof(es256, "GET", URL, "tok", iat=str(now)),
+        "no jti": dpop_proof(es256, "GET", URL, "tok", jti=None),
+        "no ath": dpop_proof(es256, "GET", URL, None),
+        "ath of another token": dpop_proof(es256, "GET", URL, "other-token"),
+        "duplicate JSON member": forge({"typ": "dpop+jwt", "alg": "ES256", "jwk": jwk}, claims(), es256).replace(
+            b64(json.dumps(claims()).encode()), b64(b'{"jti":"a","jti":"b"}')
+        ),
+    }
+    v = verifier()
+    got = {name: refused(v, proof) for name, proof in cases.items()}
+    assert got["no DPoP header"] == R.DPOP_PROOF_MISSING
+    assert all(reason.startswith(R.DPOP_PROOF_INVALID) for name, reason in got.items() if name != "no DPoP header"), got
+    assert len(v.replay) == 0  # nothing refused was remembered
+
+
+def test_a_replayed_proof_is_refused_and_an_algorithm_off_the_list_too(es256: SigningKey) -> None:
+    v = verifier()
+    proof = dpop_proof(es256, "GET", URL, "tok")
+    v.verify(proof, "GET", HTU, "tok")
+    assert refused(v, proof) == R.DPOP_PROOF_REPLAYED
+    assert refused(verifier(algorithms=frozenset({"EdDSA"})), dpop_proof(es256, "GET", URL, "tok")) == (
+        f"{R.DPOP_PROOF_INVALID}: alg not allowed"
+    )
+
+
+def test_the_replay_cache_is_bounded_in_time_and_fails_closed_when_full(es256: SigningKey) -> None:
+    clock = Clock()
+    v = verifier(clock, replay_cache_entries=1024)
+    for i in range(1024):
+        v.verify(dpop_proof(es256, "GET", URL, "tok", jti=f"j{i}", iat=int(clock.now)), "GET", HTU, "tok")
+    assert refused(v, dpop_proof(es256, "GET", URL, "tok", iat=int(clock.now))) == R.REPLAY_CACHE_FULL
+    clock.now += 60 + 2 * 5 + 1  # every remembered jti is past the window in which its proof was acceptable
+    v.verify(dpop_proof(es256, "GET", URL, "tok", iat=int(clock.now)), "GET", HTU, "tok")
+    assert len(v.replay) == 1
+
+
+def test_server_nonces(es256: SigningKey) -> None:
+    clock = Clock()
+    v = verifier(clock, use_nonce=True, nonce_lifetime_s=300)
+    with pytest.raises(NonceRequired):
+        v.verify(dpop_proof(es256, "GET", URL, "tok"), "GET", HTU, "tok")
+    nonce = v.nonces.issue()
+    assert v.verify(dpop_proof(es256, "GET", URL, "tok", nonce=nonce), "GET", HTU, "tok") == jkt(es256)
+    with pytest.raises(NonceRequired):  # a nonce this agent did not issue
+        v.verify(dpop_proof(es256, "GET", URL, "tok", nonce=nonce[:-2] + "AA"), "GET", HTU, "tok")
+    foreign = verifier(clock, nonce_secret=b"o" * 32).nonces.issue()
+    with pytest.raises(NonceRequired):  # issued with another secret
+        v.verify(dpop_proof(es256, "GET", URL, "tok", nonce=foreign), "GET", HTU, "tok")
+    clock.now += 301
+    with pytest.raises(NonceRequired):  # expired
+        v.verify(dpop_proof(es256, "GET", URL, "tok", nonce=nonce, iat=int(clock.now)), "GET", HTU, "tok")
+    shared = b"s" * 32
+    a = verifier(clock, use_nonce=True, nonce_secret=shared)
+    b = verifier(clock, use_nonce=True, nonce_secret=shared)
+    proof = dpop_proof(es256, "GET", URL, "tok", nonce=a.nonces.issue(), iat=int(clock.now))
+    assert b.verify(proof, "GET", HTU, "tok") == jkt(es256)  # replicas sharing nonce_secret_file
