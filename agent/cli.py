@@ -109,9 +109,30 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_envoy_config(args: argparse.Namespace) -> int:
-    from agent.envoyconf import bootstrap
+    from agent.config import load_policy
+    from agent.envoyconf import ListenerTls, bootstrap, needs
 
-    cfg = bootstrap(args.listen, args.upstream, args.agent, args.admin)
+    body = False
+    if args.policy:
+        try:
+            body, mtls = needs(load_policy(args.policy))
+        except ConfigErrors as e:
+            print(e, file=sys.stderr)
+            return 1
+        if mtls and not (args.tls_cert and args.client_ca):
+            print(
+                f"{args.policy}: routes bind tokens to client certificates (bind: mtls); "
+                "give --tls-cert, --tls-key and --client-ca so Envoy verifies them",
+                file=sys.stderr,
+            )
+            return 1
+    if bool(args.tls_cert) != bool(args.tls_key):
+        print("--tls-cert and --tls-key go together", file=sys.stderr)
+        return 1
+    tls = None
+    if args.tls_cert:
+        tls = ListenerTls(args.tls_cert, args.tls_key, args.client_ca, args.require_client_cert)
+    cfg = bootstrap(args.listen, args.upstream, args.agent, args.admin, request_body=body, tls=tls)
     print(json.dumps(cfg, indent=2))
     return 0
 
@@ -171,6 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--upstream", default="127.0.0.1:8080")
     e.add_argument("--agent", default="127.0.0.1:9191", help="the agent's HOST:PORT or unix:PATH")
     e.add_argument("--admin", default="127.0.0.1:9901")
+    e.add_argument("--policy", help="send request bodies when the policy has signed routes; check mtls needs")
+    e.add_argument("--tls-cert", help="PEM certificate chain for a TLS (1.3) listener")
+    e.add_argument("--tls-key", help="its PEM private key")
+    e.add_argument("--client-ca", help="PEM CA bundle that client certificates must chain to")
+    e.add_argument("--require-client-cert", action="store_true", help="refuse TLS clients without a certificate")
     e.set_defaults(func=cmd_envoy_config)
 
     d = sub.add_parser("demo", help="Envoy + agent + local IdP + demo app; prints curl lines")

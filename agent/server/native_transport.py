@@ -16,6 +16,7 @@ from google.protobuf.message import DecodeError
 
 from agent._wire import WireError, decode_check_request, encode_check_response
 from agent.engine import Engine
+from agent.envoyconf import MAX_CHECK_REQUEST_BYTES
 
 log = logging.getLogger("agent.native")
 
@@ -38,7 +39,11 @@ def available() -> bool:
 
 class NativeTransport:
     def __init__(
-        self, engine: Callable[[], Engine], listen: str, max_message: int = 1 << 20, max_streams: int = 1024
+        self,
+        engine: Callable[[], Engine],
+        listen: str,
+        max_message: int = MAX_CHECK_REQUEST_BYTES,
+        max_streams: int = 1024,
     ) -> None:
         from agent._h2_c import GrpcProtocol
 

@@ -19,6 +19,7 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agent.config import load_policy
+from agent.envoyconf import MAX_CHECK_REQUEST_BYTES
 from agent.server.native_transport import available
 from agent.server.run import AgentServer
 from tests.keys import SigningKey, mint
@@ -180,7 +181,7 @@ async def test_oversized_message_is_resource_exhausted(server: AgentServer) -> N
     c = RawH2(server.port)
 
     def send_big() -> dict[str, Any]:
-        big = frame(b"\x00" * ((1 << 20) + 1))
+        big = frame(b"\x00" * (MAX_CHECK_REQUEST_BYTES + 1))
         sid = c.conn.get_next_available_stream_id()
         hdrs = GRPC_HEADERS
         c.conn.send_headers(sid, hdrs)
