@@ -112,13 +112,14 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
     from agent.config import load_policy
     from agent.envoyconf import ListenerTls, bootstrap, needs
 
-    body = False
+    body = bool(args.request_body)
     if args.policy:
         try:
-            body, mtls = needs(load_policy(args.policy))
+            signed, mtls = needs(load_policy(args.policy))
         except ConfigErrors as e:
             print(e, file=sys.stderr)
             return 1
+        body = body or signed
         if mtls and not (args.tls_cert and args.client_ca):
             print(
                 f"{args.policy}: routes bind tokens to client certificates (bind: mtls); "
@@ -193,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--agent", default="127.0.0.1:9191", help="the agent's HOST:PORT or unix:PATH")
     e.add_argument("--admin", default="127.0.0.1:9901")
     e.add_argument("--policy", help="send request bodies when the policy has signed routes; check mtls needs")
+    e.add_argument("--request-body", action="store_true", help="send request bodies (signed routes need them)")
     e.add_argument("--tls-cert", help="PEM certificate chain for a TLS (1.3) listener")
     e.add_argument("--tls-key", help="its PEM private key")
     e.add_argument("--client-ca", help="PEM CA bundle that client certificates must chain to")

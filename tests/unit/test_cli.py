@@ -42,9 +42,55 @@ def test_committed_sidecar_config_is_what_envoy_config_generates() -> None:
     assert json.loads(r.stdout) == json.loads((ROOT / "envoy" / "sidecar.json").read_text())
 
 
+TLS_ARGS = (
+    "--request-body",
+    "--tls-cert",
+    "/etc/authz/tls/server.pem",
+    "--tls-key",
+    "/etc/authz/tls/server.key",
+    "--client-ca",
+    "/etc/authz/tls/clients-ca.pem",
+)
+
+
+def test_committed_tls_config_is_what_envoy_config_generates() -> None:
+    r = run("envoy-config", *TLS_ARGS)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == json.loads((ROOT / "envoy" / "sidecar-tls.json").read_text())
+
+
+def test_envoy_config_reads_what_a_policy_needs(tmp_path: Path, write_policy: Callable[..., Path]) -> None:
+    (tmp_path / "b.key").write_text("cXFxcXFxcXFxcXFxcXFxcXFxcXFxcXFxcXFxcXFxcXE=\n")
+    signed = write_policy(
+        "hmac_clients: {b: {key_file: b.key}}\nroutes:\n"
+        "  - {name: s, match: {path: /s}, authn: [hmac], allow: {}}\n"
+        "  - {name: m, match: {path: /m}, authn: [jwt], bind: mtls, allow: {}}\n"
+    )
+    r = run("envoy-config", "--policy", str(signed))
+    assert r.returncode == 1 and "bind: mtls" in r.stderr
+    r = run("envoy-config", "--policy", str(signed), *TLS_ARGS[1:])
+    ext = json.loads(r.stdout)["static_resources"]["listeners"][0]["filter_chains"][0]
+    typed = ext["filters"][0]["typed_config"]["http_filters"][0]["typed_config"]
+    assert typed["with_request_body"]["pack_as_bytes"] is True and typed["include_peer_certificate"] is True
+    tls = ext["transport_socket"]["typed_config"]
+    assert tls["common_tls_context"]["tls_params"]["tls_minimum_protocol_version"] == "TLSv1_3"
+    assert tls["common_tls_context"]["validation_context"]["trusted_ca"]["filename"].endswith("clients-ca.pem")
+
+
 def test_generated_configs_pass_envoy_validate(tmp_path: Path) -> None:
+    import trustme
+
+    ca = trustme.CA()
+    server = ca.issue_cert("localhost")
+    server.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "server.pem"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    tls_text = (ROOT / "envoy" / "sidecar-tls.json").read_text()
+    tls_text = tls_text.replace("/etc/authz/tls/server.pem", str(tmp_path / "server.pem"))
+    tls_text = tls_text.replace("/etc/authz/tls/server.key", str(tmp_path / "server.pem"))
+    tls_text = tls_text.replace("/etc/authz/tls/clients-ca.pem", str(tmp_path / "ca.pem"))
     configs = {
         "sidecar.json": (ROOT / "envoy" / "sidecar.json").read_text(),
+        "sidecar-tls.json": tls_text,
         "unix.json": json.dumps(bootstrap("127.0.0.1:10000", "127.0.0.1:8080", "unix:/run/authz.sock")),
     }
     for name, text in configs.items():
