@@ -403,6 +403,106 @@ def verify_rows(fx: Fixture) -> list[dict[str, Any]]:
     return rows
 
 
+def pop_rows(fx: Fixture) -> list[dict[str, Any]]:
+    """One decision (engine.decide, in process) for a plain bearer JWT, a DPoP-bound JWT with a fresh proof,
+    and an RFC 9421 signed request with a fresh nonce. Proofs and nonces are single use, so every timed
+    request carries its own, made before the clock starts (h2load can only repeat one body)."""
+    import asyncio
+    import base64
+    import hashlib
+    import uuid
+
+    from joserfc import jws
+    from joserfc import jwt as jose_jwt
+    from joserfc.jwk import ECKey
+
+    from agent.config import load_policy
+    from agent.demo.client import sign_request
+    from agent.engine import Engine, RequestView
+
+    hmac_key = b"bench-hmac-key-of-at-least-32-bytes"
+    (fx.work / "billing.key").write_text(base64.b64encode(hmac_key).decode())
+    text = (
+        (fx.work / "policy.yaml")
+        .read_text()
+        .replace(
+            "routes:\n",
+            "hmac_clients:\n  billing: {key_file: billing.key, roles: [billing]}\nroutes:\n"
+            "  - name: billing\n    match: {methods: [POST], path: /v1/billing}\n    authn: [hmac]\n"
+            "    allow: {roles_any: [billing]}\n",
+        )
+    )
+    (fx.work / "pop-policy.yaml").write_text(text)
+    engine = Engine.for_policy(load_policy(fx.work / "pop-policy.yaml"))
+
+    async def load() -> None:
+        for s in engine.stores.values():
+            await s.refresh()
+
+    asyncio.run(load())
+    client = ECKey.generate_key("P-256", private=True)
+    now = int(time.time())
+    claims = {"iss": ISSUER, "sub": "carol", "aud": AUDIENCE, "iat": now, "exp": now + 3500, "scope": "orders:read"}
+    bound = jose_jwt.encode(
+        {"alg": "RS256", "kid": "bench-1", "typ": "at+jwt"}, {**claims, "cnf": {"jkt": client.thumbprint()}}, fx.key
+    )
+    url = "https://orders.local/v1/orders"
+    ath = base64.urlsafe_b64encode(hashlib.sha256(bound.encode()).digest()).rstrip(b"=").decode()
+    jwk = client.as_dict(private=False)
+    body = b"x" * 1024
+    n = 2000
+
+    def plain() -> list[RequestView]:
+        return [RequestView("GET", "/v1/orders", "orders.local", {"authorization": f"Bearer {fx.token}"})] * n
+
+    def dpop() -> list[RequestView]:
+        views = []
+        for _ in range(n):
+            c = {"jti": uuid.uuid4().hex, "htm": "GET", "htu": url, "iat": int(time.time()), "ath": ath}
+            proof = jws.serialize_compact(
+                {"typ": "dpop+jwt", "alg": "ES256", "jwk": jwk}, json.dumps(c).encode(), client, algorithms=["ES256"]
+            )
+            headers = {"authorization": f"DPoP {bound}", "dpop": proof}
+            views.append(RequestView("GET", "/v1/orders", "orders.local", headers, scheme="https"))
+        return views
+
+    def signed() -> list[RequestView]:
+        views = []
+        for _ in range(n):
+            headers = sign_request("POST", "https://orders.local/v1/billing", body, hmac_key, "billing")
+            headers["content-length"] = str(len(body))
+            views.append(RequestView("POST", "/v1/billing", "orders.local", headers, scheme="https", body=body))
+        return views
+
+    import timeit
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    pk = ec.generate_private_key(ec.SECP256R1())
+    sig = pk.sign(b"x" * 300, ec.ECDSA(hashes.SHA256()))
+    pub = pk.public_key()
+    floor = min(timeit.repeat(lambda: pub.verify(sig, b"x" * 300, ec.ECDSA(hashes.SHA256())), number=n, repeat=3)) / n
+    rows = [{"group": "pop", "server": "OpenSSL ES256 verify (the proof's floor)", "us": round(floor * 1e6, 2)}]
+    print(f"  verify  {rows[0]['server']:<46} {floor * 1e6:8.2f} us")
+    for name, make in {
+        "bearer JWT, repeated (remembered allow)": plain,
+        "DPoP-bound JWT + fresh ES256 proof": dpop,
+        "RFC 9421 hmac-sha256 + Content-Digest (1 KiB)": signed,
+    }.items():
+        best = float("inf")
+        for _ in range(3):
+            views = make()
+            start = time.perf_counter()
+            for v in views:
+                d = engine.decide(v)
+                assert d is not None and d.allowed, d
+            best = min(best, (time.perf_counter() - start) / n)
+        rows.append({"group": "pop", "server": name, "us": round(best * 1e6, 2)})
+        print(f"  decide  {name:<46} {best * 1e6:8.2f} us")
+    return rows
+
+
 def memory_row() -> dict[str, Any]:
     n = int(os.environ.get("BENCH_TOKENS", "1000000"))
     out = subprocess.run(
@@ -444,7 +544,13 @@ def main() -> int:
     print(f"authz-agent benchmarks: {SECONDS} s per load, server on CPU {SERVER_CPU}, load on CPU {LOAD_CPU}")
     rows: list[dict[str, Any]] = []
     only = set(filter(None, os.environ.get("BENCH_ONLY", "").split(",")))
-    sections = [("direct", direct_rows), ("latency", latency_rows), ("envoy", envoy_rows), ("verify", verify_rows)]
+    sections = [
+        ("direct", direct_rows),
+        ("latency", latency_rows),
+        ("envoy", envoy_rows),
+        ("verify", verify_rows),
+        ("pop", pop_rows),
+    ]
     for name, fn in sections:
         if not only or name in only:
             print(f"[{name}]")
@@ -472,6 +578,16 @@ def main() -> int:
     if verify:
         ratios["agent miss/OpenSSL floor"] = round(
             verify["agent verify (cache miss)"] / verify["OpenSSL floor (cryptography verify)"], 2
+        )
+    pop = {r["server"]: r["us"] for r in rows if r["group"] == "pop"}
+    if pop:
+        plain = pop["bearer JWT, repeated (remembered allow)"]
+        ratios["DPoP decision/plain JWT decision"] = round(pop["DPoP-bound JWT + fresh ES256 proof"] / plain, 2)
+        ratios["DPoP decision/ES256 verify"] = round(
+            pop["DPoP-bound JWT + fresh ES256 proof"] / pop["OpenSSL ES256 verify (the proof's floor)"], 2
+        )
+        ratios["signed decision/plain JWT decision"] = round(
+            pop["RFC 9421 hmac-sha256 + Content-Digest (1 KiB)"] / plain, 2
         )
     print("\nratios:")
     for k, v in ratios.items():

@@ -14,7 +14,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from agent import reasons as R
-from agent.authn.jwk import parse_jwk, verify_signature
+from agent.authn.jwk import Jwk, parse_jwk, verify_signature
 from agent.authn.replay import ReplayCache, Seen
 from agent.authn.strict import b64url_decode, is_number, strict_json_object
 from agent.config.model import Dpop
@@ -134,6 +134,7 @@ class DpopVerifier:
         self.replay = replay
         self.nonces = Nonces(settings.nonce_secret or _PROCESS_NONCE_SECRET, settings.nonce_lifetime_s, clock)
         self.algs_challenge = " ".join(sorted(settings.algorithms))
+        self._headers: dict[str, tuple[str, Jwk, str]] = {}
 
     def verify(self, proof: str | None, method: str, htu: str | None, access_token: str) -> str:
         """Check one proof for a request carrying `access_token`; returns the proof key's RFC 7638 thumbprint.
@@ -151,29 +152,11 @@ class DpopVerifier:
         if len(parts) != 3:
             raise AuthnError(R.DPOP_PROOF_INVALID, "not a JWT")
         try:
-            header = strict_json_object(b64url_decode(parts[0]))
             claims = strict_json_object(b64url_decode(parts[1]))
             signature = b64url_decode(parts[2])
         except ValueError as e:
             raise AuthnError(R.DPOP_PROOF_INVALID, str(e)) from None
-        typ = header.get("typ")
-        if not isinstance(typ, str) or typ.lower() != "dpop+jwt":
-            raise AuthnError(R.DPOP_PROOF_INVALID, "typ is not dpop+jwt")
-        alg = header.get("alg")
-        if not isinstance(alg, str) or alg not in s.algorithms:
-            raise AuthnError(R.DPOP_PROOF_INVALID, "alg not allowed")
-        if "crit" in header:
-            raise AuthnError(R.DPOP_PROOF_INVALID, "crit is not supported")
-        jwk = header.get("jwk")
-        if not isinstance(jwk, dict):
-            raise AuthnError(R.DPOP_PROOF_INVALID, "no jwk in the header")
-        try:
-            key = parse_jwk(jwk)  # refuses private members, weak RSA, off-curve points
-            thumbprint = jwk_thumbprint(jwk)
-        except ValueError as e:
-            raise AuthnError(R.DPOP_PROOF_INVALID, f"jwk: {e}") from None
-        if alg not in key.algs:
-            raise AuthnError(R.DPOP_PROOF_INVALID, "alg does not fit the jwk")
+        alg, key, thumbprint = self._header(parts[0])
         signing_input = proof[: len(parts[0]) + 1 + len(parts[1])].encode("ascii")
         if not verify_signature(key, alg, signing_input, signature):
             raise AuthnError(R.DPOP_PROOF_INVALID, "signature does not verify with the header's jwk")
@@ -203,3 +186,36 @@ class DpopVerifier:
         if seen is Seen.FULL:
             raise AuthnError(R.REPLAY_CACHE_FULL)
         return thumbprint
+
+    def _header(self, part: str) -> tuple[str, Jwk, str]:
+        """The proof header's alg, key and thumbprint. A client sends the same header with every proof, so the
+        checked result is kept (bounded) by the header's text: no JSON or key parsing per request."""
+        hit = self._headers.get(part)
+        if hit is not None:
+            return hit
+        try:
+            header = strict_json_object(b64url_decode(part))
+        except ValueError as e:
+            raise AuthnError(R.DPOP_PROOF_INVALID, str(e)) from None
+        typ = header.get("typ")
+        if not isinstance(typ, str) or typ.lower() != "dpop+jwt":
+            raise AuthnError(R.DPOP_PROOF_INVALID, "typ is not dpop+jwt")
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg not in self.settings.algorithms:
+            raise AuthnError(R.DPOP_PROOF_INVALID, "alg not allowed")
+        if "crit" in header:
+            raise AuthnError(R.DPOP_PROOF_INVALID, "crit is not supported")
+        jwk = header.get("jwk")
+        if not isinstance(jwk, dict):
+            raise AuthnError(R.DPOP_PROOF_INVALID, "no jwk in the header")
+        try:
+            key = parse_jwk(jwk)  # refuses private members, weak RSA, off-curve points
+            thumbprint = jwk_thumbprint(jwk)
+        except ValueError as e:
+            raise AuthnError(R.DPOP_PROOF_INVALID, f"jwk: {e}") from None
+        if alg not in key.algs:
+            raise AuthnError(R.DPOP_PROOF_INVALID, "alg does not fit the jwk")
+        if len(self._headers) >= 4096:
+            del self._headers[next(iter(self._headers))]
+        self._headers[part] = (alg, key, thumbprint)
+        return alg, key, thumbprint

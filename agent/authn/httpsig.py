@@ -1,7 +1,7 @@
 """RFC 9421 HTTP message signatures with `hmac-sha256`, and RFC 9530 `Content-Digest` of the request body.
 
-Structured fields (RFC 8941) are parsed by `http_sfv`; the signature base, the checks and the policy are
-ours. Keys come only from `hmac_clients` in the policy; the signature's `keyid` names the client.
+Structured fields (RFC 8941/9651) are parsed and serialised by `http_sf`; the signature base, the checks and
+the policy are ours. Keys come only from `hmac_clients` in the policy; the signature's `keyid` names the client.
 """
 
 from __future__ import annotations
@@ -11,10 +11,12 @@ import hashlib
 import hmac
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
-from http_sfv.dictionary import Dictionary
-from http_sfv.item import InnerList, Item
+import http_sf
+from http_sf.bare_item import ser_bare_item
+from http_sf.errors import StructuredFieldError
+from http_sf.types import Token
 
 from agent import reasons as R
 from agent.authn.principal import Principal
@@ -28,15 +30,19 @@ HMAC_ISSUER = "hmac_clients"  # what audit records show as the issuer of an HMAC
 _DIGESTS = {"sha-256": hashlib.sha256, "sha-512": hashlib.sha512}
 
 
-def _dictionary(value: str, what: str) -> Dictionary:
+Member = tuple[Any, dict[str, Any]]  # a Dictionary member: (item value or inner list, parameters)
+
+
+def _dictionary(value: str, what: str) -> dict[str, Member]:
     if len(value) > MAX_FIELD_BYTES:
         raise AuthnError(R.SIGNATURE_MALFORMED, f"{what} too large")
-    d = Dictionary()
     try:
-        d.parse(value.encode("ascii"))
-    except (ValueError, UnicodeEncodeError):
+        parsed = http_sf.parse(value.encode("ascii"), tltype="dictionary")
+    except (StructuredFieldError, ValueError, UnicodeEncodeError):
         raise AuthnError(R.SIGNATURE_MALFORMED, f"{what} is not a structured-field dictionary") from None
-    return d
+    if not isinstance(parsed, dict):
+        raise AuthnError(R.SIGNATURE_MALFORMED, f"{what} is not a structured-field dictionary")
+    return cast(dict[str, Member], parsed)
 
 
 def _target(view_path: str) -> tuple[str, str]:
@@ -71,17 +77,40 @@ def component_value(
     return value.strip()
 
 
+def _ser_bare(v: Any) -> str:
+    # Values the parser has already validated, so no second character-by-character check (http_sf's own
+    # serialiser validates again, which cost more than the whole HMAC); other types go to http_sf.
+    if type(v) is str:
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if type(v) is int:
+        return str(v)
+    if type(v) is Token:
+        return str(v)
+    if isinstance(v, bool):
+        return "?1" if v else "?0"
+    if isinstance(v, bytes):
+        return ":" + base64.b64encode(v).decode("ascii") + ":"
+    return str(ser_bare_item(v))  # decimals, display strings, dates
+
+
+def signature_params(covered: Member) -> str:
+    """The serialised inner list with its parameters (RFC 8941 §4.1.1), as @signature-params carries it."""
+    items, params = covered
+    inner = " ".join(_ser_bare(name) for name, _ in items)
+    return f"({inner})" + "".join(f";{k}" if v is True else f";{k}={_ser_bare(v)}" for k, v in params.items())
+
+
 def signature_base(
-    covered: InnerList, method: str, scheme: str, authority: str, target: str, headers: Mapping[str, str]
+    covered: Member, method: str, scheme: str, authority: str, target: str, headers: Mapping[str, str]
 ) -> bytes:
     """RFC 9421 §2.5: one line per covered component, then @signature-params."""
     lines = []
     seen: set[str] = set()
-    for item in covered:
-        name = item.value
+    items, _ = covered
+    for name, params in items:
         if not isinstance(name, str) or name != name.lower():
             raise AuthnError(R.SIGNATURE_MALFORMED, "component identifiers must be lower-case strings")
-        if item.params:
+        if params:
             raise AuthnError(R.SIGNATURE_MALFORMED, "component parameters (sf, key, bs, req, tr) are not supported")
         if name in seen:
             raise AuthnError(R.SIGNATURE_MALFORMED, f"component {name} covered twice")
@@ -90,7 +119,7 @@ def signature_base(
         if "\n" in value or "\r" in value:
             raise AuthnError(R.SIGNATURE_MALFORMED, "component value with a line break")
         lines.append(f'"{name}": {value}')
-    lines.append(f'"@signature-params": {covered}')
+    lines.append(f'"@signature-params": {signature_params(covered)}')
     return "\n".join(lines).encode("utf-8")
 
 
@@ -100,13 +129,13 @@ def check_content_digest(header: str | None, body: bytes) -> None:
         raise AuthnError(R.CONTENT_DIGEST_MISMATCH, "Content-Digest absent")
     d = _dictionary(header, "Content-Digest")
     checked = 0
-    for alg, member in d.items():
+    for alg, (value, _) in d.items():
         fn = _DIGESTS.get(alg)
         if fn is None:
             continue
-        if not isinstance(member, Item) or not isinstance(member.value, bytes):
+        if not isinstance(value, bytes):
             raise AuthnError(R.CONTENT_DIGEST_MISMATCH, f"{alg} is not a byte sequence")
-        if not hmac.compare_digest(member.value, fn(body).digest()):
+        if not hmac.compare_digest(value, fn(body).digest()):
             raise AuthnError(R.CONTENT_DIGEST_MISMATCH)
         checked += 1
     if not checked:
@@ -141,11 +170,11 @@ class HmacVerifier:
             raise AuthnError(R.SIGNATURE_MISSING)
         inputs = _dictionary(sig_input, "Signature-Input")
         signatures = _dictionary(sig_field, "Signature")
-        ours: list[tuple[str, InnerList, HmacClient]] = []
+        ours: list[tuple[str, Member, HmacClient]] = []
         for label, member in inputs.items():
-            if not isinstance(member, InnerList):
+            if not isinstance(member[0], list):
                 raise AuthnError(R.SIGNATURE_MALFORMED, "a Signature-Input member is not an inner list")
-            keyid = member.params.get("keyid")
+            keyid = member[1].get("keyid")
             client = self._clients.get(keyid) if isinstance(keyid, str) else None
             if client is not None:
                 ours.append((label, member, client))
@@ -154,13 +183,13 @@ class HmacVerifier:
         if len(ours) > 1:
             raise AuthnError(R.SIGNATURE_MALFORMED, "more than one signature by a configured client")
         label, covered, client = ours[0]
-        params: Mapping[str, Any] = covered.params
+        components, params = covered
         alg = params.get("alg")
         if alg is not None and alg != "hmac-sha256":
             raise AuthnError(R.SIGNATURE_MALFORMED, "alg is not hmac-sha256")
-        if len(covered) > MAX_COMPONENTS:
+        if len(components) > MAX_COMPONENTS:
             raise AuthnError(R.SIGNATURE_MALFORMED, "too many covered components")
-        names = {item.value for item in covered}
+        names = {name for name, _ in components}
         required = set(client.components)
         body_present = has_body(headers, body)
         if body_present:
@@ -184,11 +213,10 @@ class HmacVerifier:
             raise AuthnError(R.SIGNATURE_EXPIRED, "created outside the accepted window")
         if expires is not None and now >= expires + client.leeway_s:
             raise AuthnError(R.SIGNATURE_EXPIRED, "expired")
-        value = signatures.get(label)
-        if not isinstance(value, Item) or not isinstance(value.value, bytes):
+        given = signatures.get(label, (None, {}))[0]
+        if not isinstance(given, bytes):
             raise AuthnError(R.SIGNATURE_MALFORMED, "no Signature member for the Signature-Input label")
         base = signature_base(covered, method, scheme, authority, target, headers)
-        given = value.value
         # Every key is tried (constant time each) so the time taken does not tell which key is active.
         ok = False
         for key in client.keys:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import secrets
 import signal
 import tempfile
 import time
@@ -13,6 +15,7 @@ import aiohttp
 
 from agent.config import load_policy_text
 from agent.demo.app import demo_app, start_site
+from agent.demo.client import DpopKey, sign_request
 from agent.demo.idp import LocalIdP
 from agent.envoyconf import EnvoyProcess, bootstrap
 from agent.server.run import AgentServer
@@ -29,7 +32,9 @@ async def run_demo(port: int = 10000, self_test: bool = False, workdir: str | No
     idp = LocalIdP()
     await idp.start()
     app_runner, app_port = await start_site(demo_app())
-    policy = load_policy_text(demo_policy_text(idp.issuer), "agent/demo/policy.yaml")
+    hmac_key = secrets.token_bytes(32)
+    (work / "billing-batch.key").write_text(base64.b64encode(hmac_key).decode() + "\n")
+    policy = load_policy_text(demo_policy_text(idp.issuer), "agent/demo/policy.yaml", work)
     from agent.server.native_transport import available
 
     transport = "native" if available() else "grpcio"
@@ -40,7 +45,7 @@ async def run_demo(port: int = 10000, self_test: bool = False, workdir: str | No
         if not await agent.wait_ready(10):
             print("the agent did not become ready (identity provider keys not loaded)")
             return 1
-        cfg = bootstrap(f"127.0.0.1:{port}", f"127.0.0.1:{app_port}", f"127.0.0.1:{agent.port}")
+        cfg = bootstrap(f"127.0.0.1:{port}", f"127.0.0.1:{app_port}", f"127.0.0.1:{agent.port}", request_body=True)
         envoy = EnvoyProcess(cfg, work)
         await asyncio.to_thread(envoy.start)
         now = int(time.time())
@@ -65,8 +70,9 @@ async def run_demo(port: int = 10000, self_test: bool = False, workdir: str | No
         for title, method, path, token, _ in cases:
             auth = f" -H 'authorization: Bearer {token}'" if token else ""
             print(f"# {title}\ncurl -i -X {method} {base}{path}{auth}\n")
+        pop_failed = await _proof_of_possession(base, idp, hmac_key)
         if self_test:
-            return await _self_test(base, cases)
+            return await _self_test(base, cases) or pop_failed
         print("Ctrl-C to stop.")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -80,6 +86,49 @@ async def run_demo(port: int = 10000, self_test: bool = False, workdir: str | No
         await agent.stop(grace=0.5)
         await app_runner.cleanup()
         await idp.stop()
+
+
+async def _proof_of_possession(base: str, idp: LocalIdP, hmac_key: bytes) -> int:
+    """A DPoP call and a signed call, made here (each needs a fresh proof or signature, so no curl line)."""
+    now = int(time.time())
+    client = DpopKey()
+    bound = idp.mint(sub="carol", roles=["writer"], cnf={"jkt": client.jkt}, iat=now, exp=now + 3600)
+    url = base + "/v1/orders"
+    dpop_headers = {"authorization": f"DPoP {bound}", "dpop": client.proof("POST", url, bound)}
+    body = b'{"period": "2026-11"}'
+    signed = sign_request("POST", base + "/v1/billing/runs", body, hmac_key, "billing-batch")
+    calls: list[tuple[str, str, str, dict[str, str], bytes, int]] = [
+        ("DPoP: carol's key-bound token with a fresh proof", "POST", "/v1/orders", dpop_headers, b"", 200),
+        ("DPoP: the same proof replayed", "POST", "/v1/orders", dpop_headers, b"", 401),
+        (
+            "DPoP: the bound token stolen and sent as Bearer",
+            "POST",
+            "/v1/orders",
+            {"authorization": f"Bearer {bound}"},
+            b"",
+            401,
+        ),
+        (
+            "RFC 9421: billing-batch signs a request (HMAC, Content-Digest)",
+            "POST",
+            "/v1/billing/runs",
+            signed,
+            body,
+            200,
+        ),
+        ("RFC 9421: the body changed after signing", "POST", "/v1/billing/runs", signed, b'{"period": "x"}', 401),
+    ]
+    print("# proof of possession and signed requests (made by the demo: each needs a fresh proof or signature)")
+    failed = 0
+    async with aiohttp.ClientSession() as http:
+        for title, method, path, headers, data, expected in calls:
+            async with http.request(method, base + path, headers=headers, data=data or None) as resp:
+                reason = (await resp.json()).get("reason", "") if resp.status >= 400 else ""
+                ok = resp.status == expected
+                failed += not ok
+                print(f"{'ok ' if ok else 'BAD'} {resp.status} {title}" + (f" -> {reason}" if reason else ""))
+    print()
+    return 1 if failed else 0
 
 
 async def _self_test(base: str, cases: list[tuple[str, str, str, str | None, int]]) -> int:

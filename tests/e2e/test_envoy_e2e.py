@@ -137,4 +137,8 @@ def test_demo_self_test_passes() -> None:
     )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "5 passed, 0 failed" in run.stdout
+    assert "ok  200 DPoP: carol's key-bound token with a fresh proof" in run.stdout
+    assert "ok  401 DPoP: the same proof replayed -> dpop_proof_replayed" in run.stdout
+    assert "ok  200 RFC 9421: billing-batch signs a request (HMAC, Content-Digest)" in run.stdout
+    assert "BAD" not in run.stdout
     assert "curl -i -X GET" in run.stdout

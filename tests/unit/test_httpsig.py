@@ -10,11 +10,14 @@ import time
 from typing import Any
 
 import http_message_signatures as hms
+import http_sf
 import pytest
-from http_sfv.dictionary import Dictionary
+from http_sf.innerlist import ser_innerlist
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent import reasons as R
-from agent.authn.httpsig import HmacVerifier, check_content_digest, signature_base
+from agent.authn.httpsig import HmacVerifier, check_content_digest, signature_base, signature_params
 from agent.authn.replay import ReplayCache
 from agent.config.model import HmacClient
 from agent.errors import AuthnError
@@ -61,13 +64,11 @@ def verifier(*clients: HmacClient, clock: Clock | None = None) -> HmacVerifier:
 
 
 def test_rfc9421_b25_signature_base_and_hmac() -> None:
-    inputs = Dictionary()
-    inputs.parse(RFC_HEADERS["signature-input"].encode())
+    inputs = http_sf.parse(RFC_HEADERS["signature-input"].encode(), tltype="dictionary")
     base = signature_base(inputs["sig-b25"], "POST", "https", "example.com", "/foo?param=Value&Pet=dog", RFC_HEADERS)
     assert base == RFC_BASE
-    sig = Dictionary()
-    sig.parse(RFC_HEADERS["signature"].encode())
-    assert hmac.digest(RFC_KEY, base, "sha256") == sig["sig-b25"].value
+    sig = http_sf.parse(RFC_HEADERS["signature"].encode(), tltype="dictionary")
+    assert hmac.digest(RFC_KEY, base, "sha256") == sig["sig-b25"][0]
     check_content_digest(RFC_HEADERS["content-digest"], RFC_BODY)  # RFC 9530's sha-512 of the body
 
 
@@ -224,3 +225,25 @@ def test_content_digest_rules() -> None:
         with pytest.raises(AuthnError) as e:
             check_content_digest(bad, body)
         assert e.value.reason in (R.CONTENT_DIGEST_MISMATCH, R.SIGNATURE_MALFORMED)
+
+
+sf_keys = st.from_regex(r"[a-z*][a-z0-9_\-.*]{0,8}", fullmatch=True)
+sf_values = st.one_of(
+    st.integers(-(10**15) + 1, 10**15 - 1),
+    st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=12),
+    st.booleans(),
+    st.binary(max_size=12),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=10), max_size=5),
+    st.dictionaries(sf_keys, sf_values, max_size=5),
+)
+def test_signature_params_serialise_as_http_sf_does(components: list[str], params: dict[str, Any]) -> None:
+    member = ([(c, {}) for c in components], params)
+    text = ser_innerlist(member)
+    assert signature_params(member) == text
+    parsed = http_sf.parse(f"s={text}".encode(), tltype="dictionary")["s"]
+    assert signature_params(parsed) == text  # and as the parser hands them over
