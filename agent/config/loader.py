@@ -440,7 +440,7 @@ def _route(ctx: _Ctx, d: LDict, index: int, idps: dict[str, IdentityProvider], h
     if bind is not None and bind not in BIND_KINDS:
         ctx.err(d.lines["bind"], f"{where}.bind must be dpop or mtls, got {bind!r}")
         bind = None
-    elif bind is not None and authn != ["jwt"]:
+    elif bind is not None and authn != ["jwt"] and not d.get("public"):
         ctx.err(
             d.lines["bind"],
             f"{where}.bind: {bind} binds a token to its caller, so the route needs 'authn: [jwt]' and nothing else",

@@ -192,3 +192,75 @@ def test_policy_lint_prints_file_line_and_exits_non_zero(tmp_path: Path) -> None
     good.write_text(IDP + "routes:\n  - {name: r, match: {path: /x}, authn: [jwt], allow: {scopes_all: [a]}}\n")
     run = subprocess.run([sys.executable, "-m", "agent", "policy", "lint", str(good)], capture_output=True, text=True)
     assert run.returncode == 0 and "ok" in run.stdout
+
+
+def pop_errors(tmp_path: Path, body: str, env: dict[str, str] | None = None) -> list[tuple[int, str]]:
+    (tmp_path / "good.key").write_text("cXFxcXFxcXFxcXFxcXFxcXFxcXFxcXFxcXFxcXFxcXE=\n")  # 32 bytes
+    (tmp_path / "short.key").write_text("c2hvcnQ=\n")
+    (tmp_path / "text.key").write_text("not base64 at all!\n")
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in (env or {}).items():
+            mp.setenv(k, v)
+        with pytest.raises(ConfigErrors) as e:
+            load_policy_text(IDP + textwrap.dedent(body), "p.yaml", tmp_path)
+    return [(err.line, err.message) for err in e.value.errors]
+
+
+def test_binding_and_signature_mistakes_are_refused_with_their_line(tmp_path: Path) -> None:
+    got = pop_errors(
+        tmp_path,
+        """\
+        dpop: {algorithms: [HS256], replay_cache_entries: 10}
+        hmac_clients:
+          short: {key_file: short.key}
+          text: {key_file: text.key}
+          both: {key_file: good.key, key_env: K}
+          unset: {key_env: AUTHZ_TEST_UNSET_KEY}
+          comps: {key_file: good.key, components: ["@status", "Content-Type"]}
+        routes:
+          - {name: a, match: {path: /a}, authn: [dpop], allow: {}}
+          - {name: b, match: {path: /b}, authn: [jwt], bind: tls, allow: {}}
+          - {name: c, match: {path: /c}, authn: [hmac], bind: mtls, allow: {}}
+          - {name: d, match: {path: /d}, public: true, bind: dpop}
+        """,
+    )
+    text = "\n".join(f"{line}: {msg}" for line, msg in got)
+    expected = [
+        (9, "dpop.algorithms: 'HS256' is not an asymmetric JWS algorithm"),
+        (9, "dpop.replay_cache_entries must be at least 1024"),
+        (11, "hmac_clients.short: key_file holds 5 bytes; an hmac-sha256 key needs at least 32"),
+        (12, "hmac_clients.text: key_file must hold the key base64-encoded on one line"),
+        (13, "hmac_clients.both: give exactly one of key_file or key_env"),
+        (14, "hmac_clients.unset.key_env: the environment variable AUTHZ_TEST_UNSET_KEY is unset or empty"),
+        (15, "hmac_clients.comps.components: '@status' is not a derived component"),
+        (15, "hmac_clients.comps.components: 'Content-Type' is not a lower-case header field name"),
+        (17, "'dpop' is not an authn kind; a DPoP-bound token is a JWT: write 'authn: [jwt]' and 'bind: dpop'"),
+        (18, "bind must be dpop or mtls, got 'tls'"),
+        (19, "bind: mtls binds a token to its caller, so the route needs 'authn: [jwt]'"),
+        (19, "authn: hmac needs at least one entry in hmac_clients"),
+        (20, "a public route takes no 'bind'"),
+    ]
+    for line, fragment in expected:
+        assert any(ln == line and fragment in msg for ln, msg in got), f"missing {line}: {fragment}\n{text}"
+    assert "cXFx" not in text and "not base64 at all" not in text  # keys never echoed
+
+
+def test_hmac_keys_from_env_and_rotation_lists_load(tmp_path: Path) -> None:
+    (tmp_path / "good.key").write_text("cXFxcXFxcXFxcXFxcXFxcXFxcXFxcXFxcXFxcXFxcXE=\n")
+    body = """\
+    hmac_clients:
+      batch:
+        keys: [{key_file: good.key}, {key_env: AUTHZ_TEST_KEY}]
+        roles: [billing]
+        components: ["@method", "@target-uri", "content-type"]
+        require_nonce: false
+    routes:
+      - {name: s, match: {path: /s}, authn: [jwt, hmac], allow: {}}
+    """
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AUTHZ_TEST_KEY", "cnJycnJycnJycnJycnJycnJycnJycnJycnJycnJycnI=")
+        policy = load_policy_text(IDP + textwrap.dedent(body), "p.yaml", tmp_path)
+    (client,) = policy.hmac_clients
+    assert client.keys == (b"q" * 32, b"r" * 32)
+    assert client.components == ("@method", "@target-uri", "content-type") and not client.require_nonce
+    assert "qqqq" not in repr(policy) and "rrrr" not in repr(policy)
