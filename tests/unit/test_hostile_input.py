@@ -122,3 +122,71 @@ async def test_huge_and_deep_inputs_are_refused_cheaply(engine_factory: Callable
         assert d.status == 401
     d = await e.check(RequestView("GET", "/" + "a/" * 10_000))
     assert (d.status, d.reason) == (400, R.MALFORMED_REQUEST)
+
+
+@pytest.fixture(scope="module")
+def pop_engine_factory(tmp_path_factory: pytest.TempPathFactory, keys: dict[str, SigningKey]) -> Callable[[], Engine]:
+    from tests.conftest import idp_block
+    from tests.keys import jwks
+    from tests.unit.test_binding import ROUTES as POP_ROUTES
+
+    d = tmp_path_factory.mktemp("hostile-pop")
+    (d / "jwks.json").write_text(json.dumps(jwks(*keys.values())))
+    (d / "billing.key").write_text("cXFxcXFxcXFxcXFxcXFxcXFxcXFxcXFxcXFxcXFxcXE=\n")
+    (d / "policy.yaml").write_text("version: 1\nservice: orders\n" + idp_block("jwks_file: jwks.json") + POP_ROUTES)
+    policy = load_policy(d / "policy.yaml")
+    return lambda: Engine.for_policy(policy)
+
+
+sf_text = st.one_of(
+    st.text(max_size=120),
+    st.from_regex(
+        r'sig[0-9]=\("@method"( "[a-z@-]{1,12}"){0,4}\)(;[a-z]{1,7}=("[a-z0-9]{0,8}"|[0-9]{1,12})){0,5}', fullmatch=True
+    ),
+    st.from_regex(r"sig[0-9]=:[A-Za-z0-9+/]{0,60}={0,2}:", fullmatch=True),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    signature_input=sf_text,
+    signature=sf_text,
+    digest=st.one_of(st.none(), sf_text),
+    body=st.binary(max_size=64),
+    dpop=st.one_of(
+        st.none(),
+        st.text(max_size=100),
+        st.from_regex(r"[A-Za-z0-9_-]{0,60}\.[A-Za-z0-9_-]{0,60}\.[A-Za-z0-9_-]{0,20}", fullmatch=True),
+    ),
+    certificate=st.one_of(st.just(""), st.text(max_size=80)),
+    scheme=st.sampled_from(["", "http", "https", "ftp"]),
+    host=st.text(max_size=20),
+)
+async def test_hostile_proofs_signatures_and_certificates_get_a_reason(
+    pop_engine_factory: Callable[[], Engine],
+    keys: dict[str, SigningKey],
+    signature_input: str,
+    signature: str,
+    digest: str | None,
+    body: bytes,
+    dpop: str | None,
+    certificate: str,
+    scheme: str,
+    host: str,
+) -> None:
+    e = await ready(pop_engine_factory)
+    signed = {"signature-input": signature_input, "signature": signature, "content-length": str(len(body))}
+    if digest is not None:
+        signed["content-digest"] = digest
+    d = await e.check(RequestView("POST", "/v1/billing/x", host, signed, scheme=scheme, body=body))
+    assert_sane(d)
+    assert not d.allowed
+    bound = craft(keys["ES256"], {"alg": "ES256", "kid": "kid-ES256"}, claims(cnf={"jkt": "x" * 43}))
+    for scheme_word in ("DPoP", "Bearer"):
+        headers = {"authorization": f"{scheme_word} {bound}"}
+        if dpop is not None:
+            headers["dpop"] = dpop
+        view = RequestView("POST", "/v1/orders", host, headers, scheme=scheme, certificate=certificate)
+        d = await e.check(view)
+        assert_sane(d)
+        assert not d.allowed
