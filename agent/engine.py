@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import itertools
 import logging
+import math
 import os
 import re
 import time
@@ -23,11 +24,20 @@ from agent.authn.jwt import JwtVerifier, UnknownKid, Verified
 from agent.authn.mtls import CertificateThumbprints
 from agent.authn.principal import Principal
 from agent.authn.replay import ReplayCache
-from agent.config.model import Policy, Route
+from agent.config.model import Policy, RateLimit, Route
 from agent.errors import AuthnError
 from agent.policy.paths import Matcher, Segment, bind, parse_template, split_request_path
 from agent.policy.rules import Refusal, evaluate
-from agent.response import AUTHN_STATUS, DPOP_REASONS, SIGNATURE_REASONS, bearer_challenge, challenge, problem_body
+from agent.ratelimit._bucket import BucketTable
+from agent.response import (
+    AUTHN_STATUS,
+    DPOP_REASONS,
+    SIGNATURE_REASONS,
+    bearer_challenge,
+    challenge,
+    problem_body,
+    ratelimit_headers,
+)
 
 log = logging.getLogger("agent.engine")
 
@@ -36,6 +46,7 @@ _B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 _NO_PARAMS: dict[str, str] = {}
 UPSTREAM_HEADERS = ("x-authz-subject", "x-authz-client-id", "x-authz-route", "x-authz-decision-id")
 _OURS = frozenset(UPSTREAM_HEADERS)
+LIMIT_KEYS_PER_ROUTE = 100_000  # buckets held per limited route; full (idle) ones are dropped first
 
 
 @dataclass(slots=True)
@@ -66,6 +77,23 @@ class Decision:
     response_headers: list[tuple[str, str]] = field(default_factory=list)
     body: bytes = b""
     latency_us: int = 0
+
+
+def limit_key(limit: RateLimit, route: Route, who: Principal | None, view: RequestView) -> str:
+    """The bucket a request draws from: the limit's key parts, joined."""
+    parts = []
+    for part in limit.key:
+        if part == "subject":
+            parts.append(who.subject if who is not None else "")
+        elif part == "client_id":
+            parts.append((who.client_id or "") if who is not None else "")
+        elif part == "source_ip":
+            parts.append(view.source)
+        elif part == "route":
+            parts.append(route.name)
+        else:  # header:NAME
+            parts.append(view.headers.get(part[7:], ""))
+    return parts[0] if len(parts) == 1 else "\x1f".join(parts)
 
 
 class AuditSink(Protocol):
@@ -130,6 +158,12 @@ class Engine:
         self.certificates = CertificateThumbprints()
         intro = next((i for i in policy.identity_providers if i.introspection is not None), None)
         self.introspector = Introspector(intro, clock) if intro is not None else None
+        # One bucket table per limited route; `adopt_limits` carries them over a policy reload.
+        self.limiters: dict[str, tuple[RateLimit, BucketTable]] = {
+            r.name: (r.rate_limit, BucketTable(r.rate_limit.rate, r.rate_limit.burst, LIMIT_KEYS_PER_ROUTE))
+            for r in policy.routes
+            if r.rate_limit is not None
+        }
         self._matcher: Matcher[int] = Matcher()
         self._segments: list[tuple[Segment, ...]] = []
         for i, route in enumerate(policy.routes):
@@ -148,6 +182,18 @@ class Engine:
     ) -> Engine:
         stores = {i.name: KeyStore(i) for i in policy.identity_providers if i.jwks_uri or i.jwks_file or i.discovery}
         return cls(policy, stores, audit, clock, token_cache_entries, replay)
+
+    def adopt_limits(self, old: Engine) -> None:
+        """Keep the buckets of routes whose limit is unchanged, so a policy reload never resets a quota."""
+        for name, (limit, table) in old.limiters.items():
+            mine = self.limiters.get(name)
+            if mine is not None and mine[0] == limit:
+                self.limiters[name] = (limit, table)
+
+    def sweep_limits(self) -> int:
+        """Drop the buckets that have refilled (idle keys); returns how many."""
+        now = self._clock()
+        return sum(table.sweep(now) for _, table in self.limiters.values())
 
     @property
     def ready(self) -> bool:
@@ -367,6 +413,20 @@ class Engine:
                 trace.append("client certificate matches the token's cnf.x5t#S256")
 
     def _allow(self, did: str, route: Route, who: Principal | None, view: RequestView, reason: str) -> Decision:
+        """Allowed by the rules: the route's rate limit, if any, has the last word."""
+        response_headers: list[tuple[str, str]] = []
+        limited = self.limiters.get(route.name) if route.rate_limit is not None else None
+        if limited is not None:
+            limit, table = limited
+            left = table.take(limit_key(limit, route, who, view), self._clock())
+            if left < 0:
+                wait = -left
+                headers = [
+                    ("retry-after", str(max(1, math.ceil(wait)))),
+                    *ratelimit_headers(route.name, limit.quota, limit.window_s, 0, wait),
+                ]
+                return self._deny(did, 429, R.RATE_LIMITED, route, who, headers)
+            response_headers = ratelimit_headers(route.name, limit.quota, limit.window_s, left, table.full_in(left))
         add = [("x-authz-route", route.name), ("x-authz-decision-id", did)]
         if who is not None:
             add.append(("x-authz-subject", who.subject))
@@ -377,7 +437,7 @@ class Engine:
         remove = [h for h in view.headers if h.startswith("x-authz-") and h not in ours]
         if not route.forward_token and "authorization" in view.headers:
             remove.append("authorization")
-        return Decision(did, True, 200, reason, "allow", route.name, who, add, remove)
+        return Decision(did, True, 200, reason, "allow", route.name, who, add, remove, response_headers)
 
     def _deny(
         self,

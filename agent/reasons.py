@@ -60,6 +60,9 @@ ROLE_MISSING = "role_missing"
 CLAIM_MISMATCH = "claim_mismatch"
 GRANT_NOT_ACTIVE = "grant_not_active"
 
+# rate limits (429)
+RATE_LIMITED = "rate_limited"
+
 # errors (fail closed, told apart from denies)
 KEYS_UNAVAILABLE = "keys_unavailable"
 INTROSPECTION_UNAVAILABLE = "introspection_unavailable"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 from agent import reasons as R
 
@@ -14,6 +15,7 @@ TITLES = {
     R.CLAIM_MISMATCH: "Forbidden",
     R.GRANT_NOT_ACTIVE: "Forbidden",
     R.NO_ROUTE: "Forbidden",
+    R.RATE_LIMITED: "Too many requests",
     R.MALFORMED_REQUEST: "Bad request",
     R.KEYS_UNAVAILABLE: "Authorization temporarily unavailable",
     R.INTROSPECTION_UNAVAILABLE: "Authorization temporarily unavailable",
@@ -83,6 +85,23 @@ def bearer_challenge(
     if max_age is not None:
         parts.append(f"max_age={max_age}")
     return "Bearer" + (" " + ", ".join(parts) if parts else "")
+
+
+def _sf_string(value: str) -> str:
+    """An RFC 8941 sf-string of our own text (a route name): printable ASCII only, quotes escaped."""
+    safe = "".join(c if " " <= c <= "~" else "_" for c in value)
+    return '"' + safe.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def ratelimit_headers(
+    name: str, quota: float, window_s: float, remaining: float, reset_s: float
+) -> list[tuple[str, str]]:
+    """draft-ietf-httpapi-ratelimit-headers: the policy (quota per window) and the state (remaining, reset)."""
+    policy = _sf_string(name)
+    return [
+        ("ratelimit-policy", f"{policy};q={int(quota)};w={int(window_s)}"),
+        ("ratelimit", f"{policy};r={max(0, int(remaining))};t={max(0, math.ceil(reset_s))}"),
+    ]
 
 
 def problem_body(status: int, reason: str, decision_id: str) -> bytes:

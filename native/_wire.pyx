@@ -363,6 +363,8 @@ cpdef bytes encode_check_response(object d):
             header_option(part, 2, k, v)
         for k in d.remove_headers:
             part.field_str(5, k)
+        for k, v in d.response_headers:
+            header_option(part, 6, k, v)  # response_headers_to_add: to the client (e.g. RateLimit)
         out.field_buf(3, part)
     else:
         st = Buf()

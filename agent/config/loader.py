@@ -23,6 +23,7 @@ from agent.config.model import (
     IdentityProvider,
     Introspection,
     Policy,
+    RateLimit,
     Route,
 )
 from agent.config.yamlsrc import LDict, LList, line_of, load_yaml
@@ -33,7 +34,6 @@ from agent.urls import fetchable
 # Keys of DESIGN's policy format whose features are not built yet. They are refused, never accepted and
 # silently not enforced: a policy that asks for DPoP binding must not run without it.
 NOT_YET = {
-    "rate_limit": "rate limits",
     "mode": "shadow rules (mode: shadow)",
     "shared_state": "shared state in Redis",
 }
@@ -94,7 +94,9 @@ IDP_KEYS = {
     "introspection_timeout_s",
 }
 CLAIM_KEYS = {"subject", "roles", "scopes", "client_id"}
-ROUTE_KEYS = {"name", "match", "authn", "allow", "public", "forward_token", "bind"}
+ROUTE_KEYS = {"name", "match", "authn", "allow", "public", "forward_token", "bind", "rate_limit"}
+RATE_LIMIT_KEYS = {"key", "per_second", "per_minute", "burst", "shared"}
+RATE_LIMIT_PARTS = ("subject", "client_id", "source_ip", "route")
 MATCH_KEYS = {"methods", "path"}
 ALLOW_KEYS = {
     "scopes_all",
@@ -472,6 +474,10 @@ def _route(ctx: _Ctx, d: LDict, index: int, idps: dict[str, IdentityProvider], h
                 d.lines["allow"],
                 f"{where}.allow is empty; write 'allow: {{}}' to admit any authenticated caller",
             )
+    rate_limit = None
+    rm = _mapping(ctx, d, "rate_limit", where)
+    if rm is not None:
+        rate_limit = _rate_limit(ctx, rm, f"{where}.rate_limit", public)
     route = Route(
         name=name,
         path=path or "",
@@ -481,9 +487,58 @@ def _route(ctx: _Ctx, d: LDict, index: int, idps: dict[str, IdentityProvider], h
         allow=allow,
         forward_token=bool(_get(ctx, d, "forward_token", bool, where, False)),
         bind=bind,
+        rate_limit=rate_limit,
         line=d.line,
     )
     return route if len(ctx.errors) == n_errors else None
+
+
+def _rate_limit(ctx: _Ctx, d: LDict, where: str, public: bool) -> RateLimit | None:
+    n_errors = len(ctx.errors)
+    ctx.keys(d, RATE_LIMIT_KEYS, where)
+    parts = _str_list(ctx, d, "key", where)
+    if not parts:
+        need = "subject, client_id, source_ip, route, header:NAME, or a list of them"
+        ctx.err(d.lines.get("key", d.line), f"{where}: 'key' is required: {need}")
+        parts = []
+    for part in parts:
+        if part.startswith("header:"):
+            name = part[7:]
+            if _FIELD_NAME.fullmatch(name) is None:
+                ctx.err(d.lines["key"], f"{where}.key: {part!r} needs a lower-case header name, e.g. header:x-tenant")
+        elif part not in RATE_LIMIT_PARTS:
+            hint = difflib.get_close_matches(part, RATE_LIMIT_PARTS, n=1)
+            fix = f"did you mean {hint[0]!r}?" if hint else "use subject, client_id, source_ip, route or header:NAME"
+            ctx.err(d.lines["key"], f"{where}.key: unknown part {part!r}; {fix}")
+        elif public and part in ("subject", "client_id"):
+            ctx.err(d.lines["key"], f"{where}.key: a public route has no {part}; key it by source_ip or a header")
+    if ("per_second" in d) == ("per_minute" in d):
+        ctx.err(d.line, f"{where}: give exactly one of per_second or per_minute")
+        return None
+    per = "per_second" if "per_second" in d else "per_minute"
+    quota = _get(ctx, d, per, (int, float), where)
+    if quota is None or quota <= 0:
+        ctx.err(d.lines[per], f"{where}.{per} must be a positive number")
+        return None
+    window = 1.0 if per == "per_second" else 60.0
+    burst = _get(ctx, d, "burst", (int, float), where, quota)
+    if burst is None or burst < 1:
+        ctx.err(d.lines.get("burst", d.line), f"{where}.burst must be at least 1")
+        return None
+    shared = bool(_get(ctx, d, "shared", bool, where, False))
+    if shared:
+        ctx.err(d.lines["shared"], f"{where}.shared is not supported yet (quotas shared through Redis); remove it")
+    if len(ctx.errors) != n_errors:
+        return None
+    return RateLimit(
+        key=tuple(parts),
+        rate=float(quota) / window,
+        burst=float(burst),
+        window_s=window,
+        quota=float(quota),
+        shared=shared,
+        line=d.line,
+    )
 
 
 def _dpop(ctx: _Ctx, d: LDict) -> Dpop:

@@ -140,6 +140,19 @@ class HmacClient:
 
 
 @dataclass(frozen=True, slots=True)
+class RateLimit:
+    """A token bucket per key: `rate` requests a second on average, bursts up to `burst`."""
+
+    key: tuple[str, ...]  # parts: subject, client_id, source_ip, route, header:NAME
+    rate: float  # tokens a second
+    burst: float
+    window_s: float  # the policy's stated window (1 or 60 s), for RateLimit-Policy
+    quota: float  # requests per window as written, for RateLimit-Policy
+    shared: bool = False
+    line: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     """One per-route rule as a service owner wrote it."""
 
@@ -151,6 +164,7 @@ class Route:
     allow: Allow | None = None
     forward_token: bool = False
     bind: str | None = None  # "dpop" or "mtls": the token must be bound to the caller's key or certificate
+    rate_limit: RateLimit | None = None
     line: int = 0
 
 

@@ -53,6 +53,11 @@ def encode(d: Decision) -> Any:
             opt.header.value = value
             opt.append_action = _OVERWRITE
         ok.headers_to_remove.extend(d.remove_headers)
+        for key, value in d.response_headers:  # to the client with the upstream's response (e.g. RateLimit)
+            opt = ok.response_headers_to_add.add()
+            opt.header.key = key
+            opt.header.value = value
+            opt.append_action = _OVERWRITE
         return resp
     resp.status.code = RPC_CODE.get(d.status, RPC_PERMISSION_DENIED)
     denied = resp.denied_response

@@ -85,6 +85,7 @@ class AgentServer:
             self._admin = await start_admin(admin_app(lambda: self.engine, lambda: self.policy_error),
                                             self.admin_listen)  # fmt: skip
         self._tasks.append(loop.create_task(self._watch_ready()))
+        self._tasks.append(loop.create_task(self._sweep_limits()))
         if self.policy_path:
             self._tasks.append(loop.create_task(self._watch_file()))
         log.info("serving ext_authz on %s (admin %s), policy %s", self.listen, self.admin_listen,
@@ -132,6 +133,7 @@ class AgentServer:
                 return False
             for s in fresh:
                 self._start_refresher(s)
+            new.adopt_limits(old)
             self.engine = new
             self.policy_error = None
             retired = [s for s in old.stores.values() if s not in stores.values()]
@@ -179,6 +181,13 @@ class AgentServer:
                 serving = ready
             with suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), 0.1)
+
+    async def _sweep_limits(self, every_s: float = 5.0) -> None:
+        """Idle eviction: buckets that have refilled are dropped, so memory follows the active keys."""
+        while not self._stop.is_set():
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), every_s)
+            self.engine.sweep_limits()
 
     async def wait_ready(self, timeout: float) -> bool:
         deadline = asyncio.get_running_loop().time() + timeout

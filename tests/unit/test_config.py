@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import load_policy, load_policy_text
+from agent.config import load_policy_text
 from agent.errors import ConfigErrors
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
@@ -38,23 +38,15 @@ def only_error(text: str) -> tuple[int, str]:
     return errs[0]
 
 
-def test_designs_policy_is_refused_only_for_features_not_built_yet() -> None:
-    with pytest.raises(ConfigErrors) as e:
-        load_policy(FIXTURES / "design_policy.yaml")
-    got = [(err.line, err.message) for err in e.value.errors]
-    assert [line for line, _ in got] == [24]  # rate_limit (the DESIGN's hmac key is tests/fixtures/keys/)
-    assert all("not supported yet" in msg for _, msg in got)
-    assert all(str(err).startswith(f"{FIXTURES / 'design_policy.yaml'}:") for err in e.value.errors)
-
-
-def test_designs_policy_without_unbuilt_features_loads() -> None:
+def test_designs_policy_loads_as_written() -> None:
     lines = (FIXTURES / "design_policy.yaml").read_text().splitlines()
-    kept = [ln for i, ln in enumerate(lines, 1) if i != 24]  # rate_limit
-    policy = load_policy_text("\n".join(kept), "design.yaml", FIXTURES)
+    policy = load_policy_text("\n".join(lines), "design.yaml", FIXTURES)  # as DESIGN.md writes it
     assert [r.name for r in policy.routes] == ["list-orders", "read-order", "create-order", "billing-webhook", "health"]
     assert policy.identity_providers[0].algorithms == {"RS256", "ES256", "EdDSA"}
     assert policy.version.startswith("orders@")
     assert [r.bind for r in policy.routes] == [None, None, "dpop", None, None]
+    limit = policy.routes[0].rate_limit
+    assert limit is not None and (limit.key, limit.rate, limit.burst) == (("subject",), 50.0, 100.0)
     (client,) = policy.hmac_clients
     assert (client.name, client.roles, len(client.keys[0])) == ("billing-batch", {"billing"}, 32)
 
