@@ -33,10 +33,10 @@ from agent.response import (
     AUTHN_STATUS,
     DPOP_REASONS,
     SIGNATURE_REASONS,
+    RateLimitHeaders,
     bearer_challenge,
     challenge,
     problem_body,
-    ratelimit_headers,
 )
 
 log = logging.getLogger("agent.engine")
@@ -120,6 +120,15 @@ def new_decision_id() -> str:
 
 
 @dataclass(slots=True)
+class _Limiter:
+    """A limited route's buckets and its header formatter."""
+
+    limit: RateLimit
+    table: BucketTable
+    headers: RateLimitHeaders
+
+
+@dataclass(slots=True)
 class _Remembered:
     """An allow decided for one (Authorization header, method, path): reused while its token is reusable."""
 
@@ -159,11 +168,12 @@ class Engine:
         intro = next((i for i in policy.identity_providers if i.introspection is not None), None)
         self.introspector = Introspector(intro, clock) if intro is not None else None
         # One bucket table per limited route; `adopt_limits` carries them over a policy reload.
-        self.limiters: dict[str, tuple[RateLimit, BucketTable]] = {
-            r.name: (r.rate_limit, BucketTable(r.rate_limit.rate, r.rate_limit.burst, LIMIT_KEYS_PER_ROUTE))
+        self.limiters: dict[str, _Limiter] = {
+            r.name: _Limiter(r.rate_limit, BucketTable(r.rate_limit.rate, r.rate_limit.burst, LIMIT_KEYS_PER_ROUTE),
+                             RateLimitHeaders(r.name, r.rate_limit.quota, r.rate_limit.window_s))
             for r in policy.routes
             if r.rate_limit is not None
-        }
+        }  # fmt: skip
         self._matcher: Matcher[int] = Matcher()
         self._segments: list[tuple[Segment, ...]] = []
         for i, route in enumerate(policy.routes):
@@ -185,15 +195,15 @@ class Engine:
 
     def adopt_limits(self, old: Engine) -> None:
         """Keep the buckets of routes whose limit is unchanged, so a policy reload never resets a quota."""
-        for name, (limit, table) in old.limiters.items():
+        for name, theirs in old.limiters.items():
             mine = self.limiters.get(name)
-            if mine is not None and mine[0] == limit:
-                self.limiters[name] = (limit, table)
+            if mine is not None and mine.limit == theirs.limit:
+                mine.table = theirs.table
 
     def sweep_limits(self) -> int:
         """Drop the buckets that have refilled (idle keys); returns how many."""
         now = self._clock()
-        return sum(table.sweep(now) for _, table in self.limiters.values())
+        return sum(lim.table.sweep(now) for lim in self.limiters.values())
 
     @property
     def ready(self) -> bool:
@@ -417,16 +427,13 @@ class Engine:
         response_headers: list[tuple[str, str]] = []
         limited = self.limiters.get(route.name) if route.rate_limit is not None else None
         if limited is not None:
-            limit, table = limited
-            left = table.take(limit_key(limit, route, who, view), self._clock())
+            table = limited.table
+            left = table.take(limit_key(limited.limit, route, who, view), self._clock())
             if left < 0:
                 wait = -left
-                headers = [
-                    ("retry-after", str(max(1, math.ceil(wait)))),
-                    *ratelimit_headers(route.name, limit.quota, limit.window_s, 0, wait),
-                ]
+                headers = [("retry-after", str(max(1, math.ceil(wait)))), *limited.headers.state(0, wait)]
                 return self._deny(did, 429, R.RATE_LIMITED, route, who, headers)
-            response_headers = ratelimit_headers(route.name, limit.quota, limit.window_s, left, table.full_in(left))
+            response_headers = limited.headers.state(left, table.full_in(left))
         add = [("x-authz-route", route.name), ("x-authz-decision-id", did)]
         if who is not None:
             add.append(("x-authz-subject", who.subject))

@@ -93,15 +93,20 @@ def _sf_string(value: str) -> str:
     return '"' + safe.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def ratelimit_headers(
-    name: str, quota: float, window_s: float, remaining: float, reset_s: float
-) -> list[tuple[str, str]]:
-    """draft-ietf-httpapi-ratelimit-headers: the policy (quota per window) and the state (remaining, reset)."""
-    policy = _sf_string(name)
-    return [
-        ("ratelimit-policy", f"{policy};q={int(quota)};w={int(window_s)}"),
-        ("ratelimit", f"{policy};r={max(0, int(remaining))};t={max(0, math.ceil(reset_s))}"),
-    ]
+class RateLimitHeaders:
+    """draft-ietf-httpapi-ratelimit-headers for one route's limit: the policy (quota per window) is fixed, so
+    it is formatted once; the state (remaining, seconds to reset) per request."""
+
+    __slots__ = ("_prefix", "policy")
+
+    def __init__(self, name: str, quota: float, window_s: float) -> None:
+        self._prefix = _sf_string(name)
+        self.policy = ("ratelimit-policy", f"{self._prefix};q={int(quota)};w={int(window_s)}")
+
+    def state(self, remaining: float, reset_s: float) -> list[tuple[str, str]]:
+        r = int(remaining) if remaining > 0 else 0
+        t = math.ceil(reset_s) if reset_s > 0 else 0
+        return [self.policy, ("ratelimit", f"{self._prefix};r={r};t={t}")]
 
 
 def problem_body(status: int, reason: str, decision_id: str) -> bytes:

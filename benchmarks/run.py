@@ -429,7 +429,9 @@ def pop_rows(fx: Fixture) -> list[dict[str, Any]]:
             "routes:\n",
             "hmac_clients:\n  billing: {key_file: billing.key, roles: [billing]}\nroutes:\n"
             "  - name: billing\n    match: {methods: [POST], path: /v1/billing}\n    authn: [hmac]\n"
-            "    allow: {roles_any: [billing]}\n",
+            "    allow: {roles_any: [billing]}\n"
+            "  - name: limited\n    match: {methods: [GET], path: /v1/limited}\n    authn: [jwt]\n    allow: {}\n"
+            "    rate_limit: {key: subject, per_second: 1000000000}\n",
         )
     )
     (fx.work / "pop-policy.yaml").write_text(text)
@@ -454,6 +456,9 @@ def pop_rows(fx: Fixture) -> list[dict[str, Any]]:
 
     def plain() -> list[RequestView]:
         return [RequestView("GET", "/v1/orders", "orders.local", {"authorization": f"Bearer {fx.token}"})] * n
+
+    def limited() -> list[RequestView]:
+        return [RequestView("GET", "/v1/limited", "orders.local", {"authorization": f"Bearer {fx.token}"})] * n
 
     def dpop() -> list[RequestView]:
         views = []
@@ -487,6 +492,7 @@ def pop_rows(fx: Fixture) -> list[dict[str, Any]]:
     print(f"  verify  {rows[0]['server']:<46} {floor * 1e6:8.2f} us")
     for name, make in {
         "bearer JWT, repeated (remembered allow)": plain,
+        "the same on a rate-limited route": limited,
         "DPoP-bound JWT + fresh ES256 proof": dpop,
         "RFC 9421 hmac-sha256 + Content-Digest (1 KiB)": signed,
     }.items():
@@ -586,6 +592,7 @@ def main() -> int:
         ratios["DPoP decision/ES256 verify"] = round(
             pop["DPoP-bound JWT + fresh ES256 proof"] / pop["OpenSSL ES256 verify (the proof's floor)"], 2
         )
+        ratios["limited decision/unlimited decision"] = round(pop["the same on a rate-limited route"] / plain, 2)
         ratios["signed decision/plain JWT decision"] = round(
             pop["RFC 9421 hmac-sha256 + Content-Digest (1 KiB)"] / plain, 2
         )

@@ -96,6 +96,11 @@ routes:
     authn: [jwt]
     forward_token: true
     allow: {{}}
+  - name: limited
+    match: {{methods: [GET], path: /v1/limited}}
+    authn: [jwt]
+    allow: {{}}
+    rate_limit: {{key: subject, per_second: 5, burst: 5}}
   - name: health
     match: {{path: /healthz}}
     public: true

@@ -142,3 +142,23 @@ def test_demo_self_test_passes() -> None:
     assert "ok  200 RFC 9421: billing-batch signs a request (HMAC, Content-Digest)" in run.stdout
     assert "BAD" not in run.stdout
     assert "curl -i -X GET" in run.stdout
+
+
+def test_rate_limit_over_real_time_through_envoy(stack: Stack) -> None:
+    token = stack.idp.mint(sub=f"limited-{stack.port}")
+    start = time.monotonic()
+    results = [stack.get("/v1/limited", token) for _ in range(20)]
+    elapsed = time.monotonic() - start
+    allowed = [r for r in results if r.status == 200]
+    refused = [r for r in results if r.status == 429]
+    assert len(allowed) + len(refused) == 20
+    assert 5 <= len(allowed) <= 5 + 5 * elapsed + 1  # the burst, plus what refilled meanwhile
+    assert allowed[0].headers["ratelimit-policy"] == '"limited";q=5;w=1'  # to the client, from the agent
+    assert allowed[0].headers["ratelimit"].startswith('"limited";r=4;')
+    over = refused[0]
+    assert over.json()["reason"] == R.RATE_LIMITED and over.headers["retry-after"] == "1"
+    assert over.headers["ratelimit"] == '"limited";r=0;t=1'
+    time.sleep(0.5)  # 2.5 tokens back at 5/s
+    assert [stack.get("/v1/limited", token).status for _ in range(3)][:2] == [200, 200]
+    other = stack.idp.mint(sub=f"other-{stack.port}")
+    assert stack.get("/v1/limited", other).status == 200  # one bucket per subject

@@ -179,7 +179,7 @@ async def test_a_reload_keeps_the_buckets_of_unchanged_limits(
     new = Engine(load_policy(write_policy(changed)), engine.stores, clock=clock)
     new.adopt_limits(engine)
     assert get(new, "/v1/orders", token).status == 429  # same limit: the spent bucket carried over
-    assert new.limiters["search"][1] is not engine.limiters["search"][1]  # a changed limit starts afresh
+    assert new.limiters["search"].table is not engine.limiters["search"].table  # a changed limit starts afresh
 
 
 def test_rate_limit_mistakes_are_refused_with_their_line(tmp_path: Path) -> None:
