@@ -102,11 +102,26 @@ class AuditSink(Protocol):
     def submit(self, view: RequestView, decision: Decision, policy: Policy, now: float) -> None: ...
 
 
+Step = Callable[[], "Decision"]
+
+
 class _Pending(Exception):
-    """Authentication needs a network round trip; `resolve` does it and yields the principal."""
+    """The decision needs a network round trip. `resume` makes it and returns the synchronous step that
+    carries on from there, so nothing done before the round trip (a one-time value remembered, a token
+    taken from a bucket) is done twice."""
+
+    def __init__(self, resume: Callable[[], Awaitable[Step]]) -> None:
+        self.resume = resume
+
+
+class _Lookup(Exception):
+    """Authentication needs a network round trip for the principal (an unknown kid, an opaque token)."""
 
     def __init__(self, resolve: Callable[[], Awaitable[Principal]]) -> None:
         self.resolve = resolve
+
+
+MAX_ROUND_TRIPS = 4  # per decision: a key refetch, a shared replay check, a quota lease, and one spare
 
 
 # A random prefix per process and a counter: unique across agents and restarts without a getrandom()
@@ -215,11 +230,12 @@ class Engine:
         if self.introspector is not None:
             await self.introspector.close()
 
-    def decide(self, view: RequestView, trace: list[str] | None = None) -> Decision | None:
-        """Decide without waiting on anything; None when the credential needs a network round trip.
+    def decide(self, view: RequestView, trace: list[str] | None = None) -> Decision | Awaitable[Decision]:
+        """The decision, or an awaitable of it when it needs a network round trip.
 
-        The hot path: a transport calls this first and only falls back to `check` (a coroutine) for an
-        unknown kid or an opaque token not in the introspection cache.
+        The hot path: without I/O (a cached token, local buckets) the Decision comes back at once; an
+        unknown kid, an opaque token not in the introspection cache, a replay check or a quota lease in
+        Redis give a coroutine that finishes the same decision (nothing is decided twice).
         """
         start = time.perf_counter_ns()
         decision_id = new_decision_id()
@@ -227,28 +243,30 @@ class Engine:
             decision = self._recall(view, decision_id) if trace is None else None
             if decision is None:
                 decision = self._decide(view, decision_id, trace, None)
-        except _Pending:
-            return None
+        except _Pending as pending:
+            return self._settle(view, decision_id, trace, pending, start)
         except Exception as e:  # noqa: BLE001 - the engine never raises: any bug is a logged, audited deny
             decision = self._internal_error(decision_id, e, trace)
         return self._finish(view, decision, start)
 
     async def check(self, view: RequestView, trace: list[str] | None = None) -> Decision:
         """Decide one request. Never raises: an unexpected error is a deny with reason internal_error."""
-        start = time.perf_counter_ns()
-        decision_id = new_decision_id()
-        mark = len(trace) if trace is not None else 0
+        d = self.decide(view, trace)
+        return d if isinstance(d, Decision) else await d
+
+    async def _settle(
+        self, view: RequestView, decision_id: str, trace: list[str] | None, pending: _Pending, start: int
+    ) -> Decision:
         try:
-            try:
-                decision = self._decide(view, decision_id, trace, None)
-            except _Pending as pending:
+            for _ in range(MAX_ROUND_TRIPS):
+                step = await pending.resume()
                 try:
-                    outcome: Principal | AuthnError = await pending.resolve()
-                except AuthnError as e:
-                    outcome = e
-                if trace is not None:
-                    del trace[mark:]
-                decision = self._decide(view, decision_id, trace, outcome)
+                    decision = step()
+                    break
+                except _Pending as more:
+                    pending = more
+            else:
+                raise RuntimeError("a decision needed more network round trips than allowed")
         except Exception as e:  # noqa: BLE001 - the engine never raises: any bug is a logged, audited deny
             decision = self._internal_error(decision_id, e, trace)
         return self._finish(view, decision, start)
@@ -330,7 +348,10 @@ class Engine:
             return self._allow(decision_id, route, None, view, R.PUBLIC)
         try:
             if resolved is None:
-                principal = self._authenticate(view, route)
+                try:
+                    principal = self._authenticate(view, route)
+                except _Lookup as lookup:
+                    raise self._after_lookup(lookup, view, decision_id, trace) from None
             elif isinstance(resolved, AuthnError):
                 raise resolved
             else:
@@ -364,7 +385,7 @@ class Engine:
         return self._allow(decision_id, route, principal, view, R.ALLOWED)
 
     def _authenticate(self, view: RequestView, route: Route) -> Principal:
-        """The caller's identity from what is known now; raises _Pending when only I/O can tell."""
+        """The caller's identity from what is known now; raises _Lookup when only I/O can tell."""
         if "hmac" in route.authn and ("jwt" not in route.authn or "signature-input" in view.headers):
             # A signed request on a route that takes signatures is judged by its signature alone.
             return self.hmac.verify(view.method, view.scheme, view.host, view.path, view.headers, view.body)
@@ -380,7 +401,7 @@ class Engine:
                 return self.jwt.verify_now(token)
             except UnknownKid as e:
                 store = e.store
-                raise _Pending(lambda: self.jwt.after_refetch(token, store)) from None
+                raise _Lookup(lambda: self.jwt.after_refetch(token, store)) from None
         if _B64TOKEN.fullmatch(token) is None:
             raise AuthnError(R.TOKEN_MALFORMED, "not an RFC 6750 b64token")
         introspector = self.introspector
@@ -391,8 +412,23 @@ class Engine:
             cached = introspector.cached(token)
             if cached is not None:
                 return cached
-            raise _Pending(lambda: introspector.introspect(token))
+            raise _Lookup(lambda: introspector.introspect(token))
         raise AuthnError(R.TOKEN_MALFORMED, "not a JWT and no introspection endpoint is configured")
+
+    def _after_lookup(self, lookup: _Lookup, view: RequestView, decision_id: str, trace: list[str] | None) -> _Pending:
+        # Nothing one-time happens before authentication, so the decision starts over with the principal.
+        mark = len(trace) if trace is not None else 0
+
+        async def resume() -> Step:
+            try:
+                outcome: Principal | AuthnError = await lookup.resolve()
+            except AuthnError as e:
+                outcome = e
+            if trace is not None:
+                del trace[mark:]
+            return lambda: self._decide(view, decision_id, trace, outcome)
+
+        return _Pending(resume)
 
     def _check_binding(self, view: RequestView, route: Route, who: Principal, trace: list[str] | None) -> None:
         """Proof of possession: a bound token only from its holder (every route); `bind:` routes only bound."""

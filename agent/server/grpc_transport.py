@@ -9,7 +9,7 @@ import grpc
 from envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from agent.engine import Engine
+from agent.engine import Decision, Engine
 from agent.envoyconf import MAX_CHECK_REQUEST_BYTES
 from agent.server.envoy_wire import decode, encode
 
@@ -23,11 +23,9 @@ class AuthorizationServicer(ext_grpc.AuthorizationServicer):  # type: ignore[mis
         self._engine = engine
 
     async def Check(self, request: Any, context: Any) -> Any:
-        engine = self._engine()
-        view = decode(request)
-        decision = engine.decide(view)  # no coroutine unless the credential needs a network round trip
-        if decision is None:
-            decision = await engine.check(view)
+        decision = self._engine().decide(decode(request))  # an awaitable only when a round trip is needed
+        if not isinstance(decision, Decision):
+            decision = await decision
         return encode(decision)
 
 

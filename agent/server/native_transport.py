@@ -15,7 +15,7 @@ from typing import Any
 from google.protobuf.message import DecodeError
 
 from agent._wire import WireError, decode_check_request, encode_check_response
-from agent.engine import Engine
+from agent.engine import Decision, Engine
 from agent.envoyconf import MAX_CHECK_REQUEST_BYTES
 
 log = logging.getLogger("agent.native")
@@ -63,17 +63,16 @@ class NativeTransport:
                 view = decode_check_request(message)
             except WireError:
                 return INVALID_ARGUMENT
-            engine = self._engine()
-            decision = engine.decide(view)
-            if decision is not None:
+            decision = self._engine().decide(view)
+            if isinstance(decision, Decision):
                 return encode_check_response(decision)
-            return self._slow(engine, view)
+            return self._slow(decision)
         if path == HEALTH:
             return self._health(message)
         return UNIMPLEMENTED
 
-    async def _slow(self, engine: Engine, view: Any) -> bytes:
-        return encode_check_response(await engine.check(view))
+    async def _slow(self, decision: Awaitable[Decision]) -> bytes:
+        return encode_check_response(await decision)
 
     def _health(self, message: bytes) -> bytes | int:
         from grpc_health.v1 import health_pb2
