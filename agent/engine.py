@@ -23,12 +23,13 @@ from agent.authn.jwks import KeyStore
 from agent.authn.jwt import JwtVerifier, UnknownKid, Verified
 from agent.authn.mtls import CertificateThumbprints
 from agent.authn.principal import Principal
-from agent.authn.replay import ReplayCache
+from agent.authn.replay import Once, ReplayCache, Seen
 from agent.config.model import Policy, RateLimit, Route
 from agent.errors import AuthnError
 from agent.policy.paths import Matcher, Segment, bind, parse_template, split_request_path
 from agent.policy.rules import Refusal, evaluate
 from agent.ratelimit._bucket import BucketTable
+from agent.ratelimit.shared import NEED_LEASE, SharedBuckets, SharedState, Unavailable
 from agent.response import (
     AUTHN_STATUS,
     DPOP_REASONS,
@@ -136,11 +137,12 @@ def new_decision_id() -> str:
 
 @dataclass(slots=True)
 class _Limiter:
-    """A limited route's buckets and its header formatter."""
+    """A limited route's buckets (local, and shared when the limit is) and its header formatter."""
 
     limit: RateLimit
     table: BucketTable
     headers: RateLimitHeaders
+    shared: SharedBuckets | None = None
 
 
 @dataclass(slots=True)
@@ -162,8 +164,11 @@ class Engine:
         clock: Callable[[], float] = time.time,
         token_cache_entries: int = 10_000,
         replay: ReplayCache | None = None,
+        shared: SharedState | None = None,
     ) -> None:
         self.policy = policy
+        # Redis shared by the replicas (policy shared_state): the server passes one that outlives reloads.
+        self.shared = shared
         self.stores = stores
         self.audit = audit
         self._clock = clock
@@ -183,12 +188,14 @@ class Engine:
         intro = next((i for i in policy.identity_providers if i.introspection is not None), None)
         self.introspector = Introspector(intro, clock) if intro is not None else None
         # One bucket table per limited route; `adopt_limits` carries them over a policy reload.
-        self.limiters: dict[str, _Limiter] = {
-            r.name: _Limiter(r.rate_limit, BucketTable(r.rate_limit.rate, r.rate_limit.burst, LIMIT_KEYS_PER_ROUTE),
-                             RateLimitHeaders(r.name, r.rate_limit.quota, r.rate_limit.window_s))
-            for r in policy.routes
-            if r.rate_limit is not None
-        }  # fmt: skip
+        self.limiters: dict[str, _Limiter] = {}
+        for r in policy.routes:
+            if r.rate_limit is None:
+                continue
+            table = BucketTable(r.rate_limit.rate, r.rate_limit.burst, LIMIT_KEYS_PER_ROUTE)
+            headers = RateLimitHeaders(r.name, r.rate_limit.quota, r.rate_limit.window_s)
+            pooled = SharedBuckets(r.name, r.rate_limit, shared, table) if shared and r.rate_limit.shared else None
+            self.limiters[r.name] = _Limiter(r.rate_limit, table, headers, pooled)
         self._matcher: Matcher[int] = Matcher()
         self._segments: list[tuple[Segment, ...]] = []
         for i, route in enumerate(policy.routes):
@@ -204,9 +211,10 @@ class Engine:
         clock: Callable[[], float] = time.time,
         token_cache_entries: int = 10_000,
         replay: ReplayCache | None = None,
+        shared: SharedState | None = None,
     ) -> Engine:
         stores = {i.name: KeyStore(i) for i in policy.identity_providers if i.jwks_uri or i.jwks_file or i.discovery}
-        return cls(policy, stores, audit, clock, token_cache_entries, replay)
+        return cls(policy, stores, audit, clock, token_cache_entries, replay, shared)
 
     def adopt_limits(self, old: Engine) -> None:
         """Keep the buckets of routes whose limit is unchanged, so a policy reload never resets a quota."""
@@ -214,6 +222,10 @@ class Engine:
             mine = self.limiters.get(name)
             if mine is not None and mine.limit == theirs.limit:
                 mine.table = theirs.table
+                if mine.shared is not None and theirs.shared is not None and theirs.shared.state is mine.shared.state:
+                    mine.shared = theirs.shared
+                elif mine.shared is not None:
+                    mine.shared.local = theirs.table
 
     def sweep_limits(self) -> int:
         """Drop the buckets that have refilled (idle keys); returns how many."""
@@ -346,10 +358,11 @@ class Engine:
             if trace is not None:
                 trace.append("route is public: no credentials needed")
             return self._allow(decision_id, route, None, view, R.PUBLIC)
+        once: Once | None = None
         try:
             if resolved is None:
                 try:
-                    principal = self._authenticate(view, route)
+                    principal, once = self._authenticate(view, route)
                 except _Lookup as lookup:
                     raise self._after_lookup(lookup, view, decision_id, trace) from None
             elif isinstance(resolved, AuthnError):
@@ -357,11 +370,56 @@ class Engine:
             else:
                 principal = resolved
             if principal.method != "hmac":
-                self._check_binding(view, route, principal, trace)
+                once = self._check_binding(view, route, principal, trace)
         except AuthnError as e:
             if trace is not None:
                 trace.append(f"authentication failed: {e.reason}" + (f" ({e.detail})" if e.detail else ""))
             return self._deny_authn(decision_id, e, route, view)
+        remember = trace is None and resolved is None
+        if once is not None and self.shared is not None:
+            raise self._shared_once(once, view, decision_id, trace, index, segs, route, principal)
+        return self._authorize(view, decision_id, trace, index, segs, route, principal, remember)
+
+    def _shared_once(
+        self,
+        once: Once,
+        view: RequestView,
+        decision_id: str,
+        trace: list[str] | None,
+        index: int,
+        segs: list[str],
+        route: Route,
+        principal: Principal,
+    ) -> _Pending:
+        """A one-time value this agent has not seen must also be new to every other replica (Redis)."""
+        shared = self.shared
+        assert shared is not None
+
+        async def resume() -> Step:
+            try:
+                seen = await shared.once(once.namespace, once.value, once.ttl_s)
+            except Unavailable:
+                shared.fell_back("replay")  # this agent's own cache has passed it; others may not have
+                seen = Seen.NEW
+            if seen is Seen.REPLAYED:
+                if trace is not None:
+                    trace.append(f"authentication failed: {once.replayed} (seen by another replica)")
+                return lambda: self._deny_authn(decision_id, AuthnError(once.replayed), route, view)
+            return lambda: self._authorize(view, decision_id, trace, index, segs, route, principal, False)
+
+        return _Pending(resume)
+
+    def _authorize(
+        self,
+        view: RequestView,
+        decision_id: str,
+        trace: list[str] | None,
+        index: int,
+        segs: list[str],
+        route: Route,
+        principal: Principal,
+        remember: bool,
+    ) -> Decision:
         if trace is not None:
             p = principal
             trace.append(
@@ -380,11 +438,11 @@ class Engine:
             return self._deny_rule(decision_id, refusal, route, principal)
         if trace is not None:
             trace.append("allow rule satisfied")
-        elif resolved is None:
+        elif remember:
             self._remember(view, route, principal)
         return self._allow(decision_id, route, principal, view, R.ALLOWED)
 
-    def _authenticate(self, view: RequestView, route: Route) -> Principal:
+    def _authenticate(self, view: RequestView, route: Route) -> tuple[Principal, Once | None]:
         """The caller's identity from what is known now; raises _Lookup when only I/O can tell."""
         if "hmac" in route.authn and ("jwt" not in route.authn or "signature-input" in view.headers):
             # A signed request on a route that takes signatures is judged by its signature alone.
@@ -398,7 +456,7 @@ class Engine:
         if token.count(".") == 2:
             # A JWT's parts are decoded as strict base64url, which refuses every character b64token would.
             try:
-                return self.jwt.verify_now(token)
+                return self.jwt.verify_now(token), None
             except UnknownKid as e:
                 store = e.store
                 raise _Lookup(lambda: self.jwt.after_refetch(token, store)) from None
@@ -411,7 +469,7 @@ class Engine:
                 raise AuthnError(R.TOKEN_TOO_LARGE)
             cached = introspector.cached(token)
             if cached is not None:
-                return cached
+                return cached, None
             raise _Lookup(lambda: introspector.introspect(token))
         raise AuthnError(R.TOKEN_MALFORMED, "not a JWT and no introspection endpoint is configured")
 
@@ -430,10 +488,11 @@ class Engine:
 
         return _Pending(resume)
 
-    def _check_binding(self, view: RequestView, route: Route, who: Principal, trace: list[str] | None) -> None:
+    def _check_binding(self, view: RequestView, route: Route, who: Principal, trace: list[str] | None) -> Once | None:
         """Proof of possession: a bound token only from its holder (every route); `bind:` routes only bound."""
         scheme, _, token = view.headers.get("authorization", "").partition(" ")
         dpop_scheme = scheme.lower() == "dpop"
+        once = None
         if route.bind == "dpop" and who.cnf_jkt is None:
             raise AuthnError(R.TOKEN_NOT_BOUND, "the route needs a DPoP-bound token (cnf.jkt)")
         if route.bind == "mtls" and who.cnf_x5t is None:
@@ -442,7 +501,7 @@ class Engine:
             if not dpop_scheme:
                 raise AuthnError(R.DPOP_BOUND_TOKEN_AS_BEARER, "a DPoP-bound token needs the DPoP scheme")
             htu = normal_uri(view.scheme, view.host, view.path)
-            jkt = self.dpop.verify(view.headers.get("dpop"), view.method, htu, token)
+            jkt, once = self.dpop.verify(view.headers.get("dpop"), view.method, htu, token)
             if not hmac.compare_digest(jkt.encode(), who.cnf_jkt.encode()):
                 raise AuthnError(R.DPOP_KEY_MISMATCH, "the proof is signed by another key than the token names")
             if trace is not None:
@@ -457,19 +516,30 @@ class Engine:
                 raise AuthnError(R.CERTIFICATE_MISMATCH)
             if trace is not None:
                 trace.append("client certificate matches the token's cnf.x5t#S256")
+        return once
 
     def _allow(self, did: str, route: Route, who: Principal | None, view: RequestView, reason: str) -> Decision:
         """Allowed by the rules: the route's rate limit, if any, has the last word."""
         response_headers: list[tuple[str, str]] = []
         limited = self.limiters.get(route.name) if route.rate_limit is not None else None
         if limited is not None:
-            table = limited.table
-            left = table.take(limit_key(limited.limit, route, who, view), self._clock())
+            key = limit_key(limited.limit, route, who, view)
+            buckets: BucketTable | SharedBuckets = limited.shared or limited.table
+            left = buckets.take(key, self._clock())
+            if left == NEED_LEASE:
+                pooled = limited.shared
+                assert pooled is not None
+
+                async def resume() -> Step:
+                    await pooled.acquire(key)
+                    return lambda: self._allow(did, route, who, view, reason)
+
+                raise _Pending(resume)
             if left < 0:
                 wait = -left
                 headers = [("retry-after", str(max(1, math.ceil(wait)))), *limited.headers.state(0, wait)]
                 return self._deny(did, 429, R.RATE_LIMITED, route, who, headers)
-            response_headers = limited.headers.state(left, table.full_in(left))
+            response_headers = limited.headers.state(left, buckets.full_in(left))
         add = [("x-authz-route", route.name), ("x-authz-decision-id", did)]
         if who is not None:
             add.append(("x-authz-subject", who.subject))

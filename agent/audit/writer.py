@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import time
 from collections import deque
 from typing import IO, TYPE_CHECKING
 
 import orjson
 
-from agent.audit.records import decision_record
+from agent.audit.records import decision_record, rfc3339_ms
 
 if TYPE_CHECKING:
     from agent.config.model import Policy
@@ -46,6 +47,14 @@ class JsonLinesAudit:
                 log.error("audit queue full: %d records dropped so far", self.dropped)
             return
         self._pending.append(orjson.dumps(decision_record(view, decision, policy, now)))
+
+    def alert(self, kind: str, detail: dict[str, object]) -> None:
+        """An `alert` record in the same stream as decisions (never a token or secret in `detail`)."""
+        record = {"type": "alert", "time": rfc3339_ms(time.time()), "alert": kind, **detail}
+        if len(self._pending) >= self.max_queue:
+            self.dropped += 1
+            return
+        self._pending.append(orjson.dumps(record))
 
     def close(self, timeout: float = 5.0) -> None:
         """Write what is queued, then stop."""

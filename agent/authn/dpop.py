@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 from agent import reasons as R
 from agent.authn.jwk import Jwk, parse_jwk, verify_signature
-from agent.authn.replay import ReplayCache, Seen
+from agent.authn.replay import Once, ReplayCache, Seen
 from agent.authn.strict import b64url_decode, is_number, strict_json_object
 from agent.config.model import Dpop
 from agent.errors import AuthnError
@@ -136,8 +136,9 @@ class DpopVerifier:
         self.algs_challenge = " ".join(sorted(settings.algorithms))
         self._headers: dict[str, tuple[str, Jwk, str]] = {}
 
-    def verify(self, proof: str | None, method: str, htu: str | None, access_token: str) -> str:
-        """Check one proof for a request carrying `access_token`; returns the proof key's RFC 7638 thumbprint.
+    def verify(self, proof: str | None, method: str, htu: str | None, access_token: str) -> tuple[str, Once]:
+        """Check one proof for a request carrying `access_token`: the proof key's RFC 7638 thumbprint, and the
+        one-time value (the jti, already checked against this agent's replay cache) for a shared cache.
 
         `proof` is the DPoP header as Envoy passed it (repeated headers arrive joined by commas).
         """
@@ -180,12 +181,13 @@ class DpopVerifier:
         if s.use_nonce and not self.nonces.valid(claims.get("nonce")):
             raise NonceRequired("nonce missing" if "nonce" not in claims else "nonce invalid or expired")
         # Remembered for as long as the proof's iat would still be accepted.
-        seen = self.replay.check_and_remember(f"dpop:{thumbprint}", jti, s.max_age_s + 2 * s.leeway_s)
+        once = Once(f"dpop:{thumbprint}", jti, s.max_age_s + 2 * s.leeway_s, R.DPOP_PROOF_REPLAYED)
+        seen = self.replay.check_and_remember(once.namespace, once.value, once.ttl_s)
         if seen is Seen.REPLAYED:
             raise AuthnError(R.DPOP_PROOF_REPLAYED)
         if seen is Seen.FULL:
             raise AuthnError(R.REPLAY_CACHE_FULL)
-        return thumbprint
+        return thumbprint, once
 
     def _header(self, part: str) -> tuple[str, Jwk, str]:
         """The proof header's alg, key and thumbprint. A client sends the same header with every proof, so the

@@ -20,7 +20,7 @@ from http_sf.types import Token
 
 from agent import reasons as R
 from agent.authn.principal import Principal
-from agent.authn.replay import ReplayCache, Seen
+from agent.authn.replay import Once, ReplayCache, Seen
 from agent.config.model import HmacClient
 from agent.errors import AuthnError
 
@@ -163,7 +163,8 @@ class HmacVerifier:
 
     def verify(
         self, method: str, scheme: str, authority: str, target: str, headers: Mapping[str, str], body: bytes
-    ) -> Principal:
+    ) -> tuple[Principal, Once | None]:
+        """The signing client, and the signature's nonce (already checked against this agent's replay cache)."""
         sig_input = headers.get("signature-input")
         sig_field = headers.get("signature")
         if not sig_input or not sig_field:
@@ -232,14 +233,15 @@ class HmacVerifier:
             if length and (not length.isdigit() or int(length) != len(body)):
                 raise AuthnError(R.BODY_UNAVAILABLE, "the body Envoy sent is not the whole body")
             check_content_digest(headers.get("content-digest"), body)
+        once = None
         if nonce is not None:
-            window = client.max_age_s + 2 * client.leeway_s
-            seen = self.replay.check_and_remember(f"hmac:{client.name}", nonce, window)
+            once = Once(f"hmac:{client.name}", nonce, client.max_age_s + 2 * client.leeway_s, R.SIGNATURE_REPLAYED)
+            seen = self.replay.check_and_remember(once.namespace, once.value, once.ttl_s)
             if seen is Seen.REPLAYED:
                 raise AuthnError(R.SIGNATURE_REPLAYED)
             if seen is Seen.FULL:
                 raise AuthnError(R.REPLAY_CACHE_FULL)
-        return self._principals[client.name]
+        return self._principals[client.name], once
 
 
 def b64_key(text: str) -> bytes:

@@ -11,6 +11,7 @@ import hashlib
 import heapq
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from enum import Enum
 
 
@@ -18,6 +19,17 @@ class Seen(Enum):
     NEW = "new"
     REPLAYED = "replayed"
     FULL = "full"
+
+
+@dataclass(frozen=True, slots=True)
+class Once:
+    """A value that may be accepted once within `ttl_s` (a DPoP jti, a signature nonce), and the reason
+    code a repeat is refused with."""
+
+    namespace: str
+    value: str
+    ttl_s: float
+    replayed: str
 
 
 class ReplayCache:

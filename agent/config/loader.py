@@ -25,6 +25,7 @@ from agent.config.model import (
     Policy,
     RateLimit,
     Route,
+    SharedStateConfig,
 )
 from agent.config.yamlsrc import LDict, LList, line_of, load_yaml
 from agent.errors import ConfigError, ConfigErrors
@@ -35,7 +36,6 @@ from agent.urls import fetchable
 # silently not enforced: a policy that asks for DPoP binding must not run without it.
 NOT_YET = {
     "mode": "shadow rules (mode: shadow)",
-    "shared_state": "shared state in Redis",
 }
 AUTHN_KINDS = {"jwt", "hmac"}
 AUTHN_NOT_KINDS = {
@@ -44,7 +44,8 @@ AUTHN_NOT_KINDS = {
     "(certificate-only authentication, without a token, is not supported)",
 }
 BIND_KINDS = ("dpop", "mtls")
-TOP_KEYS = {"version", "service", "identity_providers", "routes", "default", "dpop", "hmac_clients"}
+TOP_KEYS = {"version", "service", "identity_providers", "routes", "default", "dpop", "hmac_clients", "shared_state"}
+SHARED_STATE_KEYS = {"redis", "password_file", "timeout_ms"}
 DPOP_KEYS = {
     "algorithms",
     "max_age_s",
@@ -526,8 +527,6 @@ def _rate_limit(ctx: _Ctx, d: LDict, where: str, public: bool) -> RateLimit | No
         ctx.err(d.lines.get("burst", d.line), f"{where}.burst must be at least 1")
         return None
     shared = bool(_get(ctx, d, "shared", bool, where, False))
-    if shared:
-        ctx.err(d.lines["shared"], f"{where}.shared is not supported yet (quotas shared through Redis); remove it")
     if len(ctx.errors) != n_errors:
         return None
     return RateLimit(
@@ -539,6 +538,25 @@ def _rate_limit(ctx: _Ctx, d: LDict, where: str, public: bool) -> RateLimit | No
         shared=shared,
         line=d.line,
     )
+
+
+def _shared_state(ctx: _Ctx, d: LDict) -> SharedStateConfig | None:
+    where = "shared_state"
+    ctx.keys(d, SHARED_STATE_KEYS, where)
+    url = _get(ctx, d, "redis", str, where)
+    if not url:
+        ctx.err(d.line, f"{where}: 'redis' is required, e.g. redis://127.0.0.1:6379/0")
+        return None
+    scheme, _, rest = url.partition("://")
+    if scheme not in ("redis", "rediss", "unix") or not rest:
+        ctx.err(d.lines["redis"], f"{where}.redis must be a redis://, rediss:// or unix:// URL")
+        return None
+    if "@" in rest.split("/")[0]:
+        ctx.err(d.lines["redis"], f"{where}.redis carries credentials; put the password in password_file")
+        return None
+    password = _read_secret(ctx, d, "password_file", where) if "password_file" in d else None
+    timeout_ms = _number(ctx, d, "timeout_ms", where, 50.0, minimum=1.0)
+    return SharedStateConfig(redis=url, password=password, timeout_s=timeout_ms / 1000)
 
 
 def _dpop(ctx: _Ctx, d: LDict) -> Dpop:
@@ -733,6 +751,10 @@ def load_policy_text(text: str, file: str = "<policy>", base_dir: Path | None = 
         client = _hmac_client(ctx, str(name), body)
         if client is not None:
             hmac_clients.append(client)
+    shared_state = None
+    sm = _mapping(ctx, doc, "shared_state", "policy")
+    if sm is not None:
+        shared_state = _shared_state(ctx, sm)
     routes: list[Route] = []
     rl = doc.get("routes")
     if not isinstance(rl, LList) or not rl:
@@ -746,6 +768,9 @@ def load_policy_text(text: str, file: str = "<policy>", base_dir: Path | None = 
             if route is not None:
                 routes.append(route)
         _check_overlaps(ctx, routes)
+        for r in routes:
+            if r.rate_limit is not None and r.rate_limit.shared and shared_state is None and "shared_state" not in doc:
+                ctx.err(r.rate_limit.line, f"route {r.name!r}: 'shared: true' needs shared_state: {{redis: URL}}")
     if ctx.errors:
         raise ConfigErrors(sorted(ctx.errors, key=lambda e: e.line))
     digest = hashlib.sha256(text.encode()).hexdigest()[:12]
@@ -757,6 +782,7 @@ def load_policy_text(text: str, file: str = "<policy>", base_dir: Path | None = 
         source=file,
         dpop=dpop,
         hmac_clients=tuple(hmac_clients),
+        shared_state=shared_state,
     )
 
 

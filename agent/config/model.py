@@ -169,6 +169,15 @@ class Route:
 
 
 @dataclass(frozen=True, slots=True)
+class SharedStateConfig:
+    """Redis shared by the replicas of a service: shared quotas, and replay caches that span replicas."""
+
+    redis: str  # redis://host:port/db (rediss:// for TLS); a password comes from password_file
+    password: str | None = field(default=None, repr=False)
+    timeout_s: float = 0.05
+
+
+@dataclass(frozen=True, slots=True)
 class Policy:
     """A whole, validated policy file."""
 
@@ -180,3 +189,4 @@ class Policy:
     default: str = "deny"
     dpop: Dpop = Dpop()
     hmac_clients: tuple[HmacClient, ...] = ()
+    shared_state: SharedStateConfig | None = None

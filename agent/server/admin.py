@@ -22,6 +22,10 @@ def admin_app(engine: Callable[[], Engine], policy_error: Callable[[], str | Non
             "policy_error": policy_error(),
             "identity_providers": {name: s.status() for name, s in e.stores.items()},
         }
+        if e.shared is not None:
+            # Redis away degrades shared limits and replay caches to local ones; the agent still decides, so
+            # it is reported here rather than failing the readiness probe.
+            body["shared_state"] = {"up": e.shared.up, "errors": e.shared.errors, "fallbacks": e.shared.fallbacks}
         return web.Response(
             status=200 if e.ready else 503, text=json.dumps(body) + "\n", content_type="application/json"
         )

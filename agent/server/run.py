@@ -8,6 +8,7 @@ import os
 import signal
 from contextlib import suppress
 from pathlib import Path
+from urllib.parse import quote
 
 from aiohttp import web
 
@@ -15,9 +16,10 @@ from agent.audit.writer import JsonLinesAudit
 from agent.authn.jwks import KeyStore
 from agent.authn.replay import ReplayCache
 from agent.config import load_policy
-from agent.config.model import Policy
+from agent.config.model import Policy, SharedStateConfig
 from agent.engine import Engine
 from agent.errors import ConfigErrors
+from agent.ratelimit.shared import SharedState
 from agent.server.admin import admin_app, start_admin
 from agent.server.grpc_transport import GrpcTransport
 from agent.server.native_transport import NativeTransport
@@ -43,7 +45,16 @@ class AgentServer:
         self.token_cache_entries = token_cache_entries
         # Shared by every engine this server builds, so a reload never forgets a DPoP jti or a signature nonce.
         self.replay = ReplayCache(policy.dpop.replay_cache_entries)
-        self.engine = Engine.for_policy(policy, self.audit, token_cache_entries=token_cache_entries, replay=self.replay)
+        self.shared: SharedState | None = None
+        self._shared_config: SharedStateConfig | None = None
+        self._old_shared: list[SharedState] = []
+        self.engine = Engine.for_policy(
+            policy,
+            self.audit,
+            token_cache_entries=token_cache_entries,
+            replay=self.replay,
+            shared=self._shared_for(policy),
+        )
         self.listen = listen
         self.admin_listen = admin
         self.policy_path = policy_path
@@ -59,6 +70,22 @@ class AgentServer:
             self.transport = NativeTransport(lambda: self.engine, listen)
         else:
             self.transport = GrpcTransport(lambda: self.engine, listen)
+
+    def _shared_for(self, policy: Policy) -> SharedState | None:
+        """The Redis client for the policy's shared_state, kept across reloads unless the setting changes."""
+        config = policy.shared_state
+        if config != self._shared_config:
+            if self.shared is not None:
+                self._old_shared.append(self.shared)
+            self.shared = None
+            if config is not None:
+                url = config.redis
+                if config.password:
+                    scheme, _, rest = url.partition("://")
+                    url = f"{scheme}://:{quote(config.password, safe='')}@{rest}"
+                self.shared = SharedState(url, config.timeout_s, f"authz:{policy.service}:", alert=self.audit.alert)
+            self._shared_config = config
+        return self.shared
 
     @property
     def port(self) -> int:
@@ -118,7 +145,14 @@ class AgentServer:
                     store = KeyStore(idp)
                     fresh.append(store)
                 stores[idp.name] = store
-            new = Engine(policy, stores, self.audit, token_cache_entries=self.token_cache_entries, replay=self.replay)
+            new = Engine(
+                policy,
+                stores,
+                self.audit,
+                token_cache_entries=self.token_cache_entries,
+                replay=self.replay,
+                shared=self._shared_for(policy),
+            )
             await asyncio.gather(*(s.refresh() for s in fresh))
             deadline = asyncio.get_running_loop().time() + self.reload_wait_s
             while not all(s.ready for s in fresh) and asyncio.get_running_loop().time() < deadline:
@@ -209,6 +243,8 @@ class AgentServer:
         if self._admin is not None:
             await self._admin.cleanup()
         await self.engine.close()
+        for shared in [*self._old_shared, *([self.shared] if self.shared else [])]:
+            await shared.close()
         await asyncio.to_thread(self.audit.close)
 
 

@@ -81,7 +81,7 @@ def test_rfc9421_b25_verifies_for_a_client_that_asks_no_more_than_it_covers() ->
     with pytest.raises(AuthnError) as e:
         v.verify("POST", "https", "example.com", "/foo?param=Value&Pet=dog", RFC_HEADERS, RFC_BODY)
     assert (e.value.reason, e.value.detail) == (R.SIGNATURE_COMPONENTS_MISSING, "not covered: content-digest")
-    who = v.verify("GET", "https", "example.com", "/foo", {**RFC_HEADERS, "content-length": "0"}, b"")
+    who, _ = v.verify("GET", "https", "example.com", "/foo", {**RFC_HEADERS, "content-length": "0"}, b"")
     assert (who.subject, who.method, who.roles) == ("test-shared-secret", "hmac", {"billing"})
 
 
@@ -126,7 +126,7 @@ def signed(
 def verify(
     v: HmacVerifier, headers: dict[str, str], body: bytes, method: str = "POST", path: str = "/v1/billing/run?x=1"
 ) -> Any:
-    return v.verify(method, "https", "api.example.test", path, headers, body)
+    return v.verify(method, "https", "api.example.test", path, headers, body)[0]
 
 
 def refused(v: HmacVerifier, headers: dict[str, str], body: bytes, **kw: Any) -> str:
