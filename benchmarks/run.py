@@ -6,6 +6,7 @@ bounded in time (BENCH_SECONDS each, default 5) and traffic goes to 127.0.0.1 on
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -506,7 +507,97 @@ def pop_rows(fx: Fixture) -> list[dict[str, Any]]:
             best = min(best, (time.perf_counter() - start) / n)
         rows.append({"group": "pop", "server": name, "us": round(best * 1e6, 2)})
         print(f"  decide  {name:<46} {best * 1e6:8.2f} us")
+    rows.append(shared_quota_row(fx, n))
     return rows
+
+
+def shared_quota_row(fx: Fixture, n: int) -> dict[str, Any]:
+    """The repeated-token decision on a limit shared through a real Redis (leases; the loop awaits the
+    decisions that wait for one)."""
+    import asyncio
+
+    from agent.config import load_policy
+    from agent.engine import Decision, Engine, RequestView
+    from agent.ratelimit.shared import SharedState
+    from tests.redis_server import RedisServer
+
+    redis = RedisServer(fx.work / "redis")
+    redis.start()
+    try:
+        text = (fx.work / "pop-policy.yaml").read_text()
+        text = text.replace("per_second: 1000000000}", "per_second: 1000000, shared: true}")
+        text = text.replace("routes:\n", f"shared_state: {{redis: {redis.url}}}\nroutes:\n", 1)
+        (fx.work / "shared-policy.yaml").write_text(text)
+        policy = load_policy(fx.work / "shared-policy.yaml")
+
+        async def run() -> float:
+            state = SharedState(redis.url)
+            engine = Engine.for_policy(policy, shared=state)
+            for s in engine.stores.values():
+                await s.refresh()
+            view = RequestView("GET", "/v1/limited", "orders.local", {"authorization": f"Bearer {fx.token}"})
+            best = float("inf")
+            for _ in range(3):
+                start = time.perf_counter()
+                for _ in range(n):
+                    d = engine.decide(view)
+                    if not isinstance(d, Decision):
+                        d = await d
+                    assert d.allowed, d
+                best = min(best, (time.perf_counter() - start) / n)
+            await state.close()
+            return best
+
+        best = asyncio.run(run())
+        overshoot = asyncio.run(measure_overshoot(fx, redis.url))
+    finally:
+        redis.stop()
+    name = "the same on a limit shared through Redis"
+    print(f"  decide  {name:<46} {best * 1e6:8.2f} us")
+    print(
+        f"  shared  2 replicas, 100/s burst 100 (batch 10), {overshoot['seconds']} s flat out: "
+        f"{overshoot['admitted']} admitted, allowance {overshoot['allowance']}, "
+        f"overshoot {overshoot['overshoot']} (bound {overshoot['bound']})"
+    )
+    return {"group": "pop", "server": name, "us": round(best * 1e6, 2), "overshoot": overshoot}
+
+
+async def measure_overshoot(fx: Fixture, url: str, seconds: float = 2.0) -> dict[str, Any]:
+    """Two replicas (engines with their own Redis clients) drain one shared quota as fast as they can."""
+    from agent.config import load_policy
+    from agent.engine import Decision, Engine, RequestView
+    from agent.ratelimit.shared import SharedState
+
+    text = (fx.work / "shared-policy.yaml").read_text().replace("per_second: 1000000,", "per_second: 100,")
+    (fx.work / "overshoot-policy.yaml").write_text(text)
+    policy = load_policy(fx.work / "overshoot-policy.yaml")
+    states = [SharedState(url, prefix="authz:overshoot:") for _ in range(2)]
+    engines = [Engine.for_policy(policy, shared=st) for st in states]
+    for e in engines:
+        for s in e.stores.values():
+            await s.refresh()
+    view = RequestView("GET", "/v1/limited", "orders.local", {"authorization": f"Bearer {fx.token}"})
+    admitted = 0
+    start = time.monotonic()
+    i = 0
+    while (elapsed := time.monotonic() - start) < seconds:
+        d = engines[i % 2].decide(view)
+        if not isinstance(d, Decision):
+            d = await d
+        admitted += d.allowed
+        i += 1
+        if i % 50 == 0:
+            await asyncio.sleep(0)  # let prefetched leases land
+    for st in states:
+        await st.close()
+    allowance = round(100 * elapsed + 100)
+    return {
+        "seconds": round(elapsed, 2),
+        "admitted": admitted,
+        "allowance": allowance,
+        "overshoot": admitted - allowance,
+        "bound": 2 * 10,
+    }
 
 
 def memory_row() -> dict[str, Any]:
@@ -593,6 +684,9 @@ def main() -> int:
             pop["DPoP-bound JWT + fresh ES256 proof"] / pop["OpenSSL ES256 verify (the proof's floor)"], 2
         )
         ratios["limited decision/unlimited decision"] = round(pop["the same on a rate-limited route"] / plain, 2)
+        ratios["shared-limit decision/local-limit decision"] = round(
+            pop["the same on a limit shared through Redis"] / pop["the same on a rate-limited route"], 2
+        )
         ratios["signed decision/plain JWT decision"] = round(
             pop["RFC 9421 hmac-sha256 + Content-Digest (1 KiB)"] / plain, 2
         )

@@ -256,3 +256,25 @@ def test_hmac_keys_from_env_and_rotation_lists_load(tmp_path: Path) -> None:
     assert client.keys == (b"q" * 32, b"r" * 32)
     assert client.components == ("@method", "@target-uri", "content-type") and not client.require_nonce
     assert "qqqq" not in repr(policy) and "rrrr" not in repr(policy)
+
+
+def test_shared_state_mistakes_are_refused(tmp_path: Path) -> None:
+    body = """\
+    shared_state: {redis: "redis://:hunter2@10.0.0.5:6379/0", timeout: 5}
+    routes:
+      - name: q
+        match: {path: /q}
+        authn: [jwt]
+        allow: {}
+        rate_limit: {key: subject, per_second: 5, shared: true}
+    """
+    got = pop_errors(tmp_path, body)
+    text = "\n".join(f"{line}: {msg}" for line, msg in got)
+    assert "9: shared_state.redis carries credentials; put the password in password_file" in text
+    assert "9: shared_state: unknown key 'timeout'; did you mean 'timeout_ms'?" in text
+    assert "hunter2" not in text
+    without = "\n".join(line for line in body.splitlines() if "shared_state" not in line) + "\n"
+    got = pop_errors(tmp_path, without)
+    assert any("'shared: true' needs shared_state: {redis: URL}" in msg for _, msg in got)
+    got = pop_errors(tmp_path, body.replace("redis://:hunter2@10.0.0.5:6379/0", "http://10.0.0.5"))
+    assert any("shared_state.redis must be a redis://, rediss:// or unix:// URL" in msg for _, msg in got)
