@@ -11,6 +11,7 @@ import math
 import os
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -176,7 +177,7 @@ class Engine:
         # Allows already decided, by SHA-256 of the Authorization header plus method and path (no token text).
         # Only for rules whose outcome depends on nothing but the verified token and the request line; bounded
         # like the token cache, and gone with this engine when the policy changes.
-        self._remembered: dict[tuple[bytes, str, str], _Remembered] = {}
+        self._remembered: OrderedDict[tuple[bytes, str, str], _Remembered] = OrderedDict()
         self._remember_max = token_cache_entries
         self.remembered_hits = 0
         # One-time values (DPoP jti, signature nonces) must stay remembered across policy reloads: the
@@ -318,7 +319,7 @@ class Engine:
             return
         memo = self._remembered
         if len(memo) >= self._remember_max:
-            del memo[next(iter(memo))]  # oldest first
+            memo.popitem(last=False)  # oldest first
         memo[(hashlib.sha256(header.encode()).digest(), view.method, view.path)] = _Remembered(verified, route)
 
     def _internal_error(self, decision_id: str, e: Exception, trace: list[str] | None) -> Decision:

@@ -4,6 +4,8 @@
 Same API and behaviour as the twin; tests/unit/test_ratelimit.py runs both.
 """
 
+from collections import OrderedDict
+
 
 cdef class _B:
     cdef double tokens
@@ -18,10 +20,11 @@ cdef class BucketTable:
     bucket goes first, full ones before any other.
     """
 
-    cdef dict _buckets
+    cdef object _buckets  # an OrderedDict: the oldest goes first, in O(1)
     cdef readonly double rate
     cdef readonly double burst
     cdef readonly Py_ssize_t max_entries
+    cdef double _swept_at
 
     def __init__(self, double rate, double burst, Py_ssize_t max_entries=100_000):
         if rate <= 0 or burst < 1 or max_entries < 1:
@@ -29,7 +32,8 @@ cdef class BucketTable:
         self.rate = rate
         self.burst = burst
         self.max_entries = max_entries
-        self._buckets = {}
+        self._buckets = OrderedDict()
+        self._swept_at = -1e300
 
     def __len__(self):
         return len(self._buckets)
@@ -71,5 +75,10 @@ cdef class BucketTable:
         return len(full)
 
     cdef void _make_room(self, double now) except *:
-        if self.sweep(now) == 0:
-            del self._buckets[next(iter(self._buckets))]  # the oldest key: it may come back with a full bucket
+        # A sweep reads every bucket, so at most one a second: a flood of new keys must not make each
+        # new key cost a scan of the whole table.
+        if now - self._swept_at >= 1.0:
+            self._swept_at = now
+            if self.sweep(now):
+                return
+        self._buckets.popitem(last=False)  # the oldest key: it may come back with a full bucket

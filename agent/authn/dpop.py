@@ -9,6 +9,7 @@ import json
 import os
 import struct
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -134,7 +135,7 @@ class DpopVerifier:
         self.replay = replay
         self.nonces = Nonces(settings.nonce_secret or _PROCESS_NONCE_SECRET, settings.nonce_lifetime_s, clock)
         self.algs_challenge = " ".join(sorted(settings.algorithms))
-        self._headers: dict[str, tuple[str, Jwk, str]] = {}
+        self._headers: OrderedDict[str, tuple[str, Jwk, str]] = OrderedDict()
 
     def verify(self, proof: str | None, method: str, htu: str | None, access_token: str) -> tuple[str, Once]:
         """Check one proof for a request carrying `access_token`: the proof key's RFC 7638 thumbprint, and the
@@ -218,6 +219,6 @@ class DpopVerifier:
         if alg not in key.algs:
             raise AuthnError(R.DPOP_PROOF_INVALID, "alg does not fit the jwk")
         if len(self._headers) >= 4096:
-            del self._headers[next(iter(self._headers))]
+            self._headers.popitem(last=False)
         self._headers[part] = (alg, key, thumbprint)
         return alg, key, thumbprint

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -49,7 +50,8 @@ class JwtVerifier:
         self.max_token_bytes = max((s.idp.max_token_bytes for s in stores.values()), default=8192)
         self._clock = clock
         # Verified tokens by SHA-256 of the token: the cache holds no token text, only what was proven.
-        self._cache: dict[bytes, Verified] = {}
+        # Oldest first in O(1): deleting at the front of a dict makes next(iter()) scan the holes left.
+        self._cache: OrderedDict[bytes, Verified] = OrderedDict()
         self.cache_entries = cache_entries
         self.hits = 0
         self.misses = 0
@@ -85,7 +87,7 @@ class JwtVerifier:
         if self.cache_entries > 0:
             cache = self._cache
             if len(cache) >= self.cache_entries:
-                del cache[next(iter(cache))]  # oldest first: dicts keep insertion order
+                cache.popitem(last=False)  # oldest first
             cache[key] = Verified(principal, idp, store, nbf)
         return principal
 

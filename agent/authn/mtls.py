@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+from collections import OrderedDict
 from urllib.parse import unquote
 
 from cryptography import x509
@@ -21,7 +22,7 @@ class CertificateThumbprints:
     """`x5t#S256` of PEM certificates, remembered for the few certificates a pod's callers present."""
 
     def __init__(self, max_entries: int = 1024) -> None:
-        self._by_pem: dict[str, str | None] = {}
+        self._by_pem: OrderedDict[str, str | None] = OrderedDict()
         self._max = max_entries
 
     def of(self, url_encoded_pem: str) -> str | None:
@@ -38,6 +39,6 @@ class CertificateThumbprints:
         except (ValueError, UnicodeEncodeError):
             thumbprint = None
         if len(self._by_pem) >= self._max:
-            del self._by_pem[next(iter(self._by_pem))]
+            self._by_pem.popitem(last=False)
         self._by_pem[url_encoded_pem] = thumbprint
         return thumbprint

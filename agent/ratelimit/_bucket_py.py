@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 
 class BucketTable:
     """Token buckets by key: `rate` tokens a second, holding at most `burst`; a new key starts full.
@@ -11,7 +13,7 @@ class BucketTable:
     bucket goes first, full ones before any other.
     """
 
-    __slots__ = ("_buckets", "burst", "max_entries", "rate")
+    __slots__ = ("_buckets", "_swept_at", "burst", "max_entries", "rate")
 
     def __init__(self, rate: float, burst: float, max_entries: int = 100_000) -> None:
         if rate <= 0 or burst < 1 or max_entries < 1:
@@ -19,7 +21,9 @@ class BucketTable:
         self.rate = float(rate)
         self.burst = float(burst)
         self.max_entries = max_entries
-        self._buckets: dict[str, list[float]] = {}
+        # Oldest first in O(1): deleting at the front of a dict makes next(iter()) scan the holes left.
+        self._buckets: OrderedDict[str, list[float]] = OrderedDict()
+        self._swept_at = float("-inf")
 
     def __len__(self) -> int:
         return len(self._buckets)
@@ -53,5 +57,10 @@ class BucketTable:
         return len(full)
 
     def _make_room(self, now: float) -> None:
-        if self.sweep(now) == 0:
-            del self._buckets[next(iter(self._buckets))]  # the oldest key: it may come back with a full bucket
+        # A sweep reads every bucket, so at most one a second: a flood of new keys must not make each
+        # new key cost a scan of the whole table.
+        if now - self._swept_at >= 1.0:
+            self._swept_at = now
+            if self.sweep(now):
+                return
+        self._buckets.popitem(last=False)  # the oldest key: it may come back with a full bucket

@@ -18,6 +18,7 @@ import hashlib
 import logging
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -178,7 +179,7 @@ class SharedBuckets:
         self.local = local  # the same limit per replica, while Redis is unavailable
         self.lease_s = lease_s
         self.batch = max(1, min(int(limit.burst), math.ceil(limit.rate / 10)))
-        self._leases: dict[str, _Lease] = {}
+        self._leases: OrderedDict[str, _Lease] = OrderedDict()
         self._clock = state._clock
 
     def take(self, key: str, wall_now: float) -> float:
@@ -238,4 +239,4 @@ class SharedBuckets:
         for k in stale:
             del self._leases[k]
         if len(self._leases) >= 100_000:
-            del self._leases[next(iter(self._leases))]
+            self._leases.popitem(last=False)

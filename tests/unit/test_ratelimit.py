@@ -58,6 +58,15 @@ def test_idle_buckets_are_swept_and_the_table_is_bounded(bucket: Any) -> None:
         bucket.BucketTable(0.0, 1.0)
 
 
+def test_a_flood_of_new_keys_stays_bounded_and_cheap(bucket: Any) -> None:
+    t = bucket.BucketTable(1.0, 5.0, max_entries=10_000)
+    for i in range(200_000):  # 20x the bound, none of them idle: each new key pushes out the oldest
+        assert t.take(f"flood-{i}", 10.0 + i * 1e-6) == 4.0
+    assert len(t) == 10_000
+    assert t.take("flood-199999", 10.2) < 4.0  # the newest are the ones kept
+    assert t.take("flood-0", 10.2) == 4.0  # the oldest went, and comes back full
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     rate=st.floats(0.1, 1000),
