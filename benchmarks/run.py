@@ -600,6 +600,31 @@ async def measure_overshoot(fx: Fixture, url: str, seconds: float = 2.0) -> dict
     }
 
 
+def bucket_memory_row() -> dict[str, Any]:
+    """RSS growth of one limited route's bucket table after 1M distinct keys (a key flood)."""
+    code = (
+        "import json, time\n"
+        "from benchmarks.memory import rss_mb\n"
+        "from agent.ratelimit._bucket import BucketTable\n"
+        "t = BucketTable(1.0, 10.0, 100_000)\n"
+        "before = rss_mb(); start = time.perf_counter()\n"
+        "for i in range(1_000_000): t.take(f'10.{i >> 16}.{(i >> 8) & 255}.{i & 255}', 1000.0 + i * 1e-6)\n"
+        "print(json.dumps({'keys': 1_000_000, 'held': len(t), 'rss_growth_mb': round(rss_mb() - before, 1),"
+        " 'us_per_key': round((time.perf_counter() - start) * 1e6 / 1_000_000, 2)}))\n"
+    )
+    out = subprocess.run(
+        ["taskset", "-c", SERVER_CPU, sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+        cwd=ROOT,
+    )
+    row = {"group": "memory", "server": "rate-limit buckets (one route)", **json.loads(out.stdout.strip())}
+    print(f"  memory  1000000 distinct limit keys: {row['held']} held, RSS +{row['rss_growth_mb']} MB")
+    return row
+
+
 def memory_row() -> dict[str, Any]:
     n = int(os.environ.get("BENCH_TOKENS", "1000000"))
     out = subprocess.run(
@@ -654,6 +679,7 @@ def main() -> int:
             rows += fn(fx)
     if not only or "memory" in only:
         print("[memory]")
+        rows.append(bucket_memory_row())
         rows.append(memory_row())
     base = ("direct", "grpcio+PyJWT (baseline)", "repeated")
     ratios = {
