@@ -21,7 +21,7 @@ system-deps:
 
 $(STAMP): pyproject.toml setup.py | system-deps
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel Cython
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel Cython grpcio-tools
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $@
 

@@ -25,6 +25,7 @@ from agent.authn.jwt import JwtVerifier, UnknownKid, Verified
 from agent.authn.mtls import CertificateThumbprints
 from agent.authn.principal import Principal
 from agent.authn.replay import Once, ReplayCache, Seen
+from agent.authn.revocation import RevocationSet
 from agent.config.model import Policy, RateLimit, Route
 from agent.errors import AuthnError
 from agent.policy.paths import Matcher, Segment, bind, parse_template, split_request_path
@@ -79,6 +80,7 @@ class Decision:
     response_headers: list[tuple[str, str]] = field(default_factory=list)
     body: bytes = b""
     latency_us: int = 0
+    shadow: str | None = None  # the reason a rule in shadow mode would have denied this allowed request
 
 
 def limit_key(limit: RateLimit, route: Route, who: Principal | None, view: RequestView) -> str:
@@ -166,10 +168,13 @@ class Engine:
         token_cache_entries: int = 10_000,
         replay: ReplayCache | None = None,
         shared: SharedState | None = None,
+        revocations: RevocationSet | None = None,
     ) -> None:
         self.policy = policy
         # Redis shared by the replicas (policy shared_state): the server passes one that outlives reloads.
         self.shared = shared
+        # Revoked tokens, from the control plane: one set the server swaps as lists arrive, across reloads.
+        self.revocations = revocations if revocations is not None else RevocationSet()
         self.stores = stores
         self.audit = audit
         self._clock = clock
@@ -213,9 +218,10 @@ class Engine:
         token_cache_entries: int = 10_000,
         replay: ReplayCache | None = None,
         shared: SharedState | None = None,
+        revocations: RevocationSet | None = None,
     ) -> Engine:
         stores = {i.name: KeyStore(i) for i in policy.identity_providers if i.jwks_uri or i.jwks_file or i.discovery}
-        return cls(policy, stores, audit, clock, token_cache_entries, replay, shared)
+        return cls(policy, stores, audit, clock, token_cache_entries, replay, shared, revocations)
 
     def adopt_limits(self, old: Engine) -> None:
         """Keep the buckets of routes whose limit is unchanged, so a policy reload never resets a quota."""
@@ -293,7 +299,7 @@ class Engine:
         hit = self._remembered.get(key)
         if hit is None:
             return None
-        if not self.jwt.reusable(hit.verified):
+        if not self.jwt.reusable(hit.verified) or self.revocations.revoked(hit.verified.principal):
             del self._remembered[key]
             return None
         self.remembered_hits += 1
@@ -370,6 +376,8 @@ class Engine:
                 raise resolved
             else:
                 principal = resolved
+            if self.revocations.revoked(principal):
+                raise AuthnError(R.TOKEN_REVOKED)
             if principal.method != "hmac":
                 once = self._check_binding(view, route, principal, trace)
         except AuthnError as e:
@@ -436,6 +444,14 @@ class Engine:
                 trace.append(
                     f"allow rule refused: {refusal.reason}" + (f" ({refusal.detail})" if refusal.detail else "")
                 )
+            if route.mode == "shadow":
+                # A rule being tried out: recorded as the deny it would be, never enforced.
+                if trace is not None:
+                    trace.append("the rule is in shadow mode: the request passes, audited as would-deny")
+                decision = self._allow(decision_id, route, principal, view, R.ALLOWED)
+                if decision.allowed:
+                    decision.shadow = refusal.reason
+                return decision
             return self._deny_rule(decision_id, refusal, route, principal)
         if trace is not None:
             trace.append("allow rule satisfied")

@@ -29,6 +29,7 @@ TOKEN_LIFETIME_TOO_LONG = "token_lifetime_too_long"
 TOKEN_CLAIM_MISSING = "token_claim_missing"
 TOKEN_CLAIM_INVALID = "token_claim_invalid"
 TOKEN_INACTIVE = "token_inactive"
+TOKEN_REVOKED = "token_revoked"
 AUTH_SCHEME_UNSUPPORTED = "auth_scheme_unsupported"
 STEP_UP_REQUIRED = "step_up_required"
 

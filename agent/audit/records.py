@@ -32,7 +32,7 @@ def _without_query(path: str) -> str:
 
 def decision_record(view: RequestView, d: Decision, policy: Policy, now: float) -> dict[str, object]:
     who = d.principal
-    return {
+    record: dict[str, object] = {
         "type": "decision",
         "time": rfc3339_ms(now),
         "decision_id": d.decision_id,
@@ -52,3 +52,6 @@ def decision_record(view: RequestView, d: Decision, policy: Policy, now: float) 
         "status": d.status,
         "latency_us": d.latency_us,
     }
+    if d.shadow is not None:  # a rule in shadow mode would have denied this request
+        record["shadow"] = {"decision": "deny", "reason": d.shadow}
+    return record

@@ -34,9 +34,7 @@ from agent.urls import fetchable
 
 # Keys of DESIGN's policy format whose features are not built yet. They are refused, never accepted and
 # silently not enforced: a policy that asks for DPoP binding must not run without it.
-NOT_YET = {
-    "mode": "shadow rules (mode: shadow)",
-}
+NOT_YET: dict[str, str] = {}
 AUTHN_KINDS = {"jwt", "hmac"}
 AUTHN_NOT_KINDS = {
     "dpop": "a DPoP-bound token is a JWT: write 'authn: [jwt]' and 'bind: dpop'",
@@ -95,7 +93,7 @@ IDP_KEYS = {
     "introspection_timeout_s",
 }
 CLAIM_KEYS = {"subject", "roles", "scopes", "client_id"}
-ROUTE_KEYS = {"name", "match", "authn", "allow", "public", "forward_token", "bind", "rate_limit"}
+ROUTE_KEYS = {"name", "match", "authn", "allow", "public", "forward_token", "bind", "rate_limit", "mode"}
 RATE_LIMIT_KEYS = {"key", "per_second", "per_minute", "burst", "shared"}
 RATE_LIMIT_PARTS = ("subject", "client_id", "source_ip", "route")
 MATCH_KEYS = {"methods", "path"}
@@ -475,6 +473,11 @@ def _route(ctx: _Ctx, d: LDict, index: int, idps: dict[str, IdentityProvider], h
                 d.lines["allow"],
                 f"{where}.allow is empty; write 'allow: {{}}' to admit any authenticated caller",
             )
+    mode = _get(ctx, d, "mode", str, where, "enforce")
+    if mode not in ("enforce", "shadow"):
+        ctx.err(d.lines["mode"], f"{where}.mode must be enforce or shadow, got {mode!r}")
+    elif mode == "shadow" and public:
+        ctx.err(d.lines["mode"], f"{where}: a public route has no rule to shadow; remove mode")
     rate_limit = None
     rm = _mapping(ctx, d, "rate_limit", where)
     if rm is not None:
@@ -489,6 +492,7 @@ def _route(ctx: _Ctx, d: LDict, index: int, idps: dict[str, IdentityProvider], h
         forward_token=bool(_get(ctx, d, "forward_token", bool, where, False)),
         bind=bind,
         rate_limit=rate_limit,
+        mode=mode if mode in ("enforce", "shadow") else "enforce",
         line=d.line,
     )
     return route if len(ctx.errors) == n_errors else None

@@ -165,6 +165,7 @@ class Route:
     forward_token: bool = False
     bind: str | None = None  # "dpop" or "mtls": the token must be bound to the caller's key or certificate
     rate_limit: RateLimit | None = None
+    mode: str = "enforce"  # "shadow": the allow rule is evaluated and audited, never enforced
     line: int = 0
 
 

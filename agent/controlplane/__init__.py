@@ -1,0 +1,1 @@
+"""Control plane: signed policy bundles and revocations streamed to agents (server and agent sides)."""
