@@ -347,6 +347,8 @@ class Engine:
     def _decide(
         self, view: RequestView, decision_id: str, trace: list[str] | None, resolved: Principal | AuthnError | None
     ) -> Decision:
+        if not self.policy.routes:  # no policy yet (a control plane not reached): fail closed, as an error
+            return self._deny(decision_id, 503, R.POLICY_UNAVAILABLE, None, None)
         segs = split_request_path(view.path)
         if segs is None:
             if trace is not None:

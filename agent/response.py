@@ -21,8 +21,11 @@ TITLES = {
     R.INTROSPECTION_UNAVAILABLE: "Authorization temporarily unavailable",
     R.INTERNAL_ERROR: "Authorization failed",
     R.REPLAY_CACHE_FULL: "Authorization temporarily unavailable",
+    R.POLICY_UNAVAILABLE: "Authorization temporarily unavailable",
 }
-ERROR_REASONS = frozenset({R.KEYS_UNAVAILABLE, R.INTROSPECTION_UNAVAILABLE, R.INTERNAL_ERROR, R.REPLAY_CACHE_FULL})
+ERROR_REASONS = frozenset(
+    {R.KEYS_UNAVAILABLE, R.INTROSPECTION_UNAVAILABLE, R.INTERNAL_ERROR, R.REPLAY_CACHE_FULL, R.POLICY_UNAVAILABLE}
+)
 AUTHN_STATUS = {R.KEYS_UNAVAILABLE: 503, R.INTROSPECTION_UNAVAILABLE: 503, R.REPLAY_CACHE_FULL: 503}
 # Reasons whose 401 challenge is `DPoP error="invalid_dpop_proof"` (RFC 9449 §7.1) or `Signature`.
 DPOP_REASONS = frozenset(

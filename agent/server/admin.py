@@ -10,14 +10,20 @@ from aiohttp import web
 from agent.engine import Engine
 
 
-def admin_app(engine: Callable[[], Engine], policy_error: Callable[[], str | None]) -> web.Application:
+def admin_app(
+    engine: Callable[[], Engine],
+    policy_error: Callable[[], str | None],
+    ready: Callable[[], bool] | None = None,
+    extra: Callable[[], dict[str, object]] | None = None,
+) -> web.Application:
     async def healthz(_: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
     async def readyz(_: web.Request) -> web.Response:
         e = engine()
-        body = {
-            "ready": e.ready,
+        is_ready = ready() if ready is not None else e.ready
+        body: dict[str, object] = {
+            "ready": is_ready,
             "policy_version": e.policy.version,
             "policy_error": policy_error(),
             "identity_providers": {name: s.status() for name, s in e.stores.items()},
@@ -26,8 +32,10 @@ def admin_app(engine: Callable[[], Engine], policy_error: Callable[[], str | Non
             # Redis away degrades shared limits and replay caches to local ones; the agent still decides, so
             # it is reported here rather than failing the readiness probe.
             body["shared_state"] = {"up": e.shared.up, "errors": e.shared.errors, "fallbacks": e.shared.fallbacks}
+        if extra is not None:
+            body.update(extra())
         return web.Response(
-            status=200 if e.ready else 503, text=json.dumps(body) + "\n", content_type="application/json"
+            status=200 if is_ready else 503, text=json.dumps(body) + "\n", content_type="application/json"
         )
 
     app = web.Application()

@@ -15,6 +15,7 @@ from aiohttp import web
 from agent.audit.writer import JsonLinesAudit
 from agent.authn.jwks import KeyStore
 from agent.authn.replay import ReplayCache
+from agent.authn.revocation import RevocationSet
 from agent.config import load_policy
 from agent.config.model import Policy, SharedStateConfig
 from agent.engine import Engine
@@ -32,7 +33,7 @@ class AgentServer:
 
     def __init__(
         self,
-        policy: Policy,
+        policy: Policy | None,
         listen: str,
         admin: str | None,
         audit_log: str | None,
@@ -42,6 +43,12 @@ class AgentServer:
         token_cache_entries: int = 10_000,
     ) -> None:
         self.audit = JsonLinesAudit(audit_log)
+        # Without a policy yet (a control plane not reached, no last good bundle) every check is refused
+        # with 503 policy_unavailable and the agent is not ready.
+        self.policy_loaded = policy is not None
+        if policy is None:
+            policy = Policy(service="", identity_providers=(), routes=(), version="")
+        self.revocations = RevocationSet()
         self.token_cache_entries = token_cache_entries
         # Shared by every engine this server builds, so a reload never forgets a DPoP jti or a signature nonce.
         self.replay = ReplayCache(policy.dpop.replay_cache_entries)
@@ -54,6 +61,7 @@ class AgentServer:
             token_cache_entries=token_cache_entries,
             replay=self.replay,
             shared=self._shared_for(policy),
+            revocations=self.revocations,
         )
         self.listen = listen
         self.admin_listen = admin
@@ -109,8 +117,8 @@ class AgentServer:
             self._start_refresher(store)
         await self.transport.start()
         if self.admin_listen:
-            self._admin = await start_admin(admin_app(lambda: self.engine, lambda: self.policy_error),
-                                            self.admin_listen)  # fmt: skip
+            app = admin_app(lambda: self.engine, lambda: self.policy_error, lambda: self.ready, self.extra_status)
+            self._admin = await start_admin(app, self.admin_listen)
         self._tasks.append(loop.create_task(self._watch_ready()))
         self._tasks.append(loop.create_task(self._sweep_limits()))
         if self.policy_path:
@@ -122,17 +130,22 @@ class AgentServer:
         """Load the policy file again; swap only when it is valid and its keys are loaded, else keep the old."""
         if self.policy_path is None:
             return False
+        try:
+            policy = await asyncio.to_thread(load_policy, self.policy_path)
+        except ConfigErrors as e:
+            self.policy_error = str(e)
+            log.error("policy %s refused; still enforcing %s:\n%s", self.policy_path, self.engine.policy.version, e)
+            return False
+        return await self.install(policy, self.policy_path) is None
+
+    async def install(self, policy: Policy, source: str) -> str | None:
+        """Enforce a validated policy once its identity providers' keys are loaded; in-flight checks finish on
+        the engine they began with. Returns why it was refused (the running policy then stays), else None."""
         async with self._reload_lock:
             old = self.engine
-            try:
-                policy = await asyncio.to_thread(load_policy, self.policy_path)
-            except ConfigErrors as e:
-                self.policy_error = str(e)
-                log.error("policy %s refused; still enforcing %s:\n%s", self.policy_path, old.policy.version, e)
-                return False
-            if policy.version == old.policy.version:
+            if policy.version == old.policy.version and self.policy_loaded:
                 self.policy_error = None
-                return True
+                return None
             # Identity providers configured exactly as before keep their keys and refresher.
             kept = {s.idp: s for s in old.stores.values()}
             stores: dict[str, KeyStore] = {}
@@ -152,6 +165,7 @@ class AgentServer:
                 token_cache_entries=self.token_cache_entries,
                 replay=self.replay,
                 shared=self._shared_for(policy),
+                revocations=self.revocations,
             )
             await asyncio.gather(*(s.refresh() for s in fresh))
             deadline = asyncio.get_running_loop().time() + self.reload_wait_s
@@ -160,11 +174,11 @@ class AgentServer:
                 await asyncio.sleep(0.2)
             if not all(s.ready for s in fresh):
                 why = "; ".join(f"{s.idp.name}: {s.last_error}" for s in fresh if not s.ready)
-                self.policy_error = f"{self.policy_path}: keys of new identity providers not loaded ({why})"
-                log.error("policy %s refused; still enforcing %s: %s", self.policy_path, old.policy.version, why)
+                self.policy_error = f"{source}: keys of new identity providers not loaded ({why})"
+                log.error("policy %s refused; still enforcing %s: %s", source, old.policy.version, why)
                 for s in fresh:
                     await s.close()
-                return False
+                return self.policy_error
             for s in fresh:
                 self._start_refresher(s)
             new.adopt_limits(old)
@@ -172,8 +186,9 @@ class AgentServer:
             self.policy_error = None
             retired = [s for s in old.stores.values() if s not in stores.values()]
             self._tasks.append(asyncio.get_running_loop().create_task(self._retire(retired, old)))
+            self.policy_loaded = True
             log.info("policy %s now enforced (was %s)", policy.version, old.policy.version)
-            return True
+            return None
 
     async def _retire(self, stores: list[KeyStore], old: Engine, grace_s: float = 5.0) -> None:
         """Close what only the old engine used, once checks that began on it have had time to finish."""
@@ -204,10 +219,18 @@ class AgentServer:
                 last = now
                 await self.reload()
 
+    @property
+    def ready(self) -> bool:
+        return self.policy_loaded and self.engine.ready
+
+    def extra_status(self) -> dict[str, object]:
+        """More for /readyz (the control-plane client adds its state here)."""
+        return {"revocations_sequence": self.revocations.sequence}
+
     async def _watch_ready(self) -> None:
         serving: bool | None = None
         while not self._stop.is_set():
-            ready = self.engine.ready
+            ready = self.ready
             if ready != serving:
                 await self.transport.set_serving(ready)
                 if ready:
@@ -225,7 +248,7 @@ class AgentServer:
 
     async def wait_ready(self, timeout: float) -> bool:
         deadline = asyncio.get_running_loop().time() + timeout
-        while not self.engine.ready:
+        while not self.ready:
             if asyncio.get_running_loop().time() > deadline:
                 return False
             await asyncio.sleep(0.02)
