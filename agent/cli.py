@@ -34,13 +34,27 @@ def cmd_lint(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from agent.server.run import serve
+    from pathlib import Path
 
-    try:
-        policy = _load(args.policy)
-    except ConfigErrors as e:
-        print(e, file=sys.stderr)
+    from agent.server.run import ControlPlaneOptions, serve
+
+    control = None
+    if args.control_plane:
+        missing = [f"--{n.replace('_', '-')}" for n in ("service", "state_dir", "bundle_key") if not getattr(args, n)]
+        if missing or args.policy:
+            print("--control-plane needs " + ", ".join(missing or ["no --policy"]), file=sys.stderr)
+            return 2
+        control = ControlPlaneOptions(args.control_plane, args.service, Path(args.state_dir), Path(args.bundle_key))
+    elif not args.policy:
+        print("give --policy FILE, or --control-plane ADDR with --service, --state-dir, --bundle-key", file=sys.stderr)
         return 2
+    policy = None
+    if args.policy:
+        try:
+            policy = _load(args.policy)
+        except ConfigErrors as e:
+            print(e, file=sys.stderr)
+            return 2
     from agent.server.native_transport import available
 
     transport = args.transport or ("native" if available() else "grpcio")
@@ -54,13 +68,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             return 2
         import uvloop
 
-        uvloop.run(
-            serve(policy, args.listen, args.admin, args.audit_log, args.policy, transport, args.token_cache_entries)
-        )
+        uvloop.run(serve(policy, args.listen, args.admin, args.audit_log, args.policy, transport,
+                         args.token_cache_entries, control))  # fmt: skip
         return 0
-    asyncio.run(
-        serve(policy, args.listen, args.admin, args.audit_log, args.policy, transport, args.token_cache_entries)
-    )
+    asyncio.run(serve(policy, args.listen, args.admin, args.audit_log, args.policy, transport,
+                      args.token_cache_entries, control))  # fmt: skip
     return 0
 
 
@@ -138,6 +150,50 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_control_plane(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from agent.controlplane.bundle import BundleError, load_signing_key, write_keypair
+
+    if args.keygen:
+        out = Path(args.keygen)
+        out.mkdir(parents=True, exist_ok=True)
+        write_keypair(out / "bundle-signing.pem", out / "bundle-verify.pem")
+        print(
+            f"wrote {out / 'bundle-signing.pem'} (control plane, keep secret) and {out / 'bundle-verify.pem'} (agents)"
+        )
+        return 0
+    if not args.policies or not args.signing_key:
+        print("control-plane needs --policies DIR and --signing-key FILE (make one with --keygen DIR)", file=sys.stderr)
+        return 2
+    directory = Path(args.policies)
+    if not directory.is_dir():
+        print(f"{directory}: not a directory", file=sys.stderr)
+        return 2
+    try:
+        key = load_signing_key(args.signing_key)
+    except (BundleError, OSError, ValueError) as e:
+        print(f"{args.signing_key}: {e}", file=sys.stderr)
+        return 2
+
+    async def main() -> None:
+        import signal
+
+        from agent.controlplane.server import ControlPlane
+
+        cp = ControlPlane(directory, key, args.listen, args.admin)
+        await cp.start()
+        done = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, done.set)
+        await done.wait()
+        await cp.stop()
+
+    asyncio.run(main())
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from agent.demo.run import run_demo
     from agent.server.native_transport import available
@@ -155,7 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     r = sub.add_parser("run", help="serve ext_authz for Envoy")
-    r.add_argument("--policy", required=True)
+    r.add_argument("--policy", help="the policy file (re-read on change); or take it from --control-plane")
+    r.add_argument("--control-plane", help="HOST:PORT of `authz-agent control-plane`")
+    r.add_argument("--service", help="with --control-plane: the service whose policy this agent enforces")
+    r.add_argument("--state-dir", help="with --control-plane: where the last good bundle is kept")
+    r.add_argument("--bundle-key", help="with --control-plane: PEM Ed25519 public key(s) bundles must be signed by")
     r.add_argument("--listen", default="127.0.0.1:9191", help="HOST:PORT or unix:PATH")
     r.add_argument("--admin", default="127.0.0.1:9192", help="HOST:PORT for /healthz and /readyz")
     r.add_argument(
@@ -200,6 +260,14 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--client-ca", help="PEM CA bundle that client certificates must chain to")
     e.add_argument("--require-client-cert", action="store_true", help="refuse TLS clients without a certificate")
     e.set_defaults(func=cmd_envoy_config)
+
+    c = sub.add_parser("control-plane", help="serve signed policy bundles and revocations to agents")
+    c.add_argument("--policies", help="DIR: one SERVICE.yaml per service, and revocations.yaml")
+    c.add_argument("--listen", default="127.0.0.1:9300", help="HOST:PORT of the PolicySync gRPC service")
+    c.add_argument("--admin", default="127.0.0.1:9301", help="HOST:PORT for /status (versions, agents, errors)")
+    c.add_argument("--signing-key", help="PEM Ed25519 private key bundles are signed with")
+    c.add_argument("--keygen", metavar="DIR", help="write a new signing key pair into DIR and exit")
+    c.set_defaults(func=cmd_control_plane)
 
     d = sub.add_parser("demo", help="Envoy + agent + local IdP + demo app; prints curl lines")
     d.add_argument("--port", type=int, default=10000, help="Envoy's listener port")

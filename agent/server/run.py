@@ -6,7 +6,9 @@ import asyncio
 import logging
 import os
 import signal
+from collections.abc import Callable
 from contextlib import suppress
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
@@ -18,6 +20,7 @@ from agent.authn.replay import ReplayCache
 from agent.authn.revocation import RevocationSet
 from agent.config import load_policy
 from agent.config.model import Policy, SharedStateConfig
+from agent.controlplane.bundle import Revocations
 from agent.engine import Engine
 from agent.errors import ConfigErrors
 from agent.ratelimit.shared import SharedState
@@ -49,6 +52,7 @@ class AgentServer:
         if policy is None:
             policy = Policy(service="", identity_providers=(), routes=(), version="")
         self.revocations = RevocationSet()
+        self.status_sources: list[Callable[[], dict[str, object]]] = []
         self.token_cache_entries = token_cache_entries
         # Shared by every engine this server builds, so a reload never forgets a DPoP jti or a signature nonce.
         self.replay = ReplayCache(policy.dpop.replay_cache_entries)
@@ -224,8 +228,15 @@ class AgentServer:
         return self.policy_loaded and self.engine.ready
 
     def extra_status(self) -> dict[str, object]:
-        """More for /readyz (the control-plane client adds its state here)."""
-        return {"revocations_sequence": self.revocations.sequence}
+        """More for /readyz: the revocations in force, and what `status_sources` add (the control plane)."""
+        out: dict[str, object] = {"revocations_sequence": self.revocations.sequence}
+        for source in self.status_sources:
+            out.update(source())
+        return out
+
+    def apply_revocations(self, r: Revocations) -> None:
+        self.revocations.replace(r.sequence, r.jti, r.by_subject())
+        log.info("revocations %d in force: %d tokens, %d subjects", r.sequence, len(r.jti), len(r.subjects))
 
     async def _watch_ready(self) -> None:
         serving: bool | None = None
@@ -279,24 +290,52 @@ def _stamp(path: Path) -> tuple[float, int] | None:
     return (st.st_mtime, st.st_size)
 
 
+@dataclass(frozen=True)
+class ControlPlaneOptions:
+    address: str
+    service: str
+    state_dir: Path
+    bundle_key: Path
+
+
 async def serve(
-    policy: Policy,
+    policy: Policy | None,
     listen: str,
     admin: str | None,
     audit_log: str | None,
-    policy_path: str,
+    policy_path: str | None,
     transport: str,
     token_cache_entries: int = 10_000,
+    control: ControlPlaneOptions | None = None,
 ) -> None:
     """Run until SIGTERM or SIGINT, then drain in-flight checks and stop."""
     server = AgentServer(
         policy, listen, admin, audit_log, policy_path, transport=transport, token_cache_entries=token_cache_entries
     )
     await server.start()
-    done = asyncio.Event()
+    stop = asyncio.Event()
+    client_task: asyncio.Task[None] | None = None
+    if control is not None:
+        from agent.controlplane.bundle import load_verify_keys
+        from agent.controlplane.client import PolicyClient
+
+        client = PolicyClient(
+            control.address,
+            control.service,
+            control.state_dir,
+            load_verify_keys(control.bundle_key),
+            server.install,
+            server.apply_revocations,
+        )
+        server.status_sources.append(client.status)
+        if await client.load_last_good():
+            log.info("serving the last good bundle %s until the control plane answers", client.version)
+        client_task = asyncio.get_running_loop().create_task(client.run(stop))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, done.set)
-    await done.wait()
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
     log.info("stopping: draining in-flight checks")
+    if client_task is not None:
+        await asyncio.gather(client_task, return_exceptions=True)
     await server.stop()

@@ -109,20 +109,24 @@ default: deny
 
 
 class AgentProcess:
-    def __init__(self, policy: Path, listen: str, workdir: Path, transport: str = "grpcio") -> None:
+    """`authz-agent run` with a policy file, or with other source arguments (e.g. --control-plane ...)."""
+
+    def __init__(
+        self, policy: Path | list[str], listen: str, workdir: Path, transport: str = "grpcio", wait_ready: bool = True
+    ) -> None:
         self.admin = f"127.0.0.1:{free_port()}"
         self.listen = listen
         self.audit = workdir / "audit.log"
         self.stderr_path = workdir / "agent.stderr"
-        self._err = self.stderr_path.open("w")
+        self._err = self.stderr_path.open("a")
+        source = ["--policy", str(policy)] if isinstance(policy, Path) else policy
         self.proc = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
                 "agent",
                 "run",
-                "--policy",
-                str(policy),
+                *source,
                 "--listen",
                 listen,
                 "--admin",
@@ -135,7 +139,11 @@ class AgentProcess:
             stdout=self._err,
             stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + 20
+        if wait_ready:
+            self.wait_ready()
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.stderr_path.read_text()
             if http_ok(f"http://{self.admin}/readyz"):
