@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -148,7 +149,8 @@ class PolicyClient:
             if time.monotonic() - started > 10:
                 backoff = 0.2  # it had been up for a while: start the backoff over
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), backoff)
+                # Jittered, so the agents of a restarted control plane do not all come back at once.
+                await asyncio.wait_for(stop.wait(), backoff * random.uniform(0.5, 1.0))  # noqa: S311
             backoff = min(backoff * 2, 10.0)
 
     async def _session(self, stop: asyncio.Event) -> None:
