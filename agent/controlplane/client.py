@@ -35,6 +35,7 @@ from agent.controlplane.bundle import (
 )
 from agent.controlplane.server import SYNC_METHOD
 from agent.errors import ConfigErrors
+from agent.ratelimit.shared import SharedState, Unavailable
 
 log = logging.getLogger("agent.controlplane")
 
@@ -50,6 +51,7 @@ class PolicyClient:
         keys: list[Ed25519PublicKey],
         install: Callable[[Policy, str], Awaitable[str | None]],
         revoke: Callable[[Revocations], None],
+        shared: Callable[[], SharedState | None] = lambda: None,
     ) -> None:
         self.address = address
         self.service = service
@@ -57,6 +59,7 @@ class PolicyClient:
         self.keys = keys
         self._install = install
         self._revoke = revoke
+        self._shared = shared  # the policy's shared_state (Redis), which also carries revocation lists
         self.agent_id = f"{socket.gethostname()}:{os.getpid()}:{int(time.time())}"
         self.version = ""
         self.revocations_seq = 0
@@ -64,6 +67,7 @@ class PolicyClient:
         self.last_error: str | None = None
         self._saved: dict[str, Any] = {}
         self._outbox: asyncio.Queue[pb.AgentMessage] | None = None
+        self._sharing: set[asyncio.Task[None]] = set()
 
     # -- last good on disk --------------------------------------------------------------------------
 
@@ -116,20 +120,62 @@ class PolicyClient:
         log.info("enforcing %s from the control plane%s", bundle.version, " (last good, from disk)" * from_disk)
         return None
 
-    def _apply_revocations(self, signed: pb.SignedBundle, from_disk: bool = False) -> str | None:
+    def _apply_revocations(self, signed: pb.SignedBundle, from_disk: bool = False, share: bool = True) -> str | None:
         try:
             revocations = parse_revocations(verified_payload(signed, self.keys))
         except BundleError as e:
             log.error("revocation list refused: %s", e)
             return str(e)
-        if revocations.sequence < self.revocations_seq:
-            return None  # an older list than the one in force
+        if revocations.sequence <= self.revocations_seq and self.revocations_seq:
+            return None  # not newer than the list in force
         self._revoke(revocations)
         self.revocations_seq = revocations.sequence
         if not from_disk:
             self._saved["revocations"] = {"payload": bytes(signed.payload), "signature": bytes(signed.signature)}
             self._write_state()
+        shared = self._shared()
+        if share and shared is not None:
+            blob = bytes(signed.SerializeToString())
+            task = asyncio.get_running_loop().create_task(self._share(shared, revocations.sequence, blob))
+            self._sharing.add(task)
+            task.add_done_callback(self._sharing.discard)
         return None
+
+    async def _share(self, shared: SharedState, sequence: int, blob: bytes) -> None:
+        with contextlib.suppress(Unavailable):
+            await shared.put_revocations(sequence, blob)
+
+    async def _from_shared(self) -> None:
+        """A newer signed list another replica put in Redis (verified like one from the stream)."""
+        shared = self._shared()
+        if shared is None:
+            return
+        try:
+            blob = await shared.get_revocations()
+        except Unavailable:
+            return
+        if blob is None:
+            return
+        signed = pb.SignedBundle()
+        try:
+            signed.ParseFromString(blob)
+        except Exception:  # noqa: BLE001 - protobuf's DecodeError: a corrupt entry is ignored
+            log.error("the revocation list in shared state is malformed; ignored")
+            return
+        before = self.revocations_seq
+        self._apply_revocations(signed, share=False)
+        if self.revocations_seq != before:
+            log.info("revocations %d taken from shared state", self.revocations_seq)
+
+    async def watch_shared(self, stop: asyncio.Event) -> None:
+        """Follow the revocation lists other replicas share through Redis (when shared_state is set)."""
+        while not stop.is_set():
+            shared = self._shared()
+            if shared is None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 1.0)
+                continue
+            await shared.watch_revocations(self._from_shared, stop)
 
     # -- the stream ---------------------------------------------------------------------------------
 

@@ -153,6 +153,50 @@ class SharedState:
         granted, left, wait = await self.call(run)
         return int(granted), float(left), float(wait)
 
+    # -- revocations --------------------------------------------------------------------------------
+    # The newest signed revocation list is kept under one key (replaced only by a higher sequence) and
+    # announced on a channel, so every replica has it even when its own control-plane stream is late or
+    # down. Agents verify the signature before they apply it; Redis is a carrier, never trusted.
+
+    async def put_revocations(self, sequence: int, blob: bytes) -> bool:
+        key = self.prefix + "revocations"
+
+        async def run(r: Any) -> Any:
+            stored = await r.hget(key, "sequence")
+            if stored is not None and int(stored) >= sequence:
+                return False
+            await r.hset(key, mapping={"sequence": sequence, "blob": blob})
+            await r.publish(key, str(sequence))
+            return True
+
+        return bool(await self.call(run))
+
+    async def get_revocations(self) -> bytes | None:
+        blob = await self.call(lambda r: r.hget(self.prefix + "revocations", "blob"))
+        return bytes(blob) if blob is not None else None
+
+    async def watch_revocations(self, on_change: Callable[[], Awaitable[None]], stop: asyncio.Event) -> None:
+        """Call `on_change` whenever another replica announces a newer list (and once at every (re)connect)."""
+        backoff = 0.2
+        while not stop.is_set():
+            pubsub = self._redis.pubsub()
+            try:
+                await asyncio.wait_for(pubsub.subscribe(self.prefix + "revocations"), self.timeout_s * 20)
+                backoff = 0.2
+                await on_change()
+                while not stop.is_set():
+                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
+                    if msg is not None:
+                        await on_change()
+            except (RedisError, OSError, TimeoutError):
+                pass
+            finally:
+                with contextlib.suppress(RedisError, OSError, TimeoutError):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), backoff)
+            backoff = min(backoff * 2, 5.0)
+
     async def close(self) -> None:
         await self._redis.aclose()
 

@@ -315,6 +315,7 @@ async def serve(
     await server.start()
     stop = asyncio.Event()
     client_task: asyncio.Task[None] | None = None
+    shared_task: asyncio.Task[None] | None = None
     if control is not None:
         from agent.controlplane.bundle import load_verify_keys
         from agent.controlplane.client import PolicyClient
@@ -326,16 +327,17 @@ async def serve(
             load_verify_keys(control.bundle_key),
             server.install,
             server.apply_revocations,
+            lambda: server.shared,
         )
         server.status_sources.append(client.status)
         if await client.load_last_good():
             log.info("serving the last good bundle %s until the control plane answers", client.version)
         client_task = asyncio.get_running_loop().create_task(client.run(stop))
+        shared_task = asyncio.get_running_loop().create_task(client.watch_shared(stop))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("stopping: draining in-flight checks")
-    if client_task is not None:
-        await asyncio.gather(client_task, return_exceptions=True)
+    await asyncio.gather(*(t for t in (client_task, shared_task) if t is not None), return_exceptions=True)
     await server.stop()

@@ -101,3 +101,51 @@ async def test_a_tampered_state_file_is_not_served(tmp_path: Path) -> None:
     client = PolicyClient("127.0.0.1:1", "orders", state, [key.public_key()], install, lambda r: None)
     assert await client.load_last_good() is False
     assert "does not verify" in (client.last_error or "")
+
+
+async def test_revocations_reach_a_replica_cut_off_from_the_control_plane_through_redis(tmp_path: Path) -> None:
+    from agent.ratelimit.shared import SharedState
+    from tests.redis_server import RedisServer
+
+    redis = RedisServer(tmp_path / "redis")
+    redis.start()
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "orders.yaml").write_text(POLICY)
+    key = Ed25519PrivateKey.generate()
+    cp = ControlPlane(policies, key, f"127.0.0.1:{free_port()}", None, poll_s=0.1)
+    await cp.start()
+
+    async def install(policy: Policy, source: str) -> str | None:
+        return None
+
+    applied: dict[str, list[Revocations]] = {"a": [], "b": []}
+    states = [SharedState(redis.url, 0.2, "authz:orders:") for _ in range(2)]
+    a = PolicyClient(cp.listen, "orders", tmp_path / "a", [key.public_key()], install, applied["a"].append,
+                     lambda: states[0])  # fmt: skip
+    # b's control plane is unreachable: only Redis can tell it about revocations.
+    b = PolicyClient(f"127.0.0.1:{free_port()}", "orders", tmp_path / "b", [key.public_key()], install,
+                     applied["b"].append, lambda: states[1])  # fmt: skip
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    tasks = [loop.create_task(a.run(stop)), loop.create_task(b.run(stop)), loop.create_task(b.watch_shared(stop))]
+    try:
+        (policies / "revocations.yaml").write_text("jti: [stolen-1]\n")
+        for _ in range(200):
+            if applied["b"]:
+                break
+            await asyncio.sleep(0.05)
+        assert applied["a"] and applied["b"] and applied["b"][-1].jti == {"stolen-1"}
+        assert not b.connected
+        # A list in Redis that the control plane did not sign is refused.
+        forged = sign(revocations_payload(Revocations(99, frozenset({"everyone"}))), Ed25519PrivateKey.generate())
+        await states[0].put_revocations(99, forged.SerializeToString())
+        await asyncio.sleep(0.5)
+        assert b.revocations_seq == applied["b"][-1].sequence and applied["b"][-1].jti == {"stolen-1"}
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await cp.stop()
+        for s in states:
+            await s.close()
+        redis.stop()
