@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 from agent import reasons as R
 from agent.authn.jwk import Jwk, parse_jwk, verify_signature
-from agent.authn.replay import Once, ReplayCache, Seen
+from agent.authn.replay import Once, ReplayCache
 from agent.authn.strict import b64url_decode, is_number, strict_json_object
 from agent.config.model import Dpop
 from agent.errors import AuthnError
@@ -183,11 +183,7 @@ class DpopVerifier:
             raise NonceRequired("nonce missing" if "nonce" not in claims else "nonce invalid or expired")
         # Remembered for as long as the proof's iat would still be accepted.
         once = Once(f"dpop:{thumbprint}", jti, s.max_age_s + 2 * s.leeway_s, R.DPOP_PROOF_REPLAYED)
-        seen = self.replay.check_and_remember(once.namespace, once.value, once.ttl_s)
-        if seen is Seen.REPLAYED:
-            raise AuthnError(R.DPOP_PROOF_REPLAYED)
-        if seen is Seen.FULL:
-            raise AuthnError(R.REPLAY_CACHE_FULL)
+        self.replay.require_new(once)
         return thumbprint, once
 
     def _header(self, part: str) -> tuple[str, Jwk, str]:

@@ -20,7 +20,7 @@ from http_sf.types import Token
 
 from agent import reasons as R
 from agent.authn.principal import Principal
-from agent.authn.replay import Once, ReplayCache, Seen
+from agent.authn.replay import Once, ReplayCache
 from agent.config.model import HmacClient
 from agent.errors import AuthnError
 
@@ -236,11 +236,7 @@ class HmacVerifier:
         once = None
         if nonce is not None:
             once = Once(f"hmac:{client.name}", nonce, client.max_age_s + 2 * client.leeway_s, R.SIGNATURE_REPLAYED)
-            seen = self.replay.check_and_remember(once.namespace, once.value, once.ttl_s)
-            if seen is Seen.REPLAYED:
-                raise AuthnError(R.SIGNATURE_REPLAYED)
-            if seen is Seen.FULL:
-                raise AuthnError(R.REPLAY_CACHE_FULL)
+            self.replay.require_new(once)
         return self._principals[client.name], once
 
 

@@ -14,6 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
+from agent import reasons as R
+from agent.errors import AuthnError
+
 
 class Seen(Enum):
     NEW = "new"
@@ -58,6 +61,14 @@ class ReplayCache:
         self._until[key] = expires
         heapq.heappush(self._order, (expires, key))
         return Seen.NEW
+
+    def require_new(self, once: Once) -> None:
+        """Remember `once`; AuthnError with its replay reason when seen before, or 503 when the cache is full."""
+        seen = self.check_and_remember(once.namespace, once.value, once.ttl_s)
+        if seen is Seen.REPLAYED:
+            raise AuthnError(once.replayed)
+        if seen is Seen.FULL:
+            raise AuthnError(R.REPLAY_CACHE_FULL)
 
     def _expire(self, now: float) -> None:
         order, until = self._order, self._until

@@ -69,16 +69,23 @@ def request(port: int, method: str, path: str, headers: dict[str, str] | None = 
         conn.close()
 
 
-POLICY = """version: 1
-service: orders
-identity_providers:
+def idp_yaml(issuer: str) -> str:
+    """The identity_providers block every e2e policy uses: the local IdP, by OIDC discovery."""
+    return IDP.format(issuer=issuer)
+
+
+IDP = """identity_providers:
   corp:
     issuer: {issuer}
     discovery: true
     audiences: [orders-api]
     algorithms: [ES256]
     max_token_lifetime_s: 3600
-    min_refetch_s: 0
+"""
+
+POLICY = """version: 1
+service: orders
+{idp}    min_refetch_s: 0
     refresh_s: 300
 routes:
   - name: list-orders
@@ -201,7 +208,7 @@ def make_stack(loop_thread: LoopThread, tmp_path_factory: pytest.TempPathFactory
         cleanups.append(lambda: loop_thread.run(runner.cleanup()))
         cleanups.append(lambda: loop_thread.run(idp.stop()))
         policy = work / "policy.yaml"
-        policy.write_text(POLICY.format(issuer=idp.issuer))
+        policy.write_text(POLICY.format(idp=idp_yaml(idp.issuer)))
         listen = f"unix:{work / 'agent.sock'}" if listen_unix else f"127.0.0.1:{free_port()}"
         agent = AgentProcess(policy, listen, work, transport)
         port = free_port()

@@ -22,20 +22,13 @@ from agent import reasons as R
 from agent.demo.app import demo_app, start_site
 from agent.demo.idp import LocalIdP
 from agent.envoyconf import EnvoyProcess, bootstrap, http_ok
-from tests.e2e.conftest import AgentProcess, LoopThread, free_port, request
+from tests.e2e.conftest import AgentProcess, LoopThread, free_port, idp_yaml, request
 
 pytestmark = pytest.mark.e2e
 
 POLICY = """version: 1
 service: orders
-identity_providers:
-  corp:
-    issuer: {issuer}
-    discovery: true
-    audiences: [orders-api]
-    algorithms: [ES256]
-    max_token_lifetime_s: 3600
-routes:
+{idp}routes:
   - name: list-orders
     match: {{methods: [GET], path: /v1/orders}}
     authn: [jwt]
@@ -86,7 +79,7 @@ class Fleet:
 
     def write_policy(self, scope: str) -> None:
         tmp = self.policies / "orders.yaml.tmp"
-        tmp.write_text(POLICY.format(issuer=self.idp.issuer, scope=scope))
+        tmp.write_text(POLICY.format(idp=idp_yaml(self.idp.issuer), scope=scope))
         tmp.replace(self.policies / "orders.yaml")
 
     def agent_args(self, i: int) -> list[str]:
@@ -116,7 +109,7 @@ def fleet(transport: str, loop_thread: LoopThread, tmp_path_factory: pytest.Temp
     runner, app_port = loop_thread.run(start_site(demo_app()))
     policies = work / "policies"
     policies.mkdir()
-    (policies / "orders.yaml").write_text(POLICY.format(issuer=idp.issuer, scope="orders:read"))
+    (policies / "orders.yaml").write_text(POLICY.format(idp=idp_yaml(idp.issuer), scope="orders:read"))
     key, verify = work / "keys" / "bundle-signing.pem", work / "keys" / "bundle-verify.pem"
     cp = ControlPlaneProcess(policies, key, work)
     f = Fleet(work, idp, policies, key, verify, cp, [], [], transport)

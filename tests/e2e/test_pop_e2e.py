@@ -26,20 +26,13 @@ from agent import reasons as R
 from agent.demo.app import demo_app, start_site
 from agent.demo.idp import LocalIdP
 from agent.envoyconf import EnvoyProcess, ListenerTls, bootstrap
-from tests.e2e.conftest import AgentProcess, LoopThread, Response, free_port
+from tests.e2e.conftest import AgentProcess, LoopThread, Response, free_port, idp_yaml
 
 pytestmark = pytest.mark.e2e
 
 POLICY = """version: 1
 service: orders
-identity_providers:
-  corp:
-    issuer: {issuer}
-    discovery: true
-    audiences: [orders-api]
-    algorithms: [ES256]
-    max_token_lifetime_s: 3600
-hmac_clients:
+{idp}hmac_clients:
   billing:
     key_file: billing.key
     roles: [billing]
@@ -109,7 +102,7 @@ def tls_stack(transport: str, loop_thread: LoopThread, tmp_path_factory: pytest.
     runner, app_port = loop_thread.run(start_site(demo_app()))
     (work / "billing.key").write_text(base64.b64encode(HMAC_KEY).decode() + "\n")
     policy = work / "policy.yaml"
-    policy.write_text(POLICY.format(issuer=idp.issuer))
+    policy.write_text(POLICY.format(idp=idp_yaml(idp.issuer)))
     listen = f"127.0.0.1:{free_port()}"
     agent = AgentProcess(policy, listen, work, transport)
     port = free_port()

@@ -17,7 +17,7 @@ from agent import reasons as R
 from agent.demo.app import demo_app, start_site
 from agent.demo.idp import LocalIdP
 from agent.envoyconf import EnvoyProcess, bootstrap
-from tests.e2e.conftest import AgentProcess, LoopThread, Response, free_port, request
+from tests.e2e.conftest import AgentProcess, LoopThread, Response, free_port, idp_yaml, request
 from tests.keys import b64
 from tests.redis_server import RedisServer
 
@@ -26,14 +26,7 @@ pytestmark = pytest.mark.e2e
 POLICY = """version: 1
 service: orders
 shared_state: {{redis: "{redis}", timeout_ms: 100}}
-identity_providers:
-  corp:
-    issuer: {issuer}
-    discovery: true
-    audiences: [orders-api]
-    algorithms: [ES256]
-    max_token_lifetime_s: 3600
-routes:
+{idp}routes:
   - name: quota
     match: {{methods: [GET], path: /v1/quota}}
     authn: [jwt]
@@ -64,7 +57,7 @@ def pair(transport: str, loop_thread: LoopThread, tmp_path_factory: pytest.TempP
     loop_thread.run(idp.start())
     runner, app_port = loop_thread.run(start_site(demo_app()))
     policy = work / "policy.yaml"
-    policy.write_text(POLICY.format(redis=redis.url, issuer=idp.issuer))
+    policy.write_text(POLICY.format(redis=redis.url, idp=idp_yaml(idp.issuer)))
     agents: list[AgentProcess] = []
     envoys: list[EnvoyProcess] = []
     ports: list[int] = []

@@ -13,6 +13,7 @@ from agent.authn.dpop import DpopVerifier, NonceRequired, access_token_hash, jwk
 from agent.authn.replay import ReplayCache
 from agent.config.model import Dpop
 from agent.errors import AuthnError
+from tests.clock import Clock
 from tests.keys import SigningKey, b64, dpop_proof, jkt, make_key
 
 # RFC 7638 §3.1
@@ -38,14 +39,6 @@ RFC9449_PROOF = (
 RFC9449_JKT = "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"
 URL = "https://api.example.test/v1/orders"
 HTU = normal_uri("https", "api.example.test", "/v1/orders")
-
-
-class Clock:
-    def __init__(self, now: float | None = None) -> None:
-        self.now = time.time() if now is None else now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def verifier(clock: Clock | None = None, **settings: Any) -> DpopVerifier:

@@ -6,7 +6,6 @@ import base64
 import datetime as dt
 import hashlib
 import hmac
-import time
 from typing import Any
 
 import http_message_signatures as hms
@@ -21,6 +20,7 @@ from agent.authn.httpsig import HmacVerifier, check_content_digest, signature_ba
 from agent.authn.replay import ReplayCache
 from agent.config.model import HmacClient
 from agent.errors import AuthnError
+from tests.clock import Clock
 
 # RFC 9421 Appendix B.1.5 and B.2.5
 RFC_KEY = base64.b64decode("uzvJfB4u3N0Jy4T7NZ75MDVcr8zSTInedJtkgcu46YW4XByzNJjxBdtjUkdJPBtbmHhIDi6pcl8jsasjlTMtDQ==")
@@ -42,14 +42,6 @@ RFC_BASE = (
     b'"@signature-params": ("date" "@authority" "content-type");created=1618884473;keyid="test-shared-secret"'
 )
 KEY = b"k" * 32
-
-
-class Clock:
-    def __init__(self, now: float | None = None) -> None:
-        self.now = time.time() if now is None else now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def client(name: str = "billing", **over: Any) -> HmacClient:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import textwrap
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from hypothesis import strategies as st
 from agent import reasons as R
 from agent.config import load_policy
 from agent.engine import Decision, Engine, RequestView
+from tests.clock import Clock
 from tests.conftest import twins
 from tests.keys import SigningKey, claims, mint
 
@@ -106,14 +106,6 @@ ROUTES = textwrap.dedent("""\
         rate_limit: {key: source_ip, per_second: 1}
     default: deny
     """)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

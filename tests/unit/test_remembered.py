@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,15 +10,8 @@ import pytest
 from agent import reasons as R
 from agent.config import load_policy
 from agent.engine import Decision, Engine, RequestView
+from tests.clock import Clock
 from tests.keys import SigningKey, claims, mint
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,15 +12,8 @@ from agent.authn.jwks import KeyStore
 from agent.authn.jwt import JwtVerifier
 from agent.config import load_policy
 from agent.errors import AuthnError
+from tests.clock import Clock
 from tests.keys import SigningKey, claims, mint
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
