@@ -150,6 +150,26 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from agent.audit.chain import verify
+
+    paths = [Path(f) for f in args.files]
+    for p in paths:
+        if not p.is_file():
+            print(f"{p}: no such file", file=sys.stderr)
+            return 2
+    verdict = verify(paths)
+    if verdict.problem is not None:
+        print(f"TAMPERED: {verdict.problem}", file=sys.stderr)
+        print(f"{verdict.records} records verified before it", file=sys.stderr)
+        return 1
+    start = "" if verdict.first_seq in (None, 1) else f" (from seq {verdict.first_seq}: earlier files not given)"
+    print(f"ok: {verdict.records} records chained{start}; head {verdict.head}")
+    return 0
+
+
 def cmd_control_plane(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -224,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=["grpcio", "native"],
         help="default: native when the extensions are built, else grpcio",
     )
-    r.add_argument("--audit-log", default=None, help="append JSON lines here (default: stdout)")
+    r.add_argument("--audit-log", default=None, help="append hash-chained JSON lines here (default: stdout)")
     r.add_argument(
         "--token-cache-entries",
         type=int,
@@ -260,6 +280,12 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--client-ca", help="PEM CA bundle that client certificates must chain to")
     e.add_argument("--require-client-cert", action="store_true", help="refuse TLS clients without a certificate")
     e.set_defaults(func=cmd_envoy_config)
+
+    a = sub.add_parser("audit", help="the audit log")
+    asub = a.add_subparsers(dest="audit_cmd", required=True)
+    av = asub.add_parser("verify", help="check the hash chain; name the first edited, removed or reordered record")
+    av.add_argument("files", nargs="+", help="oldest first when rotated: audit.log.2 audit.log.1 audit.log")
+    av.set_defaults(func=cmd_audit_verify)
 
     c = sub.add_parser("control-plane", help="serve signed policy bundles and revocations to agents")
     c.add_argument("--policies", help="DIR: one SERVICE.yaml per service, and revocations.yaml")

@@ -1,4 +1,5 @@
-"""A background writer for audit records: the hot path serialises one line; disk I/O happens in a thread."""
+"""A background writer for the audit log: the hot path serialises one record; chaining and disk I/O happen in
+a thread. Records are hash-chained (agent/audit/chain.py), files rotate by size with the chain continued."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ import sys
 import threading
 import time
 from collections import deque
+from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 import orjson
 
+from agent.audit.chain import Chain, rotate
 from agent.audit.records import decision_record, rfc3339_ms
 
 if TYPE_CHECKING:
@@ -29,10 +32,21 @@ class JsonLinesAudit:
     more than the formatting (measured: 40% of native throughput).
     """
 
-    def __init__(self, path: str | None = None, max_queue: int = 65536, flush_interval_s: float = 0.05) -> None:
+    def __init__(
+        self,
+        path: str | None = None,
+        max_queue: int = 65536,
+        flush_interval_s: float = 0.05,
+        max_bytes: int = 100 << 20,
+        keep: int = 5,
+    ) -> None:
         self.path = path
+        self.max_bytes = max_bytes
+        self.keep = keep
         self.dropped = 0
+        self._dropped_reported = 0
         self.written = 0
+        self.rotations = 0
         self.max_queue = max_queue
         self._pending: deque[bytes] = deque()
         self._interval = flush_interval_s
@@ -42,39 +56,78 @@ class JsonLinesAudit:
 
     def submit(self, view: RequestView, decision: Decision, policy: Policy, now: float) -> None:
         if len(self._pending) >= self.max_queue:
-            self.dropped += 1
-            if self.dropped == 1 or self.dropped % 1000 == 0:
-                log.error("audit queue full: %d records dropped so far", self.dropped)
+            self._drop()
             return
         self._pending.append(orjson.dumps(decision_record(view, decision, policy, now)))
 
+    def _drop(self) -> None:
+        # Never silent: logged, counted, and an `alert` record written as soon as the queue has room.
+        self.dropped += 1
+        if self.dropped == 1 or self.dropped % 1000 == 0:
+            log.error("audit queue full: %d records dropped so far", self.dropped)
+
     def alert(self, kind: str, detail: dict[str, object]) -> None:
         """An `alert` record in the same stream as decisions (never a token or secret in `detail`)."""
-        record = {"type": "alert", "time": rfc3339_ms(time.time()), "alert": kind, **detail}
         if len(self._pending) >= self.max_queue:
-            self.dropped += 1
+            self._drop()
             return
-        self._pending.append(orjson.dumps(record))
+        self._pending.append(alert_record(kind, detail))
 
     def close(self, timeout: float = 5.0) -> None:
         """Write what is queued, then stop."""
         self._stop.set()
         self._thread.join(timeout)
 
+    def _open(self) -> tuple[IO[bytes], Chain]:
+        if not self.path:
+            return sys.stdout.buffer, Chain()
+        path = Path(self.path)
+        chain, partial = Chain.resume(path)
+        out = path.open("ab")
+        if partial:
+            # A crash mid-write (or an edit) left a partial line; `audit verify` names it. New records start
+            # on their own line, and the chain goes on from the last complete record.
+            out.write(b"\n")
+            self._pending.appendleft(alert_record("audit_tail_truncated", {"file": str(path)}))
+        return out, chain
+
     def _run(self) -> None:
-        out: IO[bytes] = open(self.path, "ab") if self.path else sys.stdout.buffer  # noqa: SIM115
         pending = self._pending
+        try:
+            out, chain = self._open()
+        except OSError:
+            log.exception("audit log %s cannot be opened; records are being lost", self.path)
+            return
+        size = out.tell() if self.path else 0
         try:
             while True:
                 stopping = self._stop.wait(self._interval)
+                if self.dropped != self._dropped_reported:
+                    lost = self.dropped - self._dropped_reported
+                    self._dropped_reported = self.dropped
+                    pending.append(alert_record("audit_records_dropped", {"count": lost, "total": self.dropped}))
                 n = len(pending)
                 if n:
                     popleft = pending.popleft
-                    lines = [popleft() for _ in range(n)]
-                    lines.append(b"")
-                    out.write(b"\n".join(lines))  # the GIL is released during the write
-                    out.flush()
-                    self.written += n
+                    link = chain.link
+                    lines = [link(popleft()) for _ in range(n)]
+                    while lines:
+                        # As many lines as fit before the size limit (at least one), then rotate.
+                        take, room = 0, self.max_bytes - size if self.path else 1 << 62
+                        while take < len(lines) and (take == 0 or room > 0):
+                            room -= len(lines[take]) + 1
+                            take += 1
+                        data = b"\n".join(lines[:take]) + b"\n"
+                        del lines[:take]
+                        out.write(data)  # the GIL is released during the write
+                        out.flush()
+                        self.written += take
+                        size += len(data)
+                        if self.path and size >= self.max_bytes:
+                            out.close()
+                            rotate(Path(self.path), self.keep)  # the chain goes on in the new file
+                            self.rotations += 1
+                            out, size = Path(self.path).open("ab"), 0  # noqa: SIM115 - closed in finally
                 if stopping and not pending:
                     return
         except OSError:
@@ -82,3 +135,8 @@ class JsonLinesAudit:
         finally:
             if self.path:
                 out.close()
+
+
+def alert_record(kind: str, detail: dict[str, object]) -> bytes:
+    """An `alert` record in the same stream as decisions (never a token or secret in `detail`)."""
+    return orjson.dumps({"type": "alert", "time": rfc3339_ms(time.time()), "alert": kind, **detail})
