@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from agent import reasons as R
+from agent.audit.stats import DecisionStats
 from agent.authn.dpop import DpopVerifier, NonceRequired, normal_uri
 from agent.authn.httpsig import HmacVerifier
 from agent.authn.introspection import Introspector
@@ -169,8 +170,10 @@ class Engine:
         replay: ReplayCache | None = None,
         shared: SharedState | None = None,
         revocations: RevocationSet | None = None,
+        stats: DecisionStats | None = None,
     ) -> None:
         self.policy = policy
+        self.stats = stats if stats is not None else DecisionStats()
         # Redis shared by the replicas (policy shared_state): the server passes one that outlives reloads.
         self.shared = shared
         # Revoked tokens, from the control plane: one set the server swaps as lists arrive, across reloads.
@@ -219,9 +222,10 @@ class Engine:
         replay: ReplayCache | None = None,
         shared: SharedState | None = None,
         revocations: RevocationSet | None = None,
+        stats: DecisionStats | None = None,
     ) -> Engine:
         stores = {i.name: KeyStore(i) for i in policy.identity_providers if i.jwks_uri or i.jwks_file or i.discovery}
-        return cls(policy, stores, audit, clock, token_cache_entries, replay, shared, revocations)
+        return cls(policy, stores, audit, clock, token_cache_entries, replay, shared, revocations, stats)
 
     def adopt_limits(self, old: Engine) -> None:
         """Keep the buckets of routes whose limit is unchanged, so a policy reload never resets a quota."""
@@ -336,7 +340,8 @@ class Engine:
         return self._deny(decision_id, 500, R.INTERNAL_ERROR, None, None)
 
     def _finish(self, view: RequestView, decision: Decision, start: int) -> Decision:
-        decision.latency_us = (time.perf_counter_ns() - start) // 1000
+        decision.latency_us = latency = (time.perf_counter_ns() - start) // 1000
+        self.stats.record(decision.route, decision.outcome, decision.reason, latency)
         if self.audit is not None:
             try:
                 self.audit.submit(view, decision, self.policy, self._clock())

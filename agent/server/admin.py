@@ -15,6 +15,7 @@ def admin_app(
     policy_error: Callable[[], str | None],
     ready: Callable[[], bool] | None = None,
     extra: Callable[[], dict[str, object]] | None = None,
+    metrics: Callable[[], bytes] | None = None,
 ) -> web.Application:
     async def healthz(_: web.Request) -> web.Response:
         return web.Response(text="ok\n")
@@ -38,9 +39,15 @@ def admin_app(
             status=200 if is_ready else 503, text=json.dumps(body) + "\n", content_type="application/json"
         )
 
+    async def metrics_page(_: web.Request) -> web.Response:
+        assert metrics is not None
+        return web.Response(body=metrics(), content_type="text/plain", charset="utf-8")
+
     app = web.Application()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    if metrics is not None:
+        app.router.add_get("/metrics", metrics_page)
     return app
 
 

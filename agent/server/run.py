@@ -14,6 +14,7 @@ from urllib.parse import quote
 
 from aiohttp import web
 
+from agent.audit.stats import DecisionStats
 from agent.audit.writer import JsonLinesAudit
 from agent.authn.jwks import KeyStore
 from agent.authn.replay import ReplayCache
@@ -52,6 +53,7 @@ class AgentServer:
         if policy is None:
             policy = Policy(service="", identity_providers=(), routes=(), version="")
         self.revocations = RevocationSet()
+        self.stats = DecisionStats()
         self.status_sources: list[Callable[[], dict[str, object]]] = []
         self.token_cache_entries = token_cache_entries
         # Shared by every engine this server builds, so a reload never forgets a DPoP jti or a signature nonce.
@@ -66,6 +68,7 @@ class AgentServer:
             replay=self.replay,
             shared=self._shared_for(policy),
             revocations=self.revocations,
+            stats=self.stats,
         )
         self.listen = listen
         self.admin_listen = admin
@@ -121,7 +124,15 @@ class AgentServer:
             self._start_refresher(store)
         await self.transport.start()
         if self.admin_listen:
-            app = admin_app(lambda: self.engine, lambda: self.policy_error, lambda: self.ready, self.extra_status)
+            from agent.server.metrics import metrics_text
+
+            app = admin_app(
+                lambda: self.engine,
+                lambda: self.policy_error,
+                lambda: self.ready,
+                self.extra_status,
+                lambda: metrics_text(lambda: self),
+            )
             self._admin = await start_admin(app, self.admin_listen)
         self._tasks.append(loop.create_task(self._watch_ready()))
         self._tasks.append(loop.create_task(self._sweep_limits()))
@@ -170,6 +181,7 @@ class AgentServer:
                 replay=self.replay,
                 shared=self._shared_for(policy),
                 revocations=self.revocations,
+                stats=self.stats,
             )
             await asyncio.gather(*(s.refresh() for s in fresh))
             deadline = asyncio.get_running_loop().time() + self.reload_wait_s

@@ -162,3 +162,21 @@ def test_rate_limit_over_real_time_through_envoy(stack: Stack) -> None:
     assert [stack.get("/v1/limited", token).status for _ in range(3)][:2] == [200, 200]
     other = stack.idp.mint(sub=f"other-{stack.port}")
     assert stack.get("/v1/limited", other).status == 200  # one bucket per subject
+
+
+def test_prometheus_metrics_on_the_admin_port(stack: Stack) -> None:
+    import urllib.request
+
+    token = stack.idp.mint()
+    assert stack.get("/v1/orders", token).status == 200
+    assert stack.get("/v1/orders").status == 401
+    with urllib.request.urlopen(f"http://{stack.agent.admin}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line[:1] != "#"}
+    assert samples['authz_decisions_total{decision="allow",reason="allowed",route="list-orders"}'] >= 1
+    assert samples['authz_decisions_total{decision="deny",reason="token_missing",route="list-orders"}'] >= 1
+    assert samples["authz_decision_latency_seconds_count"] >= 2
+    assert samples['authz_jwks_fetch_ok{provider="corp"}'] == 1.0
+    assert samples["authz_ready"] == 1.0
+    assert any(k.startswith("authz_policy_info{") for k in samples)
+    assert "authz_audit_records_dropped_total" in samples and token not in text

@@ -1,0 +1,35 @@
+"""Decision counts and latencies, kept on the hot path as plain counters and read by /metrics at scrape time.
+
+Label values are bounded by construction (route names come from the policy, reasons and outcomes from
+agent.reasons), and capped anyway: past MAX_SERIES distinct combinations new ones count as route "_other".
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections import Counter
+
+# Upper bounds in microseconds, for authz_decision_latency_seconds.
+LATENCY_BOUNDS_US = (25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000, 250000)
+MAX_SERIES = 5000
+
+
+class DecisionStats:
+    """Shared by every engine a server builds, so a policy reload does not reset the counts."""
+
+    __slots__ = ("alerts", "buckets", "decisions", "latency_sum_us")
+
+    def __init__(self) -> None:
+        self.decisions: Counter[tuple[str, str, str]] = Counter()
+        self.buckets = [0] * (len(LATENCY_BOUNDS_US) + 1)  # the last one is +Inf
+        self.latency_sum_us = 0
+        self.alerts: Counter[str] = Counter()
+
+    def record(self, route: str | None, outcome: str, reason: str, latency_us: int) -> None:
+        key = (route or "", outcome, reason)
+        decisions = self.decisions
+        if key not in decisions and len(decisions) >= MAX_SERIES:
+            key = ("_other", outcome, reason)
+        decisions[key] += 1
+        self.buckets[bisect_left(LATENCY_BOUNDS_US, latency_us)] += 1
+        self.latency_sum_us += latency_us

@@ -1,0 +1,104 @@
+"""Prometheus /metrics for the admin port, read at scrape time from the counters the agent keeps anyway.
+
+The hot path pays plain counter increments (agent/audit/stats.py); everything here is computed when
+Prometheus asks. Label values are bounded: routes from the policy, reasons and outcomes from
+agent.reasons, identity providers from the policy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+from agent.audit.stats import LATENCY_BOUNDS_US
+
+if TYPE_CHECKING:
+    from agent.server.run import AgentServer
+
+
+class AgentCollector:
+    def __init__(self, server: Callable[[], AgentServer]) -> None:
+        self._server = server
+
+    def collect(self) -> Iterator[Metric]:
+        server = self._server()
+        engine = server.engine
+        stats = server.stats
+
+        decisions = CounterMetricFamily(
+            "authz_decisions", "Decisions by route, outcome (allow, deny, error) and reason code",
+            labels=["route", "decision", "reason"],
+        )  # fmt: skip
+        for (route, outcome, reason), n in list(stats.decisions.items()):
+            decisions.add_metric([route, outcome, reason], n)
+        yield decisions
+
+        buckets, total = [], 0
+        for bound, n in zip((*LATENCY_BOUNDS_US, None), list(stats.buckets), strict=True):
+            total += n
+            buckets.append(("+Inf" if bound is None else repr(bound / 1e6), total))
+        latency = HistogramMetricFamily("authz_decision_latency_seconds", "Time to decide, in the agent")
+        latency.add_metric([], buckets, stats.latency_sum_us / 1e6)
+        yield latency
+
+        info = GaugeMetricFamily("authz_policy_info", "The policy enforced (1)", labels=["service", "version"])
+        info.add_metric([engine.policy.service, engine.policy.version], 1.0 if server.policy_loaded else 0.0)
+        yield info
+        yield GaugeMetricFamily("authz_ready", "1 when the agent is ready", value=1.0 if server.ready else 0.0)
+
+        keys = GaugeMetricFamily("authz_jwks_keys", "Keys held per identity provider", labels=["provider"])
+        age = GaugeMetricFamily("authz_jwks_age_seconds", "Age of the key set held", labels=["provider"])
+        ok = GaugeMetricFamily("authz_jwks_fetch_ok", "1 when the last key fetch worked", labels=["provider"])
+        for name, store in engine.stores.items():
+            st = store.status()
+            keys.add_metric([name], float(st["keys"]))  # type: ignore[arg-type]
+            if st["age_s"] is not None:
+                age.add_metric([name], float(st["age_s"]))  # type: ignore[arg-type]
+            ok.add_metric([name], 0.0 if st["error"] else 1.0)
+        yield keys
+        yield age
+        yield ok
+
+        cache = CounterMetricFamily("authz_token_cache", "Verified-token cache lookups", labels=["result"])
+        cache.add_metric(["hit"], engine.jwt.hits)
+        cache.add_metric(["miss"], engine.jwt.misses)
+        yield cache
+        yield CounterMetricFamily(
+            "authz_remembered_allows", "Decisions answered from a remembered allow", value=engine.remembered_hits
+        )
+
+        held = GaugeMetricFamily("authz_ratelimit_buckets", "Token buckets held per limited route", labels=["route"])
+        for name, limiter in engine.limiters.items():
+            held.add_metric([name], float(len(limiter.table)))
+        yield held
+
+        if engine.shared is not None:
+            shared = engine.shared
+            yield GaugeMetricFamily("authz_shared_state_up", "1 while Redis answers", value=float(shared.up))
+            fb = CounterMetricFamily(
+                "authz_shared_state_fallbacks", "Decisions that used local state because Redis did not answer",
+                labels=["what"],
+            )  # fmt: skip
+            for what, n in shared.fallbacks.items():
+                fb.add_metric([what], n)
+            yield fb
+
+        audit = server.audit
+        yield CounterMetricFamily("authz_audit_records_written", "Audit records written", value=audit.written)
+        yield CounterMetricFamily("authz_audit_records_dropped", "Audit records lost (queue full)", value=audit.dropped)
+        alerts = CounterMetricFamily("authz_alerts", "Alerts raised, by kind", labels=["alert"])
+        for kind, n in list(stats.alerts.items()):
+            alerts.add_metric([kind], n)
+        yield alerts
+        yield GaugeMetricFamily(
+            "authz_revocations_sequence", "The revocation list in force", value=float(server.revocations.sequence)
+        )
+
+
+def metrics_text(server: Callable[[], AgentServer]) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(AgentCollector(server))
+    return bytes(generate_latest(registry))
