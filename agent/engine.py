@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from agent import reasons as R
+from agent.audit.alerts import AlertMonitor
 from agent.audit.stats import DecisionStats
 from agent.authn.dpop import DpopVerifier, NonceRequired, normal_uri
 from agent.authn.httpsig import HmacVerifier
@@ -171,9 +172,11 @@ class Engine:
         shared: SharedState | None = None,
         revocations: RevocationSet | None = None,
         stats: DecisionStats | None = None,
+        alerts: AlertMonitor | None = None,
     ) -> None:
         self.policy = policy
         self.stats = stats if stats is not None else DecisionStats()
+        self.alerts = alerts
         # Redis shared by the replicas (policy shared_state): the server passes one that outlives reloads.
         self.shared = shared
         # Revoked tokens, from the control plane: one set the server swaps as lists arrive, across reloads.
@@ -223,9 +226,10 @@ class Engine:
         shared: SharedState | None = None,
         revocations: RevocationSet | None = None,
         stats: DecisionStats | None = None,
+        alerts: AlertMonitor | None = None,
     ) -> Engine:
         stores = {i.name: KeyStore(i) for i in policy.identity_providers if i.jwks_uri or i.jwks_file or i.discovery}
-        return cls(policy, stores, audit, clock, token_cache_entries, replay, shared, revocations, stats)
+        return cls(policy, stores, audit, clock, token_cache_entries, replay, shared, revocations, stats, alerts)
 
     def adopt_limits(self, old: Engine) -> None:
         """Keep the buckets of routes whose limit is unchanged, so a policy reload never resets a quota."""
@@ -342,11 +346,17 @@ class Engine:
     def _finish(self, view: RequestView, decision: Decision, start: int) -> Decision:
         decision.latency_us = latency = (time.perf_counter_ns() - start) // 1000
         self.stats.record(decision.route, decision.outcome, decision.reason, latency)
+        now = self._clock()
         if self.audit is not None:
             try:
-                self.audit.submit(view, decision, self.policy, self._clock())
+                self.audit.submit(view, decision, self.policy, now)
             except Exception:
                 log.exception("audit record for %s could not be queued", decision.decision_id)
+        if self.alerts is not None:
+            try:
+                self.alerts.observe(view, decision, now)
+            except Exception:
+                log.exception("alert check for %s failed", decision.decision_id)
         return decision
 
     def _decide(

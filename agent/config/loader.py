@@ -15,6 +15,7 @@ from typing import Any
 from agent.config.model import (
     ASYMMETRIC_ALGORITHMS,
     DEFAULT_HMAC_COMPONENTS,
+    AlertSettings,
     Allow,
     ClaimNames,
     ClaimRule,
@@ -42,7 +43,26 @@ AUTHN_NOT_KINDS = {
     "(certificate-only authentication, without a token, is not supported)",
 }
 BIND_KINDS = ("dpop", "mtls")
-TOP_KEYS = {"version", "service", "identity_providers", "routes", "default", "dpop", "hmac_clients", "shared_state"}
+TOP_KEYS = {
+    "version",
+    "service",
+    "identity_providers",
+    "routes",
+    "default",
+    "dpop",
+    "hmac_clients",
+    "shared_state",
+    "alerts",
+}
+ALERT_KEYS = {
+    "failed_authentication",
+    "token_from_many_addresses",
+    "signature_failures",
+    "rate_limit_abuse",
+    "cooldown_s",
+    "webhook",
+    "webhook_timeout_s",
+}
 SHARED_STATE_KEYS = {"redis", "password_file", "timeout_ms"}
 DPOP_KEYS = {
     "algorithms",
@@ -544,6 +564,40 @@ def _rate_limit(ctx: _Ctx, d: LDict, where: str, public: bool) -> RateLimit | No
     )
 
 
+def _alerts(ctx: _Ctx, d: LDict) -> AlertSettings:
+    where = "alerts"
+    ctx.keys(d, ALERT_KEYS, where)
+    base = AlertSettings()
+
+    def pair(key: str, count_key: str, count: int, window: float) -> tuple[int, float]:
+        m = _mapping(ctx, d, key, where)
+        if m is None:
+            return count, window
+        ctx.keys(m, {count_key, "window_s"}, f"{where}.{key}")
+        n = _number(ctx, m, count_key, f"{where}.{key}", count, minimum=1)
+        return int(n), _number(ctx, m, "window_s", f"{where}.{key}", window, minimum=1)
+
+    fa, faw = pair("failed_authentication", "count", base.failed_authn, base.failed_authn_window_s)
+    ts, tsw = pair("token_from_many_addresses", "addresses", base.token_spread_addresses, base.token_spread_window_s)
+    sf, sfw = pair("signature_failures", "count", base.signature_failures, base.signature_failures_window_s)
+    rl, rlw = pair("rate_limit_abuse", "count", base.rate_limited, base.rate_limited_window_s)
+    if ts < 2:
+        ctx.err(d.line, f"{where}.token_from_many_addresses.addresses must be at least 2")
+    return AlertSettings(
+        failed_authn=fa,
+        failed_authn_window_s=faw,
+        token_spread_addresses=ts,
+        token_spread_window_s=tsw,
+        signature_failures=sf,
+        signature_failures_window_s=sfw,
+        rate_limited=rl,
+        rate_limited_window_s=rlw,
+        cooldown_s=_number(ctx, d, "cooldown_s", where, base.cooldown_s),
+        webhook=_url(ctx, d, "webhook", where),
+        webhook_timeout_s=_number(ctx, d, "webhook_timeout_s", where, base.webhook_timeout_s, minimum=0.1),
+    )
+
+
 def _shared_state(ctx: _Ctx, d: LDict) -> SharedStateConfig | None:
     where = "shared_state"
     ctx.keys(d, SHARED_STATE_KEYS, where)
@@ -759,6 +813,10 @@ def load_policy_text(text: str, file: str = "<policy>", base_dir: Path | None = 
     sm = _mapping(ctx, doc, "shared_state", "policy")
     if sm is not None:
         shared_state = _shared_state(ctx, sm)
+    alerts = AlertSettings()
+    alm = _mapping(ctx, doc, "alerts", "policy")
+    if alm is not None:
+        alerts = _alerts(ctx, alm)
     routes: list[Route] = []
     rl = doc.get("routes")
     if not isinstance(rl, LList) or not rl:
@@ -787,6 +845,7 @@ def load_policy_text(text: str, file: str = "<policy>", base_dir: Path | None = 
         dpop=dpop,
         hmac_clients=tuple(hmac_clients),
         shared_state=shared_state,
+        alerts=alerts,
     )
 
 

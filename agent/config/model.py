@@ -179,6 +179,23 @@ class SharedStateConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AlertSettings:
+    """Thresholds of the anomaly alerts (agent/audit/alerts.py) and where they are posted."""
+
+    failed_authn: int = 20  # authentication failures from one source address within the window
+    failed_authn_window_s: float = 60.0
+    token_spread_addresses: int = 3  # one token (jti) used from this many source addresses within the window
+    token_spread_window_s: float = 300.0
+    signature_failures: int = 5  # request-signature failures from one source address
+    signature_failures_window_s: float = 60.0
+    rate_limited: int = 50  # 429s for one client, subject or address
+    rate_limited_window_s: float = 60.0
+    cooldown_s: float = 300.0  # the same alert for the same key at most once in this time
+    webhook: str | None = None  # POSTed each alert as JSON (https://, or http:// to loopback)
+    webhook_timeout_s: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
 class Policy:
     """A whole, validated policy file."""
 
@@ -191,3 +208,4 @@ class Policy:
     dpop: Dpop = Dpop()
     hmac_clients: tuple[HmacClient, ...] = ()
     shared_state: SharedStateConfig | None = None
+    alerts: AlertSettings = AlertSettings()

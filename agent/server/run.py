@@ -14,7 +14,9 @@ from urllib.parse import quote
 
 from aiohttp import web
 
+from agent.audit.alerts import AlertMonitor
 from agent.audit.stats import DecisionStats
+from agent.audit.webhook import WebhookSender
 from agent.audit.writer import JsonLinesAudit
 from agent.authn.jwks import KeyStore
 from agent.authn.replay import ReplayCache
@@ -54,6 +56,8 @@ class AgentServer:
             policy = Policy(service="", identity_providers=(), routes=(), version="")
         self.revocations = RevocationSet()
         self.stats = DecisionStats()
+        self._alert_monitor: AlertMonitor | None = None
+        self.webhook: WebhookSender | None = None
         self.status_sources: list[Callable[[], dict[str, object]]] = []
         self.token_cache_entries = token_cache_entries
         # Shared by every engine this server builds, so a reload never forgets a DPoP jti or a signature nonce.
@@ -69,6 +73,7 @@ class AgentServer:
             shared=self._shared_for(policy),
             revocations=self.revocations,
             stats=self.stats,
+            alerts=self._alerts_for(policy),
         )
         self.listen = listen
         self.admin_listen = admin
@@ -86,6 +91,29 @@ class AgentServer:
         else:
             self.transport = GrpcTransport(lambda: self.engine, listen)
 
+    def _alerts_for(self, policy: Policy) -> AlertMonitor:
+        """The alert monitor for the policy's thresholds; its windows carry over reloads that keep them."""
+        if self._alert_monitor is None or self._alert_monitor.settings != policy.alerts:
+            self._alert_monitor = AlertMonitor(policy.alerts, self.raise_alert)
+        webhook = policy.alerts.webhook
+        if webhook is None:
+            self.webhook = None
+        elif self.webhook is None or self.webhook.url != webhook:
+            self.webhook = WebhookSender(webhook, policy.alerts.webhook_timeout_s)
+        return self._alert_monitor
+
+    def raise_alert(self, kind: str, detail: dict[str, object]) -> None:
+        """An alert: a record in the audit chain, a metric, and a POST to the webhook when one is set."""
+        self.stats.alerts[kind] += 1
+        self.audit.alert(kind, detail)
+        log.warning("alert %s: %s", kind, detail)
+        if self.webhook is not None:
+            self.webhook.submit({"alert": kind, "service": self.engine_service, **detail})
+
+    @property
+    def engine_service(self) -> str:
+        return self.engine.policy.service if hasattr(self, "engine") else ""
+
     def _shared_for(self, policy: Policy) -> SharedState | None:
         """The Redis client for the policy's shared_state, kept across reloads unless the setting changes."""
         config = policy.shared_state
@@ -98,7 +126,7 @@ class AgentServer:
                 if config.password:
                     scheme, _, rest = url.partition("://")
                     url = f"{scheme}://:{quote(config.password, safe='')}@{rest}"
-                self.shared = SharedState(url, config.timeout_s, f"authz:{policy.service}:", alert=self.audit.alert)
+                self.shared = SharedState(url, config.timeout_s, f"authz:{policy.service}:", alert=self.raise_alert)
             self._shared_config = config
         return self.shared
 
@@ -182,6 +210,7 @@ class AgentServer:
                 shared=self._shared_for(policy),
                 revocations=self.revocations,
                 stats=self.stats,
+                alerts=self._alerts_for(policy),
             )
             await asyncio.gather(*(s.refresh() for s in fresh))
             deadline = asyncio.get_running_loop().time() + self.reload_wait_s
@@ -291,6 +320,8 @@ class AgentServer:
         await self.engine.close()
         for shared in [*self._old_shared, *([self.shared] if self.shared else [])]:
             await shared.close()
+        if self.webhook is not None:
+            await self.webhook.close()
         await asyncio.to_thread(self.audit.close)
 
 

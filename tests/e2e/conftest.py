@@ -87,6 +87,10 @@ POLICY = """version: 1
 service: orders
 {idp}    min_refetch_s: 0
     refresh_s: 300
+alerts:
+  failed_authentication: {{count: 5, window_s: 60}}
+  token_from_many_addresses: {{addresses: 2, window_s: 60}}
+  webhook: {webhook}
 routes:
   - name: list-orders
     match: {{methods: [GET], path: /v1/orders}}
@@ -179,12 +183,27 @@ class Stack:
     envoy: EnvoyProcess
     port: int
     loop: LoopThread
+    alerts: list[dict[str, Any]]  # what the alert webhook received
 
     def get(self, path: str, token: str | None = None, **headers: str) -> Response:
         hdrs = {k.replace("_", "-"): v for k, v in headers.items()}
         if token is not None:
             hdrs["authorization"] = f"Bearer {token}"
         return request(self.port, "GET", path, hdrs)
+
+
+async def start_webhook() -> tuple[list[dict[str, Any]], web.AppRunner, int]:
+    """A real HTTP receiver for the agent's alert webhook, on loopback."""
+    received: list[dict[str, Any]] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        received.append(await request.json())
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner, port = await start_site(app)
+    return received, runner, port
 
 
 @pytest.fixture(scope="module")
@@ -208,13 +227,15 @@ def make_stack(loop_thread: LoopThread, tmp_path_factory: pytest.TempPathFactory
         cleanups.append(lambda: loop_thread.run(runner.cleanup()))
         cleanups.append(lambda: loop_thread.run(idp.stop()))
         policy = work / "policy.yaml"
-        policy.write_text(POLICY.format(idp=idp_yaml(idp.issuer)))
+        hook, hook_runner, hook_port = loop_thread.run(start_webhook())
+        cleanups.append(lambda: loop_thread.run(hook_runner.cleanup()))
+        policy.write_text(POLICY.format(idp=idp_yaml(idp.issuer), webhook=f"http://127.0.0.1:{hook_port}/hook"))
         listen = f"unix:{work / 'agent.sock'}" if listen_unix else f"127.0.0.1:{free_port()}"
         agent = AgentProcess(policy, listen, work, transport)
         port = free_port()
         envoy = EnvoyProcess(bootstrap(f"127.0.0.1:{port}", f"127.0.0.1:{app_port}", listen), work)
         envoy.start()
-        stack = Stack(idp, agent, envoy, port, loop_thread)
+        stack = Stack(idp, agent, envoy, port, loop_thread, hook)
         stacks.append(stack)
         return stack
 
