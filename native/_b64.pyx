@@ -9,6 +9,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.unicode cimport PyUnicode_1BYTE_DATA, PyUnicode_GET_LENGTH, PyUnicode_KIND, PyUnicode_1BYTE_KIND
 
 cdef signed char TABLE[256]
+# pragma: allowlist nextline secret (the base64url alphabet)
 cdef const unsigned char *ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 cdef int _i
 for _i in range(256):

@@ -7,6 +7,7 @@ import binascii
 import re
 
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
+# pragma: allowlist nextline secret (the base64url alphabet)
 _ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 # The last character of a 2- or 3-character tail carries 4 or 2 spare bits, which must be zero.
 _CANONICAL_LAST = {

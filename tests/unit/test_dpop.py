@@ -19,8 +19,11 @@ from tests.keys import SigningKey, b64, dpop_proof, jkt, make_key
 # RFC 7638 §3.1
 RFC7638_JWK = {
     "kty": "RSA",
+    # pragma: allowlist nextline secret (test fixture: RFC example)
     "n": "0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFxuhDR1L6tSoc_BJECPebWKRXjBZCiFV4n3"
+    # pragma: allowlist nextline secret (test fixture: RFC example)
     "oknjhMstn64tZ_2W-5JsGY4Hc5n9yBXArwl93lqt7_RN5w6Cf0h4QyQ5v-65YGjQR0_FDW2QvzqY368QQMicAtaSqzs8KJZgnYb9c7d0zgdAZHz"
+    # pragma: allowlist nextline secret (test fixture: RFC example)
     "u6qMQvRL5hajrn1n91CbOpbISD08qNLyrdkt-bFTWhAI4vMQFh6WeZu0fM4lFd2NcRwr3XPksINHaQ-G_xBniIqbw0Ls1jF44-csFCur-kEgU8"
     "awapJzKnqDKgw",
     "e": "AQAB",
@@ -30,12 +33,16 @@ RFC7638_JWK = {
 # RFC 9449 §7.1 (figure 13): a resource request's proof, its access token, and §6.1's thumbprint of its key.
 RFC9449_TOKEN = "Kz~8mXK1EalYznwH-LC-1fBAo.4Ljp~zsPE_NeO.gxU"
 RFC9449_PROOF = (
+    # pragma: allowlist nextline secret (test fixture: RFC example)
     "eyJ0eXAiOiJkcG9wK2p3dCIsImFsZyI6IkVTMjU2IiwiandrIjp7Imt0eSI6IkVDIiwieCI6Imw4dEZyaHgtMzR0VjNoUklDUkRZOXpDa0Rs"
+    # pragma: allowlist nextline secret (test fixture: RFC example)
     "cEJoRjQyVVFVZldWQVdCRnMiLCJ5IjoiOVZFNGpmX09rX282NHpiVFRsY3VOSmFqSG10NnY5VERWclUwQ2R2R1JEQSIsImNydiI6IlAtMjU2"
     "In19.eyJqdGkiOiJlMWozVl9iS2ljOC1MQUVCIiwiaHRtIjoiR0VUIiwiaHR1IjoiaHR0cHM6Ly9yZXNvdXJjZS5leGFtcGxlLm9yZy9wcm90"
+    # pragma: allowlist nextline secret (test fixture: RFC example)
     "ZWN0ZWRyZXNvdXJjZSIsImlhdCI6MTU2MjI2MjYxOCwiYXRoIjoiZlVIeU8ycjJaM0RaNTNFc05yV0JiMHhXWG9hTnk1OUlpS0NBcWtzbVFF"
     "byJ9.2oW9RP35yRqzhrtNP86L-Ey71EOptxRimPPToA1plemAgR6pxHF8y6-yqyVnmcw6Fy1dqd-jfxSYoMxhAJpLjA"
 )
+# pragma: allowlist nextline secret (test fixture: RFC example)
 RFC9449_JKT = "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"
 URL = "https://api.example.test/v1/orders"
 HTU = normal_uri("https", "api.example.test", "/v1/orders")
@@ -58,10 +65,12 @@ def refused(v: DpopVerifier, proof: str | None, token: str = "tok", method: str 
 
 
 def test_rfc7638_thumbprint() -> None:
+    # pragma: allowlist nextline secret (test fixture: RFC example)
     assert jwk_thumbprint(RFC7638_JWK) == "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs"
 
 
 def test_rfc9449_resource_proof_with_a_frozen_clock() -> None:
+    # pragma: allowlist nextline secret (test fixture: RFC example)
     assert access_token_hash(RFC9449_TOKEN) == "fUHyO2r2Z3DZ53EsNrWBb0xWXoaNy59IiKCAqksmQEo"
     v = verifier(Clock(1562262618))
     htu = normal_uri("https", "resource.example.org", "/protectedresource")

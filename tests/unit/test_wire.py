@@ -119,6 +119,7 @@ def test_a_map_entry_with_an_unknown_field_is_not_a_header(wire: Any) -> None:
     import base64
 
     blob = base64.b64decode(
+        # pragma: allowlist nextline secret (test fixture: a protobuf message)
         "ClEKDgoMCgoSCDEwLjAuMC4xIj8SPRIDR0VUGh0aDWF1dGhvcml6YXRpb24SDEJlYXJlciBhLmIuYyIKL3YxL29yZGV7cyoBaGoICgYKAXgaAXk="
     )
     ref = ext.CheckRequest()
