@@ -102,3 +102,28 @@ def test_generated_configs_pass_envoy_validate(tmp_path: Path) -> None:
             timeout=60,
         )
         assert v.returncode == 0, v.stdout + v.stderr
+
+
+def test_the_kubernetes_example_is_consistent(tmp_path: Path) -> None:
+    import yaml
+
+    from agent.config import load_policy_text
+
+    docs = list(yaml.safe_load_all((ROOT / "envoy" / "kubernetes" / "orders.yaml").read_text()))
+    maps = {d["metadata"]["name"]: d["data"] for d in docs if d["kind"] == "ConfigMap"}
+    policy = load_policy_text(maps["orders-authz-policy"]["policy.yaml"], "orders.yaml")
+    assert policy.service == "orders"
+    r = run("envoy-config", "--upstream", "127.0.0.1:8080", "--agent", "unix:/run/authz/agent.sock",
+            "--listen", "0.0.0.0:10000", "--admin", "127.0.0.1:9901")  # fmt: skip
+    assert json.loads(r.stdout) == json.loads(maps["orders-envoy"]["envoy.json"])
+    (tmp_path / "envoy.json").write_text(maps["orders-envoy"]["envoy.json"])
+    v = subprocess.run(
+        [find_envoy(), "--mode", "validate", "-c", str(tmp_path / "envoy.json"), "--use-dynamic-base-id"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert v.returncode == 0, v.stdout + v.stderr
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    containers = {c["name"]: c for c in deployment["spec"]["template"]["spec"]["containers"]}
+    assert "--listen=unix:/run/authz/agent.sock" in containers["authz-agent"]["args"]
