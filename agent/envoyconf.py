@@ -6,6 +6,7 @@ import os
 import shutil
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +36,6 @@ def find_envoy() -> str:
 MAX_BODY_BYTES = 1 << 20
 MAX_CHECK_REQUEST_BYTES = MAX_BODY_BYTES + (1 << 20)
 
-_HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
-
 
 def http_ok(url: str, timeout: float = 1.0) -> bool:
     """Whether a GET of a local readiness URL (Envoy's /ready, the agent's /readyz) answers 200 now."""
@@ -47,33 +46,6 @@ def http_ok(url: str, timeout: float = 1.0) -> bool:
             return bool(r.status == 200)
     except OSError:
         return False
-
-
-def _address(addr: str) -> dict[str, Any]:
-    if addr.startswith("unix:"):
-        return {"pipe": {"path": addr[5:]}}
-    host, _, port = addr.rpartition(":")
-    return {"socket_address": {"address": host.strip("[]"), "port_value": int(port)}}
-
-
-def _cluster(name: str, addr: str, http2: bool = False) -> dict[str, Any]:
-    c: dict[str, Any] = {
-        "name": name,
-        "type": "STATIC",
-        "connect_timeout": "0.5s",
-        "load_assignment": {
-            "cluster_name": name,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(addr)}}]}],
-        },
-    }
-    if http2:
-        c["typed_extension_protocol_options"] = {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}},
-            }
-        }
-    return c
 
 
 @dataclass(frozen=True)
@@ -90,21 +62,74 @@ class ListenerTls:
     require_client_cert: bool = False
 
 
-def _downstream_tls(tls: ListenerTls) -> dict[str, Any]:
-    common: dict[str, Any] = {
-        "tls_params": {"tls_minimum_protocol_version": "TLSv1_3"},
-        "tls_certificates": [
-            {"certificate_chain": {"filename": tls.cert_chain}, "private_key": {"filename": tls.private_key}}
+def _address(addr: str) -> Any:
+    from envoy_data_plane.envoy.config.core.v3 import Address, Pipe, SocketAddress
+
+    if addr.startswith("unix:"):
+        return Address(pipe=Pipe(path=addr[5:]))
+    host, _, port = addr.rpartition(":")
+    return Address(socket_address=SocketAddress(address=host.strip("[]"), port_value=int(port)))
+
+
+def _cluster(name: str, addr: str, http2: bool = False) -> Any:
+    from envoy_data_plane.envoy.config.cluster.v3 import Cluster, ClusterDiscoveryType
+    from envoy_data_plane.envoy.config.core.v3 import Http2ProtocolOptions
+    from envoy_data_plane.envoy.config.endpoint.v3 import (
+        ClusterLoadAssignment,
+        Endpoint,
+        LbEndpoint,
+        LocalityLbEndpoints,
+    )
+    from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
+        HttpProtocolOptions,
+        HttpProtocolOptionsExplicitHttpConfig,
+    )
+    from envoy_data_plane.google.protobuf import Any as PbAny
+
+    cluster = Cluster(
+        name=name,
+        type=ClusterDiscoveryType.STATIC,
+        connect_timeout=timedelta(seconds=0.5),
+        load_assignment=ClusterLoadAssignment(
+            cluster_name=name,
+            endpoints=[LocalityLbEndpoints(lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=_address(addr)))])],
+        ),
+    )
+    if http2:
+        options = HttpProtocolOptions(
+            explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(http2_protocol_options=Http2ProtocolOptions())
+        )
+        cluster.typed_extension_protocol_options = {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": PbAny.pack(options)
+        }
+    return cluster
+
+
+def _downstream_tls(tls: ListenerTls) -> Any:
+    from envoy_data_plane.envoy.config.core.v3 import DataSource, TransportSocket
+    from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
+        CertificateValidationContext,
+        CommonTlsContext,
+        DownstreamTlsContext,
+        TlsCertificate,
+        TlsParameters,
+        TlsParametersTlsProtocol,
+    )
+    from envoy_data_plane.google.protobuf import Any as PbAny
+
+    common = CommonTlsContext(
+        tls_params=TlsParameters(tls_minimum_protocol_version=TlsParametersTlsProtocol.TLSv1_3),
+        tls_certificates=[
+            TlsCertificate(
+                certificate_chain=DataSource(filename=tls.cert_chain), private_key=DataSource(filename=tls.private_key)
+            )
         ],
-    }
-    ctx: dict[str, Any] = {
-        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
-        "common_tls_context": common,
-    }
+    )
+    context = DownstreamTlsContext(common_tls_context=common)
     if tls.client_ca:
-        common["validation_context"] = {"trusted_ca": {"filename": tls.client_ca}}
-        ctx["require_client_certificate"] = tls.require_client_cert
-    return {"name": "envoy.transport_sockets.tls", "typed_config": ctx}
+        common.validation_context = CertificateValidationContext(trusted_ca=DataSource(filename=tls.client_ca))
+        context.require_client_certificate = tls.require_client_cert
+    return TransportSocket(name="envoy.transport_sockets.tls", typed_config=PbAny.pack(context))
 
 
 def bootstrap(
@@ -119,86 +144,95 @@ def bootstrap(
 ) -> dict[str, Any]:
     """A sidecar bootstrap: one inbound listener -> ext_authz (the agent) -> router -> the app.
 
+    Built from envoy-data-plane's typed objects (Envoy's own API as dataclasses), so a misspelt field
+    fails here rather than in Envoy; returned as the JSON-ready dict Envoy reads.
     `request_body` sends request bodies to the agent (signed routes check Content-Digest against it);
     bodies over `max_request_bytes` arrive truncated and marked, and signed requests then fail closed.
     """
-    ext_authz: dict[str, Any] = {
-        "name": "envoy.filters.http.ext_authz",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
-            "transport_api_version": "V3",
-            "grpc_service": {
-                "envoy_grpc": {"cluster_name": "authz_agent"},
-                "timeout": f"{timeout_ms / 1000}s",
-            },
-            # Fail closed: the agent down or slow means no request passes.
-            "failure_mode_allow": False,
-            "status_on_error": {"code": 503},
-            # The client certificate Envoy verified reaches the agent as source.certificate (RFC 8705 binding).
-            "include_peer_certificate": True,
-        },
-    }
+    import betterproto2
+    from envoy_data_plane.envoy.config.bootstrap.v3 import Admin, Bootstrap, BootstrapStaticResources
+    from envoy_data_plane.envoy.config.core.v3 import (
+        ApiVersion,
+        GrpcService,
+        GrpcServiceEnvoyGrpc,
+        HealthCheck,
+        HealthCheckGrpcHealthCheck,
+    )
+    from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
+    from envoy_data_plane.envoy.config.route.v3 import Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost
+    from envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3 import BufferSettings, ExtAuthz
+    from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
+    from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
+        HttpConnectionManager,
+        HttpConnectionManagerPathWithEscapedSlashesAction,
+        HttpFilter,
+    )
+    from envoy_data_plane.envoy.type.v3 import HttpStatus, StatusCode
+    from envoy_data_plane.google.protobuf import Any as PbAny
+
+    ext_authz = ExtAuthz(
+        transport_api_version=ApiVersion.V3,
+        grpc_service=GrpcService(
+            envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name="authz_agent"), timeout=timedelta(milliseconds=timeout_ms)
+        ),
+        # Fail closed: the agent down or slow means no request passes (false is also Envoy's default).
+        failure_mode_allow=False,
+        status_on_error=HttpStatus(code=StatusCode.ServiceUnavailable),
+        # The client certificate Envoy verified reaches the agent as source.certificate (RFC 8705 binding).
+        include_peer_certificate=True,
+    )
     if request_body:
-        ext_authz["typed_config"]["with_request_body"] = {
-            "max_request_bytes": max_request_bytes,
-            "allow_partial_message": True,  # marked x-envoy-auth-partial-body: true; the agent decides
-            "pack_as_bytes": True,
-        }
-    hcm = {
-        "@type": _HCM_TYPE,
-        "stat_prefix": "inbound",
+        ext_authz.with_request_body = BufferSettings(
+            max_request_bytes=max_request_bytes,
+            allow_partial_message=True,  # marked x-envoy-auth-partial-body: true; the agent decides
+            pack_as_bytes=True,
+        )
+    hcm = HttpConnectionManager(
+        stat_prefix="inbound",
         # The agent decides on the path the app will see: normalised, slashes merged, %2F refused.
-        "normalize_path": True,
-        "merge_slashes": True,
-        "path_with_escaped_slashes_action": "REJECT_REQUEST",
-        "route_config": {
-            "name": "local",
-            "virtual_hosts": [
-                {
-                    "name": "app",
-                    "domains": ["*"],
-                    "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "app"}}],
-                }
+        normalize_path=True,
+        merge_slashes=True,
+        path_with_escaped_slashes_action=HttpConnectionManagerPathWithEscapedSlashesAction.REJECT_REQUEST,
+        route_config=RouteConfiguration(
+            name="local",
+            virtual_hosts=[
+                VirtualHost(
+                    name="app",
+                    domains=["*"],
+                    routes=[Route(match=RouteMatch(prefix="/"), route=RouteAction(cluster="app"))],
+                )
             ],
-        },
-        "http_filters": [
-            ext_authz,
-            {
-                "name": "envoy.filters.http.router",
-                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
-            },
+        ),
+        http_filters=[
+            HttpFilter(name="envoy.filters.http.ext_authz", typed_config=PbAny.pack(ext_authz)),
+            HttpFilter(name="envoy.filters.http.router", typed_config=PbAny.pack(Router())),
         ],
-    }
-    agent_cluster = _cluster("authz_agent", agent, http2=True)
-    agent_cluster["health_checks"] = [
-        {
-            "timeout": "0.5s",
-            "interval": "1s",
-            "unhealthy_threshold": 2,
-            "healthy_threshold": 1,
-            "grpc_health_check": {"service_name": "envoy.service.auth.v3.Authorization"},
-        }
-    ]
-    chain: dict[str, Any] = {
-        "filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]
-    }
+    )
+    chain = FilterChain(
+        filters=[Filter(name="envoy.filters.network.http_connection_manager", typed_config=PbAny.pack(hcm))]
+    )
     if tls is not None:
-        chain["transport_socket"] = _downstream_tls(tls)
-    cfg: dict[str, Any] = {
-        "static_resources": {
-            "listeners": [
-                {
-                    "name": "inbound",
-                    "address": _address(listen),
-                    "filter_chains": [chain],
-                }
-            ],
-            "clusters": [_cluster("app", upstream), agent_cluster],
-        }
-    }
+        chain.transport_socket = _downstream_tls(tls)
+    agent_cluster = _cluster("authz_agent", agent, http2=True)
+    agent_cluster.health_checks = [
+        HealthCheck(
+            timeout=timedelta(seconds=0.5),
+            interval=timedelta(seconds=1),
+            unhealthy_threshold=2,
+            healthy_threshold=1,
+            grpc_health_check=HealthCheckGrpcHealthCheck(service_name="envoy.service.auth.v3.Authorization"),
+        )
+    ]
+    config = Bootstrap(
+        static_resources=BootstrapStaticResources(
+            listeners=[Listener(name="inbound", address=_address(listen), filter_chains=[chain])],
+            clusters=[_cluster("app", upstream), agent_cluster],
+        )
+    )
     if admin:
-        cfg["admin"] = {"address": _address(admin)}
-    return cfg
+        config.admin = Admin(address=_address(admin))
+    out: dict[str, Any] = config.to_dict(casing=betterproto2.Casing.SNAKE)
+    return out
 
 
 class EnvoyProcess:
@@ -218,7 +252,7 @@ class EnvoyProcess:
 
         self.workdir.mkdir(parents=True, exist_ok=True)
         cfg = dict(self.config)
-        cfg.setdefault("admin", {"address": _address("127.0.0.1:0")})
+        cfg.setdefault("admin", {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}})
         path = self.workdir / "envoy.json"
         path.write_text(json.dumps(cfg, indent=1))
         addr_file = self.workdir / "admin-address"
