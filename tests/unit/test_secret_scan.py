@@ -32,6 +32,7 @@ def test_a_committed_private_key_or_token_fails_the_scan(tmp_path: Path) -> None
     r = scan(key)
     assert r.returncode != 0 and "Private Key" in r.stdout
     token = tmp_path / "config.py"
+    # pragma: allowlist nextline secret (test fixture: made-up tokens the scan must catch)
     token.write_text('AWS_SECRET = "AKIAIOSFODNN7EXAMPLQ"\nslack = "xoxb-263594206564-FGqddMF8t08v8N7Oq4i57vs1"\n')
     assert scan(token).returncode != 0
     marked = tmp_path / "fixture.py"
