@@ -69,10 +69,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         import uvloop
 
         uvloop.run(serve(policy, args.listen, args.admin, args.audit_log, args.policy, transport,
-                         args.token_cache_entries, control))  # fmt: skip
+                         args.token_cache_entries, control, args.audit_format))  # fmt: skip
         return 0
     asyncio.run(serve(policy, args.listen, args.admin, args.audit_log, args.policy, transport,
-                      args.token_cache_entries, control))  # fmt: skip
+                      args.token_cache_entries, control, args.audit_format))  # fmt: skip
     return 0
 
 
@@ -170,6 +170,30 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit_cat(args: argparse.Namespace) -> int:
+    """Print an audit log (JSON lines or msgpack) as JSON lines, seq and prev included."""
+    from pathlib import Path
+
+    import msgpack
+    import orjson
+
+    from agent.audit.chain import frames
+
+    out = sys.stdout.buffer
+    for name in args.files:
+        data = Path(name).read_bytes()
+        if data[:1] in (b"", b"{", b"\n"):
+            out.write(data)
+            continue
+        for envelope, complete in frames(data):
+            if not complete:
+                print(f"{name}: truncated record at the end", file=sys.stderr)
+                return 1
+            seq, prev, record = msgpack.unpackb(envelope, raw=False)
+            out.write(orjson.dumps({"seq": seq, "prev": prev, **record}) + b"\n")
+    return 0
+
+
 def cmd_control_plane(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -244,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         choices=["grpcio", "native"],
         help="default: native when the extensions are built, else grpcio",
     )
-    r.add_argument("--audit-log", default=None, help="append hash-chained JSON lines here (default: stdout)")
+    r.add_argument("--audit-log", default=None, help="append hash-chained records here (default: stdout)")
+    r.add_argument("--audit-format", default="json", choices=["json", "msgpack"], help="audit record encoding")
     r.add_argument(
         "--token-cache-entries",
         type=int,
@@ -286,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     av = asub.add_parser("verify", help="check the hash chain; name the first edited, removed or reordered record")
     av.add_argument("files", nargs="+", help="oldest first when rotated: audit.log.2 audit.log.1 audit.log")
     av.set_defaults(func=cmd_audit_verify)
+    ac = asub.add_parser("cat", help="print an audit log (JSON lines or msgpack) as JSON lines")
+    ac.add_argument("files", nargs="+")
+    ac.set_defaults(func=cmd_audit_cat)
 
     c = sub.add_parser("control-plane", help="serve signed policy bundles and revocations to agents")
     c.add_argument("--policies", help="DIR: one SERVICE.yaml per service, and revocations.yaml")

@@ -1,7 +1,12 @@
 """The audit log's hash chain: every record carries its sequence number and the SHA-256 of the record before.
 
-A record is one JSON object on one line: `{"seq": N, "prev": "<hex>", ...}`, where `prev` is the SHA-256 of
-the previous line's bytes (without its newline) and the first record of a chain has 64 zeros. Editing a
+Two encodings. JSON lines (default):
+
+a record is one JSON object on one line: `{"seq": N, "prev": "<hex>", ...}`, where `prev` is the SHA-256 of
+the previous line's bytes (without its newline) and the first record of a chain has 64 zeros. msgpack
+(`--audit-format msgpack`, smaller and cheaper to write): each record is a frame, a 4-byte big-endian
+length and then the msgpack array `[seq, prev, record]`; `prev` is the SHA-256 of the previous frame's
+array bytes. Editing a
 record changes its hash, so the next record no longer names it; removing or reordering records breaks
 `seq` and `prev` both. Rotation continues the chain in the next file, and an agent that restarts continues
 it from the last record in the file. The last record has no successor to vouch for it: `audit verify`
@@ -12,10 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgpack
 import orjson
 
 GENESIS = "0" * 64
@@ -43,6 +50,32 @@ class Chain:
         line = head + (b"," + body[1:] if body != b"{}" else b"}")
         self.prev = line_hash(line)
         return line
+
+    def link_msgpack(self, body: bytes) -> bytes:
+        """One frame from a msgpack-encoded record: length, then the array [seq, prev, record]."""
+        self.seq += 1
+        envelope = b"\x93" + bytes(msgpack.packb(self.seq)) + bytes(msgpack.packb(self.prev)) + body
+        self.prev = line_hash(envelope)
+        return struct.pack(">I", len(envelope)) + envelope
+
+    @classmethod
+    def resume_msgpack(cls, path: Path) -> tuple[Chain, bool]:
+        """Like `resume`, for a msgpack log: (the chain after its last whole frame, whether a partial one follows)."""
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return cls(), False
+        chain = cls()
+        for envelope, complete in frames(data):
+            if not complete:
+                return chain, True
+            try:
+                seq = msgpack.unpackb(envelope)[0]
+            except (ValueError, IndexError, TypeError, msgpack.UnpackException):
+                continue
+            if isinstance(seq, int) and not isinstance(seq, bool):
+                chain = cls(seq, line_hash(envelope))
+        return chain, False
 
     @classmethod
     def resume(cls, path: Path) -> tuple[Chain, bool]:
@@ -103,20 +136,53 @@ def _lines(paths: Iterable[Path]) -> Iterator[tuple[str, int, bytes, bool]]:
             yield str(path), i, line, not (last and not complete)
 
 
+def frames(data: bytes) -> Iterator[tuple[bytes, bool]]:
+    i = 0
+    while i < len(data):
+        if len(data) - i < 4:
+            yield data[i:], False
+            return
+        (n,) = struct.unpack(">I", data[i : i + 4])
+        if len(data) - i - 4 < n:
+            yield data[i + 4 :], False
+            return
+        yield data[i + 4 : i + 4 + n], True
+        i += 4 + n
+
+
+def _records(paths: Iterable[Path]) -> Iterator[tuple[str, int, bytes, bool, dict[str, object] | None]]:
+    """(file, line or frame number, the hashed bytes, complete?, {"seq", "prev"} or None when unreadable)."""
+    for path in paths:
+        data = path.read_bytes()
+        if data[:1] in (b"", b"{", b"\n"):
+            for file, lineno, line, complete in _lines([path]):
+                try:
+                    parsed = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    parsed = None
+                yield file, lineno, line, complete, parsed if isinstance(parsed, dict) else None
+            continue
+        for n, (envelope, complete) in enumerate(frames(data), 1):
+            try:
+                seq, prev, _ = msgpack.unpackb(envelope, raw=False)
+                record: dict[str, object] | None = {"seq": seq, "prev": prev}
+            except (ValueError, TypeError, msgpack.UnpackException):
+                record = None
+            yield str(path), n, envelope, complete, record
+
+
 def verify(paths: list[Path]) -> Verdict:
     """Check the chain through `paths` in order; stop at the first record that is not what the chain says."""
     prev: str | None = None
     expected: int | None = None
     first: int | None = None
     count = 0
-    for file, lineno, line, complete in _lines(paths):
+    for file, lineno, line, complete, record in _records(paths):
         if not complete:
-            return Verdict(count, prev or GENESIS, first, Problem(file, lineno, None, "truncated record (no newline)"))
-        try:
-            record = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            return Verdict(count, prev or GENESIS, first, Problem(file, lineno, None, "not a JSON record (edited)"))
-        seq, link = (record.get("seq"), record.get("prev")) if isinstance(record, dict) else (None, None)
+            return Verdict(count, prev or GENESIS, first, Problem(file, lineno, None, "truncated record"))
+        if record is None:
+            return Verdict(count, prev or GENESIS, first, Problem(file, lineno, None, "not a readable record (edited)"))
+        seq, link = record.get("seq"), record.get("prev")
         if not isinstance(seq, int) or not isinstance(link, str):
             return Verdict(
                 count, prev or GENESIS, first, Problem(file, lineno, None, "no seq/prev (not a chained record)")

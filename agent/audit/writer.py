@@ -11,6 +11,7 @@ from collections import deque
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
+import msgpack
 import orjson
 
 from agent.audit.chain import Chain, rotate
@@ -39,8 +40,13 @@ class JsonLinesAudit:
         flush_interval_s: float = 0.05,
         max_bytes: int = 100 << 20,
         keep: int = 5,
+        encoding: str = "json",
     ) -> None:
+        if encoding not in ("json", "msgpack"):
+            raise ValueError("audit encoding is json or msgpack")
         self.path = path
+        self.encoding = encoding
+        self._dumps = orjson.dumps if encoding == "json" else _packb
         self.max_bytes = max_bytes
         self.keep = keep
         self.dropped = 0
@@ -58,7 +64,7 @@ class JsonLinesAudit:
         if len(self._pending) >= self.max_queue:
             self._drop()
             return
-        self._pending.append(orjson.dumps(decision_record(view, decision, policy, now)))
+        self._pending.append(self._dumps(decision_record(view, decision, policy, now)))
 
     def _drop(self) -> None:
         # Never silent: logged, counted, and an `alert` record written as soon as the queue has room.
@@ -71,7 +77,7 @@ class JsonLinesAudit:
         if len(self._pending) >= self.max_queue:
             self._drop()
             return
-        self._pending.append(alert_record(kind, detail))
+        self._pending.append(self._dumps(alert_dict(kind, detail)))
 
     def close(self, timeout: float = 5.0) -> None:
         """Write what is queued, then stop."""
@@ -82,13 +88,14 @@ class JsonLinesAudit:
         if not self.path:
             return sys.stdout.buffer, Chain()
         path = Path(self.path)
-        chain, partial = Chain.resume(path)
+        chain, partial = Chain.resume(path) if self.encoding == "json" else Chain.resume_msgpack(path)
         out = path.open("ab")
         if partial:
-            # A crash mid-write (or an edit) left a partial line; `audit verify` names it. New records start
-            # on their own line, and the chain goes on from the last complete record.
-            out.write(b"\n")
-            self._pending.appendleft(alert_record("audit_tail_truncated", {"file": str(path)}))
+            # A crash mid-write (or an edit) left a partial record; `audit verify` names it. The chain goes on
+            # from the last complete record (JSON: on a fresh line).
+            if self.encoding == "json":
+                out.write(b"\n")
+            self._pending.appendleft(self._dumps(alert_dict("audit_tail_truncated", {"file": str(path)})))
         return out, chain
 
     def _run(self) -> None:
@@ -105,19 +112,22 @@ class JsonLinesAudit:
                 if self.dropped != self._dropped_reported:
                     lost = self.dropped - self._dropped_reported
                     self._dropped_reported = self.dropped
-                    pending.append(alert_record("audit_records_dropped", {"count": lost, "total": self.dropped}))
+                    pending.append(
+                        self._dumps(alert_dict("audit_records_dropped", {"count": lost, "total": self.dropped}))
+                    )
                 n = len(pending)
                 if n:
                     popleft = pending.popleft
-                    link = chain.link
+                    link = chain.link if self.encoding == "json" else chain.link_msgpack
                     lines = [link(popleft()) for _ in range(n)]
+                    sep = b"\n" if self.encoding == "json" else b""
                     while lines:
                         # As many lines as fit before the size limit (at least one), then rotate.
                         take, room = 0, self.max_bytes - size if self.path else 1 << 62
                         while take < len(lines) and (take == 0 or room > 0):
-                            room -= len(lines[take]) + 1
+                            room -= len(lines[take]) + len(sep)
                             take += 1
-                        data = b"\n".join(lines[:take]) + b"\n"
+                        data = sep.join(lines[:take]) + sep
                         del lines[:take]
                         out.write(data)  # the GIL is released during the write
                         out.flush()
@@ -137,6 +147,10 @@ class JsonLinesAudit:
                 out.close()
 
 
-def alert_record(kind: str, detail: dict[str, object]) -> bytes:
+def alert_dict(kind: str, detail: dict[str, object]) -> dict[str, object]:
     """An `alert` record in the same stream as decisions (never a token or secret in `detail`)."""
-    return orjson.dumps({"type": "alert", "time": rfc3339_ms(time.time()), "alert": kind, **detail})
+    return {"type": "alert", "time": rfc3339_ms(time.time()), "alert": kind, **detail}
+
+
+def _packb(record: dict[str, object]) -> bytes:
+    return bytes(msgpack.packb(record, use_bin_type=True))

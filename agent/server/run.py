@@ -47,8 +47,9 @@ class AgentServer:
         reload_wait_s: float = 10.0,
         transport: str = "grpcio",
         token_cache_entries: int = 10_000,
+        audit_format: str = "json",
     ) -> None:
-        self.audit = JsonLinesAudit(audit_log)
+        self.audit = JsonLinesAudit(audit_log, encoding=audit_format)
         # Without a policy yet (a control plane not reached, no last good bundle) every check is refused
         # with 503 policy_unavailable and the agent is not ready.
         self.policy_loaded = policy is not None
@@ -350,10 +351,18 @@ async def serve(
     transport: str,
     token_cache_entries: int = 10_000,
     control: ControlPlaneOptions | None = None,
+    audit_format: str = "json",
 ) -> None:
     """Run until SIGTERM or SIGINT, then drain in-flight checks and stop."""
     server = AgentServer(
-        policy, listen, admin, audit_log, policy_path, transport=transport, token_cache_entries=token_cache_entries
+        policy,
+        listen,
+        admin,
+        audit_log,
+        policy_path,
+        transport=transport,
+        token_cache_entries=token_cache_entries,
+        audit_format=audit_format,
     )
     await server.start()
     stop = asyncio.Event()

@@ -19,7 +19,7 @@ from agent.engine import Decision, Engine, RequestView
 from tests.keys import SigningKey, claims, mint
 
 
-def write_log(path: Path, n: int, **kw: int) -> None:
+def write_log(path: Path, n: int, **kw: int | str) -> None:
     audit = JsonLinesAudit(str(path), flush_interval_s=0.01, **kw)
     for i in range(n):
         audit.alert("test", {"i": i})
@@ -57,7 +57,7 @@ def test_a_clean_log_verifies_and_each_tampering_is_named(tmp_path: Path) -> Non
     assert "reordered.log:31 (seq 32): expected seq 31" in tampered("reordered.log", reordered)
     garbage = lines.copy()
     garbage[5] = b'{"seq": 6, "prev": "nonsense"'
-    assert "garbage.log:6: not a JSON record (edited)" in tampered("garbage.log", garbage)
+    assert "garbage.log:6: not a readable record (edited)" in tampered("garbage.log", garbage)
 
 
 def test_rotation_and_restarts_continue_the_chain(tmp_path: Path) -> None:
@@ -79,7 +79,7 @@ def test_a_truncated_tail_is_named_and_the_chain_goes_on(tmp_path: Path) -> None
     log = tmp_path / "audit.log"
     write_log(log, 10)
     log.write_bytes(log.read_bytes()[:-25])  # a crash mid-write
-    assert "truncated record" in audit_verify(log).stderr or "not a JSON record" in audit_verify(log).stderr
+    assert "truncated record" in audit_verify(log).stderr or "not a readable record" in audit_verify(log).stderr
     write_log(log, 5)
     text = log.read_text()
     assert '"alert":"audit_tail_truncated"' in text
@@ -123,3 +123,22 @@ async def test_100k_decisions_make_100k_chained_records_and_no_token_text(
         for part in t.split("."):
             assert part.encode() not in data
     assert {orjson.loads(r)["decision"] for r in records[:50]} == {"allow", "deny"}
+
+
+def test_the_msgpack_encoding_chains_rotates_and_names_tampering_too(tmp_path: Path) -> None:
+    log = tmp_path / "audit.mp"
+    write_log(log, 200, encoding="msgpack", max_bytes=4_000, keep=20)
+    write_log(log, 10, encoding="msgpack", max_bytes=4_000, keep=20)  # restart: the chain goes on
+    files = [*sorted(tmp_path.glob("audit.mp.*"), key=lambda p: -int(p.suffix[1:])), log]
+    assert len(files) > 2
+    verdict = verify(files)
+    assert verdict.problem is None and verdict.records == 210
+    shown = subprocess.run([sys.executable, "-m", "agent", "audit", "cat", str(files[0])], capture_output=True,
+                           text=True, timeout=60)  # fmt: skip
+    first = json.loads(shown.stdout.splitlines()[0])
+    assert first["seq"] == 1 and first["alert"] == "test" and first["i"] == 0
+    data = bytearray(files[0].read_bytes())
+    data[data.index(b"test") + 1] ^= 1  # one bit of one record
+    files[0].write_bytes(bytes(data))
+    r = audit_verify(*files)
+    assert r.returncode == 1 and "(seq 2): the record before (seq 1) was edited" in r.stderr
