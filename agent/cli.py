@@ -145,7 +145,8 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
     tls = None
     if args.tls_cert:
         tls = ListenerTls(args.tls_cert, args.tls_key, args.client_ca, args.require_client_cert)
-    cfg = bootstrap(args.listen, args.upstream, args.agent, args.admin, request_body=body, tls=tls)
+    listen = f"0.0.0.0:{args.listen}" if args.listen.isdigit() else args.listen  # a bare PORT: every address
+    cfg = bootstrap(listen, args.upstream, args.agent, args.admin, request_body=body, tls=tls)
     print(json.dumps(cfg, indent=2))
     return 0
 
@@ -294,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     lint.set_defaults(func=cmd_lint)
 
     e = sub.add_parser("envoy-config", help="print an Envoy bootstrap that attaches the agent")
-    e.add_argument("--listen", default="0.0.0.0:10000")
+    e.add_argument("--listen", default="0.0.0.0:10000", help="PORT or HOST:PORT of Envoy's inbound listener")
     e.add_argument("--upstream", default="127.0.0.1:8080")
     e.add_argument("--agent", default="127.0.0.1:9191", help="the agent's HOST:PORT or unix:PATH")
     e.add_argument("--admin", default="127.0.0.1:9901")

@@ -40,6 +40,7 @@ def test_committed_sidecar_config_is_what_envoy_config_generates() -> None:
     r = run("envoy-config")
     assert r.returncode == 0
     assert json.loads(r.stdout) == json.loads((ROOT / "envoy" / "sidecar.json").read_text())
+    assert json.loads(run("envoy-config", "--listen", "10000").stdout) == json.loads(r.stdout)  # a bare port
 
 
 TLS_ARGS = (
