@@ -232,6 +232,7 @@ cdef class GrpcProtocol:
     cdef bint draining
     cdef bint close_when_flushed
     cdef bint closed
+    cdef bint eof_sent
 
     def __cinit__(self, handler, int max_message=1 << 20, int max_streams=1024, on_close=None):
         self.handler = handler
@@ -268,8 +269,8 @@ cdef class GrpcProtocol:
         self.flush()
 
     def data_received(self, bytes data):
-        if self.closed:
-            return
+        if self.closed or self.eof_sent:
+            return  # after our GOAWAY and FIN: read and dropped, so closing never resets the connection
         cdef ssize_t rv = nghttp2_session_mem_recv(
             self.session, <const uint8_t*>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
         if rv < 0:
@@ -325,6 +326,16 @@ cdef class GrpcProtocol:
 
     cdef void close(self):
         if not self.closed and self.transport is not None:
+            if self.draining and not self.eof_sent and self.transport.can_write_eof():
+                # A lingering close: send FIN and let the peer close. Closing at once while the peer still
+                # sends (a WINDOW_UPDATE, a late frame) makes the kernel reset the connection, and a reset
+                # can discard our GOAWAY before the peer reads it.
+                self.eof_sent = True
+                try:
+                    self.transport.write_eof()
+                    return
+                except OSError:  # the peer is already gone: nothing to linger for
+                    pass
             self.closed = True
             self.transport.close()
 
@@ -436,7 +447,10 @@ cdef class GrpcProtocol:
         self.flush()
 
     def abort(self):
-        self.close()
+        """Close now (the drain's grace is over)."""
+        if not self.closed and self.transport is not None:
+            self.closed = True
+            self.transport.close()
 
     @property
     def active_streams(self):
