@@ -30,7 +30,15 @@ from agent.authn.replay import Once, ReplayCache, Seen
 from agent.authn.revocation import RevocationSet
 from agent.config.model import Policy, RateLimit, Route
 from agent.errors import AuthnError
-from agent.policy.paths import Matcher, Segment, bind, parse_template, split_request_path
+from agent.policy.paths import (
+    Matcher,
+    Segment,
+    bind,
+    double_encoded,
+    parse_template,
+    request_method_ok,
+    split_request_path,
+)
 from agent.policy.rules import Refusal, evaluate
 from agent.ratelimit._bucket import BucketTable
 from agent.ratelimit.shared import NEED_LEASE, SharedBuckets, SharedState, Unavailable
@@ -51,6 +59,9 @@ _B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 _NO_PARAMS: dict[str, str] = {}
 UPSTREAM_HEADERS = ("x-authz-subject", "x-authz-client-id", "x-authz-route", "x-authz-decision-id")
 _OURS = frozenset(UPSTREAM_HEADERS)
+# Headers by which some frameworks run another method than the request line's (Rails, Laravel, Express's
+# method-override, Symfony): the policy judged the request line's method, so the app never sees these.
+METHOD_OVERRIDE_HEADERS = frozenset(("x-http-method-override", "x-http-method", "x-method-override"))
 LIMIT_KEYS_PER_ROUTE = 100_000  # buckets held per limited route; full (idle) ones are dropped first
 
 
@@ -83,6 +94,18 @@ class Decision:
     body: bytes = b""
     latency_us: int = 0
     shadow: str | None = None  # the reason a rule in shadow mode would have denied this allowed request
+
+
+def _spoofable(name: str) -> bool:
+    """A client-sent header the app must not see: one naming the agent's own (x-authz-*), or a method override.
+
+    Read as a CGI/WSGI app reads names (`_` as `-`, any case): `x_authz_subject` is HTTP_X_AUTHZ_SUBJECT too.
+    Names the agent sets itself are overwritten instead (see `_allow`).
+    """
+    if name.startswith("x-authz-"):
+        return True
+    n = name.lower().replace("_", "-")
+    return n.startswith("x-authz-") or n in METHOD_OVERRIDE_HEADERS
 
 
 def limit_key(limit: RateLimit, route: Route, who: Principal | None, view: RequestView) -> str:
@@ -364,6 +387,11 @@ class Engine:
     ) -> Decision:
         if not self.policy.routes:  # no policy yet (a control plane not reached): fail closed, as an error
             return self._deny(decision_id, 503, R.POLICY_UNAVAILABLE, None, None)
+        if not request_method_ok(view.method):
+            # `delete` would fall to an any-method route here, and Django or Werkzeug would upper-case it.
+            if trace is not None:
+                trace.append(f"method {view.method!r} is not an upper-case RFC 9110 token")
+            return self._deny(decision_id, 400, R.METHOD_INVALID, None, None)
         segs = split_request_path(view.path)
         if segs is None:
             if trace is not None:
@@ -378,6 +406,10 @@ class Engine:
         if trace is not None:
             methods = ",".join(sorted(route.methods)) if route.methods else "any method"
             trace.append(f"route {route.name!r} (line {route.line}) matches {methods} {route.path}")
+        if "%25" in view.path and not route.allow_double_encoded_path and double_encoded(view.path):
+            if trace is not None:
+                trace.append("path holds a double-encoded escape (%25XX); the route does not allow_double_encoded_path")
+            return self._deny(decision_id, 400, R.PATH_DOUBLE_ENCODED, route, None)
         if route.public:
             if trace is not None:
                 trace.append("route is public: no credentials needed")
@@ -580,8 +612,7 @@ class Engine:
             if who.client_id is not None:
                 add.append(("x-authz-client-id", who.client_id))
         ours = _OURS if len(add) == 4 else frozenset(k for k, _ in add)
-        # Whatever the client sent as x-authz-* must not reach the upstream as if we had said it.
-        remove = [h for h in view.headers if h.startswith("x-authz-") and h not in ours]
+        remove = [h for h in view.headers if _spoofable(h) and h.lower() not in ours]
         if not route.forward_token and "authorization" in view.headers:
             remove.append("authorization")
         return Decision(did, True, 200, reason, "allow", route.name, who, add, remove, response_headers)

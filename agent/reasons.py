@@ -8,6 +8,8 @@ PUBLIC = "public_route"
 
 # request shape
 MALFORMED_REQUEST = "malformed_request"
+METHOD_INVALID = "method_invalid"  # not an upper-case RFC 9110 token: never judged as another method
+PATH_DOUBLE_ENCODED = "path_double_encoded"  # %25XX: an upstream that decodes twice reads another path
 NO_ROUTE = "no_route"
 
 # authentication (401)

@@ -30,7 +30,7 @@ from agent.config.model import (
 )
 from agent.config.yamlsrc import LDict, LList, line_of, load_yaml
 from agent.errors import ConfigError, ConfigErrors
-from agent.policy.paths import PARAM, Segment, parse_template, shape, valid_method
+from agent.policy.paths import PARAM, Segment, parse_template, request_method_ok, shape
 from agent.urls import fetchable
 
 # Keys of DESIGN's policy format whose features are not built yet. They are refused, never accepted and
@@ -113,7 +113,18 @@ IDP_KEYS = {
     "introspection_timeout_s",
 }
 CLAIM_KEYS = {"subject", "roles", "scopes", "client_id"}
-ROUTE_KEYS = {"name", "match", "authn", "allow", "public", "forward_token", "bind", "rate_limit", "mode"}
+ROUTE_KEYS = {
+    "name",
+    "match",
+    "authn",
+    "allow",
+    "public",
+    "forward_token",
+    "bind",
+    "rate_limit",
+    "mode",
+    "allow_double_encoded_path",
+}
 RATE_LIMIT_KEYS = {"key", "per_second", "per_minute", "burst", "shared"}
 RATE_LIMIT_PARTS = ("subject", "client_id", "source_ip", "route")
 MATCH_KEYS = {"methods", "path"}
@@ -445,7 +456,7 @@ def _route(ctx: _Ctx, d: LDict, index: int, idps: dict[str, IdentityProvider], h
                 "list methods or remove the key to match any",
             )
         for meth in ml or ():
-            if not valid_method(meth) or meth != meth.upper():
+            if not request_method_ok(meth):
                 ctx.err(m.lines["methods"], f"{where}.match.methods: {meth!r} is not an upper-case HTTP method")
         methods = frozenset(ml or ())
     public = bool(_get(ctx, d, "public", bool, where, False))
@@ -513,6 +524,7 @@ def _route(ctx: _Ctx, d: LDict, index: int, idps: dict[str, IdentityProvider], h
         bind=bind,
         rate_limit=rate_limit,
         mode=mode if mode in ("enforce", "shadow") else "enforce",
+        allow_double_encoded_path=bool(_get(ctx, d, "allow_double_encoded_path", bool, where, False)),
         line=d.line,
     )
     return route if len(ctx.errors) == n_errors else None

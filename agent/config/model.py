@@ -166,6 +166,8 @@ class Route:
     bind: str | None = None  # "dpop" or "mtls": the token must be bound to the caller's key or certificate
     rate_limit: RateLimit | None = None
     mode: str = "enforce"  # "shadow": the allow rule is evaluated and audited, never enforced
+    # %25 followed by two hex digits in the path (a double encoding) is refused unless the route allows it
+    allow_double_encoded_path: bool = False
     line: int = 0
 
 

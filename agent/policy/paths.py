@@ -14,7 +14,12 @@ LITERAL, PARAM, GLOB = 0, 1, 2  # also the specificity rank of a segment: lower 
 MAX_SEGMENTS = 64
 _PARAM_RE = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 _BAD_LITERAL = re.compile(r"[{}*?#%\\\x00-\x20\x7f]")
-_TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 token, for method names
+# A request method the agent judges: an RFC 9110 token with no lower-case letter, at most 32 characters. Methods
+# are case-sensitive, but many frameworks (Django, Werkzeug, Rack) upper-case what they get, so `delete` must never
+# be judged as "some method other than DELETE"; nor may an empty one.
+_METHOD_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Z-]{1,32}")
+# %25 then two hex digits: a percent sign that encodes an escape. An upstream that decodes twice reads another path.
+_DOUBLE_ENCODED = re.compile(r"%25[0-9A-Fa-f]{2}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,12 +68,24 @@ def shape(segments: Sequence[Segment]) -> tuple[str, ...]:
     return tuple(s.value if s.kind == LITERAL else ("{}" if s.kind == PARAM else "**") for s in segments)
 
 
-def valid_method(method: str) -> bool:
-    return bool(_TOKEN_RE.match(method))
+def request_method_ok(method: str) -> bool:
+    """Whether a request's method may be judged at all (see _METHOD_RE); anything else is refused."""
+    return _METHOD_RE.fullmatch(method) is not None
 
 
-# Paths made only of unreserved and sub-delim characters, with no dot segment: split without decoding.
-_PLAIN_PATH = re.compile(r"(?:/(?!\.\.?(?:/|$))[A-Za-z0-9\-._~!$&'()*+,;=:@]+)+")
+def double_encoded(raw: str) -> bool:
+    """Whether the path part of a request target holds a double-encoded escape (%25XX)."""
+    end = len(raw)
+    for ch in "?#":
+        j = raw.find(ch, 0, end)
+        if j != -1:
+            end = j
+    return _DOUBLE_ENCODED.search(raw, 0, end) is not None
+
+
+# Paths made only of unreserved and sub-delim characters, with no dot segment (nor one followed by `;` path
+# parameters, which Tomcat and Spring read as a dot segment): split without decoding.
+_PLAIN_PATH = re.compile(r"(?:/(?!\.\.?(?:[/;]|$))[A-Za-z0-9\-._~!$&'()*+,;=:@]+)+")
 
 
 def split_request_path(raw: str) -> list[str] | None:
@@ -111,7 +128,9 @@ def split_request_path(raw: str) -> list[str] | None:
                 return None
         else:
             seg = part
-        if seg in (".", "..") or "/" in seg or "\\" in seg or any(ord(c) < 0x20 or ord(c) == 0x7F for c in seg):
+        if seg.partition(";")[0] in (".", "..") or "/" in seg or "\\" in seg:
+            return None
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in seg):
             return None
         out.append(seg)
     return out
