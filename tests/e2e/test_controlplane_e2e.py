@@ -198,7 +198,9 @@ def test_an_agent_without_a_bundle_and_no_control_plane_is_not_ready_and_refuses
             "--state-dir", str(work / "state"), "--bundle-key", str(fleet.verify)]  # fmt: skip
     agent = AgentProcess(args, f"127.0.0.1:{free_port()}", work, fleet.transport, wait_ready=False)
     try:
-        time.sleep(1.0)
+        # Alive (the admin port answers /healthz) but never ready: no bundle, no control plane. A fixed sleep
+        # here failed once on a loaded machine, before the admin port was even up.
+        until(lambda: agent.proc.poll() is None and http_ok(f"http://{agent.admin}/healthz"), "agent alive")
         assert agent.proc.poll() is None
         assert not http_ok(f"http://{agent.admin}/readyz")
         with urllib.request.urlopen(f"http://{agent.admin}/healthz", timeout=2) as r:
