@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from agent import reasons as R
 from tests.e2e.conftest import Stack, free_port, request
+from tests.wait import until
 
 
 def test_allowed_request_reaches_the_app_with_identity_headers_only(stack: Stack) -> None:
@@ -105,7 +106,13 @@ def test_audit_log_has_every_decision_and_no_token(stack: Stack) -> None:
     token = stack.idp.mint(jti="audit-jti")
     assert stack.get("/v1/orders?x=secret-query", token).status == 200
     assert stack.get("/v1/orders", token + "x").status == 401
-    time.sleep(0.5)
+
+    def audited() -> bool:  # the allow, then the deny after it (one writer keeps the order)
+        text = stack.agent.audit.read_text() if stack.agent.audit.exists() else ""
+        at = text.find('"jti":"audit-jti"')
+        return at != -1 and '"decision":"deny"' in text[at:]
+
+    until(audited, "both decisions are audited")
     logs = stack.agent.logs()
     records = [json.loads(line) for line in stack.agent.audit.read_text().splitlines()]
     mine = [r for r in records if r["jti"] == "audit-jti"]
@@ -204,7 +211,7 @@ def test_alerts_fire_through_envoy_and_reach_the_webhook(stack: Stack) -> None:
     spread = [a for a in stack.alerts if a["alert"] == "token_from_many_addresses"]
     assert spread and spread[-1]["addresses"] == ["127.0.0.1", "127.0.0.2"] and spread[-1]["service"] == "orders"
     assert any(a["alert"] == "failed_authentication" for a in stack.alerts)
-    time.sleep(0.3)
+    until(lambda: '"alert":"token_from_many_addresses"' in stack.agent.logs(), "the alert is audited")
     audit = stack.agent.audit.read_text()
     assert '"type":"alert","time"' in audit and '"alert":"token_from_many_addresses"' in audit
     assert token.split(".")[2] not in json.dumps(stack.alerts) + audit

@@ -23,6 +23,7 @@ from agent import reasons as R
 from agent.config import load_policy
 from agent.demo.idp import LocalIdP
 from agent.server.run import AgentServer
+from tests.wait import until_async
 
 
 def policy_text(idp: LocalIdP, source: str, extra: str = "", refetch: int = 60) -> str:
@@ -119,7 +120,6 @@ async def test_health_service_and_readyz_follow_key_loading(idp: LocalIdP, make_
         async with http.get(f"http://{h.admin}/readyz") as r:
             assert r.status == 503
             assert (await r.json())["identity_providers"]["corp"]["error"].startswith("KeySourceError")
-        await asyncio.sleep(0.3)
         resp = await health.Check(health_pb2.HealthCheckRequest(service=name))
         assert resp.status == health_pb2.HealthCheckResponse.NOT_SERVING
         # Not ready means fail closed, with an error reason told apart from a deny.
@@ -128,9 +128,12 @@ async def test_health_service_and_readyz_follow_key_loading(idp: LocalIdP, make_
         assert early.dynamic_metadata["decision"] == "error"
         idp.mode = "ok"
         assert await h.server.wait_ready(5)
-        await asyncio.sleep(0.3)
-        resp = await health.Check(health_pb2.HealthCheckRequest(service=name))
-        assert resp.status == health_pb2.HealthCheckResponse.SERVING
+
+        async def serving() -> bool:
+            resp = await health.Check(health_pb2.HealthCheckRequest(service=name))
+            return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
+
+        await until_async(serving, "the readiness watcher flips health to SERVING")
         async with http.get(f"http://{h.admin}/readyz") as r:
             assert r.status == 200
         async with http.get(f"http://{h.admin}/healthz") as r:
@@ -208,7 +211,7 @@ async def test_jwks_over_tls_with_an_untrusted_certificate_is_not_ready(tmp_path
     await tls_idp.start()
     try:
         h = await make_harness(tls_idp, "discovery: true", wait_ready=False)
-        await asyncio.sleep(0.5)
+        await until_async(lambda: h.server.engine.stores["corp"].last_error, "the TLS failure is recorded")
         assert not h.server.engine.ready
         assert "SSL" in (h.server.engine.stores["corp"].last_error or "") or "certificate" in (
             h.server.engine.stores["corp"].last_error or ""

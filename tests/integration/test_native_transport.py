@@ -23,6 +23,7 @@ from agent.envoyconf import MAX_CHECK_REQUEST_BYTES
 from agent.server.native_transport import available
 from agent.server.run import AgentServer
 from tests.keys import SigningKey, mint
+from tests.wait import until_async
 
 pytestmark = pytest.mark.skipif(not available(), reason="native extensions not built (AGENT_NO_EXTENSIONS=1)")
 CHECK = "/envoy.service.auth.v3.Authorization/Check"
@@ -53,7 +54,7 @@ async def server(write_policy: Callable[..., Path]) -> AsyncIterator[AgentServer
     s = AgentServer(load_policy(write_policy()), "127.0.0.1:0", None, None, transport="native")
     await s.start()
     assert await s.wait_ready(5)
-    await asyncio.sleep(0.15)  # the readiness watcher flips health to SERVING
+    await until_async(lambda: s.transport.serving, "the readiness watcher flips health to SERVING")
     yield s
     await s.stop(0.5)
 
