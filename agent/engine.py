@@ -96,16 +96,21 @@ class Decision:
     shadow: str | None = None  # the reason a rule in shadow mode would have denied this allowed request
 
 
+# Header names seen, judged once: names repeat across requests; bounded, so random names cost only the check.
+_SPOOFABLE: dict[str, bool] = {}
+
+
 def _spoofable(name: str) -> bool:
     """A client-sent header the app must not see: one naming the agent's own (x-authz-*), or a method override.
 
     Read as a CGI/WSGI app reads names (`_` as `-`, any case): `x_authz_subject` is HTTP_X_AUTHZ_SUBJECT too.
     Names the agent sets itself are overwritten instead (see `_allow`).
     """
-    if name.startswith("x-authz-"):
-        return True
     n = name.lower().replace("_", "-")
-    return n.startswith("x-authz-") or n in METHOD_OVERRIDE_HEADERS
+    spoof = n.startswith("x-authz-") or n in METHOD_OVERRIDE_HEADERS
+    if len(_SPOOFABLE) < 4096:
+        _SPOOFABLE[name] = spoof
+    return spoof
 
 
 def limit_key(limit: RateLimit, route: Route, who: Principal | None, view: RequestView) -> str:
@@ -612,7 +617,13 @@ class Engine:
             if who.client_id is not None:
                 add.append(("x-authz-client-id", who.client_id))
         ours = _OURS if len(add) == 4 else frozenset(k for k, _ in add)
-        remove = [h for h in view.headers if _spoofable(h) and h.lower() not in ours]
+        remove = []
+        for h in view.headers:
+            spoof = _SPOOFABLE.get(h)
+            if spoof is None:
+                spoof = _spoofable(h)
+            if spoof and h.lower() not in ours:
+                remove.append(h)
         if not route.forward_token and "authorization" in view.headers:
             remove.append("authorization")
         return Decision(did, True, 200, reason, "allow", route.name, who, add, remove, response_headers)
