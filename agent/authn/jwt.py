@@ -11,8 +11,8 @@ from typing import Any
 from agent import reasons as R
 from agent.authn.jwk import verify_signature
 from agent.authn.jwks import KeyStore
-from agent.authn.principal import Principal, claim_at, string_set
-from agent.authn.strict import b64url_decode, is_number, strict_json_object
+from agent.authn.principal import Principal, claim_at, role_set, scope_set
+from agent.authn.strict import b64url_decode, numeric_date, strict_json_object
 from agent.config.model import IdentityProvider
 from agent.errors import AuthnError
 
@@ -156,52 +156,68 @@ class JwtVerifier:
     def _check_claims(self, idp: IdentityProvider, claims: dict[str, Any]) -> tuple[Principal, float | None]:
         now = self._clock()
         leeway = idp.leeway_s
-        exp = _time_claim(claims, "exp", required=True)
+        exp = time_claim(claims, "exp", required=True)
         assert exp is not None
         if now >= exp + leeway:
             raise AuthnError(R.TOKEN_EXPIRED)
-        nbf = _time_claim(claims, "nbf", required=False)
+        nbf = time_claim(claims, "nbf", required=False)
         if nbf is not None and now + leeway < nbf:
             raise AuthnError(R.TOKEN_NOT_YET_VALID)
-        iat = _time_claim(claims, "iat", required=True)
+        iat = time_claim(claims, "iat", required=True)
         assert iat is not None
         if iat > now + leeway:
             raise AuthnError(R.TOKEN_ISSUED_IN_FUTURE)
         if exp - iat > idp.max_token_lifetime_s:
             raise AuthnError(R.TOKEN_LIFETIME_TOO_LONG)
-        aud = claims.get("aud")
-        if isinstance(aud, str):
-            auds: list[Any] = [aud]
-        elif isinstance(aud, list) and aud and all(isinstance(a, str) for a in aud):
-            auds = aud
-        elif aud is None:
-            raise AuthnError(R.TOKEN_CLAIM_MISSING, "aud")
-        else:
-            raise AuthnError(R.TOKEN_CLAIM_INVALID, "aud")
-        if idp.audiences.isdisjoint(auds):
-            raise AuthnError(R.TOKEN_AUDIENCE_MISMATCH)
+        check_auth_time(claims, now, leeway)
+        check_audience(idp, claims.get("aud"), required=True)
         return principal_from_claims(idp, claims, "jwt", exp), nbf
 
 
+def check_audience(idp: IdentityProvider, aud: Any, required: bool) -> None:
+    """`aud` (a string or a non-empty array of strings) must name one of the provider's audiences exactly."""
+    if aud is None:
+        if required:
+            raise AuthnError(R.TOKEN_CLAIM_MISSING, "aud")
+        return
+    if isinstance(aud, str):
+        auds: list[Any] = [aud]
+    elif isinstance(aud, list) and aud and all(isinstance(a, str) for a in aud):
+        auds = aud
+    else:
+        raise AuthnError(R.TOKEN_CLAIM_INVALID, "aud")
+    if idp.audiences.isdisjoint(auds):
+        raise AuthnError(R.TOKEN_AUDIENCE_MISMATCH)
+
+
+def check_auth_time(claims: dict[str, Any], now: float, leeway: float) -> None:
+    """`auth_time`, when present, is when the user authenticated: a time, and not one still to come. A future
+    one would pass any `max_auth_age_s` (its age is negative), so the token is refused on every route."""
+    auth_time = time_claim(claims, "auth_time", required=False)
+    if auth_time is not None and auth_time > now + leeway:
+        raise AuthnError(R.TOKEN_CLAIM_INVALID, "auth_time is in the future")
+
+
 def _header_safe(value: str) -> bool:
-    # These values become upstream request headers: no control characters (CR/LF would split headers).
-    return value.isprintable()
+    # These values become upstream request headers: no control characters (CR/LF would split headers), and
+    # no leading or trailing whitespace, which Envoy trims: " alice " would reach the app as "alice".
+    return value.isprintable() and value == value.strip()
 
 
 def principal_from_claims(idp: IdentityProvider, claims: dict[str, Any], method: str, exp: float | None) -> Principal:
     names = idp.claims
     sub = claim_at(claims, names.subject_path)
-    if not isinstance(sub, str) or not sub:
+    if sub is None or sub == "":
         raise AuthnError(R.TOKEN_CLAIM_MISSING, names.subject)
-    if not _header_safe(sub) or len(sub) > 1024:
+    if not isinstance(sub, str) or not _header_safe(sub) or len(sub) > 1024:
         raise AuthnError(R.TOKEN_CLAIM_INVALID, names.subject)
     client_id = claim_at(claims, names.client_id_path)
     if client_id is not None and (not isinstance(client_id, str) or not _header_safe(client_id)):
         raise AuthnError(R.TOKEN_CLAIM_INVALID, names.client_id)
-    scopes = string_set(claim_at(claims, names.scopes_path), split_spaces=True)
+    scopes = scope_set(claim_at(claims, names.scopes_path))
     if scopes is None:
         raise AuthnError(R.TOKEN_CLAIM_INVALID, names.scopes)
-    roles = string_set(claim_at(claims, names.roles_path), split_spaces=False)
+    roles = role_set(claim_at(claims, names.roles_path))
     if roles is None:
         raise AuthnError(R.TOKEN_CLAIM_INVALID, names.roles)
     jti = claims.get("jti")
@@ -231,12 +247,14 @@ def principal_from_claims(idp: IdentityProvider, claims: dict[str, Any], method:
     )
 
 
-def _time_claim(claims: dict[str, Any], name: str, required: bool) -> float | None:
+def time_claim(claims: dict[str, Any], name: str, required: bool) -> float | None:
+    """A NumericDate claim as a float; out of range (negative, huge, not a number) is an invalid claim."""
     v = claims.get(name)
     if v is None:
         if required:
             raise AuthnError(R.TOKEN_CLAIM_MISSING, name)
         return None
-    if not is_number(v):
+    t = numeric_date(v)
+    if t is None:
         raise AuthnError(R.TOKEN_CLAIM_INVALID, name)
-    return float(v)
+    return t

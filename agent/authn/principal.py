@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,12 +35,34 @@ def claim_at(claims: dict[str, Any], path: tuple[str, ...]) -> Any:
     return value
 
 
-def string_set(value: Any, split_spaces: bool) -> frozenset[str] | None:
-    """Scopes/roles from a claim: a space-separated string (when split_spaces) or an array of strings."""
+# RFC 6749 §3.3: scope = scope-token *( SP scope-token ), scope-token = 1*( %x21 / %x23-5B / %x5D-7E ).
+_SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
+_SCOPE_STRING = re.compile(r"[\x20\x21\x23-\x5b\x5d-\x7e]*")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # Unicode category Cc: C0, DEL and C1
+
+
+def scope_set(value: Any) -> frozenset[str] | None:
+    """Scopes from a claim: a string split on U+0020 only, or an array of scope tokens; None when invalid.
+
+    Any other whitespace (NBSP, tab, U+3000...) or character outside the scope-token set invalidates the whole
+    claim rather than separating or joining scopes. Leading, trailing and repeated spaces separate nothing.
+    """
     if value is None:
         return frozenset()
     if isinstance(value, str):
-        return frozenset(value.split()) if split_spaces else frozenset((value,))
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        if _SCOPE_STRING.fullmatch(value) is None:
+            return None
+        return frozenset(s for s in value.split(" ") if s)
+    if isinstance(value, list) and all(isinstance(v, str) and _SCOPE_TOKEN.fullmatch(v) for v in value):
         return frozenset(value)
+    return None
+
+
+def role_set(value: Any) -> frozenset[str] | None:
+    """Roles from a claim: one string or an array of strings, none with a control character; None when invalid."""
+    if value is None:
+        return frozenset()
+    items = [value] if isinstance(value, str) else value
+    if isinstance(items, list) and all(isinstance(v, str) and _CONTROL.search(v) is None for v in items):
+        return frozenset(items)
     return None

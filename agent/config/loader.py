@@ -109,6 +109,7 @@ IDP_KEYS = {
     "introspection_endpoint",
     "client_id",
     "client_secret_file",
+    "introspection_require_audience",
     "introspection_cache_s",
     "introspection_timeout_s",
 }
@@ -312,11 +313,14 @@ def _identity_provider(ctx: _Ctx, name: str, d: LDict) -> IdentityProvider | Non
                 endpoint=introspection_endpoint,
                 client_id=client_id,
                 client_secret=secret,
+                require_audience=bool(_get(ctx, d, "introspection_require_audience", bool, where, True)),
                 cache_s=_number(ctx, d, "introspection_cache_s", where, 30.0),
                 timeout_s=_number(ctx, d, "introspection_timeout_s", where, 0.5, 0.01),
             )
-    elif "client_secret_file" in d or "client_id" in d:
-        ctx.err(d.line, f"{where}: client_id/client_secret_file are only for introspection_endpoint")
+    elif "introspection_endpoint" not in d:
+        for key in ("client_id", "client_secret_file", "introspection_require_audience"):
+            if key in d:
+                ctx.err(d.lines[key], f"{where}.{key} is only for introspection_endpoint; add one or remove it")
     ca_file = _get(ctx, d, "ca_file", str, where)
     if ca_file is not None:
         ca_file = str(ctx.path(ca_file))

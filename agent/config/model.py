@@ -55,6 +55,9 @@ class Introspection:
     endpoint: str
     client_id: str
     client_secret: str = field(repr=False)
+    # An answer must carry an `aud` naming one of the provider's audiences; false only for servers that
+    # never send `aud` (one that is sent must still match).
+    require_audience: bool = True
     cache_s: float = 30.0
     timeout_s: float = 0.5
     max_concurrent: int = 32

@@ -8,6 +8,7 @@ from typing import Any
 
 from agent import reasons as R
 from agent.authn.principal import Principal, claim_at
+from agent.authn.strict import numeric_date
 from agent.config.model import Allow
 
 
@@ -55,10 +56,10 @@ def evaluate(allow: Allow, who: Principal, params: dict[str, str], now: float) -
         if allow.acr_any and acr not in allow.acr_any:
             return step_up
         if allow.max_auth_age_s is not None:
-            auth_time = who.claims.get("auth_time")
-            if isinstance(auth_time, bool) or not isinstance(auth_time, int | float):
-                return step_up
-            if now - auth_time > allow.max_auth_age_s:
+            # The verifiers refused an auth_time out of range or in the future; a value that is no time (absent,
+            # or from a principal that never had one checked) never counts as a recent authentication.
+            auth_time = numeric_date(who.claims.get("auth_time"))
+            if auth_time is None or now - auth_time > allow.max_auth_age_s:
                 return step_up
     return None
 

@@ -278,3 +278,80 @@ async def test_jku_x5u_and_embedded_keys_are_never_fetched_or_trusted(idp: Local
         assert attacker.jwks_hits == 0 and attacker.discovery_hits == 0
     finally:
         await attacker.stop()
+
+
+async def introspecting(idp: LocalIdP, make_harness: Any, tmp_path: Path, more: str = "") -> Harness:
+    secret_file = tmp_path / "client-secret"
+    secret_file.write_text(idp.client_secret + "\n")
+    extra = (
+        f"    introspection_endpoint: {idp.issuer}/introspect\n    client_id: {idp.client_id}\n"
+        f"    client_secret_file: {secret_file}\n{more}"
+    )
+    h: Harness = await make_harness(idp, f"jwks_uri: {idp.jwks_uri}", extra=extra)
+    return h
+
+
+def subject(resp: Any) -> str | None:
+    return {o.header.key: o.header.value for o in resp.ok_response.headers}.get("x-authz-subject")
+
+
+async def test_introspected_username_is_the_subject_not_the_client(
+    idp: LocalIdP, make_harness: Any, tmp_path: Path
+) -> None:
+    # RFC 7662 §2.2: `sub`, else `username`, names the resource owner; only a token with neither is the client's.
+    h = await introspecting(idp, make_harness, tmp_path)
+    user = await h.check(idp.mint_opaque(sub=None, username="alice", client_id="shop-web"))
+    assert reason(user) == R.ALLOWED and subject(user) == "alice"
+    both = await h.check(idp.mint_opaque(sub="u-123", username="alice", client_id="shop-web"))
+    assert reason(both) == R.ALLOWED and subject(both) == "u-123"
+    client = await h.check(idp.mint_opaque(sub=None, client_id="shop-web"))
+    assert reason(client) == R.ALLOWED and subject(client) == "shop-web"
+    for bad in (" alice", "alice ", "al\x00ice", "alice\u00a0", 7):
+        refused = await h.check(idp.mint_opaque(sub=None, username=bad, client_id="shop-web"))
+        assert reason(refused) == R.TOKEN_CLAIM_INVALID, bad
+
+
+async def test_django_oauth_toolkit_shaped_answer_names_the_user(
+    idp: LocalIdP, make_harness: Any, tmp_path: Path
+) -> None:
+    # What django-oauth-toolkit answers for a user's token: no sub, no aud, no iss, no iat.
+    h = await introspecting(idp, make_harness, tmp_path, "    introspection_require_audience: false\n")
+    token = idp.mint_opaque(sub=None, aud=None, iss=None, iat=None, jti=None, client_id="shop-web", username="alice")
+    ok = await h.check(token)
+    assert reason(ok) == R.ALLOWED and subject(ok) == "alice"
+
+
+async def test_introspected_token_without_aud_is_refused_unless_opted_out(
+    idp: LocalIdP, make_harness: Any, tmp_path: Path
+) -> None:
+    h = await introspecting(idp, make_harness, tmp_path)
+    assert reason(await h.check(idp.mint_opaque(aud=None))) == R.TOKEN_CLAIM_MISSING
+    assert reason(await h.check(idp.mint_opaque(aud="billing-api"))) == R.TOKEN_AUDIENCE_MISMATCH
+    assert reason(await h.check(idp.mint_opaque(aud=["billing-api", 7]))) == R.TOKEN_CLAIM_INVALID
+    assert reason(await h.check(idp.mint_opaque(aud=["billing-api", "orders-api"]))) == R.ALLOWED
+    await h.server.stop(0.1)
+    lax = await introspecting(idp, make_harness, tmp_path, "    introspection_require_audience: false\n")
+    assert reason(await lax.check(idp.mint_opaque(aud=None))) == R.ALLOWED
+    # The opt-out is for servers that never send aud: one that is sent must still name this API.
+    assert reason(await lax.check(idp.mint_opaque(aud="billing-api"))) == R.TOKEN_AUDIENCE_MISMATCH
+
+
+async def test_introspected_scopes_and_times_are_checked_like_a_jwts(
+    idp: LocalIdP, make_harness: Any, tmp_path: Path
+) -> None:
+    h = await introspecting(idp, make_harness, tmp_path)
+    assert reason(await h.check(idp.mint_opaque(scope="profile\u00a0orders:read"))) == R.TOKEN_CLAIM_INVALID
+    assert reason(await h.check(idp.mint_opaque(scope="profile\torders:read"))) == R.TOKEN_CLAIM_INVALID
+    assert reason(await h.check(idp.mint_opaque(scope=["profile", "orders:read"]))) == R.ALLOWED
+    now = int(time.time())
+    for field in ("exp", "nbf", "iat", "auth_time"):
+        # (The local server answers inactive itself for an exp before now, so exp gets the huge values only.)
+        values = (10**400, 1e300) if field == "exp" else (10**400, -(10**400), -1, True, 1e300)
+        for value in values:
+            token = idp.mint_opaque()
+            idp.opaque[token][field] = value  # the server answers what it holds, as JSON
+            resp = await h.check(token)
+            assert resp.denied_response.status.code == 401, (field, value)
+            assert reason(resp) == R.TOKEN_CLAIM_INVALID, (field, value)
+    future = idp.mint_opaque(auth_time=now + 3600)
+    assert reason(await h.check(future)) == R.TOKEN_CLAIM_INVALID

@@ -174,6 +174,43 @@ def test_the_secret_never_appears_in_the_policys_repr(tmp_path: Path) -> None:
     assert "s3cret-value" not in repr(policy)
 
 
+INTROSPECTING = IDP.replace(
+    "    jwks_uri: https://idp.example.com/jwks.json\n",
+    "    introspection_endpoint: https://idp.example.com/i\n    client_id: agent\n    client_secret_file: secret\n",
+)
+
+
+def test_introspection_requires_aud_unless_the_provider_opts_out(tmp_path: Path) -> None:
+    (tmp_path / "secret").write_text("s3cret\n")
+    strict = load_policy_text(INTROSPECTING + PUBLIC, "p.yaml", tmp_path).identity_providers[0].introspection
+    assert strict is not None and strict.require_audience is True
+    text = INTROSPECTING + "    introspection_require_audience: false\n" + PUBLIC
+    lax = load_policy_text(text, "p.yaml", tmp_path).identity_providers[0].introspection
+    assert lax is not None and lax.require_audience is False
+
+
+def test_introspection_require_audience_typos_and_misuse_name_the_line(tmp_path: Path) -> None:
+    (tmp_path / "secret").write_text("s3cret\n")
+
+    def load_errors(text: str) -> list[tuple[int, str]]:
+        with pytest.raises(ConfigErrors) as e:
+            load_policy_text(text, "p.yaml", tmp_path)
+        return [(err.line, err.message) for err in e.value.errors]
+
+    typo = load_errors(INTROSPECTING + "    introspection_require_audiences: false\n" + PUBLIC)
+    assert typo == [
+        (
+            11,
+            "identity_providers.corp: unknown key 'introspection_require_audiences'; "
+            "did you mean 'introspection_require_audience'?",
+        )
+    ]
+    wrong_type = load_errors(INTROSPECTING + "    introspection_require_audience: 'no'\n" + PUBLIC)
+    assert wrong_type[0][0] == 11 and "must be true or false" in wrong_type[0][1]
+    without = load_errors(IDP + "    introspection_require_audience: false\n" + PUBLIC)
+    assert without[0][0] == 9 and "only for introspection_endpoint" in without[0][1]
+
+
 def test_policy_lint_prints_file_line_and_exits_non_zero(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(IDP + "routes:\n  - {name: r, match: {path: /x}, authn: [jwt], allow: {scopes_al: [a]}}\n")

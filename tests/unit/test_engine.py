@@ -16,7 +16,7 @@ from agent import reasons as R
 from agent.audit.records import decision_record
 from agent.config import Policy, load_policy
 from agent.engine import Decision, Engine, RequestView
-from tests.keys import SigningKey, claims, mint
+from tests.keys import SigningKey, claims, craft, mint
 
 
 class ListAudit:
@@ -139,6 +139,35 @@ async def test_step_up_is_401_insufficient_user_authentication(engine: Engine, k
     assert stale.reason == R.STEP_UP_REQUIRED
     fresh = await check(engine, "POST", "/v1/payouts", mint(keys["ES256"], claims(**base, acr="mfa", auth_time=now)))
     assert fresh.allowed
+
+
+@pytest.mark.parametrize("field", ["exp", "nbf", "iat", "auth_time"])
+@pytest.mark.parametrize("value", ["1" + "0" * 399, "-" + "9" * 400, "-1", "true", "1e308", "Infinity", "NaN"])
+async def test_out_of_range_time_claims_are_401_never_500(
+    engine: Engine, keys: dict[str, SigningKey], caplog: pytest.LogCaptureFixture, field: str, value: str
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    now = int(time.time())
+    fields = claims(scope="payouts:write", acr="mfa", auth_time=now)
+    fields.pop(field, None)
+    body = json.dumps(fields)[:-1] + f', "{field}": {value}}}'
+    token = craft(keys["ES256"], {"alg": "ES256", "kid": "kid-ES256"}, body)
+    for method, path in [("POST", "/v1/payouts"), ("GET", "/v1/orders")]:
+        d = await check(engine, method, path, token)
+        assert d.status == 401, (d.status, d.reason)
+        assert d.reason in (R.TOKEN_CLAIM_INVALID, R.TOKEN_MALFORMED)
+    assert "Traceback" not in caplog.text and "OverflowError" not in caplog.text
+
+
+async def test_auth_time_in_the_future_does_not_satisfy_max_auth_age(
+    engine: Engine, keys: dict[str, SigningKey]
+) -> None:
+    # An auth_time beyond the leeway (30 s) is no authentication that happened: never "fresh enough".
+    now = int(time.time())
+    for ahead in (60, 3600, 10**9):
+        token = mint(keys["ES256"], claims(scope="payouts:write", acr="mfa", auth_time=now + ahead))
+        d = await check(engine, "POST", "/v1/payouts", token)
+        assert (d.status, d.reason) == (401, R.TOKEN_CLAIM_INVALID)
 
 
 async def test_time_bound_grant(write_policy: Callable[..., Path], keys: dict[str, SigningKey]) -> None:

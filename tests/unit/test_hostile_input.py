@@ -18,7 +18,12 @@ from tests.keys import SigningKey, b64, claims, craft
 KNOWN = {v for k, v in vars(R).items() if k.isupper()}
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.sampled_from([10**400, -(10**400), 2**64, -1, 253402300800])  # beyond float() and NumericDate
+    | st.floats(allow_nan=False)
+    | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=12,
 )

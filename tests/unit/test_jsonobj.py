@@ -117,3 +117,15 @@ def test_big_integers_stay_integers(sj: Any) -> None:
         "b": "x:y",
         "c": {"d": [1, {"e": 2}]},
     }
+
+
+def test_400_digit_integers_come_back_as_the_same_int_from_both_twins(sj: Any) -> None:
+    # The claim checks, not the parser, refuse them; both twins must hand over the same exact int.
+    huge = 10**399
+    raw = f'{{"exp":{huge},"nbf":-{huge},"x":[{huge}]}}'.encode()
+    assert sj.strict_json_object(raw) == {"exp": huge, "nbf": -huge, "x": [huge]}
+
+
+def test_integers_beyond_pythons_digit_limit_are_refused_not_raised_otherwise(sj: Any) -> None:
+    with pytest.raises(ValueError):
+        sj.strict_json_object(b'{"exp":' + b"9" * 5000 + b"}")

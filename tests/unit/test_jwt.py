@@ -262,3 +262,88 @@ def test_identity_values_that_would_split_upstream_headers_are_refused(
     verifier: JwtVerifier, keys: dict[str, SigningKey], field: str, value: str
 ) -> None:
     assert refused(verifier, mint(keys["ES256"], claims(**{field: value}))) == R.TOKEN_CLAIM_INVALID
+
+
+# RFC 6749 §3.3: scope = scope-token *( SP scope-token ); scope-token = 1*( %x21 / %x23-5B / %x5D-7E ).
+NOT_A_SCOPE_SEPARATOR = ["\u00a0", "\u2003", "\u3000", "\u001f", "\u0085", "\t", "\n", "\r", "\x0b", "\x0c"]
+NOT_IN_A_SCOPE_TOKEN = ['"', "\\", "\x7f", "\x00", "é", "\u200b", "\ufeff"]
+
+
+@pytest.mark.parametrize("sep", NOT_A_SCOPE_SEPARATOR)
+def test_scope_string_split_on_other_whitespace_is_refused_not_granted(
+    verifier: JwtVerifier, keys: dict[str, SigningKey], sep: str
+) -> None:
+    # "profile<NBSP>orders:read" must not grant orders:read: only U+0020 separates scope tokens.
+    assert refused(verifier, mint(keys["ES256"], claims(scope=f"profile{sep}orders:read"))) == R.TOKEN_CLAIM_INVALID
+    assert refused(verifier, mint(keys["ES256"], claims(scope=f"orders:read{sep}"))) == R.TOKEN_CLAIM_INVALID
+
+
+@pytest.mark.parametrize("char", NOT_IN_A_SCOPE_TOKEN)
+def test_scope_token_with_a_character_outside_rfc6749_is_refused(
+    verifier: JwtVerifier, keys: dict[str, SigningKey], char: str
+) -> None:
+    assert refused(verifier, mint(keys["ES256"], claims(scope=f"a orders{char}read"))) == R.TOKEN_CLAIM_INVALID
+    assert refused(verifier, mint(keys["ES256"], claims(scope=["a", f"orders{char}read"]))) == R.TOKEN_CLAIM_INVALID
+
+
+@pytest.mark.parametrize("element", ["", "orders:read profile", " orders:read", "orders:read\u00a0"])
+def test_scope_array_elements_must_each_be_one_scope_token(
+    verifier: JwtVerifier, keys: dict[str, SigningKey], element: str
+) -> None:
+    assert refused(verifier, mint(keys["ES256"], claims(scope=["x", element]))) == R.TOKEN_CLAIM_INVALID
+
+
+def test_extra_spaces_in_a_scope_string_separate_nothing(verifier: JwtVerifier, keys: dict[str, SigningKey]) -> None:
+    # Leading, trailing and repeated U+0020 are tolerated and yield no empty scope.
+    assert verifier.verify_now(mint(keys["ES256"], claims(scope="  a b  c "))).scopes == {"a", "b", "c"}
+    assert verifier.verify_now(mint(keys["ES256"], claims(scope=""))).scopes == frozenset()
+    assert verifier.verify_now(mint(keys["ES256"], claims(scope="!#[]~ a:b/c"))).scopes == {"!#[]~", "a:b/c"}
+
+
+@pytest.mark.parametrize("role", ["admin\x00", "ad\nmin", "admin\x7f", "\x85admin", ["ok", "a\u0009b"]])
+def test_roles_with_control_characters_are_refused(
+    verifier: JwtVerifier, keys: dict[str, SigningKey], role: Any
+) -> None:
+    assert refused(verifier, mint(keys["ES256"], claims(roles=role))) == R.TOKEN_CLAIM_INVALID
+
+
+def test_roles_keep_spaces_and_non_ascii(verifier: JwtVerifier, keys: dict[str, SigningKey]) -> None:
+    who = verifier.verify_now(mint(keys["ES256"], claims(roles=["order admin", "Käufer"])))
+    assert who.roles == {"order admin", "Käufer"}
+
+
+@pytest.mark.parametrize("field", ["sub", "client_id"])
+@pytest.mark.parametrize("value", [" alice", "alice ", " alice ", "alice\u00a0", "\u3000alice", "ali\u0085ce"])
+def test_identity_values_envoy_would_trim_or_mangle_are_refused(
+    verifier: JwtVerifier, keys: dict[str, SigningKey], field: str, value: str
+) -> None:
+    # Envoy trims header values: " alice " would reach the app as "alice", another identity.
+    assert refused(verifier, mint(keys["ES256"], claims(**{field: value}))) == R.TOKEN_CLAIM_INVALID
+
+
+def test_inner_spaces_and_non_ascii_in_identity_values_pass(verifier: JwtVerifier, keys: dict[str, SigningKey]) -> None:
+    who = verifier.verify_now(mint(keys["ES256"], claims(sub="Alice Müller", client_id="web app")))
+    assert (who.subject, who.client_id) == ("Alice Müller", "web app")
+
+
+HUGE = "1" + "0" * 399  # a 400-digit integer: float() of it raises OverflowError
+
+
+@pytest.mark.parametrize("field", ["exp", "nbf", "iat", "auth_time"])
+@pytest.mark.parametrize("value", [HUGE, "-" + HUGE, "-1", "-1.5", "true", "false", "1e300", "253402300800"])
+def test_out_of_range_time_claims_are_invalid_claims(
+    verifier: JwtVerifier, keys: dict[str, SigningKey], field: str, value: str
+) -> None:
+    # Raw JSON text so the number reaches the verifier exactly as written.
+    body = json.dumps({k: v for k, v in claims().items() if k != field})[:-1] + f', "{field}": {value}}}'
+    token = craft(keys["ES256"], {"alg": "ES256", "kid": "kid-ES256"}, body)
+    assert refused(verifier, token) == R.TOKEN_CLAIM_INVALID
+
+
+def test_auth_time_in_the_future_beyond_leeway_is_an_invalid_claim(
+    verifier: JwtVerifier, keys: dict[str, SigningKey]
+) -> None:
+    now = int(time.time())
+    assert refused(verifier, mint(keys["ES256"], claims(auth_time=now + 31 + 5))) == R.TOKEN_CLAIM_INVALID
+    assert verifier.verify_now(mint(keys["ES256"], claims(auth_time=now + 20))).subject == "alice"  # within leeway
+    assert verifier.verify_now(mint(keys["ES256"], claims(auth_time=0))).subject == "alice"  # 1970 is a time
