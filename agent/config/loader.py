@@ -302,7 +302,7 @@ def _identity_provider(ctx: _Ctx, name: str, d: LDict) -> IdentityProvider | Non
                 client_id=client_id,
                 client_secret=secret,
                 cache_s=_number(ctx, d, "introspection_cache_s", where, 30.0),
-                timeout_s=_number(ctx, d, "introspection_timeout_s", where, 0.5, 0.01),
+                timeout_s=_number(ctx, d, "introspection_timeout_s", where, 2.0, 0.01),
             )
     elif "client_secret_file" in d or "client_id" in d:
         ctx.err(d.line, f"{where}: client_id/client_secret_file are only for introspection_endpoint")
