@@ -22,6 +22,8 @@ def _load(path: str) -> Policy:
 
 
 def cmd_lint(args: argparse.Namespace) -> int:
+    from agent.envoyconf import timeout_problem
+
     try:
         policy = _load(args.file)
     except ConfigErrors as e:
@@ -29,6 +31,15 @@ def cmd_lint(args: argparse.Namespace) -> int:
             print(err, file=sys.stderr)
         print(f"{len(e.errors)} error(s); the policy was not accepted", file=sys.stderr)
         return 1
+    # Against a deployed Envoy's timeout (--envoy-timeout-ms) a misfit is an error; against envoy-config's
+    # default it is a warning, since `envoy-config --policy` writes a timeout that fits.
+    problem = timeout_problem(policy, args.envoy_timeout_ms)
+    if problem is not None and args.envoy_timeout_ms is not None:
+        print(f"{args.file}: error: {problem}", file=sys.stderr)
+        print("1 error(s); the policy's timeouts do not fit Envoy's", file=sys.stderr)
+        return 1
+    if problem is not None:
+        print(f"{args.file}: warning: {problem}", file=sys.stderr)
     print(f"{args.file}: ok ({policy.version}, {len(policy.routes)} routes)")
     return 0
 
@@ -122,15 +133,25 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_envoy_config(args: argparse.Namespace) -> int:
     from agent.config import load_policy
-    from agent.envoyconf import ListenerTls, bootstrap, needs
+    from agent.envoyconf import (
+        DEFAULT_TIMEOUT_MS,
+        ListenerTls,
+        bootstrap,
+        decision_wait_ms,
+        ext_authz_timeout_ms,
+        needs,
+    )
 
     body = bool(args.request_body)
+    timeout_ms = DEFAULT_TIMEOUT_MS
     if args.policy:
         try:
-            signed, mtls = needs(load_policy(args.policy))
+            policy = load_policy(args.policy)
         except ConfigErrors as e:
             print(e, file=sys.stderr)
             return 1
+        signed, mtls = needs(policy)
+        timeout_ms = ext_authz_timeout_ms(decision_wait_ms(policy))  # the policy's slowest decision fits
         body = body or signed
         if mtls and not (args.tls_cert and args.client_ca):
             print(
@@ -146,7 +167,21 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
     if args.tls_cert:
         tls = ListenerTls(args.tls_cert, args.tls_key, args.client_ca, args.require_client_cert)
     listen = f"0.0.0.0:{args.listen}" if args.listen.isdigit() else args.listen  # a bare PORT: every address
-    cfg = bootstrap(listen, args.upstream, args.agent, args.admin, request_body=body, tls=tls)
+    if args.trusted_hops < 0 or args.max_heap_mb < 1 or args.max_connections < 1:
+        print("--trusted-hops must be >= 0, --max-heap-mb and --max-connections >= 1", file=sys.stderr)
+        return 1
+    cfg = bootstrap(
+        listen,
+        args.upstream,
+        args.agent,
+        args.admin,
+        timeout_ms=timeout_ms,
+        request_body=body,
+        tls=tls,
+        trusted_hops=args.trusted_hops,
+        max_heap_bytes=args.max_heap_mb << 20,
+        max_connections=args.max_connections,
+    )
     print(json.dumps(cfg, indent=2))
     return 0
 
@@ -251,6 +286,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from agent.envoyconf import MAX_CONNECTIONS, MAX_HEAP_BYTES
+
     p = argparse.ArgumentParser(prog="authz-agent", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -292,6 +329,12 @@ def main(argv: list[str] | None = None) -> int:
     psub = pol.add_subparsers(dest="pcmd", required=True)
     lint = psub.add_parser("lint", help="validate a policy file; errors name file:line")
     lint.add_argument("file")
+    lint.add_argument(
+        "--envoy-timeout-ms",
+        type=int,
+        default=None,
+        help="Envoy's ext_authz timeout: an error when the policy's network timeouts cannot fit inside it",
+    )
     lint.set_defaults(func=cmd_lint)
 
     e = sub.add_parser("envoy-config", help="print an Envoy bootstrap that attaches the agent")
@@ -299,12 +342,27 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--upstream", default="127.0.0.1:8080")
     e.add_argument("--agent", default="127.0.0.1:9191", help="the agent's HOST:PORT or unix:PATH")
     e.add_argument("--admin", default="127.0.0.1:9901")
-    e.add_argument("--policy", help="send request bodies when the policy has signed routes; check mtls needs")
+    e.add_argument(
+        "--policy",
+        help="fit the ext_authz timeout to the policy's timeouts; send bodies for signed routes; check mtls needs",
+    )
     e.add_argument("--request-body", action="store_true", help="send request bodies (signed routes need them)")
     e.add_argument("--tls-cert", help="PEM certificate chain for a TLS (1.3) listener")
     e.add_argument("--tls-key", help="its PEM private key")
     e.add_argument("--client-ca", help="PEM CA bundle that client certificates must chain to")
     e.add_argument("--require-client-cert", action="store_true", help="refuse TLS clients without a certificate")
+    e.add_argument(
+        "--trusted-hops",
+        type=int,
+        default=0,
+        help="proxies in front of Envoy trusted to append X-Forwarded-For (default 0: clients connect directly)",
+    )
+    e.add_argument(
+        "--max-heap-mb", type=int, default=MAX_HEAP_BYTES >> 20, help="Envoy refuses new requests near this heap size"
+    )
+    e.add_argument(
+        "--max-connections", type=int, default=MAX_CONNECTIONS, help="Envoy's limit on downstream connections"
+    )
     e.set_defaults(func=cmd_envoy_config)
 
     a = sub.add_parser("audit", help="the audit log")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import sys
@@ -35,6 +36,87 @@ def find_envoy() -> str:
 # that plus headers and attributes, so transports accept messages up to MAX_CHECK_REQUEST_BYTES.
 MAX_BODY_BYTES = 1 << 20
 MAX_CHECK_REQUEST_BYTES = MAX_BODY_BYTES + (1 << 20)
+
+# Envoy's edge guidance ("Configuring Envoy as an edge proxy"): a listener that faces clients bounds what one
+# connection may make Envoy buffer, how many streams and how much window one HTTP/2 connection gets, and how long
+# a slow client may hold a stream. envoy/README.md, "Deployment hardening", says why each value.
+BUFFER_LIMIT_BYTES = 32 * 1024  # per connection, downstream and upstream
+H2_MAX_CONCURRENT_STREAMS = 100
+H2_STREAM_WINDOW = 64 * 1024
+H2_CONNECTION_WINDOW = 1024 * 1024
+REQUEST_HEADERS_TIMEOUT_S = 10  # the whole header block within 10 s of the first byte (slowloris)
+STREAM_IDLE_TIMEOUT_S = 300  # no bytes either way on a stream for 5 minutes
+REQUEST_TIMEOUT_S = 300  # the whole request (headers and body) received within 5 minutes
+CONNECTION_IDLE_TIMEOUT_S = 3600  # a connection without streams for an hour
+MAX_HEAP_BYTES = 512 << 20  # overload manager: shrink the heap at 95 %, refuse new requests at 98 %
+MAX_CONNECTIONS = 10_000  # downstream connections across all listeners
+# Headers some frameworks read as "the real method" (Rails, Laravel, Symfony, Express's method-override, ...):
+# the agent judges the request's own method, so the app must never see another one.
+METHOD_OVERRIDE_HEADERS = ("x-http-method-override", "x-http-method", "x-method-override")
+
+# The ext_authz timeout: the longest the agent may wait on the network for one decision (see
+# decision_wait_ms), plus a margin for the decision itself and the gRPC round trip; never below the floor.
+EXT_AUTHZ_MARGIN_MS = 250
+EXT_AUTHZ_FLOOR_MS = 500
+
+
+def decision_waits(policy: Any) -> list[tuple[str, int]]:
+    """The network steps of a policy's slowest decision, each with how long the agent may wait on it (ms).
+
+    A decision makes at most one key lookup (an opaque token's introspection, or a refetch of the JWKS for an
+    unknown kid, which a request waits on for at most `unknown_kid_wait_s`, never past `fetch_timeout_s`),
+    then, with `shared_state`, a replay check and a quota lease in Redis, each bounded by its `timeout_ms`.
+    """
+    lookup: tuple[str, int] | None = None
+    for idp in getattr(policy, "identity_providers", ()):
+        where = f"identity_providers.{idp.name}"
+        steps = [(f"{where}.unknown_kid_wait_s", min(idp.unknown_kid_wait_s, idp.fetch_timeout_s))]
+        if idp.introspection is not None:
+            steps.append((f"{where}.introspection_timeout_s", idp.introspection.timeout_s))
+        for what, seconds in steps:
+            ms = _ms(seconds)
+            if lookup is None or ms > lookup[1]:
+                lookup = (what, ms)
+    waits = [lookup] if lookup is not None and lookup[1] > 0 else []
+    shared = getattr(policy, "shared_state", None)
+    if shared is not None:
+        waits += [("shared_state.timeout_ms (replay check)", _ms(shared.timeout_s))]
+        waits += [("shared_state.timeout_ms (quota lease)", _ms(shared.timeout_s))]
+    return waits
+
+
+def _ms(seconds: float) -> int:
+    return math.ceil(round(seconds * 1000, 3))
+
+
+def decision_wait_ms(policy: Any) -> int:
+    """The longest the agent may wait on the network for one decision under `policy`, in milliseconds."""
+    return sum(ms for _, ms in decision_waits(policy))
+
+
+def ext_authz_timeout_ms(wait_ms: int) -> int:
+    """The ext_authz timeout that leaves a decision waiting `wait_ms` on the network time to answer."""
+    return max(EXT_AUTHZ_FLOOR_MS, -(-(wait_ms + EXT_AUTHZ_MARGIN_MS) // 100) * 100)
+
+
+# Without --policy: what a policy of defaults needs (introspection_timeout_s 2.0 s, Redis 2 x 50 ms) -> 2400 ms.
+DEFAULT_TIMEOUT_MS = ext_authz_timeout_ms(2000 + 2 * 50)
+
+
+def timeout_problem(policy: Any, envoy_timeout_ms: int | None = None) -> str | None:
+    """Why `policy`'s timeouts do not fit inside Envoy's ext_authz timeout (default: what envoy-config writes)."""
+    wait = decision_wait_ms(policy)
+    limit = DEFAULT_TIMEOUT_MS if envoy_timeout_ms is None else envoy_timeout_ms
+    if wait + EXT_AUTHZ_MARGIN_MS <= limit:
+        return None
+    steps = " + ".join(f"{what} {ms} ms" for what, ms in decision_waits(policy))
+    which = "the ext_authz timeout `envoy-config` writes without --policy" if envoy_timeout_ms is None else "Envoy's"
+    return (
+        f"one decision may wait {wait} ms on the network ({steps}); with {EXT_AUTHZ_MARGIN_MS} ms for the decision "
+        f"it needs an Envoy ext_authz timeout of {ext_authz_timeout_ms(wait)} ms, more than {which} ({limit} ms): "
+        "Envoy would answer 503 first. Generate Envoy's config with `envoy-config --policy FILE`, raise the "
+        "timeout, or lower these"
+    )
 
 
 def http_ok(url: str, timeout: float = 1.0) -> bool:
@@ -90,6 +172,7 @@ def _cluster(name: str, addr: str, http2: bool = False) -> Any:
         name=name,
         type=ClusterDiscoveryType.STATIC,
         connect_timeout=timedelta(seconds=0.5),
+        per_connection_buffer_limit_bytes=BUFFER_LIMIT_BYTES,
         load_assignment=ClusterLoadAssignment(
             cluster_name=name,
             endpoints=[LocalityLbEndpoints(lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=_address(addr)))])],
@@ -132,15 +215,54 @@ def _downstream_tls(tls: ListenerTls) -> Any:
     return TransportSocket(name="envoy.transport_sockets.tls", typed_config=PbAny.pack(context))
 
 
+def _overload_manager(max_heap_bytes: int, max_connections: int) -> Any:
+    """Envoy sheds load before it runs out of memory or file descriptors, as its edge guidance recommends."""
+    from envoy_data_plane.envoy.config.overload.v3 import (
+        OverloadAction,
+        OverloadManager,
+        ResourceMonitor,
+        ThresholdTrigger,
+        Trigger,
+    )
+    from envoy_data_plane.envoy.extensions.resource_monitors.downstream_connections.v3 import (
+        DownstreamConnectionsConfig,
+    )
+    from envoy_data_plane.envoy.extensions.resource_monitors.fixed_heap.v3 import FixedHeapConfig
+    from envoy_data_plane.google.protobuf import Any as PbAny
+
+    heap = "envoy.resource_monitors.fixed_heap"
+
+    def at(action: str, fraction: float) -> Any:
+        return OverloadAction(name=action, triggers=[Trigger(name=heap, threshold=ThresholdTrigger(value=fraction))])
+
+    return OverloadManager(
+        refresh_interval=timedelta(seconds=0.25),
+        resource_monitors=[
+            ResourceMonitor(name=heap, typed_config=PbAny.pack(FixedHeapConfig(max_heap_size_bytes=max_heap_bytes))),
+            ResourceMonitor(
+                name="envoy.resource_monitors.global_downstream_max_connections",
+                typed_config=PbAny.pack(DownstreamConnectionsConfig(max_active_downstream_connections=max_connections)),
+            ),
+        ],
+        actions=[
+            at("envoy.overload_actions.shrink_heap", 0.95),
+            at("envoy.overload_actions.stop_accepting_requests", 0.98),
+        ],
+    )
+
+
 def bootstrap(
     listen: str,
     upstream: str,
     agent: str,
     admin: str | None = None,
-    timeout_ms: int = 500,
+    timeout_ms: int = DEFAULT_TIMEOUT_MS,
     request_body: bool = False,
     tls: ListenerTls | None = None,
     max_request_bytes: int = MAX_BODY_BYTES,
+    trusted_hops: int = 0,
+    max_heap_bytes: int = MAX_HEAP_BYTES,
+    max_connections: int = MAX_CONNECTIONS,
 ) -> dict[str, Any]:
     """A sidecar bootstrap: one inbound listener -> ext_authz (the agent) -> router -> the app.
 
@@ -148,6 +270,8 @@ def bootstrap(
     fails here rather than in Envoy; returned as the JSON-ready dict Envoy reads.
     `request_body` sends request bodies to the agent (signed routes check Content-Digest against it);
     bodies over `max_request_bytes` arrive truncated and marked, and signed requests then fail closed.
+    The listener faces clients (Envoy's edge guidance): `trusted_hops` is how many proxies in front of
+    Envoy append to X-Forwarded-For and are trusted to (0: clients connect to Envoy directly).
     """
     import betterproto2
     from envoy_data_plane.envoy.config.bootstrap.v3 import Admin, Bootstrap, BootstrapStaticResources
@@ -155,8 +279,14 @@ def bootstrap(
         ApiVersion,
         GrpcService,
         GrpcServiceEnvoyGrpc,
+        HeaderValue,
+        HeaderValueOption,
+        HeaderValueOptionHeaderAppendAction,
         HealthCheck,
         HealthCheckGrpcHealthCheck,
+        Http2ProtocolOptions,
+        HttpProtocolOptions,
+        HttpProtocolOptionsHeadersWithUnderscoresAction,
     )
     from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
     from envoy_data_plane.envoy.config.route.v3 import Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost
@@ -187,22 +317,50 @@ def bootstrap(
             allow_partial_message=True,  # marked x-envoy-auth-partial-body: true; the agent decides
             pack_as_bytes=True,
         )
+    route = Route(match=RouteMatch(prefix="/"), route=RouteAction(cluster="app"))
+    if request_body:
+        # ext_authz buffers up to max_request_bytes of a body for the agent: beyond the connection's 32 KiB
+        # for request bodies alone (Envoy >= 1.36), so connection reads stay bounded at 32 KiB.
+        route.request_body_buffer_limit = max_request_bytes
+    app = VirtualHost(
+        name="app",
+        domains=["*"],
+        routes=[route],
+        # The app reads X-Forwarded-For as the client: it gets one address, the one Envoy established (the
+        # peer, or with trusted_hops what the trusted proxy recorded), never a list that starts with a claim.
+        request_headers_to_add=[
+            HeaderValueOption(
+                header=HeaderValue(key="x-forwarded-for", value="%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"),
+                append_action=HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
+            )
+        ],
+        request_headers_to_remove=list(METHOD_OVERRIDE_HEADERS),
+    )
     hcm = HttpConnectionManager(
         stat_prefix="inbound",
         # The agent decides on the path the app will see: normalised, slashes merged, %2F refused.
         normalize_path=True,
         merge_slashes=True,
         path_with_escaped_slashes_action=HttpConnectionManagerPathWithEscapedSlashesAction.REJECT_REQUEST,
-        route_config=RouteConfiguration(
-            name="local",
-            virtual_hosts=[
-                VirtualHost(
-                    name="app",
-                    domains=["*"],
-                    routes=[Route(match=RouteMatch(prefix="/"), route=RouteAction(cluster="app"))],
-                )
-            ],
+        # Clients are external: Envoy sets X-Forwarded-For and X-Forwarded-Proto itself, drops their x-envoy-*
+        # control headers and makes a new x-request-id, instead of believing what they sent.
+        use_remote_address=True,
+        xff_num_trusted_hops=trusted_hops,
+        skip_xff_append=False,
+        common_http_protocol_options=HttpProtocolOptions(
+            idle_timeout=timedelta(seconds=CONNECTION_IDLE_TIMEOUT_S),
+            # WSGI/CGI (and so Django, Flask) read `x_authz_subject` as X-Authz-Subject: refuse such names.
+            headers_with_underscores_action=HttpProtocolOptionsHeadersWithUnderscoresAction.REJECT_REQUEST,
         ),
+        http2_protocol_options=Http2ProtocolOptions(
+            max_concurrent_streams=H2_MAX_CONCURRENT_STREAMS,
+            initial_stream_window_size=H2_STREAM_WINDOW,
+            initial_connection_window_size=H2_CONNECTION_WINDOW,
+        ),
+        request_headers_timeout=timedelta(seconds=REQUEST_HEADERS_TIMEOUT_S),
+        request_timeout=timedelta(seconds=REQUEST_TIMEOUT_S),
+        stream_idle_timeout=timedelta(seconds=STREAM_IDLE_TIMEOUT_S),
+        route_config=RouteConfiguration(name="local", virtual_hosts=[app]),
         http_filters=[
             HttpFilter(name="envoy.filters.http.ext_authz", typed_config=PbAny.pack(ext_authz)),
             HttpFilter(name="envoy.filters.http.router", typed_config=PbAny.pack(Router())),
@@ -223,11 +381,17 @@ def bootstrap(
             grpc_health_check=HealthCheckGrpcHealthCheck(service_name="envoy.service.auth.v3.Authorization"),
         )
     ]
+    listener = Listener(
+        name="inbound",
+        address=_address(listen),
+        filter_chains=[chain],
+        per_connection_buffer_limit_bytes=BUFFER_LIMIT_BYTES,
+    )
     config = Bootstrap(
         static_resources=BootstrapStaticResources(
-            listeners=[Listener(name="inbound", address=_address(listen), filter_chains=[chain])],
-            clusters=[_cluster("app", upstream), agent_cluster],
-        )
+            listeners=[listener], clusters=[_cluster("app", upstream), agent_cluster]
+        ),
+        overload_manager=_overload_manager(max_heap_bytes, max_connections),
     )
     if admin:
         config.admin = Admin(address=_address(admin))

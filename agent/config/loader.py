@@ -315,7 +315,7 @@ def _identity_provider(ctx: _Ctx, name: str, d: LDict) -> IdentityProvider | Non
                 client_secret=secret,
                 require_audience=bool(_get(ctx, d, "introspection_require_audience", bool, where, True)),
                 cache_s=_number(ctx, d, "introspection_cache_s", where, 30.0),
-                timeout_s=_number(ctx, d, "introspection_timeout_s", where, 0.5, 0.01),
+                timeout_s=_number(ctx, d, "introspection_timeout_s", where, 2.0, 0.01),
             )
     elif "introspection_endpoint" not in d:
         for key in ("client_id", "client_secret_file", "introspection_require_audience"):

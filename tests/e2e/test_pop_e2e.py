@@ -209,6 +209,10 @@ def test_signed_request_through_envoy(tls_stack: TlsStack) -> None:
     wrong_key = signed_headers(tls_stack, "/v1/billing/runs", body, key=b"k" * 32)
     r = tls_stack.call("POST", "/v1/billing/runs", wrong_key, body)
     assert r.status == 401 and r.json()["reason"] == R.SIGNATURE_INVALID
+    # Far above Envoy's 32 KiB per-connection buffer limit, within what it buffers for the agent: checked whole.
+    large = b"y" * (300 << 10)
+    r = tls_stack.call("POST", "/v1/billing/runs", signed_headers(tls_stack, "/v1/billing/runs", large), large)
+    assert r.status == 200, r.body
     # Larger than Envoy buffers for the agent (1 MiB): sent truncated and marked, so it fails closed.
     big = b"x" * ((1 << 20) + 10)
     r = tls_stack.call("POST", "/v1/billing/runs", signed_headers(tls_stack, "/v1/billing/runs", big), big)
