@@ -1,4 +1,9 @@
-"""The generated Envoy config as a client-facing edge: what a hostile client sends, what a WSGI app then reads."""
+"""Hostile requests through the product's own Envoy config to a WSGI app, read as Python apps read them (issue 11).
+
+The upstream is the standard library's wsgiref: what it records (REQUEST_METHOD, HTTP_* names with `-` as `_`) is
+what Django, Flask and most Python apps see. Each test is a way past the rules that worked before, on both
+transports: the generated config as a client-facing edge, and the agent behind it.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import h2.events
 import h2.settings
 import pytest
 
+from agent import reasons as R
 from agent.demo.idp import LocalIdP
 from agent.envoyconf import EnvoyProcess, bootstrap
 from tests.e2e.conftest import AgentProcess, LoopThread, Response, free_port, idp_yaml, request
@@ -37,6 +43,18 @@ routes:
     match: {{methods: [GET, POST], path: /v1/orders}}
     authn: [jwt]
     allow: {{}}
+  - name: delete-order
+    match: {{methods: [DELETE], path: "/v1/orders/{{id}}"}}
+    authn: [jwt]
+    allow: {{roles_any: [admin]}}
+  - name: order
+    match: {{path: "/v1/orders/{{id}}"}}
+    authn: [jwt]
+    allow: {{scopes_all: [orders:read]}}
+  - name: admin
+    match: {{path: /admin/**}}
+    authn: [jwt]
+    allow: {{roles_any: [admin]}}
 default: deny
 """
 
@@ -266,3 +284,70 @@ def test_behind_a_trusted_proxy_the_app_sees_the_address_it_recorded(edge: Edge)
         time.sleep(0.05)
     # ext_authz names the connection's peer as the source (envoy/README.md: source_cidrs behind a load balancer).
     assert sources == ["127.0.0.1"]
+
+
+def reason(body: bytes) -> str | None:
+    try:
+        return str(json.loads(body).get("reason"))
+    except ValueError:
+        return None
+
+
+def test_a_lower_case_http2_method_is_never_judged_as_another_method(edge: Edge) -> None:
+    token = edge.idp.mint(scope="orders:read")
+
+    def call(method: str) -> H2Answer:
+        base = [(":method", method), (":scheme", "http"), (":authority", f"127.0.0.1:{edge.port}")]
+        return h2_request(edge.port, [*base, (":path", "/v1/orders/7"), ("authorization", f"Bearer {token}")])[0]
+
+    assert call("GET").status == 200  # the reader may read, any method but DELETE
+    answer = call("DELETE")
+    assert (answer.status, reason(answer.body)) == (403, R.ROLE_MISSING)
+    for method in ("delete", "Delete", "dElEtE"):
+        answer = call(method)
+        # Envoy forwards `delete` over HTTP/2; Django and Werkzeug would upper-case it and run DELETE.
+        assert (answer.status, reason(answer.body)) == (400, R.METHOD_INVALID), (method, answer)
+    assert [r for r in edge.app.seen if r["REQUEST_METHOD"].upper() == "DELETE"] == []
+
+
+def test_forged_identity_headers_in_any_case_never_reach_the_app_as_the_agents(edge: Edge) -> None:
+    token = edge.idp.mint(scope="orders:read")
+    for path, auth in (("/v1/public/a", {}), ("/v1/orders/7", {"authorization": f"Bearer {token}"})):
+        r = edge.get(path, {"X-Authz-Subject": "mallory", "X-AUTHZ-ROUTE": "admin", **auth})
+        assert r.status == 200
+        seen = r.json()
+        assert "mallory" not in json.dumps(seen) and seen.get("HTTP_X_AUTHZ_ROUTE") != "admin", seen
+    assert r.json()["HTTP_X_AUTHZ_SUBJECT"] == "alice"  # the agent's own, overwriting the client's
+
+
+def test_method_override_headers_never_reach_the_app_on_authenticated_routes(edge: Edge) -> None:
+    token = edge.idp.mint(scope="orders:read")
+    for name in ("X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override"):
+        r = edge.get("/v1/orders/7", {"authorization": f"Bearer {token}", name: "DELETE"})
+        assert r.status == 200, r.body
+        seen = r.json()
+        assert seen["REQUEST_METHOD"] == "GET"
+        assert not [k for k in seen if k.startswith("HTTP_") and "METHOD" in k], seen
+
+
+@pytest.mark.parametrize(
+    ("path", "why"),
+    [
+        ("/v1/public/%252e%252e/admin/keys", R.PATH_DOUBLE_ENCODED),
+        ("/v1/public/..;/admin/keys", R.MALFORMED_REQUEST),
+        ("/v1/public/.%2e;x/admin/keys", R.MALFORMED_REQUEST),
+    ],
+)
+def test_paths_an_upstream_reads_otherwise_are_refused(edge: Edge, path: str, why: str) -> None:
+    before = len(edge.app.seen)
+    r = edge.get(path)
+    # Envoy's own normalisation settles some first (it reads `..;` as `..`, then no route): never the app.
+    assert (r.status, reason(r.body)) in ((400, why), (403, R.NO_ROUTE)), (r.status, r.body)
+    assert len(edge.app.seen) == before
+
+
+def test_a_subject_with_surrounding_spaces_is_refused(edge: Edge) -> None:
+    """Envoy trims header values: " alice " would reach the app as alice, another identity."""
+    token = edge.idp.mint(sub=" alice ", scope="orders:read")
+    r = edge.get("/v1/orders/7", {"authorization": f"Bearer {token}"})
+    assert (r.status, reason(r.body)) == (401, R.TOKEN_CLAIM_INVALID)
