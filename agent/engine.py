@@ -59,9 +59,12 @@ _B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 _NO_PARAMS: dict[str, str] = {}
 UPSTREAM_HEADERS = ("x-authz-subject", "x-authz-client-id", "x-authz-route", "x-authz-decision-id")
 _OURS = frozenset(UPSTREAM_HEADERS)
-# Headers by which some frameworks run another method than the request line's (Rails, Laravel, Express's
-# method-override, Symfony): the policy judged the request line's method, so the app never sees these.
-METHOD_OVERRIDE_HEADERS = frozenset(("x-http-method-override", "x-http-method", "x-method-override"))
+# Headers by which some frameworks run another method (Rails, Laravel, Express's method-override, Symfony) or
+# route another path (X-Original-URL, X-Rewrite-URL: IIS, older Symfony and Zend) than the request line's: the
+# policy judged the request line, so the app never sees these.
+OVERRIDE_HEADERS = frozenset(
+    ("x-http-method-override", "x-http-method", "x-method-override", "x-original-url", "x-rewrite-url")
+)
 LIMIT_KEYS_PER_ROUTE = 100_000  # buckets held per limited route; full (idle) ones are dropped first
 
 
@@ -107,7 +110,7 @@ def _spoofable(name: str) -> bool:
     Names the agent sets itself are overwritten instead (see `_allow`).
     """
     n = name.lower().replace("_", "-")
-    spoof = n.startswith("x-authz-") or n in METHOD_OVERRIDE_HEADERS
+    spoof = n.startswith("x-authz-") or n in OVERRIDE_HEADERS
     if len(_SPOOFABLE) < 4096:
         _SPOOFABLE[name] = spoof
     return spoof

@@ -52,7 +52,8 @@ MAX_HEAP_BYTES = 512 << 20  # overload manager: shrink the heap at 95 %, refuse 
 MAX_CONNECTIONS = 10_000  # downstream connections across all listeners
 # Headers some frameworks read as "the real method" (Rails, Laravel, Symfony, Express's method-override, ...):
 # the agent judges the request's own method, so the app must never see another one.
-METHOD_OVERRIDE_HEADERS = ("x-http-method-override", "x-http-method", "x-method-override")
+# What a client says about the way it came: meaningful only from a proxy you run (`trusted_hops` > 0).
+CLIENT_FORWARDING_HEADERS = ("forwarded", "x-forwarded-host", "x-forwarded-port", "x-forwarded-prefix", "x-real-ip")
 
 # The ext_authz timeout: the longest the agent may wait on the network for one decision (see
 # decision_wait_ms), plus a margin for the decision itself and the gRPC round trip; never below the floor.
@@ -300,6 +301,8 @@ def bootstrap(
     from envoy_data_plane.envoy.type.v3 import HttpStatus, StatusCode
     from envoy_data_plane.google.protobuf import Any as PbAny
 
+    from agent.engine import OVERRIDE_HEADERS
+
     ext_authz = ExtAuthz(
         transport_api_version=ApiVersion.V3,
         grpc_service=GrpcService(
@@ -334,7 +337,9 @@ def bootstrap(
                 append_action=HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
             )
         ],
-        request_headers_to_remove=list(METHOD_OVERRIDE_HEADERS),
+        # Method and path overrides (the agent removes them too), and with no trusted proxy in front, what a
+        # client claims about the host, port, prefix or address it came through.
+        request_headers_to_remove=sorted(OVERRIDE_HEADERS) + ([] if trusted_hops else list(CLIENT_FORWARDING_HEADERS)),
     )
     hcm = HttpConnectionManager(
         stat_prefix="inbound",

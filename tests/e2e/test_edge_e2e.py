@@ -237,11 +237,25 @@ def test_x_envoy_headers_from_a_client_never_reach_the_app(edge: Edge) -> None:
 
 def test_method_override_headers_are_removed_before_the_app(edge: Edge) -> None:
     overrides = {"x-http-method-override": "DELETE", "x-http-method": "DELETE", "x-method-override": "DELETE"}
-    r = edge.get("/v1/public/x", overrides)
+    paths = {"x-original-url": "/admin/keys", "x-rewrite-url": "/admin/keys"}
+    r = edge.get("/v1/public/x", {**overrides, **paths})
     assert r.status == 200
     seen = r.json()
     assert seen["REQUEST_METHOD"] == "GET"
     assert not {"HTTP_X_HTTP_METHOD_OVERRIDE", "HTTP_X_HTTP_METHOD", "HTTP_X_METHOD_OVERRIDE"} & set(seen)
+    assert not {"HTTP_X_ORIGINAL_URL", "HTTP_X_REWRITE_URL"} & set(seen)
+
+
+def test_what_a_client_claims_about_its_route_never_reaches_the_app(edge: Edge) -> None:
+    claims = {
+        "forwarded": "for=1.2.3.4;host=admin.example;proto=https",
+        "x-forwarded-host": "admin.example",
+        "x-forwarded-port": "443",
+        "x-forwarded-prefix": "/admin",
+        "x-real-ip": "1.2.3.4",
+    }
+    seen = edge.get("/v1/public/x", claims).json()
+    assert not [k for k in seen if k in {"HTTP_" + c.upper().replace("-", "_") for c in claims}], seen
 
 
 def test_http2_limits_follow_envoys_edge_guidance(edge: Edge) -> None:

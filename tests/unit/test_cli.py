@@ -155,7 +155,9 @@ def test_generated_config_follows_envoys_edge_guidance() -> None:
     timeouts = (hcm["request_headers_timeout"], hcm["request_timeout"], hcm["stream_idle_timeout"])
     assert timeouts == ("10s", "300s", "300s")
     vhost = hcm["route_config"]["virtual_hosts"][0]
-    assert set(vhost["request_headers_to_remove"]) == {"x-http-method-override", "x-http-method", "x-method-override"}
+    overrides = {"x-http-method-override", "x-http-method", "x-method-override", "x-original-url", "x-rewrite-url"}
+    claims = {"forwarded", "x-forwarded-host", "x-forwarded-port", "x-forwarded-prefix", "x-real-ip"}
+    assert set(vhost["request_headers_to_remove"]) == overrides | claims
     assert vhost["request_headers_to_add"] == [
         {
             "header": {"key": "x-forwarded-for", "value": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"},
@@ -190,6 +192,9 @@ def test_envoy_config_flags_for_trusted_proxies_heap_and_connections() -> None:
     assert r.returncode == 0, r.stderr
     cfg = json.loads(r.stdout)
     assert _hcm(cfg)["xff_num_trusted_hops"] == 2
+    # Behind a proxy you run, what it says about the client's host and address is its own: kept.
+    vhost = _hcm(cfg)["route_config"]["virtual_hosts"][0]
+    assert "x-forwarded-host" not in vhost["request_headers_to_remove"]
     monitors = {m["name"]: m["typed_config"] for m in cfg["overload_manager"]["resource_monitors"]}
     assert monitors["envoy.resource_monitors.fixed_heap"]["max_heap_size_bytes"] == str(256 << 20)
     assert (

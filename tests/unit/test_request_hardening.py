@@ -110,8 +110,14 @@ async def test_forged_identity_headers_with_underscores_or_case_are_removed(engi
         assert not {h.lower() for h in d.remove_headers} & ours
 
 
-async def test_method_override_headers_are_removed_before_the_app(engine: Engine, reader: str) -> None:
-    override = {"x-http-method-override": "DELETE", "X-HTTP-Method": "DELETE", "x_method_override": "DELETE"}
+async def test_method_and_path_override_headers_are_removed_before_the_app(engine: Engine, reader: str) -> None:
+    override = {
+        "x-http-method-override": "DELETE",
+        "X-HTTP-Method": "DELETE",
+        "x_method_override": "DELETE",
+        "x-original-url": "/admin/keys",
+        "X-Rewrite-URL": "/admin/keys",
+    }
     for path, token in (("/v1/public/a", None), ("/v1/orders/7", reader)):
         d = await decide(engine, "POST", path, token, **override)
         assert d.allowed
