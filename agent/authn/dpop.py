@@ -5,17 +5,18 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
 import os
 import struct
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
+from json.encoder import encode_basestring
 from typing import Any
 from urllib.parse import urlsplit
 
 from agent import reasons as R
-from agent.authn.jwk import Jwk, parse_jwk, verify_signature
+from agent.authn.jwk import PRIVATE_MEMBERS, Jwk, parse_jwk, verify_signature
 from agent.authn.replay import Once, ReplayCache
 from agent.authn.strict import b64url_decode, is_number, strict_json_object
 from agent.config.model import Dpop
@@ -35,10 +36,13 @@ def b64url(raw: bytes) -> str:
 
 def jwk_thumbprint(jwk: dict[str, Any]) -> str:
     """RFC 7638: SHA-256 over the required members, sorted, without whitespace; base64url."""
-    members = _THUMBPRINT_MEMBERS.get(jwk.get("kty"))  # type: ignore[arg-type]
+    kty = jwk.get("kty")
+    members = _THUMBPRINT_MEMBERS.get(kty) if isinstance(kty, str) else None
     if members is None or not all(isinstance(jwk.get(m), str) for m in members):
         raise ValueError("not a key the thumbprint is defined for")
-    canonical = json.dumps({m: jwk[m] for m in members}, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+    # The member names are listed in sorted order; encode_basestring is json.dumps's own string encoder
+    # (ensure_ascii=False), without its per-call overhead: this runs for every proof, refused ones too.
+    canonical = "{" + ",".join(f'"{m}":{encode_basestring(jwk[m])}' for m in members) + "}"
     return b64url(hashlib.sha256(canonical.encode("utf-8")).digest())
 
 
@@ -128,6 +132,15 @@ class NonceRequired(AuthnError):
         super().__init__(R.DPOP_NONCE_REQUIRED, detail)
 
 
+@dataclass(frozen=True, slots=True)
+class _Header:
+    """A proof header that passed every check and whose key is the one a token was bound to."""
+
+    alg: str
+    key: Jwk
+    thumbprint: str
+
+
 class DpopVerifier:
     def __init__(self, settings: Dpop, replay: ReplayCache, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
@@ -135,11 +148,17 @@ class DpopVerifier:
         self.replay = replay
         self.nonces = Nonces(settings.nonce_secret or _PROCESS_NONCE_SECRET, settings.nonce_lifetime_s, clock)
         self.algs_challenge = " ".join(sorted(settings.algorithms))
-        self._headers: OrderedDict[str, tuple[str, Jwk, str]] = OrderedDict()
+        self._headers: OrderedDict[str, _Header] = OrderedDict()
 
-    def verify(self, proof: str | None, method: str, htu: str | None, access_token: str) -> tuple[str, Once]:
-        """Check one proof for a request carrying `access_token`: the proof key's RFC 7638 thumbprint, and the
-        one-time value (the jti, already checked against this agent's replay cache) for a shared cache.
+    def verify(self, proof: str | None, method: str, htu: str | None, access_token: str, jkt: str) -> Once:
+        """Check one proof for a request carrying `access_token`, bound to the key whose RFC 7638 thumbprint is
+        `jkt` (the token's cnf.jkt); returns the one-time value (the jti, already remembered by this agent's
+        replay cache) for a shared cache.
+
+        Cheap checks come first and the costly ones last: the proof's size and shape, its header, then whether
+        its key is the bound one (a hash), then the claims, then the signature, and only then is the jti
+        remembered. A proof by any other key is refused before its signature is checked, and nothing it
+        carries is remembered: it cannot fill the replay cache.
 
         `proof` is the DPoP header as Envoy passed it (repeated headers arrive joined by commas).
         """
@@ -153,15 +172,12 @@ class DpopVerifier:
         parts = proof.split(".")
         if len(parts) != 3:
             raise AuthnError(R.DPOP_PROOF_INVALID, "not a JWT")
+        header = self._header(parts[0], jkt)
         try:
             claims = strict_json_object(b64url_decode(parts[1]))
             signature = b64url_decode(parts[2])
         except ValueError as e:
             raise AuthnError(R.DPOP_PROOF_INVALID, str(e)) from None
-        alg, key, thumbprint = self._header(parts[0])
-        signing_input = proof[: len(parts[0]) + 1 + len(parts[1])].encode("ascii")
-        if not verify_signature(key, alg, signing_input, signature):
-            raise AuthnError(R.DPOP_PROOF_INVALID, "signature does not verify with the header's jwk")
         jti = claims.get("jti")
         if not isinstance(jti, str) or not jti or len(jti) > 256:
             raise AuthnError(R.DPOP_PROOF_INVALID, "jti missing or invalid")
@@ -179,18 +195,27 @@ class DpopVerifier:
         ath = claims.get("ath")
         if not isinstance(ath, str) or not hmac.compare_digest(ath.encode(), access_token_hash(access_token).encode()):
             raise AuthnError(R.DPOP_PROOF_INVALID, "ath does not match the access token")
+        signing_input = proof[: len(parts[0]) + 1 + len(parts[1])].encode("ascii")
+        if not verify_signature(header.key, header.alg, signing_input, signature):
+            raise AuthnError(R.DPOP_PROOF_INVALID, "signature does not verify with the header's jwk")
         if s.use_nonce and not self.nonces.valid(claims.get("nonce")):
             raise NonceRequired("nonce missing" if "nonce" not in claims else "nonce invalid or expired")
         # Remembered for as long as the proof's iat would still be accepted.
-        once = Once(f"dpop:{thumbprint}", jti, s.max_age_s + 2 * s.leeway_s, R.DPOP_PROOF_REPLAYED)
+        once = Once(f"dpop:{header.thumbprint}", jti, s.max_age_s + 2 * s.leeway_s, R.DPOP_PROOF_REPLAYED)
         self.replay.require_new(once)
-        return thumbprint, once
+        return once
 
-    def _header(self, part: str) -> tuple[str, Jwk, str]:
-        """The proof header's alg, key and thumbprint. A client sends the same header with every proof, so the
-        checked result is kept (bounded) by the header's text: no JSON or key parsing per request."""
+    def _header(self, part: str, jkt: str) -> _Header:
+        """The proof header's alg and key, when its key is the one whose thumbprint is `jkt`.
+
+        A client sends the same header with every proof, so a checked header is kept (bounded) by its text:
+        no JSON or key parsing per request. Only headers whose key is a bound one are kept or have their key
+        built, so a stream of headers with other keys costs a hash each and evicts nothing.
+        """
         hit = self._headers.get(part)
         if hit is not None:
+            if not hmac.compare_digest(hit.thumbprint.encode(), jkt.encode()):
+                raise AuthnError(R.DPOP_KEY_MISMATCH, "the proof is signed by another key than the token names")
             return hit
         try:
             header = strict_json_object(b64url_decode(part))
@@ -207,14 +232,21 @@ class DpopVerifier:
         jwk = header.get("jwk")
         if not isinstance(jwk, dict):
             raise AuthnError(R.DPOP_PROOF_INVALID, "no jwk in the header")
+        if PRIVATE_MEMBERS & jwk.keys():
+            raise AuthnError(R.DPOP_PROOF_INVALID, "jwk: private key material")
         try:
-            key = parse_jwk(jwk)  # refuses private members, weak RSA, off-curve points
             thumbprint = jwk_thumbprint(jwk)
+        except ValueError as e:
+            raise AuthnError(R.DPOP_PROOF_INVALID, f"jwk: {e}") from None
+        if not hmac.compare_digest(thumbprint.encode(), jkt.encode()):
+            raise AuthnError(R.DPOP_KEY_MISMATCH, "the proof is signed by another key than the token names")
+        try:
+            key = parse_jwk(jwk)  # refuses weak or costly RSA, off-curve points
         except ValueError as e:
             raise AuthnError(R.DPOP_PROOF_INVALID, f"jwk: {e}") from None
         if alg not in key.algs:
             raise AuthnError(R.DPOP_PROOF_INVALID, "alg does not fit the jwk")
         if len(self._headers) >= 4096:
             self._headers.popitem(last=False)
-        self._headers[part] = (alg, key, thumbprint)
-        return alg, key, thumbprint
+        checked = self._headers[part] = _Header(alg, key, thumbprint)
+        return checked
