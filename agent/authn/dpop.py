@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 import os
+import re
 import struct
 import time
 from collections import OrderedDict
@@ -24,10 +25,12 @@ from agent.errors import AuthnError
 
 MAX_PROOF_BYTES = 8192
 _THUMBPRINT_MEMBERS = {"EC": ("crv", "kty", "x", "y"), "RSA": ("e", "kty", "n"), "OKP": ("crv", "kty", "x")}
-_DEFAULT_PORTS = {"http": ":80", "https": ":443"}
+_DEFAULT_PORTS = {"http": "80", "https": "443"}
 # Nonces stay valid across policy reloads within one process; replicas share them only with nonce_secret_file.
 _PROCESS_NONCE_SECRET = os.urandom(32)
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+# RFC 3986 §2: unreserved, reserved (gen-delims and sub-delims) and '%'.
+_URI = re.compile(r"[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]+")
 
 
 def b64url(raw: bytes) -> str:
@@ -51,8 +54,9 @@ def access_token_hash(token: str) -> str:
     return b64url(hashlib.sha256(token.encode("ascii")).digest())
 
 
-def _normal_path(path: str) -> str | None:
-    # RFC 3986 §6.2.2: percent-encodings upper-cased, unreserved characters decoded; the rest as sent.
+def _normal_path(path: str, dot_segments: bool) -> str | None:
+    """RFC 3986 §6.2.2: percent-encodings upper-cased, unreserved characters decoded, then (§6.2.2.3) dot
+    segments removed when `dot_segments`, else a path that has any is refused (None)."""
     out = bytearray()
     raw = path.encode("utf-8")
     i = 0
@@ -74,28 +78,73 @@ def _normal_path(path: str) -> str | None:
         else:
             out.append(c)
             i += 1
-    text = out.decode("utf-8", "replace")
-    return text or "/"
+    text = out.decode("utf-8", "replace") or "/"
+    if "." not in text:
+        return text
+    if dot_segments:
+        return remove_dot_segments(text)
+    return None if any(seg in (".", "..") for seg in text.split("/")) else text
+
+
+def remove_dot_segments(path: str) -> str:
+    """RFC 3986 §5.2.4 for an absolute path: '.' segments go, '..' removes the segment before it (never above
+    the root), and a path that ended in either keeps its trailing '/'."""
+    if not path.startswith("/"):
+        return path  # not after an authority: no request path looks like it
+    out: list[str] = []
+    segments = path[1:].split("/")
+    last = len(segments) - 1
+    for i, seg in enumerate(segments):
+        if seg == "..":
+            if out:
+                out.pop()
+        elif seg != ".":
+            out.append(seg)
+            continue
+        if i == last:
+            out.append("")
+    return "/" + "/".join(out)
+
+
+def _normal_authority(scheme: str, authority: str) -> str | None:
+    """RFC 3986 §6.2.2.1 and §6.2.3: lower case, and no port when it is empty or the scheme's default."""
+    authority = authority.lower()
+    host, colon, port = authority.rpartition(":")
+    if colon and "]" not in port and port in ("", _DEFAULT_PORTS[scheme]):  # not the end of an IPv6 literal
+        authority = host
+    return authority if authority and "@" not in authority else None
 
 
 def normal_uri(scheme: str, authority: str, path: str) -> str | None:
-    """scheme://authority/path compared the way RFC 9449 §4.3 asks: RFC 3986 §6.2.2 and §6.2.3, no query."""
+    """The request's URI as RFC 9449 §4.3 compares it: scheme://authority/path after RFC 3986 §6.2.2 and
+    §6.2.3, without query. The agent refuses request paths with dot segments before this, and this refuses
+    them again: a request is never compared as another path than the one the routes judged."""
     scheme = scheme.lower()
-    if scheme not in _DEFAULT_PORTS or not authority or "@" in authority:
+    if scheme not in _DEFAULT_PORTS:
         return None
-    authority = authority.lower()
-    if authority.endswith(_DEFAULT_PORTS[scheme]):
-        authority = authority[: -len(_DEFAULT_PORTS[scheme])]
-    p = _normal_path(path.split("?", 1)[0].split("#", 1)[0])
-    return None if p is None else f"{scheme}://{authority}{p}"
+    host = _normal_authority(scheme, authority)
+    p = _normal_path(path.split("?", 1)[0].split("#", 1)[0], dot_segments=False)
+    return None if host is None or p is None else f"{scheme}://{host}{p}"
 
 
 def normal_htu(htu: str) -> str | None:
+    """A proof's `htu` in the form `normal_uri` gives, dot segments removed; None for anything not a URI.
+
+    Only RFC 3986 characters are accepted: `urlsplit` silently drops tabs and newlines (and other parsers
+    other characters), which would make a string that is no URI equal to one that is.
+    """
+    if _URI.fullmatch(htu) is None:
+        return None
     try:
         u = urlsplit(htu)
     except ValueError:
         return None
-    return normal_uri(u.scheme, u.netloc, u.path)
+    scheme = u.scheme.lower()
+    if scheme not in _DEFAULT_PORTS:
+        return None
+    host = _normal_authority(scheme, u.netloc)
+    p = _normal_path(u.path, dot_segments=True)
+    return None if host is None or p is None else f"{scheme}://{host}{p}"
 
 
 class Nonces:

@@ -225,6 +225,61 @@ async def test_one_bound_key_cannot_fill_the_replay_cache(
         assert decide(engine, "GET", "/v1/orders", dpop_request(other, other_token)).allowed
 
 
+def pyjwt_proof(key: SigningKey, method: str, url: str, token: str) -> str:
+    """A DPoP proof made by PyJWT (not the joserfc of tests.keys, not the agent's code)."""
+    import uuid
+
+    import jwt as pyjwt
+    from jwt.algorithms import ECAlgorithm
+
+    jwk = ECAlgorithm.to_jwk(key.private.public_key(), as_dict=True)
+    body = {"jti": uuid.uuid4().hex, "htm": method, "htu": url, "iat": int(time.time()),
+            "ath": b64(hashlib.sha256(token.encode("ascii")).digest())}  # fmt: skip
+    return pyjwt.encode(body, key.private, algorithm="ES256", headers={"typ": "dpop+jwt", "jwk": jwk})
+
+
+@pytest.mark.parametrize(
+    "htu",
+    [
+        f"https://{HOST}/v1/x/../orders",
+        f"https://{HOST}/v1/./orders",
+        f"https://{HOST}/../v1/orders",
+        f"https://{HOST}/v1/a/b/../../orders",
+        f"https://{HOST}/v1/%2E%2E/v1/orders",  # %2E is '.', an unreserved character (RFC 3986 §2.3)
+        f"HTTPS://{HOST.upper()}:443/v1/./x/%2e%2E/orders",
+        f"https://{HOST}/v1/orders/../orders",  # RFC 3986 §5.2.4: the last segment goes, then '..' climbs
+    ],
+)
+def test_a_proof_whose_htu_has_dot_segments_passes_after_rfc3986_normalisation(
+    engine: Engine, keys: dict[str, SigningKey], client_key: SigningKey, htu: str
+) -> None:
+    token = mint(keys["ES256"], claims(cnf={"jkt": jkt(client_key)}))
+    request = {"authorization": f"DPoP {token}", "dpop": pyjwt_proof(client_key, "GET", htu, token)}
+    assert decide(engine, "GET", "/v1/orders", request).allowed
+
+
+@pytest.mark.parametrize(
+    "htu",
+    [
+        f"https://{HOST}/v1/orders/x/..",  # is /v1/orders/, another resource
+        f"https://{HOST}/v1/orders/.",
+        f"https://{HOST}/v1/..orders",  # not a dot segment
+        f"https://{HOST}/v1/.../orders",
+        f"https://{HOST}/v1/%2E%2E%2Forders",  # an encoded '/' is not a separator
+        f"https://{HOST}/v1/or\tders",  # not a URI; a lenient parser would drop the tab
+        f"https://{HOST}/v1/or\nders",
+        f"https://{HOST}/v1/orders\n",
+        f"https://{HOST}\\@evil.test/v1/orders",
+    ],
+)
+def test_normalisation_never_makes_another_uri_equal(
+    engine: Engine, keys: dict[str, SigningKey], client_key: SigningKey, htu: str
+) -> None:
+    token = mint(keys["ES256"], claims(cnf={"jkt": jkt(client_key)}))
+    request = {"authorization": f"DPoP {token}", "dpop": pyjwt_proof(client_key, "GET", htu, token)}
+    assert decide(engine, "GET", "/v1/orders", request).reason == R.DPOP_PROOF_INVALID, htu
+
+
 def cert_pem(cert: trustme.LeafCert) -> str:
     return cert.cert_chain_pems[0].bytes().decode()
 

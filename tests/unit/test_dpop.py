@@ -18,6 +18,7 @@ from agent.authn.dpop import (
     jwk_thumbprint,
     normal_htu,
     normal_uri,
+    remove_dot_segments,
 )
 from agent.authn.replay import Once, ReplayCache, Seen
 from agent.config.model import Dpop
@@ -146,6 +147,79 @@ def test_htu_is_compared_after_rfc3986_normalisation(es256: SigningKey, url: str
         assert check(verifier(), proof)
     else:
         assert refused(verifier(), proof) == f"{R.DPOP_PROOF_INVALID}: htu does not match the request URI"
+
+
+# RFC 3986 §5.2.4 and §5.4: paths with dot segments and what they are once the dots are removed.
+DOT_SEGMENTS = [
+    ("/a/b/c/./../../g", "/a/g"),
+    ("/b/c/./g", "/b/c/g"),
+    ("/b/c/.", "/b/c/"),
+    ("/b/c/..", "/b/"),
+    ("/b/c/../..", "/"),
+    ("/b/c/../../../../g", "/g"),
+    ("/./g", "/g"),
+    ("/../g", "/g"),
+    ("/g.", "/g."),
+    ("/.g", "/.g"),
+    ("/g..", "/g.."),
+    ("/..g", "/..g"),
+    ("/b/c/./../g", "/b/g"),
+    ("/b/c/g/./h", "/b/c/g/h"),
+    ("/b/c/g/../h", "/b/c/h"),
+    ("/b//../c", "/b/c"),
+    ("/b/%2e/c/%2E%2e/d", "/b/d"),
+    ("/b/.%2E/c", "/c"),
+]
+
+
+@pytest.mark.parametrize(("path", "normal"), DOT_SEGMENTS)
+def test_htu_dot_segments_are_removed_as_rfc3986_says(path: str, normal: str) -> None:
+    assert normal_htu(f"https://api.example.test{path}") == f"https://api.example.test{normal}"
+    assert remove_dot_segments(path.replace("%2e", ".").replace("%2E", ".")) == normal
+
+
+def test_htu_normalisation_agrees_with_yarl_on_many_paths() -> None:
+    # yarl (aio-libs) normalises absolute URLs on its own: an independent reading of RFC 3986 §5.2.4.
+    import itertools
+    import random
+
+    import yarl
+
+    rnd = random.Random(11)
+    pieces = ["a", "b", ".", "..", "", "%2E", "%2e%2E", "c.d", "...", ".e", "%41"]
+    for n in itertools.chain(range(1, 6), [8] * 400):
+        path = "/" + "/".join(rnd.choice(pieces) for _ in range(n))
+        ours = normal_htu(f"https://h.test{path}")
+        theirs = yarl.URL(f"https://h.test{path}").raw_path.replace("%41", "A")  # yarl keeps %41 as sent
+        assert ours == f"https://h.test{theirs}", path
+
+
+@pytest.mark.parametrize(
+    "htu",
+    [
+        "https://api.example.test/v1/or\tders",
+        "https://api.example.test/v1/orders\r\n",
+        "https://api.example.test/v1/\u00f6rders",
+        "https://api.example.test/v1/or ders",
+        "https://api.example.test/v1/or\\ders",
+        "https://api.example.test/v1/%zzorders",
+        "https://:443/v1/orders",
+        "https:///v1/orders",
+        "",
+    ],
+)
+def test_an_htu_that_is_not_a_uri_matches_nothing(htu: str) -> None:
+    assert normal_htu(htu) is None
+
+
+def test_the_request_side_refuses_dot_segments_instead_of_removing_them() -> None:
+    # The agent's routes judged the path as sent; it must be compared as sent too.
+    assert normal_uri("https", "api.example.test", "/v1/x/../orders") is None
+    assert normal_uri("https", "api.example.test", "/v1/%2e/orders") is None
+    assert normal_uri("https", "API.example.test:443", "/v1/orders?x=1") == HTU
+    assert normal_uri("https", "api.example.test:", "/v1/orders") == HTU
+    assert normal_uri("https", "[::1]:443", "/") == "https://[::1]/"
+    assert normal_uri("https", "[::1]", "/") == "https://[::1]/"
 
 
 def test_a_proof_key_that_breaks_the_rsa_rules_is_refused_before_its_signature_is_checked() -> None:
