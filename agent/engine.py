@@ -575,9 +575,9 @@ class Engine:
             if not dpop_scheme:
                 raise AuthnError(R.DPOP_BOUND_TOKEN_AS_BEARER, "a DPoP-bound token needs the DPoP scheme")
             htu = normal_uri(view.scheme, view.host, view.path)
-            jkt, once = self.dpop.verify(view.headers.get("dpop"), view.method, htu, token)
-            if not hmac.compare_digest(jkt.encode(), who.cnf_jkt.encode()):
-                raise AuthnError(R.DPOP_KEY_MISMATCH, "the proof is signed by another key than the token names")
+            # The bound key is checked first, inside: a proof by another key is refused before its signature
+            # is checked or its jti remembered.
+            once = self.dpop.verify(view.headers.get("dpop"), view.method, htu, token, who.cnf_jkt)
             if trace is not None:
                 trace.append("DPoP proof valid and signed by the key the token is bound to")
         elif dpop_scheme:

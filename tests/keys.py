@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
+import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,3 +132,31 @@ def dpop_proof(
 def jkt(key: SigningKey) -> str:
     """The RFC 7638 thumbprint of a key, by joserfc."""
     return str(key.jose.thumbprint())
+
+
+# RFC 8017 §9.2 note 1: the DER DigestInfo prefix of a SHA-256 digest.
+_SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
+
+
+def rsa_with_exponent(e: int, bits: int = 3072) -> tuple[dict[str, str], Callable[[bytes], bytes]]:
+    """A public JWK whose exponent is `e` (or the next odd number coprime to phi) and an RS256 signer for it.
+
+    `cryptography` only generates keys with e = 3 or 65537, so the private exponent is derived here and the
+    signature made by RFC 8017 §8.2.1 (EMSA-PKCS1-v1_5) by hand: it verifies with any correct RSA code.
+    """
+    private = rsa.generate_private_key(65537, bits).private_numbers()
+    p, q = private.p, private.q
+    phi, n = (p - 1) * (q - 1), p * q
+    e |= 1
+    while math.gcd(e, phi) != 1:
+        e += 2
+    d = pow(e, -1, phi)
+    k = (n.bit_length() + 7) // 8
+
+    def sign(signing_input: bytes) -> bytes:
+        t = _SHA256_DIGEST_INFO + hashlib.sha256(signing_input).digest()
+        em = b"\x00\x01" + b"\xff" * (k - len(t) - 3) + b"\x00" + t
+        return pow(int.from_bytes(em, "big"), d, n).to_bytes(k, "big")
+
+    jwk = {"kty": "RSA", "n": b64(n.to_bytes(k, "big")), "e": b64(e.to_bytes((e.bit_length() + 7) // 8, "big"))}
+    return jwk, sign

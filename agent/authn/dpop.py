@@ -5,17 +5,19 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
 import os
+import re
 import struct
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
+from json.encoder import encode_basestring
 from typing import Any
 from urllib.parse import urlsplit
 
 from agent import reasons as R
-from agent.authn.jwk import Jwk, parse_jwk, verify_signature
+from agent.authn.jwk import PRIVATE_MEMBERS, Jwk, parse_jwk, verify_signature
 from agent.authn.replay import Once, ReplayCache
 from agent.authn.strict import b64url_decode, is_number, strict_json_object
 from agent.config.model import Dpop
@@ -23,10 +25,12 @@ from agent.errors import AuthnError
 
 MAX_PROOF_BYTES = 8192
 _THUMBPRINT_MEMBERS = {"EC": ("crv", "kty", "x", "y"), "RSA": ("e", "kty", "n"), "OKP": ("crv", "kty", "x")}
-_DEFAULT_PORTS = {"http": ":80", "https": ":443"}
+_DEFAULT_PORTS = {"http": "80", "https": "443"}
 # Nonces stay valid across policy reloads within one process; replicas share them only with nonce_secret_file.
 _PROCESS_NONCE_SECRET = os.urandom(32)
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+# RFC 3986 §2: unreserved, reserved (gen-delims and sub-delims) and '%'.
+_URI = re.compile(r"[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]+")
 
 
 def b64url(raw: bytes) -> str:
@@ -35,10 +39,13 @@ def b64url(raw: bytes) -> str:
 
 def jwk_thumbprint(jwk: dict[str, Any]) -> str:
     """RFC 7638: SHA-256 over the required members, sorted, without whitespace; base64url."""
-    members = _THUMBPRINT_MEMBERS.get(jwk.get("kty"))  # type: ignore[arg-type]
+    kty = jwk.get("kty")
+    members = _THUMBPRINT_MEMBERS.get(kty) if isinstance(kty, str) else None
     if members is None or not all(isinstance(jwk.get(m), str) for m in members):
         raise ValueError("not a key the thumbprint is defined for")
-    canonical = json.dumps({m: jwk[m] for m in members}, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+    # The member names are listed in sorted order; encode_basestring is json.dumps's own string encoder
+    # (ensure_ascii=False), without its per-call overhead: this runs for every proof, refused ones too.
+    canonical = "{" + ",".join(f'"{m}":{encode_basestring(jwk[m])}' for m in members) + "}"
     return b64url(hashlib.sha256(canonical.encode("utf-8")).digest())
 
 
@@ -47,8 +54,9 @@ def access_token_hash(token: str) -> str:
     return b64url(hashlib.sha256(token.encode("ascii")).digest())
 
 
-def _normal_path(path: str) -> str | None:
-    # RFC 3986 §6.2.2: percent-encodings upper-cased, unreserved characters decoded; the rest as sent.
+def _normal_path(path: str, dot_segments: bool) -> str | None:
+    """RFC 3986 §6.2.2: percent-encodings upper-cased, unreserved characters decoded, then (§6.2.2.3) dot
+    segments removed when `dot_segments`, else a path that has any is refused (None)."""
     out = bytearray()
     raw = path.encode("utf-8")
     i = 0
@@ -70,28 +78,73 @@ def _normal_path(path: str) -> str | None:
         else:
             out.append(c)
             i += 1
-    text = out.decode("utf-8", "replace")
-    return text or "/"
+    text = out.decode("utf-8", "replace") or "/"
+    if "." not in text:
+        return text
+    if dot_segments:
+        return remove_dot_segments(text)
+    return None if any(seg in (".", "..") for seg in text.split("/")) else text
+
+
+def remove_dot_segments(path: str) -> str:
+    """RFC 3986 §5.2.4 for an absolute path: '.' segments go, '..' removes the segment before it (never above
+    the root), and a path that ended in either keeps its trailing '/'."""
+    if not path.startswith("/"):
+        return path  # not after an authority: no request path looks like it
+    out: list[str] = []
+    segments = path[1:].split("/")
+    last = len(segments) - 1
+    for i, seg in enumerate(segments):
+        if seg == "..":
+            if out:
+                out.pop()
+        elif seg != ".":
+            out.append(seg)
+            continue
+        if i == last:
+            out.append("")
+    return "/" + "/".join(out)
+
+
+def _normal_authority(scheme: str, authority: str) -> str | None:
+    """RFC 3986 §6.2.2.1 and §6.2.3: lower case, and no port when it is empty or the scheme's default."""
+    authority = authority.lower()
+    host, colon, port = authority.rpartition(":")
+    if colon and "]" not in port and port in ("", _DEFAULT_PORTS[scheme]):  # not the end of an IPv6 literal
+        authority = host
+    return authority if authority and "@" not in authority else None
 
 
 def normal_uri(scheme: str, authority: str, path: str) -> str | None:
-    """scheme://authority/path compared the way RFC 9449 §4.3 asks: RFC 3986 §6.2.2 and §6.2.3, no query."""
+    """The request's URI as RFC 9449 §4.3 compares it: scheme://authority/path after RFC 3986 §6.2.2 and
+    §6.2.3, without query. The agent refuses request paths with dot segments before this, and this refuses
+    them again: a request is never compared as another path than the one the routes judged."""
     scheme = scheme.lower()
-    if scheme not in _DEFAULT_PORTS or not authority or "@" in authority:
+    if scheme not in _DEFAULT_PORTS:
         return None
-    authority = authority.lower()
-    if authority.endswith(_DEFAULT_PORTS[scheme]):
-        authority = authority[: -len(_DEFAULT_PORTS[scheme])]
-    p = _normal_path(path.split("?", 1)[0].split("#", 1)[0])
-    return None if p is None else f"{scheme}://{authority}{p}"
+    host = _normal_authority(scheme, authority)
+    p = _normal_path(path.split("?", 1)[0].split("#", 1)[0], dot_segments=False)
+    return None if host is None or p is None else f"{scheme}://{host}{p}"
 
 
 def normal_htu(htu: str) -> str | None:
+    """A proof's `htu` in the form `normal_uri` gives, dot segments removed; None for anything not a URI.
+
+    Only RFC 3986 characters are accepted: `urlsplit` silently drops tabs and newlines (and other parsers
+    other characters), which would make a string that is no URI equal to one that is.
+    """
+    if _URI.fullmatch(htu) is None:
+        return None
     try:
         u = urlsplit(htu)
     except ValueError:
         return None
-    return normal_uri(u.scheme, u.netloc, u.path)
+    scheme = u.scheme.lower()
+    if scheme not in _DEFAULT_PORTS:
+        return None
+    host = _normal_authority(scheme, u.netloc)
+    p = _normal_path(u.path, dot_segments=True)
+    return None if host is None or p is None else f"{scheme}://{host}{p}"
 
 
 class Nonces:
@@ -128,6 +181,15 @@ class NonceRequired(AuthnError):
         super().__init__(R.DPOP_NONCE_REQUIRED, detail)
 
 
+@dataclass(frozen=True, slots=True)
+class _Header:
+    """A proof header that passed every check and whose key is the one a token was bound to."""
+
+    alg: str
+    key: Jwk
+    thumbprint: str
+
+
 class DpopVerifier:
     def __init__(self, settings: Dpop, replay: ReplayCache, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
@@ -135,11 +197,17 @@ class DpopVerifier:
         self.replay = replay
         self.nonces = Nonces(settings.nonce_secret or _PROCESS_NONCE_SECRET, settings.nonce_lifetime_s, clock)
         self.algs_challenge = " ".join(sorted(settings.algorithms))
-        self._headers: OrderedDict[str, tuple[str, Jwk, str]] = OrderedDict()
+        self._headers: OrderedDict[str, _Header] = OrderedDict()
 
-    def verify(self, proof: str | None, method: str, htu: str | None, access_token: str) -> tuple[str, Once]:
-        """Check one proof for a request carrying `access_token`: the proof key's RFC 7638 thumbprint, and the
-        one-time value (the jti, already checked against this agent's replay cache) for a shared cache.
+    def verify(self, proof: str | None, method: str, htu: str | None, access_token: str, jkt: str) -> Once:
+        """Check one proof for a request carrying `access_token`, bound to the key whose RFC 7638 thumbprint is
+        `jkt` (the token's cnf.jkt); returns the one-time value (the jti, already remembered by this agent's
+        replay cache) for a shared cache.
+
+        Cheap checks come first and the costly ones last: the proof's size and shape, its header, then whether
+        its key is the bound one (a hash), then the claims, then the signature, and only then is the jti
+        remembered. A proof by any other key is refused before its signature is checked, and nothing it
+        carries is remembered: it cannot fill the replay cache.
 
         `proof` is the DPoP header as Envoy passed it (repeated headers arrive joined by commas).
         """
@@ -153,15 +221,12 @@ class DpopVerifier:
         parts = proof.split(".")
         if len(parts) != 3:
             raise AuthnError(R.DPOP_PROOF_INVALID, "not a JWT")
+        header = self._header(parts[0], jkt)
         try:
             claims = strict_json_object(b64url_decode(parts[1]))
             signature = b64url_decode(parts[2])
         except ValueError as e:
             raise AuthnError(R.DPOP_PROOF_INVALID, str(e)) from None
-        alg, key, thumbprint = self._header(parts[0])
-        signing_input = proof[: len(parts[0]) + 1 + len(parts[1])].encode("ascii")
-        if not verify_signature(key, alg, signing_input, signature):
-            raise AuthnError(R.DPOP_PROOF_INVALID, "signature does not verify with the header's jwk")
         jti = claims.get("jti")
         if not isinstance(jti, str) or not jti or len(jti) > 256:
             raise AuthnError(R.DPOP_PROOF_INVALID, "jti missing or invalid")
@@ -179,18 +244,27 @@ class DpopVerifier:
         ath = claims.get("ath")
         if not isinstance(ath, str) or not hmac.compare_digest(ath.encode(), access_token_hash(access_token).encode()):
             raise AuthnError(R.DPOP_PROOF_INVALID, "ath does not match the access token")
+        signing_input = proof[: len(parts[0]) + 1 + len(parts[1])].encode("ascii")
+        if not verify_signature(header.key, header.alg, signing_input, signature):
+            raise AuthnError(R.DPOP_PROOF_INVALID, "signature does not verify with the header's jwk")
         if s.use_nonce and not self.nonces.valid(claims.get("nonce")):
             raise NonceRequired("nonce missing" if "nonce" not in claims else "nonce invalid or expired")
         # Remembered for as long as the proof's iat would still be accepted.
-        once = Once(f"dpop:{thumbprint}", jti, s.max_age_s + 2 * s.leeway_s, R.DPOP_PROOF_REPLAYED)
+        once = Once(f"dpop:{header.thumbprint}", jti, s.max_age_s + 2 * s.leeway_s, R.DPOP_PROOF_REPLAYED)
         self.replay.require_new(once)
-        return thumbprint, once
+        return once
 
-    def _header(self, part: str) -> tuple[str, Jwk, str]:
-        """The proof header's alg, key and thumbprint. A client sends the same header with every proof, so the
-        checked result is kept (bounded) by the header's text: no JSON or key parsing per request."""
+    def _header(self, part: str, jkt: str) -> _Header:
+        """The proof header's alg and key, when its key is the one whose thumbprint is `jkt`.
+
+        A client sends the same header with every proof, so a checked header is kept (bounded) by its text:
+        no JSON or key parsing per request. Only headers whose key is a bound one are kept or have their key
+        built, so a stream of headers with other keys costs a hash each and evicts nothing.
+        """
         hit = self._headers.get(part)
         if hit is not None:
+            if not hmac.compare_digest(hit.thumbprint.encode(), jkt.encode()):
+                raise AuthnError(R.DPOP_KEY_MISMATCH, "the proof is signed by another key than the token names")
             return hit
         try:
             header = strict_json_object(b64url_decode(part))
@@ -207,14 +281,21 @@ class DpopVerifier:
         jwk = header.get("jwk")
         if not isinstance(jwk, dict):
             raise AuthnError(R.DPOP_PROOF_INVALID, "no jwk in the header")
+        if PRIVATE_MEMBERS & jwk.keys():
+            raise AuthnError(R.DPOP_PROOF_INVALID, "jwk: private key material")
         try:
-            key = parse_jwk(jwk)  # refuses private members, weak RSA, off-curve points
             thumbprint = jwk_thumbprint(jwk)
+        except ValueError as e:
+            raise AuthnError(R.DPOP_PROOF_INVALID, f"jwk: {e}") from None
+        if not hmac.compare_digest(thumbprint.encode(), jkt.encode()):
+            raise AuthnError(R.DPOP_KEY_MISMATCH, "the proof is signed by another key than the token names")
+        try:
+            key = parse_jwk(jwk)  # refuses weak or costly RSA, off-curve points
         except ValueError as e:
             raise AuthnError(R.DPOP_PROOF_INVALID, f"jwk: {e}") from None
         if alg not in key.algs:
             raise AuthnError(R.DPOP_PROOF_INVALID, "alg does not fit the jwk")
         if len(self._headers) >= 4096:
             self._headers.popitem(last=False)
-        self._headers[part] = (alg, key, thumbprint)
-        return alg, key, thumbprint
+        checked = self._headers[part] = _Header(alg, key, thumbprint)
+        return checked

@@ -15,8 +15,15 @@ from agent.authn.strict import b64url_decode
 PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | ed448.Ed448PublicKey
 
 MIN_RSA_BITS = 2048
+# Larger moduli cost more per verification than they buy; no identity provider or DPoP client needs them.
+MAX_RSA_BITS = 4096
+# The public exponent: odd, at least 65537 (NIST SP 800-56B / FIPS 186-5 ask for more than 2^16) and below
+# 2^32, so that a verification costs at most 32 squarings: a key with a 3,000-bit exponent would make each
+# (refused) signature check cost milliseconds.
+MIN_RSA_EXPONENT = 65537
+MAX_RSA_EXPONENT = 2**32 - 1
 MAX_KEYS = 64
-_PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
+PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 _HASHES: dict[str, type[hashes.HashAlgorithm]] = {
     "256": hashes.SHA256,
     "384": hashes.SHA384,
@@ -42,7 +49,7 @@ class Jwk:
 
 def parse_jwk(d: dict[str, Any]) -> Jwk:
     """Build a key from one JWKS member; raises ValueError for anything not a usable public signing key."""
-    if _PRIVATE_MEMBERS & d.keys():
+    if PRIVATE_MEMBERS & d.keys():
         raise ValueError("private key material in a JWKS")
     kid = d.get("kid")
     if kid is not None and not isinstance(kid, str):
@@ -64,13 +71,15 @@ def parse_jwk(d: dict[str, Any]) -> Jwk:
         e = _uint(d, "e")
         if n.bit_length() < MIN_RSA_BITS:
             raise ValueError(f"RSA key shorter than {MIN_RSA_BITS} bits")
-        if e < 3 or e % 2 == 0:
-            raise ValueError("bad RSA exponent")
+        if n.bit_length() > MAX_RSA_BITS:
+            raise ValueError(f"RSA key longer than {MAX_RSA_BITS} bits")
+        if not MIN_RSA_EXPONENT <= e <= MAX_RSA_EXPONENT or e % 2 == 0:
+            raise ValueError("RSA exponent not odd in 65537..2^32-1")
         key = rsa.RSAPublicNumbers(e, n).public_key()
         algs = _RSA_ALGS
     elif kty == "EC":
         crv = d.get("crv")
-        if crv not in _CURVES:
+        if not isinstance(crv, str) or crv not in _CURVES:
             raise ValueError("unsupported curve")
         curve, coord, ec_alg = _CURVES[crv]
         x, y = _fixed(d, "x", coord), _fixed(d, "y", coord)
@@ -94,6 +103,12 @@ def parse_jwk(d: dict[str, Any]) -> Jwk:
             raise ValueError("alg does not fit the key type")
         algs = frozenset({alg})
     return Jwk(kid=kid, key=key, algs=algs, coord_bytes=coord)
+
+
+def _kid_label(kid: object) -> str:
+    if not isinstance(kid, str):
+        return "no kid"
+    return f"kid {kid[:64]!a}"  # one line of ASCII, whatever the issuer wrote
 
 
 def _uint(d: dict[str, Any], name: str) -> int:
@@ -164,8 +179,8 @@ class KeySet:
         return [k for k in keys if alg in k.algs], True
 
 
-def parse_jwks(doc: dict[str, Any]) -> tuple[KeySet, int]:
-    """Parse a JWKS document; returns the usable keys and how many members were skipped.
+def parse_jwks(doc: dict[str, Any]) -> tuple[KeySet, list[str]]:
+    """Parse a JWKS document; returns the usable keys and, for each member skipped, why (named by its kid).
 
     Raises ValueError when the document is not a JWKS or has no usable key, so that the caller keeps its
     last good key set instead of swapping in an empty one.
@@ -176,15 +191,16 @@ def parse_jwks(doc: dict[str, Any]) -> tuple[KeySet, int]:
     if len(members) > MAX_KEYS:
         raise ValueError(f"more than {MAX_KEYS} keys")
     keys: list[Jwk] = []
-    skipped = 0
-    for m in members:
+    skipped: list[str] = []
+    for i, m in enumerate(members):
         if not isinstance(m, dict):
-            skipped += 1
+            skipped.append(f"member {i}: not an object")
             continue
         try:
             keys.append(parse_jwk(m))
-        except ValueError:
-            skipped += 1
+        except ValueError as e:
+            # The reasons are this module's own words (or cryptography's), never key material.
+            skipped.append(f"member {i} ({_kid_label(m.get('kid'))}): {e}")
     if not keys:
         raise ValueError("no usable signing key")
     return KeySet(keys), skipped

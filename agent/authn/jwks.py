@@ -73,8 +73,8 @@ class KeyStore:
         self.keys = keys
         self.fetched_at = self._clock()
         self.last_error = None
-        if skipped:
-            log.warning("identity provider %s: skipped %d unusable JWKS members", self.idp.name, skipped)
+        for why in skipped:
+            log.warning("identity provider %s: skipped a JWKS member, %s", self.idp.name, why)
         return True
 
     async def _jwks_url(self) -> str:

@@ -153,6 +153,10 @@ def test_dpop_through_envoy(tls_stack: TlsStack) -> None:
     forged = {"authorization": f"DPoP {token}", "dpop": thief.proof("GET", url, token)}
     r = tls_stack.call("GET", "/v1/orders", forged)
     assert r.status == 401 and r.json()["reason"] == R.DPOP_KEY_MISMATCH
+    # RFC 9449 §4.3 compares htu after RFC 3986 normalisation, dot segments included (§6.2.2.3).
+    dotted = {"authorization": f"DPoP {token}", "dpop": client.proof("GET", url.replace("/v1/", "/v1/x/../"), token)}
+    r = tls_stack.call("GET", "/v1/orders", dotted)
+    assert r.status == 200, r.body
     plain = tls_stack.call("POST", "/v1/orders", {"authorization": f"Bearer {tls_stack.idp.mint(roles=['writer'])}"})
     assert plain.status == 401 and plain.headers["www-authenticate"].startswith('DPoP error="invalid_token"')
 

@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import textwrap
+import time
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
@@ -20,7 +21,7 @@ from agent import reasons as R
 from agent.audit.records import decision_record
 from agent.config import load_policy
 from agent.engine import Decision, Engine, RequestView
-from tests.keys import SigningKey, b64, claims, dpop_proof, jkt, make_key, mint
+from tests.keys import SigningKey, b64, claims, dpop_proof, jkt, make_key, mint, rsa_with_exponent
 
 ROUTES = textwrap.dedent("""\
     hmac_clients:
@@ -136,6 +137,147 @@ async def test_dpop_nonces_through_the_engine(
     assert headers["www-authenticate"].startswith('DPoP error="use_dpop_nonce"')
     retry = dpop_request(client_key, token, nonce=headers["dpop-nonce"])
     assert decide(engine, "GET", "/v1/orders", retry).allowed
+
+
+async def small_cache_engine(write_policy: Callable[..., Path], tmp_path: Path) -> Engine:
+    """An engine whose replay cache has the documented minimum size (1024 entries)."""
+    (tmp_path / "billing.key").write_text(base64.b64encode(HMAC_KEY).decode())
+    engine = Engine.for_policy(load_policy(write_policy("dpop: {replay_cache_entries: 1024}\n" + ROUTES)))
+    for s in engine.stores.values():
+        assert await s.refresh()
+    return engine
+
+
+async def test_proofs_by_another_key_never_reach_the_replay_cache(
+    write_policy: Callable[..., Path], tmp_path: Path, keys: dict[str, SigningKey], client_key: SigningKey
+) -> None:
+    # Issue 11 item 4: anyone holding any bound token could fill the cache with their own key's proofs.
+    engine = await small_cache_engine(write_policy, tmp_path)
+    token = mint(keys["ES256"], claims(cnf={"jkt": jkt(client_key)}))
+    thief = make_key("ES256", "thief")
+    for _ in range(1100):
+        d = decide(engine, "GET", "/v1/orders", dpop_request(thief, token))
+        assert (d.status, d.reason) == (401, R.DPOP_KEY_MISMATCH)
+    assert len(engine.replay) == 0  # no jti of a proof by the wrong key was remembered
+    assert decide(engine, "GET", "/v1/orders", dpop_request(client_key, token)).allowed
+
+
+async def test_a_proof_by_another_key_is_refused_before_its_signature_is_checked(
+    write_policy: Callable[..., Path], tmp_path: Path, keys: dict[str, SigningKey], client_key: SigningKey
+) -> None:
+    engine = await small_cache_engine(write_policy, tmp_path)
+    token = mint(keys["ES256"], claims(cnf={"jkt": jkt(client_key)}))
+    thief = dpop_request(make_key("ES256", "thief"), token)
+    head, body, _ = thief["dpop"].split(".")
+    garbage = {**thief, "dpop": f"{head}.{body}.{b64(bytes(64))}"}
+    assert decide(engine, "GET", "/v1/orders", garbage).reason == R.DPOP_KEY_MISMATCH
+    # The costly key (issue 11 item 5) is never even built when it is not the bound one.
+    hostile, sign = rsa_with_exponent((1 << 3059) | 1)
+    header = {"typ": "dpop+jwt", "alg": "RS256", "jwk": hostile}
+    proof = {"jti": "h1", "htm": "GET", "htu": f"https://{HOST}/v1/orders", "iat": int(time.time()),
+             "ath": b64(hashlib.sha256(token.encode()).digest())}  # fmt: skip
+    si = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(proof).encode())}"
+    d = decide(
+        engine, "GET", "/v1/orders", {"authorization": f"DPoP {token}", "dpop": f"{si}.{b64(sign(si.encode()))}"}
+    )
+    assert d.reason == R.DPOP_KEY_MISMATCH
+
+
+async def test_a_proof_key_with_a_huge_rsa_exponent_is_refused_even_when_the_token_is_bound_to_it(
+    write_policy: Callable[..., Path], tmp_path: Path, keys: dict[str, SigningKey]
+) -> None:
+    engine = await small_cache_engine(write_policy, tmp_path)
+    hostile, sign = rsa_with_exponent((1 << 3059) | 1)
+    thumbprint = b64(hashlib.sha256(json.dumps({k: hostile[k] for k in ("e", "kty", "n")},
+                                               separators=(",", ":")).encode()).digest())  # fmt: skip
+    token = mint(keys["ES256"], claims(cnf={"jkt": thumbprint}))
+    header = {"typ": "dpop+jwt", "alg": "RS256", "jwk": hostile}
+    proof = {"jti": "h2", "htm": "GET", "htu": f"https://{HOST}/v1/orders", "iat": int(time.time()),
+             "ath": b64(hashlib.sha256(token.encode()).digest())}  # fmt: skip
+    si = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(proof).encode())}"
+    request = {"authorization": f"DPoP {token}", "dpop": f"{si}.{b64(sign(si.encode()))}"}
+    trace: list[str] = []
+    d = engine.decide(RequestView("GET", "/v1/orders", HOST, request, scheme="https"), trace)
+    assert isinstance(d, Decision)
+    assert (d.status, d.reason) == (401, R.DPOP_PROOF_INVALID)
+    assert any("exponent" in line for line in trace), trace
+    assert len(engine.replay) == 0
+
+
+async def test_one_bound_key_cannot_fill_the_replay_cache(
+    write_policy: Callable[..., Path], tmp_path: Path, keys: dict[str, SigningKey], client_key: SigningKey
+) -> None:
+    # A holder of a legitimately bound token adds its own jtis (even on 403s and 429s: the proof is checked
+    # first). Once the cache is half full, one key keeps at most a sixteenth of it.
+    engine = await small_cache_engine(write_policy, tmp_path)
+    token = mint(keys["ES256"], claims(cnf={"jkt": jkt(client_key)}))
+    accepted = 0
+    for _ in range(1100):
+        d = decide(engine, "GET", "/v1/orders", dpop_request(client_key, token))
+        if not d.allowed:
+            assert (d.status, d.reason) == (503, R.REPLAY_CACHE_FULL)
+            break
+        accepted += 1
+    assert 64 <= accepted <= 1024 // 2
+    other = make_key("ES256", "other-client")
+    other_token = mint(keys["ES256"], claims(sub="bob", cnf={"jkt": jkt(other)}))
+    for _ in range(64):
+        assert decide(engine, "GET", "/v1/orders", dpop_request(other, other_token)).allowed
+
+
+def pyjwt_proof(key: SigningKey, method: str, url: str, token: str) -> str:
+    """A DPoP proof made by PyJWT (not the joserfc of tests.keys, not the agent's code)."""
+    import uuid
+
+    import jwt as pyjwt
+    from jwt.algorithms import ECAlgorithm
+
+    jwk = ECAlgorithm.to_jwk(key.private.public_key(), as_dict=True)
+    body = {"jti": uuid.uuid4().hex, "htm": method, "htu": url, "iat": int(time.time()),
+            "ath": b64(hashlib.sha256(token.encode("ascii")).digest())}  # fmt: skip
+    return pyjwt.encode(body, key.private, algorithm="ES256", headers={"typ": "dpop+jwt", "jwk": jwk})
+
+
+@pytest.mark.parametrize(
+    "htu",
+    [
+        f"https://{HOST}/v1/x/../orders",
+        f"https://{HOST}/v1/./orders",
+        f"https://{HOST}/../v1/orders",
+        f"https://{HOST}/v1/a/b/../../orders",
+        f"https://{HOST}/v1/%2E%2E/v1/orders",  # %2E is '.', an unreserved character (RFC 3986 §2.3)
+        f"HTTPS://{HOST.upper()}:443/v1/./x/%2e%2E/orders",
+        f"https://{HOST}/v1/orders/../orders",  # RFC 3986 §5.2.4: the last segment goes, then '..' climbs
+    ],
+)
+def test_a_proof_whose_htu_has_dot_segments_passes_after_rfc3986_normalisation(
+    engine: Engine, keys: dict[str, SigningKey], client_key: SigningKey, htu: str
+) -> None:
+    token = mint(keys["ES256"], claims(cnf={"jkt": jkt(client_key)}))
+    request = {"authorization": f"DPoP {token}", "dpop": pyjwt_proof(client_key, "GET", htu, token)}
+    assert decide(engine, "GET", "/v1/orders", request).allowed
+
+
+@pytest.mark.parametrize(
+    "htu",
+    [
+        f"https://{HOST}/v1/orders/x/..",  # is /v1/orders/, another resource
+        f"https://{HOST}/v1/orders/.",
+        f"https://{HOST}/v1/..orders",  # not a dot segment
+        f"https://{HOST}/v1/.../orders",
+        f"https://{HOST}/v1/%2E%2E%2Forders",  # an encoded '/' is not a separator
+        f"https://{HOST}/v1/or\tders",  # not a URI; a lenient parser would drop the tab
+        f"https://{HOST}/v1/or\nders",
+        f"https://{HOST}/v1/orders\n",
+        f"https://{HOST}\\@evil.test/v1/orders",
+    ],
+)
+def test_normalisation_never_makes_another_uri_equal(
+    engine: Engine, keys: dict[str, SigningKey], client_key: SigningKey, htu: str
+) -> None:
+    token = mint(keys["ES256"], claims(cnf={"jkt": jkt(client_key)}))
+    request = {"authorization": f"DPoP {token}", "dpop": pyjwt_proof(client_key, "GET", htu, token)}
+    assert decide(engine, "GET", "/v1/orders", request).reason == R.DPOP_PROOF_INVALID, htu
 
 
 def cert_pem(cert: trustme.LeafCert) -> str:

@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from typing import Any
 
 import pytest
+from joserfc.jwk import JWKRegistry
 
 from agent import reasons as R
-from agent.authn.dpop import DpopVerifier, NonceRequired, access_token_hash, jwk_thumbprint, normal_htu, normal_uri
-from agent.authn.replay import ReplayCache
+from agent.authn.dpop import (
+    DpopVerifier,
+    NonceRequired,
+    access_token_hash,
+    jwk_thumbprint,
+    normal_htu,
+    normal_uri,
+    remove_dot_segments,
+)
+from agent.authn.replay import Once, ReplayCache, Seen
 from agent.config.model import Dpop
 from agent.errors import AuthnError
 from tests.clock import Clock
-from tests.keys import SigningKey, b64, dpop_proof, jkt, make_key
+from tests.keys import SigningKey, b64, dpop_proof, jkt, make_key, rsa_with_exponent
 
 # RFC 7638 §3.1
 RFC7638_JWK = {
@@ -58,9 +68,29 @@ def es256() -> SigningKey:
     return make_key("ES256", "client")
 
 
-def refused(v: DpopVerifier, proof: str | None, token: str = "tok", method: str = "GET", htu: str | None = HTU) -> str:
+def key_in(proof: str | None) -> str:
+    """The RFC 7638 thumbprint (by joserfc) of the jwk in a proof's header: a token bound to the proof's key."""
+    try:
+        header = json.loads(base64.urlsafe_b64decode(proof.split(".")[0] + "==")) if proof else {}
+        return str(JWKRegistry.import_key(header["jwk"]).thumbprint())
+    except Exception:  # a header made broken on purpose: bound to no key in particular
+        return "no-key-at-all"
+
+
+def check(
+    v: DpopVerifier, proof: str | None, method: str = "GET", htu: str | None = HTU, token: str = "tok",
+    bound: str | None = None,
+) -> Once:  # fmt: skip
+    """Verify `proof` for a request with `token`, bound (cnf.jkt) to `bound`, by default the proof's own key."""
+    return v.verify(proof, method, htu, token, key_in(proof) if bound is None else bound)
+
+
+def refused(
+    v: DpopVerifier, proof: str | None, token: str = "tok", method: str = "GET", htu: str | None = HTU,
+    bound: str | None = None,
+) -> str:  # fmt: skip
     with pytest.raises(AuthnError) as e:
-        v.verify(proof, method, htu, token)
+        check(v, proof, method, htu, token, bound)
     return e.value.reason + (f": {e.value.detail}" if e.value.detail else "")
 
 
@@ -74,21 +104,27 @@ def test_rfc9449_resource_proof_with_a_frozen_clock() -> None:
     assert access_token_hash(RFC9449_TOKEN) == "fUHyO2r2Z3DZ53EsNrWBb0xWXoaNy59IiKCAqksmQEo"
     v = verifier(Clock(1562262618))
     htu = normal_uri("https", "resource.example.org", "/protectedresource")
-    assert v.verify(RFC9449_PROOF, "GET", htu, RFC9449_TOKEN)[0] == RFC9449_JKT
-    assert refused(v, RFC9449_PROOF, RFC9449_TOKEN, htu=htu) == R.DPOP_PROOF_REPLAYED
+    assert check(v, RFC9449_PROOF, htu=htu, token=RFC9449_TOKEN, bound=RFC9449_JKT).value == "e1j3V_bKic8-LAEB"
+    assert refused(v, RFC9449_PROOF, RFC9449_TOKEN, htu=htu, bound=RFC9449_JKT) == R.DPOP_PROOF_REPLAYED
     # The same proof a minute and a half later is too old, whoever sends it.
     late = verifier(Clock(1562262618 + 90))
-    assert refused(late, RFC9449_PROOF, RFC9449_TOKEN, htu=htu).startswith(R.DPOP_PROOF_INVALID + ": iat")
+    assert refused(late, RFC9449_PROOF, RFC9449_TOKEN, htu=htu, bound=RFC9449_JKT).startswith(
+        R.DPOP_PROOF_INVALID + ": iat"
+    )
 
 
 def test_a_fresh_proof_from_joserfc_passes_and_names_its_key(es256: SigningKey) -> None:
-    assert verifier().verify(dpop_proof(es256, "GET", URL, "tok"), "GET", HTU, "tok")[0] == jkt(es256)
+    check(verifier(), dpop_proof(es256, "GET", URL, "tok"), bound=jkt(es256))
+    other = jkt(make_key("ES256", "other"))
+    assert refused(verifier(), dpop_proof(es256, "GET", URL, "tok"), bound=other) == (
+        f"{R.DPOP_KEY_MISMATCH}: the proof is signed by another key than the token names"
+    )
 
 
 @pytest.mark.parametrize("alg", ["ES384", "PS256", "RS256", "EdDSA"])
 def test_other_asymmetric_algorithms(alg: str) -> None:
     key = make_key(alg, "client")
-    assert verifier().verify(dpop_proof(key, "GET", URL, "tok"), "GET", HTU, "tok")[0] == jkt(key)
+    check(verifier(), dpop_proof(key, "GET", URL, "tok"), bound=jkt(key))
 
 
 @pytest.mark.parametrize(
@@ -108,9 +144,91 @@ def test_htu_is_compared_after_rfc3986_normalisation(es256: SigningKey, url: str
     proof = dpop_proof(es256, "GET", url, "tok")
     if ok:
         assert normal_htu(url) == HTU
-        assert verifier().verify(proof, "GET", HTU, "tok")
+        assert check(verifier(), proof)
     else:
         assert refused(verifier(), proof) == f"{R.DPOP_PROOF_INVALID}: htu does not match the request URI"
+
+
+# RFC 3986 §5.2.4 and §5.4: paths with dot segments and what they are once the dots are removed.
+DOT_SEGMENTS = [
+    ("/a/b/c/./../../g", "/a/g"),
+    ("/b/c/./g", "/b/c/g"),
+    ("/b/c/.", "/b/c/"),
+    ("/b/c/..", "/b/"),
+    ("/b/c/../..", "/"),
+    ("/b/c/../../../../g", "/g"),
+    ("/./g", "/g"),
+    ("/../g", "/g"),
+    ("/g.", "/g."),
+    ("/.g", "/.g"),
+    ("/g..", "/g.."),
+    ("/..g", "/..g"),
+    ("/b/c/./../g", "/b/g"),
+    ("/b/c/g/./h", "/b/c/g/h"),
+    ("/b/c/g/../h", "/b/c/h"),
+    ("/b//../c", "/b/c"),
+    ("/b/%2e/c/%2E%2e/d", "/b/d"),
+    ("/b/.%2E/c", "/c"),
+]
+
+
+@pytest.mark.parametrize(("path", "normal"), DOT_SEGMENTS)
+def test_htu_dot_segments_are_removed_as_rfc3986_says(path: str, normal: str) -> None:
+    assert normal_htu(f"https://api.example.test{path}") == f"https://api.example.test{normal}"
+    assert remove_dot_segments(path.replace("%2e", ".").replace("%2E", ".")) == normal
+
+
+def test_htu_normalisation_agrees_with_yarl_on_many_paths() -> None:
+    # yarl (aio-libs) normalises absolute URLs on its own: an independent reading of RFC 3986 §5.2.4.
+    import itertools
+    import random
+
+    import yarl
+
+    rnd = random.Random(11)
+    pieces = ["a", "b", ".", "..", "", "%2E", "%2e%2E", "c.d", "...", ".e", "%41"]
+    for n in itertools.chain(range(1, 6), [8] * 400):
+        path = "/" + "/".join(rnd.choice(pieces) for _ in range(n))
+        ours = normal_htu(f"https://h.test{path}")
+        theirs = yarl.URL(f"https://h.test{path}").raw_path.replace("%41", "A")  # yarl keeps %41 as sent
+        assert ours == f"https://h.test{theirs}", path
+
+
+@pytest.mark.parametrize(
+    "htu",
+    [
+        "https://api.example.test/v1/or\tders",
+        "https://api.example.test/v1/orders\r\n",
+        "https://api.example.test/v1/\u00f6rders",
+        "https://api.example.test/v1/or ders",
+        "https://api.example.test/v1/or\\ders",
+        "https://api.example.test/v1/%zzorders",
+        "https://:443/v1/orders",
+        "https:///v1/orders",
+        "",
+    ],
+)
+def test_an_htu_that_is_not_a_uri_matches_nothing(htu: str) -> None:
+    assert normal_htu(htu) is None
+
+
+def test_the_request_side_refuses_dot_segments_instead_of_removing_them() -> None:
+    # The agent's routes judged the path as sent; it must be compared as sent too.
+    assert normal_uri("https", "api.example.test", "/v1/x/../orders") is None
+    assert normal_uri("https", "api.example.test", "/v1/%2e/orders") is None
+    assert normal_uri("https", "API.example.test:443", "/v1/orders?x=1") == HTU
+    assert normal_uri("https", "api.example.test:", "/v1/orders") == HTU
+    assert normal_uri("https", "[::1]:443", "/") == "https://[::1]/"
+    assert normal_uri("https", "[::1]", "/") == "https://[::1]/"
+
+
+def test_a_proof_key_that_breaks_the_rsa_rules_is_refused_before_its_signature_is_checked() -> None:
+    hostile, sign = rsa_with_exponent((1 << 3059) | 1)
+    header = {"typ": "dpop+jwt", "alg": "RS256", "jwk": hostile}
+    si = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(claims()).encode())}"
+    proof = f"{si}.{b64(sign(si.encode()))}"
+    assert refused(verifier(), proof) == f"{R.DPOP_PROOF_INVALID}: jwk: RSA exponent not odd in 65537..2^32-1"
+    assert refused(verifier(), proof, bound=jkt(make_key("ES256", "someone"))).startswith(R.DPOP_KEY_MISMATCH)
 
 
 def forge(header: dict[str, Any], claims: dict[str, Any], key: SigningKey) -> str:
@@ -158,6 +276,10 @@ def test_each_rejection_rule(es256: SigningKey) -> None:
         "duplicate JSON member": forge({"typ": "dpop+jwt", "alg": "ES256", "jwk": jwk}, claims(), es256).replace(
             b64(json.dumps(claims()).encode()), b64(b'{"jti":"a","jti":"b"}')
         ),
+        # Members of the wrong JSON type once raised TypeError (unhashable) and answered 500.
+        "jwk kty a list": forge({"typ": "dpop+jwt", "alg": "ES256", "jwk": {**jwk, "kty": ["EC"]}}, claims(), es256),
+        "jwk crv a list": forge({"typ": "dpop+jwt", "alg": "ES256", "jwk": {**jwk, "crv": ["P-256"]}}, claims(), es256),
+        "jwk crv an object": forge({"typ": "dpop+jwt", "alg": "ES256", "jwk": {**jwk, "crv": {}}}, claims(), es256),
     }
     v = verifier()
     got = {name: refused(v, proof) for name, proof in cases.items()}
@@ -169,7 +291,7 @@ def test_each_rejection_rule(es256: SigningKey) -> None:
 def test_a_replayed_proof_is_refused_and_an_algorithm_off_the_list_too(es256: SigningKey) -> None:
     v = verifier()
     proof = dpop_proof(es256, "GET", URL, "tok")
-    v.verify(proof, "GET", HTU, "tok")
+    check(v, proof)
     assert refused(v, proof) == R.DPOP_PROOF_REPLAYED
     assert refused(verifier(algorithms=frozenset({"EdDSA"})), dpop_proof(es256, "GET", URL, "tok")) == (
         f"{R.DPOP_PROOF_INVALID}: alg not allowed"
@@ -179,31 +301,62 @@ def test_a_replayed_proof_is_refused_and_an_algorithm_off_the_list_too(es256: Si
 def test_the_replay_cache_is_bounded_in_time_and_fails_closed_when_full(es256: SigningKey) -> None:
     clock = Clock()
     v = verifier(clock, replay_cache_entries=1024)
-    for i in range(1024):
-        v.verify(dpop_proof(es256, "GET", URL, "tok", jti=f"j{i}", iat=int(clock.now)), "GET", HTU, "tok")
-    assert refused(v, dpop_proof(es256, "GET", URL, "tok", iat=int(clock.now))) == R.REPLAY_CACHE_FULL
+
+    def fresh(key: SigningKey) -> str:
+        return dpop_proof(key, "GET", URL, "tok", iat=int(clock.now))
+
+    for _ in range(512):  # one key may take up to half the cache
+        check(v, fresh(es256))
+    assert refused(v, fresh(es256)) == R.REPLAY_CACHE_FULL
+    for i in range(8):  # past half full, each other key a sixteenth
+        key = make_key("ES256", f"client-{i}")
+        for _ in range(64):
+            check(v, fresh(key))
+        assert refused(v, fresh(key)) == R.REPLAY_CACHE_FULL
+    assert len(v.replay) == 1024
+    assert refused(v, fresh(make_key("ES256", "newcomer"))) == R.REPLAY_CACHE_FULL
     clock.now += 60 + 2 * 5 + 1  # every remembered jti is past the window in which its proof was acceptable
-    v.verify(dpop_proof(es256, "GET", URL, "tok", iat=int(clock.now)), "GET", HTU, "tok")
+    check(v, fresh(es256))
     assert len(v.replay) == 1
+
+
+def test_one_namespace_keeps_at_most_its_share_once_the_cache_is_half_full() -> None:
+    clock = Clock()
+    cache = ReplayCache(1024, clock)
+    for i in range(100):
+        assert cache.check_and_remember("b", f"v{i}", 10) is Seen.NEW
+    for i in range(412):
+        assert cache.check_and_remember("a", f"v{i}", 70) is Seen.NEW
+    assert (len(cache), cache.held("a"), cache.held("b")) == (512, 412, 100)
+    assert cache.check_and_remember("a", "more", 70) is Seen.FULL  # half full, and "a" holds over 1024 / 16
+    assert cache.check_and_remember("b", "more", 70) is Seen.FULL
+    assert cache.check_and_remember("c", "first", 70) is Seen.NEW  # a newcomer still gets its share
+    assert cache.check_and_remember("a", "v0", 70) is Seen.REPLAYED  # refusing a repeat never needs room
+    clock.now += 11  # "b"'s values expire: the cache is under half full again
+    assert cache.check_and_remember("a", "more", 70) is Seen.NEW
+    assert cache.held("b") == 0
+    clock.now += 70
+    assert cache.check_and_remember("a", "later", 70) is Seen.NEW
+    assert (len(cache), cache.held("a"), cache.held("c")) == (1, 1, 0)
 
 
 def test_server_nonces(es256: SigningKey) -> None:
     clock = Clock()
     v = verifier(clock, use_nonce=True, nonce_lifetime_s=300)
     with pytest.raises(NonceRequired):
-        v.verify(dpop_proof(es256, "GET", URL, "tok"), "GET", HTU, "tok")
+        check(v, dpop_proof(es256, "GET", URL, "tok"))
     nonce = v.nonces.issue()
-    assert v.verify(dpop_proof(es256, "GET", URL, "tok", nonce=nonce), "GET", HTU, "tok")[0] == jkt(es256)
+    check(v, dpop_proof(es256, "GET", URL, "tok", nonce=nonce))
     with pytest.raises(NonceRequired):  # a nonce this agent did not issue
-        v.verify(dpop_proof(es256, "GET", URL, "tok", nonce=nonce[:-2] + "AA"), "GET", HTU, "tok")
+        check(v, dpop_proof(es256, "GET", URL, "tok", nonce=nonce[:-2] + "AA"))
     foreign = verifier(clock, nonce_secret=b"o" * 32).nonces.issue()
     with pytest.raises(NonceRequired):  # issued with another secret
-        v.verify(dpop_proof(es256, "GET", URL, "tok", nonce=foreign), "GET", HTU, "tok")
+        check(v, dpop_proof(es256, "GET", URL, "tok", nonce=foreign))
     clock.now += 301
     with pytest.raises(NonceRequired):  # expired
-        v.verify(dpop_proof(es256, "GET", URL, "tok", nonce=nonce, iat=int(clock.now)), "GET", HTU, "tok")
+        check(v, dpop_proof(es256, "GET", URL, "tok", nonce=nonce, iat=int(clock.now)))
     shared = b"s" * 32
     a = verifier(clock, use_nonce=True, nonce_secret=shared)
     b = verifier(clock, use_nonce=True, nonce_secret=shared)
     proof = dpop_proof(es256, "GET", URL, "tok", nonce=a.nonces.issue(), iat=int(clock.now))
-    assert b.verify(proof, "GET", HTU, "tok")[0] == jkt(es256)  # replicas sharing nonce_secret_file
+    check(b, proof)  # replicas sharing nonce_secret_file

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from agent.authn.jwk import parse_jwk, parse_jwks
 from agent.authn.strict import b64url_decode, is_number, strict_json_object
-from tests.keys import SigningKey, b64
+from agent.config import load_policy
+from agent.engine import Decision, Engine, RequestView
+from tests.keys import SigningKey, b64, mint
 
 
 def test_private_key_material_in_a_jwks_is_never_used(keys: dict[str, SigningKey]) -> None:
@@ -51,7 +58,70 @@ def test_a_jwks_with_no_usable_key_is_an_error_so_the_last_good_set_stays(keys: 
     with pytest.raises(ValueError):
         parse_jwks({"keys": "nope"})
     ks, skipped = parse_jwks({"keys": [keys["ES256"].public_jwk, {"kty": "oct", "k": "AAAA"}, 5]})
-    assert (ks.size, skipped) == (1, 2)
+    assert (ks.size, len(skipped)) == (1, 2)
+
+
+def rsa_jwk(n: int, e: int) -> dict[str, str]:
+    return {"kty": "RSA", "n": b64(n.to_bytes((n.bit_length() + 7) // 8, "big")),
+            "e": b64(e.to_bytes((e.bit_length() + 7) // 8, "big"))}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def n2048() -> int:
+    return rsa.generate_private_key(65537, 2048).public_key().public_numbers().n
+
+
+@pytest.mark.parametrize(
+    ("e", "ok"),
+    [(65537, True), (2**32 - 1, True), (65539, True), (3, False), (17, False), (65535, False), (65538, False),
+     (2**32 + 1, False), pytest.param((1 << 3059) | 1, False, id="3060-bit")],
+)  # fmt: skip
+def test_rsa_exponents_are_odd_and_between_65537_and_2_to_the_32(n2048: int, e: int, ok: bool) -> None:
+    # A 3,000-bit exponent made each refused DPoP proof cost ~9 ms; e = 3 invites old padding attacks.
+    if ok:
+        assert parse_jwk(rsa_jwk(n2048, e)).algs
+    else:
+        with pytest.raises(ValueError, match="exponent"):
+            parse_jwk(rsa_jwk(n2048, e))
+
+
+def test_rsa_moduli_are_2048_to_4096_bits(n2048: int) -> None:
+    big = rsa.generate_private_key(65537, 4096).public_key().public_numbers().n
+    assert parse_jwk(rsa_jwk(big, 65537)).algs
+    with pytest.raises(ValueError, match="4096"):
+        parse_jwk(rsa_jwk((1 << 4096) | n2048, 65537))
+    with pytest.raises(ValueError, match="2048"):
+        parse_jwk(rsa_jwk(n2048 >> 1 | 1, 65537))
+
+
+@pytest.mark.parametrize("bad", [{"kty": ["EC"]}, {"kty": "EC", "crv": ["P-256"]}, {"kty": "OKP", "crv": {}}])
+def test_members_of_the_wrong_json_type_are_a_value_error(bad: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        parse_jwk(bad)
+
+
+async def test_a_jwks_key_that_breaks_the_rules_is_skipped_by_kid_and_the_rest_stay_usable(
+    write_policy: Callable[..., Path], tmp_path: Path, keys: dict[str, SigningKey], n2048: int,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    engine = Engine.for_policy(load_policy(write_policy()))
+    hostile = {**rsa_jwk(n2048, (1 << 3059) | 1), "kid": "huge-exponent"}
+    odd = {"kty": "EC", "crv": ["P-256"], "kid": "odd\ncurve"}
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": [hostile, keys["ES256"].public_jwk, odd]}))
+    caplog.set_level(logging.WARNING, "agent.jwks")
+    (store,) = engine.stores.values()
+    assert await store.refresh()
+    assert store.keys is not None and set(store.keys.by_kid) == {"kid-ES256"}
+    assert "member 0 (kid 'huge-exponent'): RSA exponent not odd in 65537..2^32-1" in caplog.text
+    assert "member 2 (kid 'odd\\ncurve'): unsupported curve" in caplog.text
+    assert hostile["n"][:40] not in caplog.text and hostile["e"][:40] not in caplog.text
+    assert decide_token(engine, mint(keys["ES256"])).allowed
+
+
+def decide_token(engine: Engine, token: str) -> Decision:
+    d = engine.decide(RequestView("GET", "/v1/orders", "api.example.test", {"authorization": f"Bearer {token}"}))
+    assert isinstance(d, Decision)
+    return d
 
 
 @pytest.mark.parametrize("bad", ["YQ==", "YQ=", "a+b/", "a b", "A", "YR"])
