@@ -364,8 +364,12 @@ async def serve(
         token_cache_entries=token_cache_entries,
         audit_format=audit_format,
     )
-    await server.start()
+    # Signals first: a SIGTERM that comes while the port is already open must drain, not kill.
     stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
     client_task: asyncio.Task[None] | None = None
     shared_task: asyncio.Task[None] | None = None
     if control is not None:
@@ -386,9 +390,6 @@ async def serve(
             log.info("serving the last good bundle %s until the control plane answers", client.version)
         client_task = asyncio.get_running_loop().create_task(client.run(stop))
         shared_task = asyncio.get_running_loop().create_task(client.watch_shared(stop))
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("stopping: draining in-flight checks")
     await asyncio.gather(*(t for t in (client_task, shared_task) if t is not None), return_exceptions=True)
