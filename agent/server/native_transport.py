@@ -17,6 +17,7 @@ from google.protobuf.message import DecodeError
 from agent._wire import WireError, decode_check_request, encode_check_response
 from agent.engine import Decision, Engine
 from agent.envoyconf import MAX_CHECK_REQUEST_BYTES
+from agent.server.ratelog import RateLimitedLog
 
 log = logging.getLogger("agent.native")
 
@@ -56,12 +57,14 @@ class NativeTransport:
         self.port = 0
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[Any] = set()
+        self._ratelog = RateLimitedLog(log)
 
     def _handle(self, path: bytes, message: bytes) -> bytes | int | Awaitable[bytes | int]:
         if path == CHECK:
             try:
                 view = decode_check_request(message)
-            except WireError:
+            except WireError as e:
+                self._ratelog.warning("malformed", f"malformed CheckRequest answered INVALID_ARGUMENT: {e}")
                 return INVALID_ARGUMENT
             decision = self._engine().decide(view)
             if isinstance(decision, Decision):
