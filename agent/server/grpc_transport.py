@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from agent.engine import Decision, Engine
 from agent.envoyconf import MAX_CHECK_REQUEST_BYTES
 from agent.server.envoy_wire import decode, encode
+from agent.server.limits import TransportLimits
 from agent.server.ratelog import RateLimitedLog
 
 SERVICE_NAME = "envoy.service.auth.v3.Authorization"
@@ -47,12 +48,16 @@ class AuthorizationServicer:
 
 
 class GrpcTransport:
-    def __init__(self, engine: Callable[[], Engine], listen: str) -> None:
+    def __init__(self, engine: Callable[[], Engine], listen: str, limits: TransportLimits | None = None) -> None:
+        lim = limits or TransportLimits()
         self.server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", MAX_CHECK_REQUEST_BYTES),
                 ("grpc.max_concurrent_streams", 1024),
                 ("grpc.so_reuseport", 0),
+                ("grpc.max_allowed_incoming_connections", lim.max_connections),
+                ("grpc.max_connection_idle_ms", int(lim.idle_timeout_s * 1000)),
+                ("grpc.server_handshake_timeout_ms", int(lim.handshake_timeout_s * 1000)),
             ]
         )
         check = grpc.unary_unary_rpc_method_handler(
