@@ -223,8 +223,11 @@ cdef int on_data_chunk(nghttp2_session *session, uint8_t flags, int32_t stream_i
             st.head_len += <int>take
             data += take
             n -= take
-            if st.head_len == 5 and not self.admit(st):
-                return 0
+            if st.head_len == 5:
+                if not self.admit(st):
+                    return 0
+                if <size_t>st.length > n:
+                    self.list_partial(st)  # it will not be whole by the end of this chunk
         if n:
             if <size_t>(st.length - st.pos) < n:
                 # More than the one message a unary call carries: answered now, not buffered.
@@ -256,6 +259,8 @@ cdef int on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame, voi
             st.ended = True
             if not st.answered:
                 self.dispatch(st)
+        elif st.reserved:
+            self.list_partial(st)  # whole, but its END_STREAM is still to come
     except BaseException:
         log.exception("native transport: dispatch failed")
         return NGHTTP2_ERR_CALLBACK_FAILURE
@@ -522,14 +527,23 @@ cdef class GrpcProtocol:
             owner.refuse(victim, NGHTTP2_REFUSED_STREAM)
             if owner is not self:
                 owner.flush()  # inside this connection's callbacks only its own session may not send
+        if limits.reserved + length > limits.total_buffer:
+            limits.refused_over_budget += 1  # the rest are being received this moment: this one waits its turn
+            self.refuse(st, NGHTTP2_REFUSED_STREAM)
+            return False
         st.length = length
         st.message = PyBytes_FromStringAndSize(NULL, length)  # one allocation, filled as DATA arrives
         st.reserved = True
         self.reserved += length
         limits.reserved += length
-        st.in_partial = True
-        limits.partial[st] = self
         return True
+
+    cdef void list_partial(self, _Stream st) except *:
+        """An unfinished message the total budget may refuse, oldest first. (One that is whole in the chunk
+        that announced it, the common case, is dispatched before anything else is admitted: never listed.)"""
+        if not st.in_partial:
+            st.in_partial = True
+            self.limits.partial[st] = self
 
     cdef void check_headers(self, _Stream st) except *:
         if st.header_bytes > MAX_HEADER_LIST:

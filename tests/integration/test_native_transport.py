@@ -180,6 +180,22 @@ async def test_non_grpc_requests_get_415(server: AgentServer) -> None:
         c.close()
 
 
+async def test_end_stream_in_a_later_empty_frame_is_served(server: AgentServer) -> None:
+    # Some clients send the whole message, then END_STREAM on an empty DATA frame of its own.
+    c = RawH2(server.port)
+    try:
+        sid = c.conn.get_next_available_stream_id()
+        c.conn.send_headers(sid, GRPC_HEADERS)
+        c.conn.send_data(sid, frame(check_request()))
+        c.sock.sendall(c.conn.data_to_send())
+        c.conn.send_data(sid, b"", end_stream=True)
+        c.sock.sendall(c.conn.data_to_send())
+        assert c.status(await in_thread(lambda: c.read(sid))) == "0"
+        assert server.transport.stats()["reserved_bytes"] == 0  # type: ignore[union-attr]
+    finally:
+        c.close()
+
+
 @pytest.mark.parametrize(
     "method,content_type,status",
     [
