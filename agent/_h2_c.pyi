@@ -2,16 +2,42 @@ from collections.abc import Awaitable, Callable
 
 Handler = Callable[[bytes, bytes], bytes | int | Awaitable[bytes | int]]
 
+class Limits:
+    connection_buffer: int
+    total_buffer: int
+    stream_timeout: float
+    idle_timeout: float
+    handshake_timeout: float
+    reserved: int
+    refused_over_budget: int
+    timed_out_streams: int
+    closed_idle: int
+    closed_handshake: int
+    def __init__(
+        self,
+        connection_buffer: int = ...,
+        total_buffer: int = ...,
+        stream_timeout: float = ...,
+        idle_timeout: float = ...,
+        handshake_timeout: float = ...,
+    ) -> None: ...
+
 class GrpcProtocol:
     max_message: int
+    limits: Limits
+    reserved: int
     def __init__(
         self,
         handler: Handler,
         max_message: int = ...,
         max_streams: int = ...,
         on_close: Callable[[GrpcProtocol], None] | None = ...,
+        limits: Limits | None = ...,
     ) -> None: ...
     def drain(self) -> None: ...
     def abort(self) -> None: ...
+    def sweep(self) -> None: ...
+    @property
+    def idle_for(self) -> float: ...
     @property
     def active_streams(self) -> int: ...

@@ -66,8 +66,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         except ConfigErrors as e:
             print(e, file=sys.stderr)
             return 2
+    from agent.server.limits import TransportLimits, parse_bytes
     from agent.server.native_transport import available
 
+    try:
+        limits = TransportLimits(
+            max_connections=args.max_connections,
+            connection_buffer=parse_bytes(args.max_connection_buffer),
+            total_buffer=parse_bytes(args.max_buffer),
+            stream_timeout_s=args.stream_timeout,
+            idle_timeout_s=args.idle_timeout,
+            handshake_timeout_s=args.handshake_timeout,
+        )
+    except ValueError as e:
+        print(f"authz-agent run: {e}", file=sys.stderr)
+        return 2
     transport = args.transport or ("native" if available() else "grpcio")
     if transport == "native":
         if not available():
@@ -80,10 +93,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         import uvloop
 
         uvloop.run(serve(policy, args.listen, args.admin, args.audit_log, args.policy, transport,
-                         args.token_cache_entries, control, args.audit_format))  # fmt: skip
+                         args.token_cache_entries, control, args.audit_format, limits))  # fmt: skip
         return 0
     asyncio.run(serve(policy, args.listen, args.admin, args.audit_log, args.policy, transport,
-                      args.token_cache_entries, control, args.audit_format))  # fmt: skip
+                      args.token_cache_entries, control, args.audit_format, limits))  # fmt: skip
     return 0
 
 
@@ -313,6 +326,19 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=10_000,
         help="verified tokens kept (keyed by hash, never past exp); 0 disables the cache",
+    )
+    lim = r.add_argument_group("limits on what peers of the gRPC port may hold (see docs/limits.md)")
+    lim.add_argument("--max-connections", type=int, default=1024, help="open connections; beyond, refused")
+    lim.add_argument(
+        "--max-connection-buffer",
+        default="16MiB",
+        help="native: bytes of unfinished requests per connection (its HTTP/2 window); beyond, refused",
+    )
+    lim.add_argument("--max-buffer", default="64MiB", help="native: the same across all connections")
+    lim.add_argument("--stream-timeout", type=float, default=10.0, help="native: seconds for a request to arrive whole")
+    lim.add_argument("--idle-timeout", type=float, default=300.0, help="seconds a connection may stay without calls")
+    lim.add_argument(
+        "--handshake-timeout", type=float, default=5.0, help="seconds for a new connection's HTTP/2 preface"
     )
     r.set_defaults(func=cmd_run)
 

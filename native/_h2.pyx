@@ -2,24 +2,36 @@
 """Unary gRPC over HTTP/2 on asyncio/uvloop transports, with HTTP/2 (and HPACK) done by libnghttp2.
 
 One GrpcProtocol per connection: data_received -> nghttp2_session_mem_recv -> callbacks collect each
-stream's headers and body -> on END_STREAM the gRPC frame is checked and handed to the Python handler ->
+stream's headers and its one message (allocated whole, once its 5-byte gRPC prefix says how long) -> on
+END_STREAM the message is handed to the Python handler ->
 the reply is submitted (headers, one length-prefixed message, grpc-status trailers) -> everything nghttp2
 queued goes out in one transport.write. No HTTP/2 or HPACK is written here: nghttp2 brings its defences
 (rapid reset, CONTINUATION floods, HPACK bombs, SETTINGS floods).
 
 The handler is called as handler(path: bytes, message: bytes) and returns the reply message (bytes), a
 gRPC status code (int) for an error, or an awaitable yielding either, for work that must wait on I/O.
+
+What a peer can make us hold is bounded (Limits, shared by the connections of one listener). A message's
+length is reserved when its prefix arrives, against a budget per connection (a message that does not fit is
+refused) and one in total (the oldest unfinished messages anywhere are refused to make room); a request must
+arrive whole in time, a connection without streams is closed after a while, and a new one must send the
+HTTP/2 preface and SETTINGS promptly. Flow control backs the budget: a DATA byte is acknowledged
+(WINDOW_UPDATE) only once its message is finished or refused, and the connection window is twice the
+budget, so a peer never has more than that in flight unacknowledged and is never left without window.
+Refusals are RST_STREAM(REFUSED_STREAM): "not processed", to a gRPC client.
 """
 
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdint cimport int32_t, uint8_t, uint32_t
 from libc.string cimport memcmp, memcpy
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from includes.nghttp2 cimport *
 
 import asyncio
 import logging
+from collections import OrderedDict
 
 log = logging.getLogger("agent.native")
 
@@ -34,6 +46,7 @@ DEADLINE_EXCEEDED = 4
 cdef bytes H_STATUS = b":status"
 cdef bytes V_200 = b"200"
 cdef bytes V_415 = b"415"
+cdef bytes V_405 = b"405"
 cdef bytes H_CT = b"content-type"
 cdef bytes V_GRPC = b"application/grpc"
 cdef bytes H_GRPC_STATUS = b"grpc-status"
@@ -41,6 +54,53 @@ cdef bytes H_GRPC_MESSAGE = b"grpc-message"
 cdef bytes V_ZERO = b"0"
 
 cdef nghttp2_session_callbacks *CALLBACKS = NULL
+
+# One default-size HTTP/2 frame.
+cdef Py_ssize_t FRAME = 16384
+# The HTTP/2 header list we accept (RFC 9113 6.5.2 size: name + value + 32 per field); advertised in SETTINGS.
+cdef Py_ssize_t MAX_HEADER_LIST = 65536
+# A :path longer than this is no method we serve; it is not kept.
+cdef size_t MAX_PATH = 256
+# After our GOAWAY and FIN, how long the peer has to close before we do.
+cdef double LINGER_S = 5.0
+
+
+cdef inline double monotonic() noexcept:
+    # CLOCK_MONOTONIC, as time.monotonic().
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+cdef class Limits:
+    """What the connections of one listener share: buffer budgets, timeouts, and counts of what they refused."""
+
+    cdef readonly Py_ssize_t connection_buffer  # bytes of unfinished messages per connection (window: twice)
+    cdef readonly Py_ssize_t total_buffer       # ... across all connections
+    cdef readonly double stream_timeout         # a request must arrive whole within this of its HEADERS
+    cdef readonly double idle_timeout           # a connection without streams this long is closed
+    cdef readonly double handshake_timeout      # preface and SETTINGS must arrive within this of connecting
+    cdef readonly Py_ssize_t reserved           # bytes reserved for unfinished messages, all connections
+    cdef readonly Py_ssize_t refused_over_budget
+    cdef readonly Py_ssize_t timed_out_streams
+    cdef readonly Py_ssize_t closed_idle
+    cdef readonly Py_ssize_t closed_handshake
+    cdef object partial                         # OrderedDict: _Stream -> GrpcProtocol, oldest first
+
+    def __cinit__(self, Py_ssize_t connection_buffer=16 << 20, Py_ssize_t total_buffer=64 << 20,
+                  double stream_timeout=10.0, double idle_timeout=300.0, double handshake_timeout=5.0):
+        if not 0 < connection_buffer <= 1 << 30:
+            raise ValueError("connection_buffer must be between 1 byte and 1 GiB (half an HTTP/2 window)")
+        if total_buffer < connection_buffer:
+            raise ValueError("total_buffer must be at least connection_buffer")
+        if stream_timeout <= 0 or idle_timeout <= 0 or handshake_timeout <= 0:
+            raise ValueError("timeouts must be positive")
+        self.connection_buffer = connection_buffer
+        self.total_buffer = total_buffer
+        self.stream_timeout = stream_timeout
+        self.idle_timeout = idle_timeout
+        self.handshake_timeout = handshake_timeout
+        self.partial = OrderedDict()
 
 
 cdef inline void set_nv(nghttp2_nv *nv, bytes name, bytes value):
@@ -58,9 +118,19 @@ cdef class _Stream:
     cdef bytes path
     cdef bint post
     cdef bint grpc
-    cdef bytearray body
+    cdef unsigned char head[5]  # the gRPC prefix: compressed flag, big-endian length
+    cdef int head_len
+    cdef bytes message      # allocated at its announced length once the prefix is in, filled in place
+    cdef Py_ssize_t length  # the announced length (counted against the budgets while `reserved`)
+    cdef Py_ssize_t pos     # bytes of `message` received
+    cdef Py_ssize_t received  # DATA bytes received and not yet acknowledged
+    cdef bint reserved
     cdef bint answered
-    cdef bint too_big
+    cdef bint refused       # answered before the request ended: reset once the answer is out
+    cdef bint ended         # END_STREAM received
+    cdef bint in_partial    # listed in Limits.partial
+    cdef Py_ssize_t header_bytes
+    cdef double started
     cdef double timeout
     cdef bytes out          # the length-prefixed reply message, read by data_read
     cdef Py_ssize_t out_pos
@@ -69,8 +139,8 @@ cdef class _Stream:
     def __cinit__(self, int32_t sid):
         self.id = sid
         self.path = b""
-        self.body = bytearray()
         self.timeout = 0.0
+        self.started = monotonic()
 
 
 cdef inline void append(bytearray buf, const char *data, Py_ssize_t n) except *:
@@ -105,6 +175,7 @@ cdef int on_begin_headers(nghttp2_session *session, const nghttp2_frame *frame, 
         return 0
     try:
         self.streams[frame.hd.stream_id] = _Stream(frame.hd.stream_id)
+        self.idle_since = 0.0
     except BaseException:
         return NGHTTP2_ERR_CALLBACK_FAILURE
     return 0
@@ -116,10 +187,13 @@ cdef int on_header(nghttp2_session *session, const nghttp2_frame *frame, const u
     cdef _Stream st
     try:
         st = self.streams.get(frame.hd.stream_id)
-        if st is None:
+        if st is None or st.answered:
             return 0
+        st.header_bytes += <Py_ssize_t>(namelen + valuelen + 32)
+        if st.header_bytes > MAX_HEADER_LIST:
+            return 0  # refused once the header block ends (on_frame_recv); nothing more is kept
         if namelen == 5 and memcmp(name, b":path", 5) == 0:
-            st.path = (<const char*>value)[:valuelen]
+            st.path = (<const char*>value)[:valuelen] if valuelen <= MAX_PATH else b""
         elif namelen == 7 and memcmp(name, b":method", 7) == 0:
             st.post = valuelen == 4 and memcmp(value, b"POST", 4) == 0
         elif namelen == 12 and memcmp(name, b"content-type", 12) == 0:
@@ -136,18 +210,31 @@ cdef int on_data_chunk(nghttp2_session *session, uint8_t flags, int32_t stream_i
                        void *user_data) noexcept:
     cdef GrpcProtocol self = <GrpcProtocol>user_data
     cdef _Stream st
+    cdef size_t take
     try:
         st = self.streams.get(stream_id)
         if st is None or st.answered:
+            nghttp2_session_consume_connection(session, n)  # not kept: acknowledged at once
             return 0
-        if <size_t>PyByteArray_GET_SIZE(st.body) + n > <size_t>self.max_message + 5:
-            # Answer now and stop reading this stream, rather than buffer an unbounded body.
-            st.too_big = True
-            st.body = None
-            # on_frame_send resets the stream once this answer is out, so the client stops sending.
-            self.respond_error(st, RESOURCE_EXHAUSTED, b"message larger than the limit")
-            return 0
-        append(st.body, <const char*>data, n)
+        st.received += n
+        if st.head_len < 5:
+            take = min(<size_t>(5 - st.head_len), n)
+            memcpy(st.head + st.head_len, data, take)
+            st.head_len += <int>take
+            data += take
+            n -= take
+            if st.head_len == 5:
+                if not self.admit(st):
+                    return 0
+                if <size_t>st.length > n:
+                    self.list_partial(st)  # it will not be whole by the end of this chunk
+        if n:
+            if <size_t>(st.length - st.pos) < n:
+                # More than the one message a unary call carries: answered now, not buffered.
+                self.refuse_early(st, INTERNAL, b"malformed gRPC frame (one unary message expected)")
+                return 0
+            memcpy(PyBytes_AS_STRING(st.message) + st.pos, data, n)
+            st.pos += n
     except BaseException:
         return NGHTTP2_ERR_CALLBACK_FAILURE
     return 0
@@ -156,15 +243,27 @@ cdef int on_data_chunk(nghttp2_session *session, uint8_t flags, int32_t stream_i
 cdef int on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame, void *user_data) noexcept:
     cdef GrpcProtocol self = <GrpcProtocol>user_data
     cdef _Stream st
-    if (frame.hd.type == NGHTTP2_DATA or frame.hd.type == NGHTTP2_HEADERS) and (
-            frame.hd.flags & NGHTTP2_FLAG_END_STREAM):
-        try:
-            st = self.streams.get(frame.hd.stream_id)
-            if st is not None and not st.answered:
+    if frame.hd.type == NGHTTP2_SETTINGS:
+        if not (frame.hd.flags & NGHTTP2_FLAG_ACK):
+            self.got_settings = True
+        return 0
+    if frame.hd.type != NGHTTP2_DATA and frame.hd.type != NGHTTP2_HEADERS:
+        return 0
+    try:
+        st = self.streams.get(frame.hd.stream_id)
+        if st is None:
+            return 0
+        if frame.hd.type == NGHTTP2_HEADERS and frame.headers.cat == NGHTTP2_HCAT_REQUEST and not st.answered:
+            self.check_headers(st)  # the whole header block is in: refuse what is not a gRPC call at once
+        if frame.hd.flags & NGHTTP2_FLAG_END_STREAM:
+            st.ended = True
+            if not st.answered:
                 self.dispatch(st)
-        except BaseException:
-            log.exception("native transport: dispatch failed")
-            return NGHTTP2_ERR_CALLBACK_FAILURE
+        elif st.reserved:
+            self.list_partial(st)  # whole, but its END_STREAM is still to come
+    except BaseException:
+        log.exception("native transport: dispatch failed")
+        return NGHTTP2_ERR_CALLBACK_FAILURE
     return 0
 
 
@@ -173,7 +272,7 @@ cdef int on_frame_send(nghttp2_session *session, const nghttp2_frame *frame, voi
     cdef _Stream st
     if frame.hd.type == NGHTTP2_HEADERS and (frame.hd.flags & NGHTTP2_FLAG_END_STREAM):
         st = self.streams.get(frame.hd.stream_id)
-        if st is not None and st.too_big:
+        if st is not None and st.refused and not st.ended:
             nghttp2_submit_rst_stream(session, NGHTTP2_FLAG_NONE, frame.hd.stream_id, NGHTTP2_NO_ERROR)
     return 0
 
@@ -181,10 +280,15 @@ cdef int on_frame_send(nghttp2_session *session, const nghttp2_frame *frame, voi
 cdef int on_stream_close(nghttp2_session *session, int32_t stream_id, uint32_t error_code,
                          void *user_data) noexcept:
     cdef GrpcProtocol self = <GrpcProtocol>user_data
+    cdef _Stream st
     try:
-        self.streams.pop(stream_id, None)
-        if self.draining and not self.streams:
-            self.close_when_flushed = True
+        st = self.streams.pop(stream_id, None)
+        if st is not None:
+            self.release(st)
+        if not self.streams:
+            self.idle_since = monotonic()
+            if self.draining:
+                self.close_when_flushed = True
     except BaseException:
         return NGHTTP2_ERR_CALLBACK_FAILURE
     return 0
@@ -229,21 +333,35 @@ cdef class GrpcProtocol:
     cdef readonly int max_message
     cdef int max_streams
     cdef object on_close
+    cdef readonly Limits limits
+    cdef readonly Py_ssize_t reserved  # bytes reserved for unfinished messages on this connection
     cdef bint draining
     cdef bint close_when_flushed
     cdef bint closed
     cdef bint eof_sent
+    cdef bint got_settings
+    cdef bint notice_sent
+    cdef double connected_at
+    cdef double idle_since  # 0 while streams are open
+    cdef double paused_at   # 0 unless the peer stopped reading our answers
+    cdef double eof_at
 
-    def __cinit__(self, handler, int max_message=1 << 20, int max_streams=1024, on_close=None):
+    def __cinit__(self, handler, int max_message=1 << 20, int max_streams=1024, on_close=None,
+                  Limits limits=None):
         self.handler = handler
         self.streams = {}
         self.max_message = max_message
         self.max_streams = max_streams
         self.on_close = on_close
+        self.limits = limits if limits is not None else Limits()
+        if self.limits.connection_buffer < max_message + 5 + FRAME:
+            raise ValueError("connection_buffer must hold one message of max_message bytes and a frame")
         ensure_callbacks()
         cdef nghttp2_option *opt
         nghttp2_option_new(&opt)
         nghttp2_option_set_max_settings(opt, 32)
+        # WINDOW_UPDATE only for bytes we no longer hold (see release), never on receipt.
+        nghttp2_option_set_no_auto_window_update(opt, 1)
         rc = nghttp2_session_server_new2(&self.session, CALLBACKS, <void*>self, opt)
         nghttp2_option_del(opt)
         if rc != 0:
@@ -258,14 +376,22 @@ cdef class GrpcProtocol:
 
     def connection_made(self, transport):
         self.transport = transport
+        self.connected_at = self.idle_since = monotonic()
         cdef nghttp2_settings_entry iv[3]
         iv[0].settings_id = NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS
         iv[0].value = self.max_streams
+        # A stream's window holds one message, never acknowledged: a unary call carries no more.
         iv[1].settings_id = NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE
         iv[1].value = self.max_message + 64
         iv[2].settings_id = NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE
-        iv[2].value = 65536
+        iv[2].value = MAX_HEADER_LIST
         nghttp2_submit_settings(self.session, NGHTTP2_FLAG_NONE, iv, 3)
+        # The connection's window (RFC 9113 6.9.2: from 65535 up by WINDOW_UPDATE) is twice its buffer budget:
+        # nghttp2 acknowledges released bytes once half the window is released, so with at most the budget
+        # held (the rest is refused) the peer is never left without window, and never has more than this
+        # in flight unacknowledged.
+        nghttp2_session_set_local_window_size(self.session, NGHTTP2_FLAG_NONE, 0,
+                                              <int32_t>(2 * self.limits.connection_buffer))
         self.flush()
 
     def data_received(self, bytes data):
@@ -287,14 +413,18 @@ cdef class GrpcProtocol:
         # The peer is not reading our answers: stop reading its requests until it does, so a client that
         # only writes cannot make us buffer answers without bound.
         if self.transport is not None and not self.closed:
+            self.paused_at = monotonic()
             self.transport.pause_reading()
 
     def resume_writing(self):
+        self.paused_at = 0.0
         if self.transport is not None and not self.closed:
             self.transport.resume_reading()
 
     def connection_lost(self, exc):
         self.closed = True
+        for st in self.streams.values():
+            self.forget(<_Stream>st)
         self.streams.clear()
         if self.on_close is not None:
             self.on_close(self)
@@ -331,6 +461,7 @@ cdef class GrpcProtocol:
                 # sends (a WINDOW_UPDATE, a late frame) makes the kernel reset the connection, and a reset
                 # can discard our GOAWAY before the peer reads it.
                 self.eof_sent = True
+                self.eof_at = monotonic()
                 try:
                     self.transport.write_eof()
                     return
@@ -339,25 +470,145 @@ cdef class GrpcProtocol:
             self.closed = True
             self.transport.close()
 
-    cdef void dispatch(self, _Stream st) except *:
-        cdef Py_ssize_t n = PyByteArray_GET_SIZE(st.body)
-        cdef const unsigned char *b
-        if not st.post or not st.grpc:
+    cdef void forget(self, _Stream st) except *:
+        """Stop counting what `st` holds (its message is dropped; nothing is acknowledged)."""
+        if st.reserved:
+            st.reserved = False
+            self.reserved -= st.length
+            self.limits.reserved -= st.length
+        st.message = None
+        if st.in_partial:
+            st.in_partial = False
+            self.limits.partial.pop(st, None)
+
+    cdef void release(self, _Stream st) except *:
+        """`st`'s bytes are no longer held: acknowledge them, so the peer may send as much again."""
+        cdef Py_ssize_t n = st.received
+        self.forget(st)
+        st.received = 0
+        if n and not self.closed:
+            nghttp2_session_consume_connection(self.session, <size_t>n)
+
+    cdef void refuse(self, _Stream st, uint32_t code) except *:
+        """Reset a stream whose request is unfinished; REFUSED_STREAM tells the client nothing was processed."""
+        self.release(st)
+        st.answered = True
+        nghttp2_submit_rst_stream(self.session, NGHTTP2_FLAG_NONE, st.id, code)
+
+    cdef void refuse_early(self, _Stream st, int code, bytes message) except *:
+        """Answer a gRPC error before the request ended; on_frame_send then resets the stream."""
+        self.release(st)
+        st.refused = True
+        self.respond_error(st, code, message)
+
+    cdef bint admit(self, _Stream st) except -1:
+        """The prefix is in: reserve the message's length within the budgets and allocate it, or refuse."""
+        cdef Limits limits = self.limits
+        cdef _Stream victim
+        cdef GrpcProtocol owner
+        cdef Py_ssize_t length = ((<Py_ssize_t>st.head[1] << 24) | (<Py_ssize_t>st.head[2] << 16)
+                                  | (<Py_ssize_t>st.head[3] << 8) | st.head[4])
+        if st.head[0] != 0:
+            self.refuse_early(st, UNIMPLEMENTED, b"compressed messages are not supported")
+            return False
+        if length > self.max_message:
+            self.refuse_early(st, RESOURCE_EXHAUSTED, b"message larger than the limit")
+            return False
+        if self.reserved + length > limits.connection_buffer:
+            # This connection's unfinished messages would exceed its budget: this one is not taken.
+            limits.refused_over_budget += 1
+            self.refuse(st, NGHTTP2_REFUSED_STREAM)
+            return False
+        while limits.reserved + length > limits.total_buffer and limits.partial:
+            # Over the total: the oldest unfinished messages anywhere make room (a caller's are seldom old).
+            victim, owner = limits.partial.popitem(last=False)
+            victim.in_partial = False
+            limits.refused_over_budget += 1
+            owner.refuse(victim, NGHTTP2_REFUSED_STREAM)
+            if owner is not self:
+                owner.flush()  # inside this connection's callbacks only its own session may not send
+        if limits.reserved + length > limits.total_buffer:
+            limits.refused_over_budget += 1  # the rest are being received this moment: this one waits its turn
+            self.refuse(st, NGHTTP2_REFUSED_STREAM)
+            return False
+        st.length = length
+        st.message = PyBytes_FromStringAndSize(NULL, length)  # one allocation, filled as DATA arrives
+        st.reserved = True
+        self.reserved += length
+        limits.reserved += length
+        return True
+
+    cdef void list_partial(self, _Stream st) except *:
+        """An unfinished message the total budget may refuse, oldest first. (One that is whole in the chunk
+        that announced it, the common case, is dispatched before anything else is admitted: never listed.)"""
+        if not st.in_partial:
+            st.in_partial = True
+            self.limits.partial[st] = self
+
+    cdef void check_headers(self, _Stream st) except *:
+        if st.header_bytes > MAX_HEADER_LIST:
+            st.refused = True
+            self.respond_error(st, RESOURCE_EXHAUSTED, b"header list larger than the limit")
+        elif not st.grpc:
+            st.refused = True
             self.respond_http(st, V_415)
+        elif not st.post:
+            st.refused = True
+            self.respond_http(st, V_405)
+
+    def sweep(self):
+        """Apply the timeouts; the transport calls this about once a second on every connection."""
+        cdef Limits limits = self.limits
+        cdef double now = monotonic()
+        cdef _Stream st
+        if self.closed:
             return
-        if n < 5:
+        if self.eof_sent:  # lingering after our GOAWAY and FIN: the peer has a while to close
+            if now - self.eof_at > LINGER_S:
+                self.abort()
+            return
+        if (not self.got_settings and now - self.connected_at > limits.handshake_timeout) or (
+                self.paused_at and now - self.paused_at > limits.idle_timeout):
+            if not self.got_settings:
+                limits.closed_handshake += 1
+            self.abort()
+            return
+        expired = []
+        for st in self.streams.values():
+            if not st.ended and not st.answered and now - st.started > limits.stream_timeout:
+                expired.append(st)
+        for st in expired:
+            limits.timed_out_streams += 1
+            self.refuse(st, NGHTTP2_CANCEL)
+        if not self.streams and not self.draining and self.idle_since and (
+                now - self.idle_since > limits.idle_timeout):
+            if not self.notice_sent:
+                # Two steps, so a stream the peer opens meanwhile is still served: "stop opening streams",
+                # then, a sweep later, the GOAWAY that names the last stream processed.
+                self.notice_sent = True
+                nghttp2_submit_shutdown_notice(self.session)
+            else:
+                limits.closed_idle += 1
+                self.drain()
+                return
+        self.flush()
+
+    @property
+    def idle_for(self):
+        """Seconds without streams (0 while any is open)."""
+        return monotonic() - self.idle_since if self.idle_since and not self.streams else 0.0
+
+    cdef void dispatch(self, _Stream st) except *:
+        cdef bytes message = st.message
+        if st.head_len < 5:
+            self.release(st)
             self.respond_error(st, INTERNAL, b"no request message")
             return
-        b = <const unsigned char*>PyByteArray_AS_STRING(st.body)
-        if b[0] != 0:
-            self.respond_error(st, UNIMPLEMENTED, b"compressed messages are not supported")
-            return
-        cdef Py_ssize_t length = (<Py_ssize_t>b[1] << 24) | (b[2] << 16) | (b[3] << 8) | b[4]
-        if length != n - 5:
+        if st.pos != st.length:
+            self.release(st)
             self.respond_error(st, INTERNAL, b"malformed gRPC frame (one unary message expected)")
             return
-        message = PyBytes_FromStringAndSize(<const char*>b + 5, n - 5)
-        st.body = None
+        self.release(st)
         try:
             result = self.handler(st.path, message)
         except Exception:

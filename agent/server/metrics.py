@@ -97,6 +97,21 @@ class AgentCollector:
             "authz_revocations_sequence", "The revocation list in force", value=float(server.revocations.sequence)
         )
 
+        transport_stats = getattr(server.transport, "stats", None)
+        if transport_stats is not None:  # the native transport's limits (docs/limits.md)
+            t = transport_stats()
+            yield GaugeMetricFamily("authz_transport_connections", "Open gRPC connections", value=t["connections"])
+            yield GaugeMetricFamily(
+                "authz_transport_reserved_bytes", "Bytes reserved for unfinished requests", value=t["reserved_bytes"]
+            )
+            refused = CounterMetricFamily(
+                "authz_transport_refused", "Connections and streams refused or closed by a limit", labels=["what"]
+            )
+            for what in ("connections_refused", "streams_refused_over_budget", "streams_timed_out",
+                         "connections_closed_idle", "connections_closed_handshake"):  # fmt: skip
+                refused.add_metric([what], t[what])
+            yield refused
+
 
 def metrics_text(server: Callable[[], AgentServer]) -> bytes:
     registry = CollectorRegistry(auto_describe=False)

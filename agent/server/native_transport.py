@@ -1,7 +1,10 @@
 """The native transport: unary gRPC over libnghttp2 (agent._h2_c) on asyncio/uvloop, the engine in-line.
 
 Its pure twin is the grpcio transport: where the extension is not built, `--transport native` is refused
-and grpcio serves. Decoding and encoding use agent._wire (Cython when built).
+and grpcio serves. Decoding and encoding use agent._wire (Cython when built). What peers may hold (bytes of
+unfinished requests, streams, connections, and for how long) is bounded by TransportLimits: the budgets in
+agent._h2_c as each message's prefix arrives, the timeouts by a sweep here about once a second, the
+connection count at accept.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from google.protobuf.message import DecodeError
 from agent._wire import WireError, decode_check_request, encode_check_response
 from agent.engine import Decision, Engine
 from agent.envoyconf import MAX_CHECK_REQUEST_BYTES
+from agent.server.limits import TransportLimits
+from agent.server.ratelog import RateLimitedLog
 
 log = logging.getLogger("agent.native")
 
@@ -37,6 +42,13 @@ def available() -> bool:
     return True
 
 
+class _Refused(asyncio.Protocol):
+    """A connection over the limit: closed as soon as it is accepted."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
+
+
 class NativeTransport:
     def __init__(
         self,
@@ -44,24 +56,37 @@ class NativeTransport:
         listen: str,
         max_message: int = MAX_CHECK_REQUEST_BYTES,
         max_streams: int = 1024,
+        limits: TransportLimits | None = None,
     ) -> None:
-        from agent._h2_c import GrpcProtocol
+        from agent._h2_c import GrpcProtocol, Limits
 
         self._protocol_cls = GrpcProtocol
         self._engine = engine
         self.listen = listen
         self.max_message = max_message
         self.max_streams = max_streams
+        self.limits = limits or TransportLimits()
+        self._shared = Limits(
+            self.limits.connection_buffer,
+            self.limits.total_buffer,
+            self.limits.stream_timeout_s,
+            self.limits.idle_timeout_s,
+            self.limits.handshake_timeout_s,
+        )
         self.serving = False
         self.port = 0
+        self.refused_connections = 0
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[Any] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+        self._ratelog = RateLimitedLog(log)
 
     def _handle(self, path: bytes, message: bytes) -> bytes | int | Awaitable[bytes | int]:
         if path == CHECK:
             try:
                 view = decode_check_request(message)
-            except WireError:
+            except WireError as e:
+                self._ratelog.warning("malformed", f"malformed CheckRequest answered INVALID_ARGUMENT: {e}")
                 return INVALID_ARGUMENT
             decision = self._engine().decide(view)
             if isinstance(decision, Decision):
@@ -87,9 +112,51 @@ class NativeTransport:
         return _SERVING if self.serving else _NOT_SERVING
 
     def _factory(self) -> Any:
-        proto = self._protocol_cls(self._handle, self.max_message, self.max_streams, self._connections.discard)
+        if len(self._connections) >= self.limits.max_connections and not self._evict_idle():
+            self.refused_connections += 1
+            self._ratelog.warning(
+                "connections",
+                f"connection refused: {len(self._connections)} open, the limit "
+                f"(--max-connections {self.limits.max_connections}); {self.refused_connections} refused so far",
+            )
+            return _Refused()
+        proto = self._protocol_cls(
+            self._handle, self.max_message, self.max_streams, self._connections.discard, self._shared
+        )
         self._connections.add(proto)
         return proto
+
+    def _evict_idle(self) -> bool:
+        """At the limit, a connection without streams makes room for a new one: the longest idle goes."""
+        idle = max(self._connections, key=lambda p: p.idle_for, default=None)
+        if idle is None or idle.idle_for <= 0:
+            return False
+        self._connections.discard(idle)
+        idle.drain()
+        idle.abort()
+        return True
+
+    async def _sweep(self) -> None:
+        """Apply the stream, idle and handshake timeouts to every connection, a few times per smallest one."""
+        lim = self.limits
+        every = max(0.05, min(1.0, lim.stream_timeout_s / 4, lim.idle_timeout_s / 4, lim.handshake_timeout_s / 4))
+        while True:
+            await asyncio.sleep(every)
+            for proto in list(self._connections):
+                proto.sweep()
+
+    def stats(self) -> dict[str, int]:
+        """Counts for /metrics: what the limits refused or closed, and the bytes reserved now."""
+        s = self._shared
+        return {
+            "connections": len(self._connections),
+            "connections_refused": self.refused_connections,
+            "reserved_bytes": s.reserved,
+            "streams_refused_over_budget": s.refused_over_budget,
+            "streams_timed_out": s.timed_out_streams,
+            "connections_closed_idle": s.closed_idle,
+            "connections_closed_handshake": s.closed_handshake,
+        }
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -102,6 +169,7 @@ class NativeTransport:
             host, _, port = self.listen.rpartition(":")
             self._server = await loop.create_server(self._factory, host.strip("[]"), int(port), reuse_address=True)
             self.port = self._server.sockets[0].getsockname()[1]
+        self._sweeper = loop.create_task(self._sweep())
 
     async def set_serving(self, serving: bool) -> None:
         self.serving = serving
@@ -111,6 +179,9 @@ class NativeTransport:
         self.serving = False
         if self._server is not None:
             self._server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
         for proto in list(self._connections):
             proto.drain()
         deadline = asyncio.get_running_loop().time() + grace

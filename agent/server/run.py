@@ -29,6 +29,7 @@ from agent.errors import ConfigErrors
 from agent.ratelimit.shared import SharedState
 from agent.server.admin import admin_app, start_admin
 from agent.server.grpc_transport import GrpcTransport
+from agent.server.limits import TransportLimits
 from agent.server.native_transport import NativeTransport
 
 log = logging.getLogger("agent")
@@ -48,6 +49,7 @@ class AgentServer:
         transport: str = "grpcio",
         token_cache_entries: int = 10_000,
         audit_format: str = "json",
+        limits: TransportLimits | None = None,
     ) -> None:
         self.audit = JsonLinesAudit(audit_log, encoding=audit_format)
         # Without a policy yet (a control plane not reached, no last good bundle) every check is refused
@@ -88,9 +90,9 @@ class AgentServer:
         self._reload_lock = asyncio.Lock()
         self.transport: GrpcTransport | NativeTransport
         if transport == "native":
-            self.transport = NativeTransport(lambda: self.engine, listen)
+            self.transport = NativeTransport(lambda: self.engine, listen, limits=limits)
         else:
-            self.transport = GrpcTransport(lambda: self.engine, listen)
+            self.transport = GrpcTransport(lambda: self.engine, listen, limits=limits)
 
     def _alerts_for(self, policy: Policy) -> AlertMonitor:
         """The alert monitor for the policy's thresholds; its windows carry over reloads that keep them."""
@@ -352,6 +354,7 @@ async def serve(
     token_cache_entries: int = 10_000,
     control: ControlPlaneOptions | None = None,
     audit_format: str = "json",
+    limits: TransportLimits | None = None,
 ) -> None:
     """Run until SIGTERM or SIGINT, then drain in-flight checks and stop."""
     server = AgentServer(
@@ -363,9 +366,14 @@ async def serve(
         transport=transport,
         token_cache_entries=token_cache_entries,
         audit_format=audit_format,
+        limits=limits,
     )
-    await server.start()
+    # Signals first: a SIGTERM that comes while the port is already open must drain, not kill.
     stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
     client_task: asyncio.Task[None] | None = None
     shared_task: asyncio.Task[None] | None = None
     if control is not None:
@@ -386,9 +394,6 @@ async def serve(
             log.info("serving the last good bundle %s until the control plane answers", client.version)
         client_task = asyncio.get_running_loop().create_task(client.run(stop))
         shared_task = asyncio.get_running_loop().create_task(client.watch_shared(stop))
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("stopping: draining in-flight checks")
     await asyncio.gather(*(t for t in (client_task, shared_task) if t is not None), return_exceptions=True)

@@ -81,6 +81,7 @@ cdef extern from "nghttp2/nghttp2.h":
     int nghttp2_option_new(nghttp2_option **option_ptr)
     void nghttp2_option_del(nghttp2_option *option)
     void nghttp2_option_set_max_settings(nghttp2_option *option, size_t val)
+    void nghttp2_option_set_no_auto_window_update(nghttp2_option *option, int val)
 
     int nghttp2_session_server_new2(nghttp2_session **session_ptr, const nghttp2_session_callbacks *callbacks,
                                     void *user_data, const nghttp2_option *option)
@@ -90,6 +91,10 @@ cdef extern from "nghttp2/nghttp2.h":
     int nghttp2_session_want_read(nghttp2_session *session)
     int nghttp2_session_want_write(nghttp2_session *session)
     int32_t nghttp2_session_get_last_proc_stream_id(nghttp2_session *session)
+    int32_t nghttp2_session_get_local_window_size(nghttp2_session *session)
+    int nghttp2_session_set_local_window_size(nghttp2_session *session, uint8_t flags, int32_t stream_id,
+                                              int32_t window_size)
+    int nghttp2_session_consume_connection(nghttp2_session *session, size_t size)
     int nghttp2_session_terminate_session(nghttp2_session *session, uint32_t error_code)
 
     int nghttp2_submit_settings(nghttp2_session *session, uint8_t flags, const nghttp2_settings_entry *iv, size_t niv)
@@ -105,7 +110,9 @@ cdef extern from "nghttp2/nghttp2.h":
     enum:
         NGHTTP2_DATA
         NGHTTP2_HEADERS
+        NGHTTP2_SETTINGS
         NGHTTP2_FLAG_NONE
+        NGHTTP2_FLAG_ACK
         NGHTTP2_FLAG_END_STREAM
         NGHTTP2_NV_FLAG_NONE
         NGHTTP2_NV_FLAG_NO_COPY_NAME
@@ -119,6 +126,7 @@ cdef extern from "nghttp2/nghttp2.h":
         NGHTTP2_PROTOCOL_ERROR
         NGHTTP2_INTERNAL_ERROR
         NGHTTP2_REFUSED_STREAM
+        NGHTTP2_CANCEL
         NGHTTP2_ENHANCE_YOUR_CALM
         NGHTTP2_ERR_CALLBACK_FAILURE
         NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE

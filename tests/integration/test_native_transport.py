@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import pytest
 from envoy.service.auth.v3 import external_auth_pb2 as ext
@@ -93,6 +94,8 @@ class RawH2:
                     out["trailers"] = dict(ev.headers)
                 elif isinstance(ev, h2.events.StreamReset) and ev.stream_id == sid:
                     out["reset"] = ev.error_code
+                    self.sock.sendall(self.conn.data_to_send())
+                    return out
                 elif isinstance(ev, h2.events.StreamEnded) and ev.stream_id == sid:
                     self.sock.sendall(self.conn.data_to_send())
                     return out
@@ -174,6 +177,94 @@ async def test_non_grpc_requests_get_415(server: AgentServer) -> None:
         c.sock.sendall(c.conn.data_to_send())
         r = await in_thread(lambda: c.read(sid))
         assert r["headers"][":status"] == "415"
+    finally:
+        c.close()
+
+
+async def test_end_stream_in_a_later_empty_frame_is_served(server: AgentServer) -> None:
+    # Some clients send the whole message, then END_STREAM on an empty DATA frame of its own.
+    c = RawH2(server.port)
+    try:
+        sid = c.conn.get_next_available_stream_id()
+        c.conn.send_headers(sid, GRPC_HEADERS)
+        c.conn.send_data(sid, frame(check_request()))
+        c.sock.sendall(c.conn.data_to_send())
+        c.conn.send_data(sid, b"", end_stream=True)
+        c.sock.sendall(c.conn.data_to_send())
+        assert c.status(await in_thread(lambda: c.read(sid))) == "0"
+        assert server.transport.stats()["reserved_bytes"] == 0  # type: ignore[union-attr]
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize(
+    "method,content_type,status",
+    [
+        ("POST", "text/plain", "415"),
+        ("POST", "application/grpc-web", "415"),
+        ("GET", "application/grpc", "405"),
+        ("PUT", "application/grpc", "405"),
+    ],
+)
+async def test_a_request_that_is_not_a_grpc_call_is_refused_before_its_body(
+    server: AgentServer, method: str, content_type: str, status: str
+) -> None:
+    c = RawH2(server.port)
+    try:
+        hdrs = [(":method", method), (":scheme", "http"), (":authority", "x"), (":path", CHECK)]
+        sid = c.conn.get_next_available_stream_id()
+        c.conn.send_headers(sid, [*hdrs, ("content-type", content_type)])
+        c.conn.send_data(sid, frame(check_request()))  # no END_STREAM: the answer must not wait for it
+        c.sock.sendall(c.conn.data_to_send())
+        r = await in_thread(lambda: c.read(sid))
+        assert r["headers"][":status"] == status
+        assert c.status(await in_thread(lambda: c.call(frame(check_request())))) == "0"  # the connection is fine
+    finally:
+        c.close()
+
+
+async def test_a_header_list_over_the_limit_is_refused(server: AgentServer) -> None:
+    c = RawH2(server.port)
+    try:
+        # 80 KB of headers in HEADERS + CONTINUATION frames: over the 64 KiB SETTINGS_MAX_HEADER_LIST_SIZE.
+        big = [(f"x-filler-{i}", "v" * 4000) for i in range(20)]
+        sid = c.conn.get_next_available_stream_id()
+        c.conn.send_headers(sid, [*GRPC_HEADERS, *big])
+        c.conn.send_data(sid, frame(check_request()), end_stream=True)
+        c.sock.sendall(c.conn.data_to_send())
+        r = await in_thread(lambda: c.read(sid))
+        assert c.status(r) == "8" or r["reset"] is not None or r.get("closed"), r
+        c2 = RawH2(server.port)  # and others are served
+        try:
+            assert c2.status(await in_thread(lambda: c2.call(frame(check_request())))) == "0"
+        finally:
+            c2.close()
+    finally:
+        c.close()
+
+
+async def test_one_header_field_over_the_limit_ends_the_connection(server: AgentServer) -> None:
+    # nghttp2 refuses a single field over 64 KiB while decoding (HPACK state is then lost): GOAWAY, close.
+    c = RawH2(server.port)
+
+    def send() -> list[Any]:
+        sid = c.conn.get_next_available_stream_id()
+        c.conn.send_headers(sid, [*GRPC_HEADERS, ("x-big", "v" * 100_000)])
+        c.conn.send_data(sid, frame(check_request()), end_stream=True)
+        c.sock.sendall(c.conn.data_to_send())
+        events: list[Any] = []
+        try:
+            while data := c.sock.recv(65536):
+                events += c.conn.receive_data(data)
+        except ConnectionResetError:
+            pass
+        return events
+
+    try:
+        events = await in_thread(send)
+        goaway = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+        assert goaway and goaway[0].error_code != 0, events
+        assert not any(isinstance(e, h2.events.ResponseReceived) for e in events)
     finally:
         c.close()
 
@@ -486,3 +577,105 @@ def test_sigterm_sends_goaway_and_exits_cleanly(write_policy: Callable[..., Path
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+class Budgeted:
+    """A bare GrpcProtocol server with small budgets, and blocking h2 clients for it."""
+
+    def __init__(self, limits: Any, port: int) -> None:
+        self.limits, self.port = limits, port
+
+    def client(self) -> RawH2:
+        c = RawH2(self.port)
+        # The server's SETTINGS and its connection WINDOW_UPDATE, so sends below may use the whole window.
+        while not any(
+            isinstance(e, h2.events.WindowUpdated) and e.stream_id == 0 for e in c.conn.receive_data(c.sock.recv(65536))
+        ):
+            pass
+        c.sock.sendall(c.conn.data_to_send())
+        return c
+
+    @staticmethod
+    def send(c: RawH2, sid: int, data: bytes, end: bool = False) -> None:
+        for i in range(0, len(data), 16384):
+            c.conn.send_data(sid, data[i : i + 16384], end_stream=end and i + 16384 >= len(data))
+        c.sock.sendall(c.conn.data_to_send())
+
+    @staticmethod
+    def open(c: RawH2, size: int) -> int:
+        sid = c.conn.get_next_available_stream_id()
+        c.conn.send_headers(sid, GRPC_HEADERS)
+        Budgeted.send(c, sid, b"\x00" + struct.pack(">I", size))
+        return sid
+
+
+@pytest.fixture
+async def budgeted() -> AsyncIterator[Budgeted]:
+    from agent._h2_c import GrpcProtocol, Limits
+
+    limits = Limits(256 * 1024, 300 * 1024, 30.0, 300.0, 5.0)
+    loop = asyncio.get_running_loop()
+    srv = await loop.create_server(
+        lambda: GrpcProtocol(lambda path, msg: b"", 200_000, 64, None, limits), "127.0.0.1", 0
+    )
+    yield Budgeted(limits, srv.sockets[0].getsockname()[1])
+    srv.close()
+
+
+async def test_a_message_that_does_not_fit_its_connections_budget_is_refused(budgeted: Budgeted) -> None:
+    def run() -> tuple[dict[str, Any], dict[str, Any]]:
+        c = budgeted.client()
+        try:
+            first, second = Budgeted.open(c, 200_000), Budgeted.open(c, 200_000)
+            Budgeted.send(c, first, b"\x00" * 150_000)
+            Budgeted.send(c, second, b"\x00" * 150_000)  # 2 x 200 KB announced on one connection > 256 KiB
+            refused = c.read(second)
+            Budgeted.send(c, first, b"\x00" * 50_000, end=True)  # the other one still completes
+            return refused, c.read(first)
+        finally:
+            c.close()
+
+    refused, done = await in_thread(run)
+    assert refused["reset"] == h2.errors.ErrorCodes.REFUSED_STREAM
+    assert done["trailers"].get("grpc-status") == "0"
+    assert budgeted.limits.reserved == 0 and budgeted.limits.refused_over_budget == 1
+
+
+async def test_over_the_total_budget_the_oldest_unfinished_message_is_refused(budgeted: Budgeted) -> None:
+    def run() -> tuple[dict[str, Any], dict[str, Any]]:
+        old, new = budgeted.client(), budgeted.client()
+        try:
+            held = Budgeted.open(old, 200_000)
+            Budgeted.send(old, held, b"\x00" * 150_000)
+            sid = Budgeted.open(new, 200_000)
+            Budgeted.send(new, sid, b"\x00" * 160_000)  # 2 x 200 KB announced in all > 300 KiB
+            refused = old.read(held)
+            Budgeted.send(new, sid, b"\x00" * 40_000, end=True)
+            return refused, new.read(sid)
+        finally:
+            old.close()
+            new.close()
+
+    refused, done = await in_thread(run)
+    assert refused["reset"] == h2.errors.ErrorCodes.REFUSED_STREAM
+    assert done["trailers"].get("grpc-status") == "0"
+
+
+async def test_finished_messages_give_their_window_back(budgeted: Budgeted) -> None:
+    # The connection window is twice the budget and bytes are acknowledged only when their message is done:
+    # 30 messages of 60 KB (1.8 MB, over three windows) on one connection all pass, one after another.
+    def run() -> list[str | None]:
+        c = budgeted.client()
+        try:
+            assert c.conn.outbound_flow_control_window == 2 * 256 * 1024
+            out = []
+            for _ in range(30):
+                sid = Budgeted.open(c, 60_000)
+                Budgeted.send(c, sid, b"\x00" * 60_000, end=True)
+                out.append(c.status(c.read(sid)))
+            return out
+        finally:
+            c.close()
+
+    assert await in_thread(run) == ["0"] * 30
+    assert budgeted.limits.reserved == 0
