@@ -28,6 +28,7 @@ from agent import reasons as R
 from agent.demo.idp import LocalIdP
 from agent.envoyconf import EnvoyProcess, bootstrap
 from tests.e2e.conftest import AgentProcess, LoopThread, Response, free_port, idp_yaml, request
+from tests.wait import until
 
 POLICY = """version: 1
 service: orders
@@ -290,14 +291,15 @@ def test_behind_a_trusted_proxy_the_app_sees_the_address_it_recorded(edge: Edge)
         envoy.stop()
     assert r.status == 200
     assert r.json()["HTTP_X_FORWARDED_FOR"] == "198.51.100.7"  # the rightmost, what the trusted hop saw
-    deadline = time.monotonic() + 5
-    sources: list[str] = []
-    while time.monotonic() < deadline and not sources:
-        records = [json.loads(x) for x in edge.agent.audit.read_text().splitlines() if x.strip()]
-        sources = [rec["source"] for rec in records if rec.get("path") == "/v1/public/lb"]
-        time.sleep(0.05)
+
+    def sources() -> list[str]:
+        text = edge.agent.audit.read_text() if edge.agent.audit.exists() else ""
+        records = [json.loads(x) for x in text.splitlines() if x.strip()]
+        return [rec["source"] for rec in records if rec.get("path") == "/v1/public/lb"]
+
+    until(sources, "the request is audited")
     # ext_authz names the connection's peer as the source (envoy/README.md: source_cidrs behind a load balancer).
-    assert sources == ["127.0.0.1"]
+    assert sources() == ["127.0.0.1"]
 
 
 def reason(body: bytes) -> str | None:
