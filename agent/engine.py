@@ -26,7 +26,7 @@ from agent.authn.jwks import KeyStore
 from agent.authn.jwt import JwtVerifier, UnknownKid, Verified
 from agent.authn.mtls import CertificateThumbprints
 from agent.authn.principal import Principal
-from agent.authn.replay import Once, ReplayCache, Seen
+from agent.authn.replay import Once, ReplayCache, Seen, owner_of
 from agent.authn.revocation import RevocationSet
 from agent.config.model import Policy, RateLimit, Route
 from agent.errors import AuthnError
@@ -576,8 +576,10 @@ class Engine:
                 raise AuthnError(R.DPOP_BOUND_TOKEN_AS_BEARER, "a DPoP-bound token needs the DPoP scheme")
             htu = normal_uri(view.scheme, view.host, view.path)
             # The bound key is checked first, inside: a proof by another key is refused before its signature
-            # is checked or its jti remembered.
-            once = self.dpop.verify(view.headers.get("dpop"), view.method, htu, token, who.cnf_jkt)
+            # is checked or its jti remembered. The jti counts against the principal's share of the replay
+            # cache, not the key's: a client makes keys at will and the issuer binds a token to any of them.
+            owner = owner_of(who.issuer, who.subject)
+            once = self.dpop.verify(view.headers.get("dpop"), view.method, htu, token, who.cnf_jkt, owner)
             if trace is not None:
                 trace.append("DPoP proof valid and signed by the key the token is bound to")
         elif dpop_scheme:

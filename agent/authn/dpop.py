@@ -199,10 +199,11 @@ class DpopVerifier:
         self.algs_challenge = " ".join(sorted(settings.algorithms))
         self._headers: OrderedDict[str, _Header] = OrderedDict()
 
-    def verify(self, proof: str | None, method: str, htu: str | None, access_token: str, jkt: str) -> Once:
+    def verify(self, proof: str | None, method: str, htu: str | None, access_token: str, jkt: str, owner: str) -> Once:
         """Check one proof for a request carrying `access_token`, bound to the key whose RFC 7638 thumbprint is
         `jkt` (the token's cnf.jkt); returns the one-time value (the jti, already remembered by this agent's
-        replay cache) for a shared cache.
+        replay cache, unique per key and counted against the share of `owner`, the token's principal: see
+        `replay.owner_of`) for a shared cache.
 
         Cheap checks come first and the costly ones last: the proof's size and shape, its header, then whether
         its key is the bound one (a hash), then the claims, then the signature, and only then is the jti
@@ -250,7 +251,7 @@ class DpopVerifier:
         if s.use_nonce and not self.nonces.valid(claims.get("nonce")):
             raise NonceRequired("nonce missing" if "nonce" not in claims else "nonce invalid or expired")
         # Remembered for as long as the proof's iat would still be accepted.
-        once = Once(f"dpop:{header.thumbprint}", jti, s.max_age_s + 2 * s.leeway_s, R.DPOP_PROOF_REPLAYED)
+        once = Once(f"dpop:{header.thumbprint}", jti, s.max_age_s + 2 * s.leeway_s, R.DPOP_PROOF_REPLAYED, owner)
         self.replay.require_new(once)
         return once
 

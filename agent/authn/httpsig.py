@@ -20,7 +20,7 @@ from http_sf.types import Token
 
 from agent import reasons as R
 from agent.authn.principal import Principal
-from agent.authn.replay import Once, ReplayCache
+from agent.authn.replay import Once, ReplayCache, owner_of
 from agent.config.model import HmacClient
 from agent.errors import AuthnError
 
@@ -235,7 +235,8 @@ class HmacVerifier:
             check_content_digest(headers.get("content-digest"), body)
         once = None
         if nonce is not None:
-            once = Once(f"hmac:{client.name}", nonce, client.max_age_s + 2 * client.leeway_s, R.SIGNATURE_REPLAYED)
+            ttl = client.max_age_s + 2 * client.leeway_s
+            once = Once(f"hmac:{client.name}", nonce, ttl, R.SIGNATURE_REPLAYED, owner_of(HMAC_ISSUER, client.name))
             self.replay.require_new(once)
         return self._principals[client.name], once
 

@@ -121,7 +121,7 @@ class Introspector:
         if "sub" not in doc:
             # RFC 7662 §2.2: `username` names the resource owner when `sub` is absent (django-oauth-toolkit
             # answers so); only a token with neither is a client's own (client credentials).
-            if "username" in doc:
+            if doc.get("username") is not None:  # `"username": null` names no one: as if absent
                 doc = {**doc, "sub": doc["username"]}
             elif isinstance(doc.get("client_id"), str):
                 doc = {**doc, "sub": doc["client_id"]}

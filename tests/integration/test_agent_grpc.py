@@ -311,6 +311,20 @@ async def test_introspected_username_is_the_subject_not_the_client(
         assert reason(refused) == R.TOKEN_CLAIM_INVALID, bad
 
 
+async def test_introspected_null_username_is_absent_and_the_client_is_the_subject(
+    idp: LocalIdP, make_harness: Any, tmp_path: Path
+) -> None:
+    # `"username": null` names no resource owner: the token is the client's own, as when it is absent.
+    h = await introspecting(idp, make_harness, tmp_path)
+    token = idp.mint_opaque(sub=None, client_id="shop-web")
+    idp.opaque[token]["username"] = None
+    client = await h.check(token)
+    assert reason(client) == R.ALLOWED and subject(client) == "shop-web"
+    nobody = idp.mint_opaque(sub=None, client_id=None)
+    idp.opaque[nobody]["username"] = None
+    assert reason(await h.check(nobody)) == R.TOKEN_CLAIM_MISSING
+
+
 async def test_django_oauth_toolkit_shaped_answer_names_the_user(
     idp: LocalIdP, make_harness: Any, tmp_path: Path
 ) -> None:

@@ -204,11 +204,53 @@ async def test_a_proof_key_with_a_huge_rsa_exponent_is_refused_even_when_the_tok
     assert len(engine.replay) == 0
 
 
+async def check(engine: Engine, method: str, path: str, headers: dict[str, str]) -> Decision:
+    return await engine.check(RequestView(method=method, path=path, host=HOST, scheme="https", headers=headers))
+
+
+async def test_one_principal_cannot_fill_the_replay_cache_even_with_many_keys(
+    write_policy: Callable[..., Path],
+    tmp_path: Path,
+    keys: dict[str, SigningKey],
+    client_key: SigningKey,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A client makes DPoP keys freely, and an issuer binds a token to whichever key the client proves: the
+    # share of the cache belongs to the principal (issuer + subject), not to a key. The proof is checked
+    # before the rules and the rate limit, so nothing else bounds it.
+    caplog.set_level(logging.DEBUG)
+    engine = await small_cache_engine(write_policy, tmp_path)
+    accepted = 0
+    refused: list[tuple[str, Decision]] = []
+    for i in range(16):  # 16 self-made keys, each with a token bound to it, all for one subject
+        key = make_key("ES256", f"mallory-{i}")
+        token = mint(keys["ES256"], claims(sub="mallory", client_id=f"app-{i}", cnf={"jkt": jkt(key)}))
+        for _ in range(128):
+            d = await check(engine, "GET", "/v1/orders", dpop_request(key, token))
+            if not d.allowed:
+                refused.append((token, d))
+                break
+            accepted += 1
+    # Not refused while the cache is under half full (a legitimate high-rate principal), then held to that.
+    assert accepted == 1024 // 2
+    assert all((d.status, d.reason) == (503, R.REPLAY_CACHE_FULL) for _, d in refused)
+    assert engine.replay.refused_full == len(refused) == 12  # the keys tried after the share was spent
+    for token, d in refused:  # the refusal names no token material
+        seen = json.dumps(decision_record(RequestView("GET", "/v1/orders"), d, engine.policy, 0.0))
+        seen += d.body.decode() + repr(d.response_headers) + caplog.text
+        assert token not in seen and token.split(".")[2][-40:] not in seen
+    for sub in ("bob", "carol"):  # every other principal still gets its own share
+        other = make_key("ES256", f"{sub}-key")
+        other_token = mint(keys["ES256"], claims(sub=sub, cnf={"jkt": jkt(other)}))
+        for _ in range(64):
+            assert (await check(engine, "GET", "/v1/orders", dpop_request(other, other_token))).allowed
+
+
 async def test_one_bound_key_cannot_fill_the_replay_cache(
     write_policy: Callable[..., Path], tmp_path: Path, keys: dict[str, SigningKey], client_key: SigningKey
 ) -> None:
     # A holder of a legitimately bound token adds its own jtis (even on 403s and 429s: the proof is checked
-    # first). Once the cache is half full, one key keeps at most a sixteenth of it.
+    # first). Once the cache is half full, one principal keeps at most a sixteenth of it.
     engine = await small_cache_engine(write_policy, tmp_path)
     token = mint(keys["ES256"], claims(cnf={"jkt": jkt(client_key)}))
     accepted = 0

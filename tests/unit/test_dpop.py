@@ -20,11 +20,11 @@ from agent.authn.dpop import (
     normal_uri,
     remove_dot_segments,
 )
-from agent.authn.replay import Once, ReplayCache, Seen
+from agent.authn.replay import Once, ReplayCache, Seen, owner_of
 from agent.config.model import Dpop
 from agent.errors import AuthnError
 from tests.clock import Clock
-from tests.keys import SigningKey, b64, dpop_proof, jkt, make_key, rsa_with_exponent
+from tests.keys import ISSUER, SigningKey, b64, dpop_proof, jkt, make_key, rsa_with_exponent
 
 # RFC 7638 §3.1
 RFC7638_JWK = {
@@ -79,10 +79,12 @@ def key_in(proof: str | None) -> str:
 
 def check(
     v: DpopVerifier, proof: str | None, method: str = "GET", htu: str | None = HTU, token: str = "tok",
-    bound: str | None = None,
+    bound: str | None = None, owner: str | None = None,
 ) -> Once:  # fmt: skip
-    """Verify `proof` for a request with `token`, bound (cnf.jkt) to `bound`, by default the proof's own key."""
-    return v.verify(proof, method, htu, token, key_in(proof) if bound is None else bound)
+    """Verify `proof` for a request with `token`, bound (cnf.jkt) to `bound`, by default the proof's own key;
+    the token's principal is `owner`, by default one per key."""
+    jkt = key_in(proof) if bound is None else bound
+    return v.verify(proof, method, htu, token, jkt, owner_of(ISSUER, jkt) if owner is None else owner)
 
 
 def refused(
@@ -338,6 +340,22 @@ def test_one_namespace_keeps_at_most_its_share_once_the_cache_is_half_full() -> 
     clock.now += 70
     assert cache.check_and_remember("a", "later", 70) is Seen.NEW
     assert (len(cache), cache.held("a"), cache.held("c")) == (1, 1, 0)
+
+
+def test_the_share_is_the_owners_across_all_of_its_namespaces() -> None:
+    # One principal with many DPoP keys: values are unique per key, the share is the principal's.
+    cache = ReplayCache(1024, Clock())
+    mallory = owner_of(ISSUER, "mallory")
+    for i in range(512):
+        assert cache.check_and_remember(f"dpop:key-{i % 16}", f"v{i}", 70, mallory) is Seen.NEW
+    assert cache.held(mallory) == 512 and cache.held("dpop:key-0") == 0
+    for key in range(17):
+        assert cache.check_and_remember(f"dpop:key-{key}", "more", 70, mallory) is Seen.FULL
+    assert cache.check_and_remember("dpop:key-0", "v0", 70, mallory) is Seen.REPLAYED
+    assert cache.check_and_remember("dpop:key-0", "v16", 70, owner_of(ISSUER, "bob")) is Seen.REPLAYED  # per key
+    bob = owner_of(ISSUER, "bob")
+    assert cache.check_and_remember("dpop:key-0", "bob-1", 70, bob) is Seen.NEW  # another principal's share
+    assert cache.held(bob) == 1
 
 
 def test_server_nonces(es256: SigningKey) -> None:

@@ -16,8 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent import reasons as R
-from agent.authn.httpsig import HmacVerifier, check_content_digest, signature_base, signature_params
-from agent.authn.replay import ReplayCache
+from agent.authn.httpsig import HMAC_ISSUER, HmacVerifier, check_content_digest, signature_base, signature_params
+from agent.authn.replay import ReplayCache, owner_of
 from agent.config.model import HmacClient
 from agent.errors import AuthnError
 from tests.clock import Clock
@@ -206,6 +206,8 @@ def test_a_nonce_is_accepted_once_per_client() -> None:
     verify(v, headers, body)
     assert refused(v, headers, body) == R.SIGNATURE_REPLAYED
     verify(v, *signed(keyid="b", nonce="same"))  # another client's namespace
+    # Each client is its own principal in the replay cache's shares.
+    assert v.replay.held(owner_of(HMAC_ISSUER, "a")) == v.replay.held(owner_of(HMAC_ISSUER, "b")) == 1
 
 
 def test_content_digest_rules() -> None:
