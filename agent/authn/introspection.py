@@ -118,7 +118,7 @@ class Introspector:
         time_claim(doc, "iat", required=False)
         check_auth_time(doc, now, leeway)
         check_audience(self.idp, doc.get("aud"), required=self.cfg.require_audience)
-        if "sub" not in doc:
+        if doc.get("sub") is None:  # absent, or `"sub": null`, which names no one either
             # RFC 7662 §2.2: `username` names the resource owner when `sub` is absent (django-oauth-toolkit
             # answers so); only a token with neither is a client's own (client credentials).
             if doc.get("username") is not None:  # `"username": null` names no one: as if absent

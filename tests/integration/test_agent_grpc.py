@@ -323,6 +323,10 @@ async def test_introspected_null_username_is_absent_and_the_client_is_the_subjec
     nobody = idp.mint_opaque(sub=None, client_id=None)
     idp.opaque[nobody]["username"] = None
     assert reason(await h.check(nobody)) == R.TOKEN_CLAIM_MISSING
+    # `"sub": null` is absent too: the user named by `username` is the subject.
+    user = idp.mint_opaque(sub=None, client_id="shop-web", username="alice")
+    idp.opaque[user]["sub"] = None
+    assert subject(await h.check(user)) == "alice"
 
 
 async def test_django_oauth_toolkit_shaped_answer_names_the_user(
