@@ -1,5 +1,7 @@
 from collections.abc import Awaitable, Callable
 
+MAX_CONNECTION_BUFFER: int
+
 Handler = Callable[[bytes, bytes], bytes | int | Awaitable[bytes | int]]
 
 class Limits:
@@ -8,7 +10,9 @@ class Limits:
     stream_timeout: float
     idle_timeout: float
     handshake_timeout: float
-    reserved: int
+    buffered: int
+    high_water: int
+    calls: int
     refused_over_budget: int
     timed_out_streams: int
     closed_idle: int
@@ -21,11 +25,14 @@ class Limits:
         idle_timeout: float = ...,
         handshake_timeout: float = ...,
     ) -> None: ...
+    def trim(self) -> bool: ...
 
 class GrpcProtocol:
     max_message: int
     limits: Limits
-    reserved: int
+    buffered: int
+    last_call: int
+    connected_at: float
     def __init__(
         self,
         handler: Handler,
@@ -37,7 +44,5 @@ class GrpcProtocol:
     def drain(self) -> None: ...
     def abort(self) -> None: ...
     def sweep(self) -> None: ...
-    @property
-    def idle_for(self) -> float: ...
     @property
     def active_streams(self) -> int: ...

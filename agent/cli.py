@@ -328,13 +328,24 @@ def main(argv: list[str] | None = None) -> int:
         help="verified tokens kept (keyed by hash, never past exp); 0 disables the cache",
     )
     lim = r.add_argument_group("limits on what peers of the gRPC port may hold (see docs/limits.md)")
-    lim.add_argument("--max-connections", type=int, default=1024, help="open connections; beyond, refused")
+    lim.add_argument(
+        "--max-connections",
+        type=int,
+        default=1024,
+        help="open connections, a memory backstop (only Envoy should reach the port); at the limit native closes "
+        "the one whose last completed call is oldest, grpcio refuses the new one",
+    )
     lim.add_argument(
         "--max-connection-buffer",
         default="16MiB",
-        help="native: bytes of unfinished requests per connection (its HTTP/2 window); beyond, refused",
+        help="native: bytes of unfinished requests per connection (its HTTP/2 window is twice this; at most "
+        "1073741823); the message going over it is refused",
     )
-    lim.add_argument("--max-buffer", default="64MiB", help="native: the same across all connections")
+    lim.add_argument(
+        "--max-buffer",
+        default="64MiB",
+        help="native: the same across all connections; over it, the connection holding most gives up its largest",
+    )
     lim.add_argument("--stream-timeout", type=float, default=10.0, help="native: seconds for a request to arrive whole")
     lim.add_argument("--idle-timeout", type=float, default=300.0, help="seconds a connection may stay without calls")
     lim.add_argument(

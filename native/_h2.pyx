@@ -2,8 +2,8 @@
 """Unary gRPC over HTTP/2 on asyncio/uvloop transports, with HTTP/2 (and HPACK) done by libnghttp2.
 
 One GrpcProtocol per connection: data_received -> nghttp2_session_mem_recv -> callbacks collect each
-stream's headers and its one message (allocated whole, once its 5-byte gRPC prefix says how long) -> on
-END_STREAM the message is handed to the Python handler ->
+stream's headers and its one message (kept as its DATA arrives; one allocation when it comes in one frame)
+-> on END_STREAM the message is handed to the Python handler ->
 the reply is submitted (headers, one length-prefixed message, grpc-status trailers) -> everything nghttp2
 queued goes out in one transport.write. No HTTP/2 or HPACK is written here: nghttp2 brings its defences
 (rapid reset, CONTINUATION floods, HPACK bombs, SETTINGS floods).
@@ -11,11 +11,13 @@ queued goes out in one transport.write. No HTTP/2 or HPACK is written here: nght
 The handler is called as handler(path: bytes, message: bytes) and returns the reply message (bytes), a
 gRPC status code (int) for an error, or an awaitable yielding either, for work that must wait on I/O.
 
-What a peer can make us hold is bounded (Limits, shared by the connections of one listener). A message's
-length is reserved when its prefix arrives, against a budget per connection (a message that does not fit is
-refused) and one in total (the oldest unfinished messages anywhere are refused to make room); a request must
-arrive whole in time, a connection without streams is closed after a while, and a new one must send the
-HTTP/2 preface and SETTINGS promptly. Flow control backs the budget: a DATA byte is acknowledged
+What a peer can make us hold is bounded (Limits, shared by the connections of one listener). The bytes of
+unfinished messages actually received count against a budget per connection (the message whose bytes go
+over it is refused) and one in total (over it, the connection holding the most gives up its largest
+messages: what a peer merely announces in a gRPC prefix costs nothing, and one peer's bytes never push out
+another's smaller ones); a message announced over the per-message maximum is refused at once. A request
+must arrive whole in time, a connection without streams is closed after a while, and a new one must send
+the HTTP/2 preface and SETTINGS promptly. Flow control backs the budget: a DATA byte is acknowledged
 (WINDOW_UPDATE) only once its message is finished or refused, and the connection window is twice the
 budget, so a peer never has more than that in flight unacknowledged and is never left without window.
 Refusals are RST_STREAM(REFUSED_STREAM): "not processed", to a gRPC client.
@@ -29,9 +31,19 @@ from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from includes.nghttp2 cimport *
 
+cdef extern from *:
+    """
+    #ifdef __GLIBC__
+    #include <malloc.h>
+    static int agent_malloc_trim(void) { return malloc_trim(0); }
+    #else
+    static int agent_malloc_trim(void) { return 0; }
+    #endif
+    """
+    int agent_malloc_trim() nogil
+
 import asyncio
 import logging
-from collections import OrderedDict
 
 log = logging.getLogger("agent.native")
 
@@ -63,6 +75,8 @@ cdef Py_ssize_t MAX_HEADER_LIST = 65536
 cdef size_t MAX_PATH = 256
 # After our GOAWAY and FIN, how long the peer has to close before we do.
 cdef double LINGER_S = 5.0
+# The largest connection budget: its window, twice it, must be an HTTP/2 window (RFC 9113 6.9.1: <= 2^31-1).
+MAX_CONNECTION_BUFFER = 0x3FFFFFFF
 
 
 cdef inline double monotonic() noexcept:
@@ -80,17 +94,20 @@ cdef class Limits:
     cdef readonly double stream_timeout         # a request must arrive whole within this of its HEADERS
     cdef readonly double idle_timeout           # a connection without streams this long is closed
     cdef readonly double handshake_timeout      # preface and SETTINGS must arrive within this of connecting
-    cdef readonly Py_ssize_t reserved           # bytes reserved for unfinished messages, all connections
+    cdef readonly Py_ssize_t buffered           # bytes of unfinished messages received, all connections
+    cdef readonly Py_ssize_t high_water         # the most `buffered` has been since the last trim()
+    cdef readonly Py_ssize_t calls              # calls received whole so far: the clock of GrpcProtocol.last_call
     cdef readonly Py_ssize_t refused_over_budget
     cdef readonly Py_ssize_t timed_out_streams
     cdef readonly Py_ssize_t closed_idle
     cdef readonly Py_ssize_t closed_handshake
-    cdef object partial                         # OrderedDict: _Stream -> GrpcProtocol, oldest first
+    cdef set connections                        # open GrpcProtocols: where to look for the one holding most
 
     def __cinit__(self, Py_ssize_t connection_buffer=16 << 20, Py_ssize_t total_buffer=64 << 20,
                   double stream_timeout=10.0, double idle_timeout=300.0, double handshake_timeout=5.0):
-        if not 0 < connection_buffer <= 1 << 30:
-            raise ValueError("connection_buffer must be between 1 byte and 1 GiB (half an HTTP/2 window)")
+        if not 0 < connection_buffer <= MAX_CONNECTION_BUFFER:
+            raise ValueError(f"connection_buffer must be between 1 and {MAX_CONNECTION_BUFFER} bytes "
+                             "(its HTTP/2 window, twice it, must be at most 2^31-1)")
         if total_buffer < connection_buffer:
             raise ValueError("total_buffer must be at least connection_buffer")
         if stream_timeout <= 0 or idle_timeout <= 0 or handshake_timeout <= 0:
@@ -100,7 +117,18 @@ cdef class Limits:
         self.stream_timeout = stream_timeout
         self.idle_timeout = idle_timeout
         self.handshake_timeout = handshake_timeout
-        self.partial = OrderedDict()
+        self.connections = set()
+
+    def trim(self):
+        """Once the buffers have drained after holding a lot (an attack, a burst of large checks), give the
+        memory they freed back to the system: messages are kept in DATA-frame-sized chunks, and the C
+        allocator keeps freed chunks for reuse otherwise. The transport calls this with its sweep; True if
+        it trimmed."""
+        if self.high_water < 4 << 20 or self.buffered * 4 > self.high_water:
+            return False
+        self.high_water = self.buffered
+        agent_malloc_trim()
+        return True
 
 
 cdef inline void set_nv(nghttp2_nv *nv, bytes name, bytes value):
@@ -120,15 +148,14 @@ cdef class _Stream:
     cdef bint grpc
     cdef unsigned char head[5]  # the gRPC prefix: compressed flag, big-endian length
     cdef int head_len
-    cdef bytes message      # allocated at its announced length once the prefix is in, filled in place
-    cdef Py_ssize_t length  # the announced length (counted against the budgets while `reserved`)
-    cdef Py_ssize_t pos     # bytes of `message` received
-    cdef Py_ssize_t received  # DATA bytes received and not yet acknowledged
-    cdef bint reserved
+    cdef bytes message      # the message when it came in one DATA chunk (the common case)
+    cdef list parts         # else its chunks as they came, joined at dispatch: held bytes are received bytes
+    cdef Py_ssize_t length  # the announced length
+    cdef Py_ssize_t pos     # bytes of the message received
+    cdef Py_ssize_t received  # DATA bytes received and not yet acknowledged: counted against the budgets
     cdef bint answered
     cdef bint refused       # answered before the request ended: reset once the answer is out
     cdef bint ended         # END_STREAM received
-    cdef bint in_partial    # listed in Limits.partial
     cdef Py_ssize_t header_bytes
     cdef double started
     cdef double timeout
@@ -209,6 +236,7 @@ cdef int on_header(nghttp2_session *session, const nghttp2_frame *frame, const u
 cdef int on_data_chunk(nghttp2_session *session, uint8_t flags, int32_t stream_id, const uint8_t *data, size_t n,
                        void *user_data) noexcept:
     cdef GrpcProtocol self = <GrpcProtocol>user_data
+    cdef Limits limits = self.limits
     cdef _Stream st
     cdef size_t take
     try:
@@ -217,23 +245,36 @@ cdef int on_data_chunk(nghttp2_session *session, uint8_t flags, int32_t stream_i
             nghttp2_session_consume_connection(session, n)  # not kept: acknowledged at once
             return 0
         st.received += n
+        self.buffered += n
+        limits.buffered += n
+        if limits.buffered > limits.high_water:
+            limits.high_water = limits.buffered
+        if self.buffered > limits.connection_buffer:
+            # This connection's unfinished messages would exceed its budget: this one is not taken.
+            limits.refused_over_budget += 1
+            self.refuse(st, NGHTTP2_REFUSED_STREAM)
+            return 0
+        if limits.buffered > limits.total_buffer and not self.make_room(st):
+            return 0
         if st.head_len < 5:
             take = min(<size_t>(5 - st.head_len), n)
             memcpy(st.head + st.head_len, data, take)
             st.head_len += <int>take
             data += take
             n -= take
-            if st.head_len == 5:
-                if not self.admit(st):
-                    return 0
-                if <size_t>st.length > n:
-                    self.list_partial(st)  # it will not be whole by the end of this chunk
+            if st.head_len == 5 and not self.admit(st):
+                return 0
         if n:
             if <size_t>(st.length - st.pos) < n:
                 # More than the one message a unary call carries: answered now, not buffered.
                 self.refuse_early(st, INTERNAL, b"malformed gRPC frame (one unary message expected)")
                 return 0
-            memcpy(PyBytes_AS_STRING(st.message) + st.pos, data, n)
+            if st.pos == 0 and <size_t>st.length == n:
+                st.message = PyBytes_FromStringAndSize(<const char*>data, n)  # whole in one chunk
+            else:
+                if st.parts is None:
+                    st.parts = []
+                st.parts.append(PyBytes_FromStringAndSize(<const char*>data, n))
             st.pos += n
     except BaseException:
         return NGHTTP2_ERR_CALLBACK_FAILURE
@@ -259,8 +300,6 @@ cdef int on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame, voi
             st.ended = True
             if not st.answered:
                 self.dispatch(st)
-        elif st.reserved:
-            self.list_partial(st)  # whole, but its END_STREAM is still to come
     except BaseException:
         log.exception("native transport: dispatch failed")
         return NGHTTP2_ERR_CALLBACK_FAILURE
@@ -334,14 +373,15 @@ cdef class GrpcProtocol:
     cdef int max_streams
     cdef object on_close
     cdef readonly Limits limits
-    cdef readonly Py_ssize_t reserved  # bytes reserved for unfinished messages on this connection
+    cdef readonly Py_ssize_t buffered  # bytes of unfinished messages received on this connection
+    cdef readonly Py_ssize_t last_call  # Limits.calls when a call last arrived whole here; 0: never
     cdef bint draining
     cdef bint close_when_flushed
     cdef bint closed
     cdef bint eof_sent
     cdef bint got_settings
     cdef bint notice_sent
-    cdef double connected_at
+    cdef readonly double connected_at
     cdef double idle_since  # 0 while streams are open
     cdef double paused_at   # 0 unless the peer stopped reading our answers
     cdef double eof_at
@@ -377,7 +417,9 @@ cdef class GrpcProtocol:
     def connection_made(self, transport):
         self.transport = transport
         self.connected_at = self.idle_since = monotonic()
+        self.limits.connections.add(self)
         cdef nghttp2_settings_entry iv[3]
+        cdef int rc
         iv[0].settings_id = NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS
         iv[0].value = self.max_streams
         # A stream's window holds one message, never acknowledged: a unary call carries no more.
@@ -385,13 +427,19 @@ cdef class GrpcProtocol:
         iv[1].value = self.max_message + 64
         iv[2].settings_id = NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE
         iv[2].value = MAX_HEADER_LIST
-        nghttp2_submit_settings(self.session, NGHTTP2_FLAG_NONE, iv, 3)
-        # The connection's window (RFC 9113 6.9.2: from 65535 up by WINDOW_UPDATE) is twice its buffer budget:
-        # nghttp2 acknowledges released bytes once half the window is released, so with at most the budget
-        # held (the rest is refused) the peer is never left without window, and never has more than this
-        # in flight unacknowledged.
-        nghttp2_session_set_local_window_size(self.session, NGHTTP2_FLAG_NONE, 0,
-                                              <int32_t>(2 * self.limits.connection_buffer))
+        rc = nghttp2_submit_settings(self.session, NGHTTP2_FLAG_NONE, iv, 3)
+        if rc == 0:
+            # The connection's window (RFC 9113 6.9.2: from 65535 up by WINDOW_UPDATE) is twice its buffer
+            # budget: nghttp2 acknowledges released bytes once half the window is released, so with at most
+            # the budget held (the rest is refused) the peer is never left without window, and never has
+            # more than this in flight unacknowledged. (Limits keeps it within an HTTP/2 window.)
+            rc = nghttp2_session_set_local_window_size(self.session, NGHTTP2_FLAG_NONE, 0,
+                                                       <int32_t>(2 * self.limits.connection_buffer))
+        if rc != 0:
+            # Not served with windows other than these: closed, and said (the cause is ours, not the peer's).
+            log.error("native transport: setting up a connection failed: %s", nghttp2_strerror(rc).decode())
+            self.abort()
+            return
         self.flush()
 
     def data_received(self, bytes data):
@@ -426,6 +474,7 @@ cdef class GrpcProtocol:
         for st in self.streams.values():
             self.forget(<_Stream>st)
         self.streams.clear()
+        self.limits.connections.discard(self)
         if self.on_close is not None:
             self.on_close(self)
 
@@ -472,20 +521,17 @@ cdef class GrpcProtocol:
 
     cdef void forget(self, _Stream st) except *:
         """Stop counting what `st` holds (its message is dropped; nothing is acknowledged)."""
-        if st.reserved:
-            st.reserved = False
-            self.reserved -= st.length
-            self.limits.reserved -= st.length
+        if st.received:
+            self.buffered -= st.received
+            self.limits.buffered -= st.received
+            st.received = 0
         st.message = None
-        if st.in_partial:
-            st.in_partial = False
-            self.limits.partial.pop(st, None)
+        st.parts = None
 
     cdef void release(self, _Stream st) except *:
         """`st`'s bytes are no longer held: acknowledge them, so the peer may send as much again."""
         cdef Py_ssize_t n = st.received
         self.forget(st)
-        st.received = 0
         if n and not self.closed:
             nghttp2_session_consume_connection(self.session, <size_t>n)
 
@@ -502,10 +548,7 @@ cdef class GrpcProtocol:
         self.respond_error(st, code, message)
 
     cdef bint admit(self, _Stream st) except -1:
-        """The prefix is in: reserve the message's length within the budgets and allocate it, or refuse."""
-        cdef Limits limits = self.limits
-        cdef _Stream victim
-        cdef GrpcProtocol owner
+        """The prefix is in: take the message's announced length, or refuse what no length makes right."""
         cdef Py_ssize_t length = ((<Py_ssize_t>st.head[1] << 24) | (<Py_ssize_t>st.head[2] << 16)
                                   | (<Py_ssize_t>st.head[3] << 8) | st.head[4])
         if st.head[0] != 0:
@@ -514,36 +557,36 @@ cdef class GrpcProtocol:
         if length > self.max_message:
             self.refuse_early(st, RESOURCE_EXHAUSTED, b"message larger than the limit")
             return False
-        if self.reserved + length > limits.connection_buffer:
-            # This connection's unfinished messages would exceed its budget: this one is not taken.
-            limits.refused_over_budget += 1
-            self.refuse(st, NGHTTP2_REFUSED_STREAM)
-            return False
-        while limits.reserved + length > limits.total_buffer and limits.partial:
-            # Over the total: the oldest unfinished messages anywhere make room (a caller's are seldom old).
-            victim, owner = limits.partial.popitem(last=False)
-            victim.in_partial = False
-            limits.refused_over_budget += 1
-            owner.refuse(victim, NGHTTP2_REFUSED_STREAM)
-            if owner is not self:
-                owner.flush()  # inside this connection's callbacks only its own session may not send
-        if limits.reserved + length > limits.total_buffer:
-            limits.refused_over_budget += 1  # the rest are being received this moment: this one waits its turn
-            self.refuse(st, NGHTTP2_REFUSED_STREAM)
-            return False
         st.length = length
-        st.message = PyBytes_FromStringAndSize(NULL, length)  # one allocation, filled as DATA arrives
-        st.reserved = True
-        self.reserved += length
-        limits.reserved += length
         return True
 
-    cdef void list_partial(self, _Stream st) except *:
-        """An unfinished message the total budget may refuse, oldest first. (One that is whole in the chunk
-        that announced it, the common case, is dispatched before anything else is admitted: never listed.)"""
-        if not st.in_partial:
-            st.in_partial = True
-            self.limits.partial[st] = self
+    cdef bint make_room(self, _Stream st) except -1:
+        """Over the total budget: the connection holding the most gives up its largest unfinished message,
+        and so on until the total fits. Age never decides (Envoy's checks in transit are as unfinished as
+        anything a peer holds on purpose), nor a length a prefix merely announces. False if `st` went."""
+        cdef Limits limits = self.limits
+        cdef GrpcProtocol hog, c
+        cdef _Stream victim, s
+        cdef bint kept = True
+        while limits.buffered > limits.total_buffer:
+            hog = None
+            for c in limits.connections:
+                if hog is None or c.buffered > hog.buffered:
+                    hog = c
+            victim = None
+            if hog is not None:
+                for s in hog.streams.values():
+                    if s.received and (victim is None or s.received > victim.received):
+                        victim = s
+            if victim is None:
+                break  # nothing counted is held by an open connection: cannot be, but never loop
+            limits.refused_over_budget += 1
+            hog.refuse(victim, NGHTTP2_REFUSED_STREAM)
+            if victim is st:
+                kept = False
+            if hog is not self:
+                hog.flush()  # inside this connection's callbacks only its own session may not send
+        return kept
 
     cdef void check_headers(self, _Stream st) except *:
         if st.header_bytes > MAX_HEADER_LIST:
@@ -593,13 +636,9 @@ cdef class GrpcProtocol:
                 return
         self.flush()
 
-    @property
-    def idle_for(self):
-        """Seconds without streams (0 while any is open)."""
-        return monotonic() - self.idle_since if self.idle_since and not self.streams else 0.0
-
     cdef void dispatch(self, _Stream st) except *:
         cdef bytes message = st.message
+        cdef Limits limits = self.limits
         if st.head_len < 5:
             self.release(st)
             self.respond_error(st, INTERNAL, b"no request message")
@@ -608,7 +647,13 @@ cdef class GrpcProtocol:
             self.release(st)
             self.respond_error(st, INTERNAL, b"malformed gRPC frame (one unary message expected)")
             return
+        if st.parts is not None:
+            message = b"".join(st.parts)
+        elif message is None:
+            message = b""
         self.release(st)
+        limits.calls += 1
+        self.last_call = limits.calls
         try:
             result = self.handler(st.path, message)
         except Exception:

@@ -8,6 +8,8 @@ from agent.envoyconf import MAX_CHECK_REQUEST_BYTES
 
 MIB = 1 << 20
 FRAME = 16384  # one default-size HTTP/2 frame
+# A connection's window is twice its buffer, and an HTTP/2 window is at most 2^31-1 (RFC 9113 6.9.1).
+MAX_CONNECTION_BUFFER = (2**31 - 1) // 2
 
 
 @dataclass(frozen=True)
@@ -15,10 +17,11 @@ class TransportLimits:
     """Defaults sized so Envoy's own use never meets them: a CheckRequest is at most MAX_CHECK_REQUEST_BYTES
     (2 MiB) and Envoy sends each whole at once, so a connection holds an unfinished message only while its
     bytes are on the way. The native transport enforces all of them; grpcio the connection count and the
-    idle and handshake timeouts (its own flow control bounds what it buffers)."""
+    idle and handshake timeouts (its own flow control bounds what it buffers). The connection limit is a
+    memory backstop, not access control: only Envoy should reach the port (docs/limits.md)."""
 
     max_connections: int = 1024
-    connection_buffer: int = 16 * MIB  # bytes of unfinished messages per connection (half its HTTP/2 window)
+    connection_buffer: int = 16 * MIB  # bytes of unfinished messages per connection (its HTTP/2 window: twice)
     total_buffer: int = 64 * MIB  # ... across all connections
     stream_timeout_s: float = 10.0  # a request must arrive whole within this of its headers
     idle_timeout_s: float = 300.0  # a connection without streams this long is closed (GOAWAY)
@@ -28,9 +31,10 @@ class TransportLimits:
         least = MAX_CHECK_REQUEST_BYTES + 5 + FRAME
         if self.max_connections < 1:
             raise ValueError("max connections must be at least 1")
-        if not least <= self.connection_buffer <= 1 << 30:
+        if not least <= self.connection_buffer <= MAX_CONNECTION_BUFFER:
             raise ValueError(
-                f"the per-connection buffer must be between {least} bytes (one largest CheckRequest) and 1 GiB"
+                f"the per-connection buffer must be between {least} bytes (one largest CheckRequest) and "
+                f"{MAX_CONNECTION_BUFFER} bytes (its HTTP/2 window, twice the buffer, must be at most 2^31-1)"
             )
         if self.total_buffer < self.connection_buffer:
             raise ValueError("the total buffer must be at least the per-connection buffer")

@@ -102,12 +102,12 @@ class AgentCollector:
             t = transport_stats()
             yield GaugeMetricFamily("authz_transport_connections", "Open gRPC connections", value=t["connections"])
             yield GaugeMetricFamily(
-                "authz_transport_reserved_bytes", "Bytes reserved for unfinished requests", value=t["reserved_bytes"]
+                "authz_transport_buffered_bytes", "Bytes of unfinished requests held", value=t["buffered_bytes"]
             )
             refused = CounterMetricFamily(
                 "authz_transport_refused", "Connections and streams refused or closed by a limit", labels=["what"]
             )
-            for what in ("connections_refused", "streams_refused_over_budget", "streams_timed_out",
+            for what in ("connections_evicted", "streams_refused_over_budget", "streams_timed_out",
                          "connections_closed_idle", "connections_closed_handshake"):  # fmt: skip
                 refused.add_metric([what], t[what])
             yield refused

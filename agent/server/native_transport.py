@@ -3,8 +3,8 @@
 Its pure twin is the grpcio transport: where the extension is not built, `--transport native` is refused
 and grpcio serves. Decoding and encoding use agent._wire (Cython when built). What peers may hold (bytes of
 unfinished requests, streams, connections, and for how long) is bounded by TransportLimits: the budgets in
-agent._h2_c as each message's prefix arrives, the timeouts by a sweep here about once a second, the
-connection count at accept.
+agent._h2_c as DATA arrives, the timeouts by a sweep here about once a second, the connection count at
+accept (the least useful connection makes room).
 """
 
 from __future__ import annotations
@@ -42,13 +42,6 @@ def available() -> bool:
     return True
 
 
-class _Refused(asyncio.Protocol):
-    """A connection over the limit: closed as soon as it is accepted."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.close()
-
-
 class NativeTransport:
     def __init__(
         self,
@@ -75,7 +68,7 @@ class NativeTransport:
         )
         self.serving = False
         self.port = 0
-        self.refused_connections = 0
+        self.evicted_connections = 0
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[Any] = set()
         self._sweeper: asyncio.Task[None] | None = None
@@ -112,29 +105,30 @@ class NativeTransport:
         return _SERVING if self.serving else _NOT_SERVING
 
     def _factory(self) -> Any:
-        if len(self._connections) >= self.limits.max_connections and not self._evict_idle():
-            self.refused_connections += 1
-            self._ratelog.warning(
-                "connections",
-                f"connection refused: {len(self._connections)} open, the limit "
-                f"(--max-connections {self.limits.max_connections}); {self.refused_connections} refused so far",
-            )
-            return _Refused()
+        if len(self._connections) >= self.limits.max_connections:
+            self._make_room()
         proto = self._protocol_cls(
             self._handle, self.max_message, self.max_streams, self._connections.discard, self._shared
         )
         self._connections.add(proto)
         return proto
 
-    def _evict_idle(self) -> bool:
-        """At the limit, a connection without streams makes room for a new one: the longest idle goes."""
-        idle = max(self._connections, key=lambda p: p.idle_for, default=None)
-        if idle is None or idle.idle_for <= 0:
-            return False
-        self._connections.discard(idle)
-        idle.drain()
-        idle.abort()
-        return True
+    def _make_room(self) -> None:
+        """At the limit, the least useful connection goes: the one whose last completed call is oldest, one
+        that never completed a call first (the oldest of those), busy or not. Nothing on the port tells Envoy
+        from anyone else, but Envoy completes calls: a peer must too, on every connection, to keep its place.
+        (Closing by idleness let connections that each hold a call that never ends push Envoy's out.)"""
+        victim = min(self._connections, key=lambda p: (p.last_call, p.connected_at))
+        self._connections.discard(victim)
+        victim.drain()
+        victim.abort()
+        self.evicted_connections += 1
+        self._ratelog.warning(
+            "connections",
+            f"connection closed to make room: {len(self._connections) + 1} open, the limit "
+            f"(--max-connections {self.limits.max_connections}); the one whose last completed call is oldest "
+            f"goes; {self.evicted_connections} so far",
+        )
 
     async def _sweep(self) -> None:
         """Apply the stream, idle and handshake timeouts to every connection, a few times per smallest one."""
@@ -143,15 +137,23 @@ class NativeTransport:
         while True:
             await asyncio.sleep(every)
             for proto in list(self._connections):
-                proto.sweep()
+                try:
+                    proto.sweep()
+                except Exception as e:  # noqa: BLE001 - a bug of ours: one connection must not stop every timeout
+                    self._ratelog.warning(
+                        "sweep", f"native transport: a connection's timeouts failed ({type(e).__name__}); it is closed"
+                    )
+                    self._connections.discard(proto)
+                    proto.abort()
+            self._shared.trim()
 
     def stats(self) -> dict[str, int]:
-        """Counts for /metrics: what the limits refused or closed, and the bytes reserved now."""
+        """Counts for /metrics: what the limits refused or closed, and the bytes of unfinished requests now."""
         s = self._shared
         return {
             "connections": len(self._connections),
-            "connections_refused": self.refused_connections,
-            "reserved_bytes": s.reserved,
+            "connections_evicted": self.evicted_connections,
+            "buffered_bytes": s.buffered,
             "streams_refused_over_budget": s.refused_over_budget,
             "streams_timed_out": s.timed_out_streams,
             "connections_closed_idle": s.closed_idle,

@@ -1,7 +1,8 @@
 """atheris target: the native HTTP/2 + gRPC framing layer survives any bytes after a valid client preface.
 
 The real nghttp2 session runs; the transport is an in-memory sink, so the fuzzer drives data_received
-directly. Passing means: no crash, no exception out of the protocol, every write is bytes-like.
+directly. Passing means: no crash, no exception out of the protocol, every write is bytes-like, and the bytes counted
+against the budgets are those held (none once the connection is gone).
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ def test_one(data: bytes) -> None:
     proto.data_received(PREFACE)
     while fdp.remaining_bytes() and not sink.closed:
         proto.data_received(fdp.ConsumeBytes(fdp.ConsumeIntInRange(1, 512)))
+        assert 0 <= proto.buffered == proto.limits.buffered  # what is counted is what this connection holds
     proto.connection_lost(None)
+    assert proto.limits.buffered == 0
 
 
 def seeds() -> list[bytes]:

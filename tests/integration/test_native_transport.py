@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import struct
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -192,7 +194,7 @@ async def test_end_stream_in_a_later_empty_frame_is_served(server: AgentServer) 
         c.conn.send_data(sid, b"", end_stream=True)
         c.sock.sendall(c.conn.data_to_send())
         assert c.status(await in_thread(lambda: c.read(sid))) == "0"
-        assert server.transport.stats()["reserved_bytes"] == 0  # type: ignore[union-attr]
+        assert server.transport.stats()["buffered_bytes"] == 0  # type: ignore[union-attr]
     finally:
         c.close()
 
@@ -529,7 +531,6 @@ def test_sigterm_sends_goaway_and_exits_cleanly(write_policy: Callable[..., Path
     import signal
     import subprocess
     import sys
-    import time
 
     port = socket.socket()
     port.bind(("127.0.0.1", 0))
@@ -580,13 +581,15 @@ def test_sigterm_sends_goaway_and_exits_cleanly(write_policy: Callable[..., Path
 
 
 class Budgeted:
-    """A bare GrpcProtocol server with small budgets, and blocking h2 clients for it."""
+    """A bare GrpcProtocol server with small budgets, and blocking h2 clients for it (generous deadlines: a loaded
+    machine is slow, and every wait below ends on a condition, not a clock)."""
 
     def __init__(self, limits: Any, port: int) -> None:
         self.limits, self.port = limits, port
 
     def client(self) -> RawH2:
         c = RawH2(self.port)
+        c.sock.settimeout(30)
         # The server's SETTINGS and its connection WINDOW_UPDATE, so sends below may use the whole window.
         while not any(
             isinstance(e, h2.events.WindowUpdated) and e.stream_id == 0 for e in c.conn.receive_data(c.sock.recv(65536))
@@ -608,6 +611,19 @@ class Budgeted:
         Budgeted.send(c, sid, b"\x00" + struct.pack(">I", size))
         return sid
 
+    @staticmethod
+    def sync(c: RawH2) -> None:
+        """Return once the server has processed everything sent on `c` so far (it answers a PING in order)."""
+        c.conn.ping(b"syncsync")
+        c.sock.sendall(c.conn.data_to_send())
+        while True:
+            data = c.sock.recv(65536)
+            assert data, "closed before the PING was answered"
+            events = c.conn.receive_data(data)
+            c.sock.sendall(c.conn.data_to_send())
+            if any(isinstance(e, h2.events.PingAckReceived) for e in events):
+                return
+
 
 @pytest.fixture
 async def budgeted() -> AsyncIterator[Budgeted]:
@@ -628,7 +644,7 @@ async def test_a_message_that_does_not_fit_its_connections_budget_is_refused(bud
         try:
             first, second = Budgeted.open(c, 200_000), Budgeted.open(c, 200_000)
             Budgeted.send(c, first, b"\x00" * 150_000)
-            Budgeted.send(c, second, b"\x00" * 150_000)  # 2 x 200 KB announced on one connection > 256 KiB
+            Budgeted.send(c, second, b"\x00" * 150_000)  # 300 KB received on one connection > 256 KiB
             refused = c.read(second)
             Budgeted.send(c, first, b"\x00" * 50_000, end=True)  # the other one still completes
             return refused, c.read(first)
@@ -638,27 +654,66 @@ async def test_a_message_that_does_not_fit_its_connections_budget_is_refused(bud
     refused, done = await in_thread(run)
     assert refused["reset"] == h2.errors.ErrorCodes.REFUSED_STREAM
     assert done["trailers"].get("grpc-status") == "0"
-    assert budgeted.limits.reserved == 0 and budgeted.limits.refused_over_budget == 1
+    assert budgeted.limits.buffered == 0 and budgeted.limits.refused_over_budget == 1
 
 
-async def test_over_the_total_budget_the_oldest_unfinished_message_is_refused(budgeted: Budgeted) -> None:
-    def run() -> tuple[dict[str, Any], dict[str, Any]]:
-        old, new = budgeted.client(), budgeted.client()
+async def test_over_the_total_budget_the_connection_holding_most_is_refused(budgeted: Budgeted) -> None:
+    # Budgets: 256 KiB a connection, 300 KiB in all, counted in bytes received. The older message is on the
+    # connection holding less: age does not matter, the connection holding the most makes room.
+    def run() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        small, hog = budgeted.client(), budgeted.client()
         try:
-            held = Budgeted.open(old, 200_000)
-            Budgeted.send(old, held, b"\x00" * 150_000)
-            sid = Budgeted.open(new, 200_000)
-            Budgeted.send(new, sid, b"\x00" * 160_000)  # 2 x 200 KB announced in all > 300 KiB
-            refused = old.read(held)
-            Budgeted.send(new, sid, b"\x00" * 40_000, end=True)
-            return refused, new.read(sid)
+            older = Budgeted.open(small, 200_000)
+            Budgeted.send(small, older, b"\x00" * 60_000)
+            Budgeted.sync(small)
+            big = Budgeted.open(hog, 200_000)
+            Budgeted.send(hog, big, b"\x00" * 190_000)
+            Budgeted.sync(hog)  # 250 KB held in all
+            Budgeted.send(small, older, b"\x00" * 60_000)  # 310 KB > 300 KiB: the hog's 190 KB go
+            refused = hog.read(big)
+            Budgeted.send(small, older, b"\x00" * 80_000, end=True)
+            # Only that message was refused: the hog's connection goes on serving.
+            again = Budgeted.open(hog, 150_000)
+            Budgeted.send(hog, again, b"\x00" * 150_000, end=True)
+            return refused, small.read(older), hog.read(again)
         finally:
-            old.close()
-            new.close()
+            small.close()
+            hog.close()
 
-    refused, done = await in_thread(run)
+    refused, done, again = await in_thread(run)
     assert refused["reset"] == h2.errors.ErrorCodes.REFUSED_STREAM
-    assert done["trailers"].get("grpc-status") == "0"
+    assert done["trailers"].get("grpc-status") == "0" and again["trailers"].get("grpc-status") == "0"
+    assert budgeted.limits.refused_over_budget == 1
+    await until_async(lambda: budgeted.limits.buffered == 0, "every held byte released")
+
+
+async def test_a_large_check_in_flight_survives_many_cheap_announcing_connections(budgeted: Budgeted) -> None:
+    # The attack on the first total-budget rule (announced lengths reserved, the oldest unfinished message
+    # refused): a real 200 KB check in transit (Envoy sends a body-carrying check in several DATA frames),
+    # then 5 connections x 8 gRPC prefixes each announcing the largest message, a few hundred bytes in all.
+    def run() -> dict[str, Any]:
+        envoy = budgeted.client()
+        attackers: list[RawH2] = []
+        try:
+            sid = Budgeted.open(envoy, 200_000)
+            Budgeted.send(envoy, sid, b"\x00" * 16_000)
+            Budgeted.sync(envoy)
+            for _ in range(5):
+                a = budgeted.client()
+                attackers.append(a)
+                for _ in range(8):
+                    Budgeted.open(a, 200_000)
+                Budgeted.sync(a)
+            Budgeted.send(envoy, sid, b"\x00" * 184_000, end=True)
+            return envoy.read(sid)
+        finally:
+            envoy.close()
+            for a in attackers:
+                a.close()
+
+    done = await in_thread(run)
+    assert done["reset"] is None and done["trailers"].get("grpc-status") == "0", done
+    assert budgeted.limits.refused_over_budget == 0
 
 
 async def test_finished_messages_give_their_window_back(budgeted: Budgeted) -> None:
@@ -678,4 +733,85 @@ async def test_finished_messages_give_their_window_back(budgeted: Budgeted) -> N
             c.close()
 
     assert await in_thread(run) == ["0"] * 30
-    assert budgeted.limits.reserved == 0
+    assert budgeted.limits.buffered == 0
+
+
+async def test_the_largest_connection_buffer_accepted_still_opens_the_window() -> None:
+    # The connection window is twice the buffer and an HTTP/2 window is at most 2^31-1: 1 GiB made it negative,
+    # nghttp2 refused it silently, the window stayed 65535, and a 100 KB check stalled.
+    from agent._h2_c import GrpcProtocol, Limits
+    from agent.server.limits import MAX_CONNECTION_BUFFER
+
+    assert 2 * MAX_CONNECTION_BUFFER <= 2**31 - 1
+    with pytest.raises(ValueError, match="window"):
+        Limits(1 << 30, 1 << 30)
+    limits = Limits(MAX_CONNECTION_BUFFER, MAX_CONNECTION_BUFFER)
+    loop = asyncio.get_running_loop()
+    srv = await loop.create_server(lambda: GrpcProtocol(lambda p, m: b"", 200_000, 64, None, limits), "127.0.0.1", 0)
+    try:
+        c = await in_thread(Budgeted(limits, srv.sockets[0].getsockname()[1]).client)
+        try:
+            assert c.conn.outbound_flow_control_window == 2 * MAX_CONNECTION_BUFFER
+
+            def call() -> dict[str, Any]:
+                sid = Budgeted.open(c, 100_000)
+                Budgeted.send(c, sid, b"\x00" * 100_000, end=True)
+                return c.read(sid)
+
+            assert c.status(await in_thread(call)) == "0"
+        finally:
+            c.close()
+    finally:
+        srv.close()
+
+
+async def test_a_sweep_that_fails_on_one_connection_does_not_stop_the_timeouts(
+    write_policy: Callable[..., Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    from agent._h2_c import GrpcProtocol
+    from agent.server.limits import TransportLimits
+
+    broken: list[Any] = []
+
+    class OneBroken(GrpcProtocol):  # type: ignore[misc]
+        """The first connection's sweep always fails (an internal error); the others are ordinary."""
+
+        def __init__(self, *args: Any) -> None:
+            if not broken:
+                broken.append(self)
+
+        def sweep(self) -> None:
+            if self is broken[0]:
+                raise RuntimeError("sweep failed")
+            super().sweep()
+
+    s = AgentServer(
+        load_policy(write_policy()), "127.0.0.1:0", None, None, transport="native",
+        limits=TransportLimits(idle_timeout_s=1.0),
+    )  # fmt: skip
+    s.transport._protocol_cls = OneBroken  # type: ignore[union-attr]
+    await s.start()
+    first, second = RawH2(s.port), RawH2(s.port)
+    try:
+
+        def goaway(c: RawH2) -> bool:
+            c.sock.settimeout(30)
+            while True:
+                data = c.sock.recv(65536)
+                if not data:
+                    return False
+                if any(isinstance(e, h2.events.ConnectionTerminated) for e in c.conn.receive_data(data)):
+                    return True
+
+        with caplog.at_level(logging.WARNING, "agent.native"):
+            start = time.monotonic()
+            assert await in_thread(lambda: goaway(second))  # its idle timeout still applies
+            elapsed = time.monotonic() - start
+        lines = [r.getMessage() for r in caplog.records if "timeouts failed" in r.getMessage()]
+        assert 1 <= len(lines) <= elapsed + 1, lines
+        assert not await in_thread(lambda: goaway(first))  # the connection whose sweep failed is closed
+        assert all("Traceback" not in ln and "\n" not in ln for ln in lines)
+    finally:
+        first.close()
+        second.close()
+        await s.stop(0.5)

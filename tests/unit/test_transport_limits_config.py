@@ -58,7 +58,8 @@ def test_defaults_hold_the_largest_check_request() -> None:
 
     d = TransportLimits()
     assert d.connection_buffer >= 4 * MAX_CHECK_REQUEST_BYTES and d.total_buffer >= 4 * d.connection_buffer
-    assert d.max_connections == 1024 and d.stream_timeout_s >= 10 * 0.5  # Envoy's ext_authz timeout: 0.5 s
+    # Envoy's ext_authz timeout: 2.4 s as envoy-config writes it without a policy (envoy/README.md "Timeouts")
+    assert d.max_connections == 1024 and d.stream_timeout_s >= 4 * 2.4
 
 
 @pytest.mark.parametrize(
@@ -67,6 +68,7 @@ def test_defaults_hold_the_largest_check_request() -> None:
         {"max_connections": 0},
         {"connection_buffer": 1 << 20},  # smaller than one CheckRequest of MAX_CHECK_REQUEST_BYTES
         {"connection_buffer": 2 << 30},
+        {"connection_buffer": 1 << 30, "total_buffer": 1 << 30},  # its window, twice it, over 2^31-1
         {"total_buffer": 8 << 20},  # below the per-connection budget
         {"stream_timeout_s": 0},
         {"idle_timeout_s": -1},
@@ -87,3 +89,23 @@ def test_run_refuses_a_bad_limit_with_a_message(write_policy: Callable[..., Path
     )
     assert r.returncode == 2
     assert "per-connection buffer" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_largest_connection_buffer_has_a_window_http2_can_say() -> None:
+    from agent.server.limits import MAX_CONNECTION_BUFFER
+
+    assert 2 * MAX_CONNECTION_BUFFER == 2**31 - 2  # RFC 9113 6.9.1: a window is at most 2^31-1
+    assert TransportLimits(connection_buffer=MAX_CONNECTION_BUFFER, total_buffer=MAX_CONNECTION_BUFFER)
+
+
+def test_run_refuses_a_buffer_whose_window_http2_cannot_say(write_policy: Callable[..., Path]) -> None:
+    # 1 GiB was accepted, its window (2 GiB) wrapped negative in the native transport and stayed 65535.
+    r = subprocess.run(
+        [sys.executable, "-m", "agent", "run", "--policy", str(write_policy()), "--max-connection-buffer", "1GiB",
+         "--max-buffer", "2GiB"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    assert "window" in r.stderr and "1073741823" in r.stderr and "Traceback" not in r.stderr
