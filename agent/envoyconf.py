@@ -404,6 +404,19 @@ def bootstrap(
     return out
 
 
+def stop_process(proc: Any, wait_s: float = 10.0) -> None:
+    """SIGTERM a child process and wait for it; SIGKILL when it has not exited within `wait_s`."""
+    import subprocess
+
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(wait_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class EnvoyProcess:
     """A real Envoy started from a generated bootstrap; `--use-dynamic-base-id` lets several run at once."""
 
@@ -456,14 +469,7 @@ class EnvoyProcess:
         raise TimeoutError("envoy did not become ready")
 
     def stop(self) -> None:
-        import subprocess
-
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc)
         if getattr(self, "log", None) is not None:
             self.log.close()

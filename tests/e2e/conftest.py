@@ -21,7 +21,7 @@ from aiohttp import web
 
 from agent.demo.app import demo_app, start_site
 from agent.demo.idp import LocalIdP
-from agent.envoyconf import EnvoyProcess, bootstrap, http_ok
+from agent.envoyconf import EnvoyProcess, bootstrap, http_ok, stop_process
 
 pytestmark = pytest.mark.e2e
 
@@ -163,13 +163,7 @@ class AgentProcess:
         raise TimeoutError("agent not ready: " + self.stderr_path.read_text())
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self._err.close()
 
     def logs(self) -> str:

@@ -31,19 +31,14 @@ import pytest
 from envoy.service.auth.v3 import external_auth_pb2 as ext
 from envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
 
+from agent.envoyconf import stop_process
 from agent.server.native_transport import available
+from tests.integration.test_native_transport import CHECK
+from tests.integration.test_native_transport import GRPC_HEADERS as NATIVE_GRPC_HEADERS
 from tests.keys import SigningKey, mint
 from tests.wait import until
 
-CHECK = "/envoy.service.auth.v3.Authorization/Check"
-GRPC_HEADERS = [
-    (":method", "POST"),
-    (":scheme", "http"),
-    (":authority", "x"),
-    (":path", CHECK),
-    ("content-type", "application/grpc"),
-    ("te", "trailers"),
-]
+GRPC_HEADERS = [*NATIVE_GRPC_HEADERS, ("te", "trailers")]  # as grpc clients send them
 MB = 1 << 20
 
 
@@ -141,13 +136,7 @@ class Agent:
 
     def stop(self) -> None:
         self.channel.close()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 20)
         self._err.close()
 
 
