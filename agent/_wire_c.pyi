@@ -1,4 +1,4 @@
-from agent.engine import Decision, RequestView
+from agent.decision import Decision, RequestView
 from agent.errors import WireError as WireError
 
 def decode_check_request(data: bytes) -> RequestView: ...

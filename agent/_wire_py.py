@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from google.protobuf.message import DecodeError
 
-from agent.engine import Decision, RequestView
+from agent.decision import Decision, RequestView
 from agent.errors import WireError
 
 __all__ = ["WireError", "decode_check_request", "encode_check_response"]

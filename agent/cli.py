@@ -101,7 +101,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from agent.engine import Engine, RequestView
+    from agent.decision import RequestView
+    from agent.engine import Engine
 
     try:
         policy = _load(args.policy)

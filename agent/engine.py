@@ -1,4 +1,10 @@
-"""The one straight path: RequestView -> route -> verifiers -> rules -> Decision, audited in one place."""
+"""The one straight path of stages, read top to bottom in `_decide`:
+
+request shape -> route -> deny rules that need no credentials -> authenticate -> accepted provider -> revoked?
+-> bind (proof of possession) -> deny rules on the caller -> allow (alternatives) -> rate limit -> respond.
+
+Every decision is finished in one place (`_finish`): audited, then shown to the listeners the server registers
+(decision stats, anomaly alerts). Nothing here imports grpc or agent.audit."""
 
 from __future__ import annotations
 
@@ -12,24 +18,23 @@ import os
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 
 from agent import reasons as R
-from agent.audit.alerts import AlertMonitor
-from agent.audit.stats import DecisionStats
 from agent.authn.dpop import DpopVerifier, NonceRequired, normal_uri
 from agent.authn.httpsig import HmacVerifier
 from agent.authn.introspection import Introspector
 from agent.authn.jwks import KeyStore
 from agent.authn.jwt import JwtVerifier, UnknownKid, Verified
 from agent.authn.mtls import CertificateThumbprints
-from agent.authn.principal import Principal
+from agent.authn.principal import Principal, claim_at
 from agent.authn.replay import Once, ReplayCache, Seen, owner_of
 from agent.authn.revocation import RevocationSet
-from agent.config.model import Policy, RateLimit, Route
+from agent.config.model import DenyRule, Policy, RateLimit, Route, claim_path
+from agent.decision import AuditSink, Decision, DecisionListener, RequestView
 from agent.errors import AuthnError
+from agent.policy.conditions import Facts, Refusal, needs_credentials, per_request
 from agent.policy.paths import (
     Matcher,
     Segment,
@@ -39,7 +44,7 @@ from agent.policy.paths import (
     request_method_ok,
     split_request_path,
 )
-from agent.policy.rules import Refusal, evaluate
+from agent.policy.rules import deny_holding, first_allow
 from agent.ratelimit._bucket import BucketTable
 from agent.ratelimit.shared import NEED_LEASE, SharedBuckets, SharedState, Unavailable
 from agent.response import (
@@ -66,37 +71,6 @@ OVERRIDE_HEADERS = frozenset(
     ("x-http-method-override", "x-http-method", "x-method-override", "x-original-url", "x-rewrite-url")
 )
 LIMIT_KEYS_PER_ROUTE = 100_000  # buckets held per limited route; full (idle) ones are dropped first
-
-
-@dataclass(slots=True)
-class RequestView:
-    """The few facts of a CheckRequest the engine reads; transports build it, nothing else does."""
-
-    method: str
-    path: str
-    host: str = ""
-    headers: Mapping[str, str] = field(default_factory=dict)
-    source: str = ""
-    scheme: str = ""
-    body: bytes = b""  # what Envoy sent of the request body (with_request_body), for Content-Digest
-    certificate: str = ""  # the client's leaf certificate, URL-encoded PEM (include_peer_certificate)
-
-
-@dataclass(slots=True)
-class Decision:
-    decision_id: str
-    allowed: bool
-    status: int  # the HTTP status the caller gets on a deny; 200 when allowed
-    reason: str
-    outcome: str  # "allow", "deny" or "error": errors are told apart from denies everywhere
-    route: str | None = None
-    principal: Principal | None = None
-    upstream_headers: list[tuple[str, str]] = field(default_factory=list)
-    remove_headers: list[str] = field(default_factory=list)
-    response_headers: list[tuple[str, str]] = field(default_factory=list)
-    body: bytes = b""
-    latency_us: int = 0
-    shadow: str | None = None  # the reason a rule in shadow mode would have denied this allowed request
 
 
 # Header names seen, judged once: names repeat across requests; bounded, so random names cost only the check.
@@ -128,15 +102,12 @@ def limit_key(limit: RateLimit, route: Route, who: Principal | None, view: Reque
             parts.append(view.source)
         elif part == "route":
             parts.append(route.name)
+        elif part.startswith("claim:"):  # one bucket per value of the claim (a tenant); absent: one bucket
+            value = claim_at(who.claims, claim_path(part[6:])) if who is not None else None
+            parts.append(value if isinstance(value, str) else "" if value is None or isinstance(value, dict | list) else str(value))
         else:  # header:NAME
             parts.append(view.headers.get(part[7:], ""))
     return parts[0] if len(parts) == 1 else "\x1f".join(parts)
-
-
-class AuditSink(Protocol):
-    """Where decisions go to be recorded (agent.audit builds the record). Must not block."""
-
-    def submit(self, view: RequestView, decision: Decision, policy: Policy, now: float) -> None: ...
 
 
 Step = Callable[[], "Decision"]
@@ -187,6 +158,9 @@ class _Remembered:
 
     verified: Verified
     route: Route
+    allow_index: int
+    params: dict[str, str]
+    recheck: tuple[DenyRule, ...]  # deny rules whose outcome may differ per request: judged on every recall
 
 
 class Engine:
@@ -202,12 +176,10 @@ class Engine:
         replay: ReplayCache | None = None,
         shared: SharedState | None = None,
         revocations: RevocationSet | None = None,
-        stats: DecisionStats | None = None,
-        alerts: AlertMonitor | None = None,
+        listeners: Sequence[DecisionListener] = (),
     ) -> None:
         self.policy = policy
-        self.stats = stats if stats is not None else DecisionStats()
-        self.alerts = alerts
+        self.listeners = tuple(listeners)
         # Redis shared by the replicas (policy shared_state): the server passes one that outlives reloads.
         self.shared = shared
         # Revoked tokens, from the control plane: one set the server swaps as lists arrive, across reloads.
@@ -241,10 +213,20 @@ class Engine:
             self.limiters[r.name] = _Limiter(r.rate_limit, table, headers, pooled)
         self._matcher: Matcher[int] = Matcher()
         self._segments: list[tuple[Segment, ...]] = []
+        # Per route: deny rules judged before authentication (they read no credentials), after it, and those to
+        # judge again when an allow is recalled from memory (they read the clock, headers or the source).
+        self._deny_before: list[tuple[DenyRule, ...]] = []
+        self._deny_after: list[tuple[DenyRule, ...]] = []
+        self._deny_recheck: list[tuple[DenyRule, ...]] = []
         for i, route in enumerate(policy.routes):
             segs = parse_template(route.path)
             self._segments.append(segs)
             self._matcher.add(segs, route.methods, i)
+            rules = (*policy.deny, *route.deny)
+            self._deny_before.append(tuple(r for r in rules if not needs_credentials(r.conditions)))
+            self._deny_after.append(tuple(r for r in rules if needs_credentials(r.conditions)))
+            self._deny_recheck.append(tuple(r for r in rules if per_request(r.conditions)))
+        self._provider_of = {i.issuer: i.name for i in policy.identity_providers}
 
     @classmethod
     def for_policy(
@@ -256,11 +238,10 @@ class Engine:
         replay: ReplayCache | None = None,
         shared: SharedState | None = None,
         revocations: RevocationSet | None = None,
-        stats: DecisionStats | None = None,
-        alerts: AlertMonitor | None = None,
+        listeners: Sequence[DecisionListener] = (),
     ) -> Engine:
         stores = {i.name: KeyStore(i) for i in policy.identity_providers if i.jwks_uri or i.jwks_file or i.discovery}
-        return cls(policy, stores, audit, clock, token_cache_entries, replay, shared, revocations, stats, alerts)
+        return cls(policy, stores, audit, clock, token_cache_entries, replay, shared, revocations, listeners)
 
     def adopt_limits(self, old: Engine) -> None:
         """Keep the buckets of routes whose limit is unchanged, so a policy reload never resets a quota."""
@@ -341,22 +322,25 @@ class Engine:
         if not self.jwt.reusable(hit.verified) or self.revocations.revoked(hit.verified.principal):
             del self._remembered[key]
             return None
+        principal = hit.verified.principal
+        if hit.recheck:
+            rule = deny_holding(hit.recheck, Facts(view, principal, hit.params, self._clock()), None)
+            if rule is not None:
+                return self._denied_by(decision_id, rule, hit.route, principal)
         self.remembered_hits += 1
-        return self._allow(decision_id, hit.route, hit.verified.principal, view, R.ALLOWED)
+        return self._allow(decision_id, hit.route, principal, view, R.ALLOWED, hit.allow_index)
 
-    def _remember(self, view: RequestView, route: Route, principal: Principal) -> None:
-        allow = route.allow
+    def _remember(
+        self, view: RequestView, index: int, route: Route, principal: Principal, allow_index: int, params: dict[str, str]
+    ) -> None:
         if (
             self._remember_max <= 0
             or principal.method != "jwt"
             or principal.cnf_jkt is not None  # every request needs a fresh proof
             or principal.cnf_x5t is not None  # and its own certificate
-            or allow is None
-            or allow.not_before is not None
-            or allow.not_after is not None
-            or allow.max_auth_age_s is not None
+            or per_request(route.allow[allow_index])
         ):
-            return  # the outcome depends on the clock or on a credential that is not a cached JWT
+            return  # the outcome depends on the clock, the request, or a credential that is not a cached JWT
         header = view.headers.get("authorization")
         _, _, token = (header or "").partition(" ")
         verified = self.jwt.entry(token)
@@ -365,7 +349,8 @@ class Engine:
         memo = self._remembered
         if len(memo) >= self._remember_max:
             memo.popitem(last=False)  # oldest first
-        memo[(hashlib.sha256(header.encode()).digest(), view.method, view.path)] = _Remembered(verified, route)
+        key = (hashlib.sha256(header.encode()).digest(), view.method, view.path)
+        memo[key] = _Remembered(verified, route, allow_index, params, self._deny_recheck[index])
 
     def _internal_error(self, decision_id: str, e: Exception, trace: list[str] | None) -> Decision:
         # Only the exception's type: its text could carry request material.
@@ -375,19 +360,18 @@ class Engine:
         return self._deny(decision_id, 500, R.INTERNAL_ERROR, None, None)
 
     def _finish(self, view: RequestView, decision: Decision, start: int) -> Decision:
-        decision.latency_us = latency = (time.perf_counter_ns() - start) // 1000
-        self.stats.record(decision.route, decision.outcome, decision.reason, latency)
+        decision.latency_us = (time.perf_counter_ns() - start) // 1000
         now = self._clock()
         if self.audit is not None:
             try:
                 self.audit.submit(view, decision, self.policy, now)
             except Exception:
                 log.exception("audit record for %s could not be queued", decision.decision_id)
-        if self.alerts is not None:
+        for listener in self.listeners:
             try:
-                self.alerts.observe(view, decision, now)
+                listener.observe(view, decision, now)
             except Exception:
-                log.exception("alert check for %s failed", decision.decision_id)
+                log.exception("%s failed on %s", type(listener).__name__, decision.decision_id)
         return decision
 
     def _decide(
@@ -418,6 +402,12 @@ class Engine:
             if trace is not None:
                 trace.append("path holds a double-encoded escape (%25XX); the route does not allow_double_encoded_path")
             return self._deny(decision_id, 400, R.PATH_DOUBLE_ENCODED, route, None)
+        params = bind(self._segments[index], segs)
+        before = self._deny_before[index]
+        if before:
+            rule = deny_holding(before, Facts(view, None, params, self._clock()), trace)
+            if rule is not None:
+                return self._denied_by(decision_id, rule, route, None)
         if route.public:
             if trace is not None:
                 trace.append("route is public: no credentials needed")
@@ -433,6 +423,13 @@ class Engine:
                 raise resolved
             else:
                 principal = resolved
+            if (
+                route.providers is not None
+                and principal.method != "hmac"
+                and self._provider_of.get(principal.issuer) not in route.providers
+            ):
+                accepted = ", ".join(sorted(route.providers))
+                raise AuthnError(R.TOKEN_ISSUER_NOT_ACCEPTED, f"the route takes tokens from {accepted}")
             if self.revocations.revoked(principal):
                 raise AuthnError(R.TOKEN_REVOKED)
             if principal.method != "hmac":
@@ -443,8 +440,8 @@ class Engine:
             return self._deny_authn(decision_id, e, route, view)
         remember = trace is None and resolved is None
         if once is not None and self.shared is not None:
-            raise self._shared_once(once, view, decision_id, trace, index, segs, route, principal)
-        return self._authorize(view, decision_id, trace, index, segs, route, principal, remember)
+            raise self._shared_once(once, view, decision_id, trace, index, params, route, principal)
+        return self._authorize(view, decision_id, trace, index, params, route, principal, remember)
 
     def _shared_once(
         self,
@@ -453,7 +450,7 @@ class Engine:
         decision_id: str,
         trace: list[str] | None,
         index: int,
-        segs: list[str],
+        params: dict[str, str],
         route: Route,
         principal: Principal,
     ) -> _Pending:
@@ -471,7 +468,7 @@ class Engine:
                 if trace is not None:
                     trace.append(f"authentication failed: {once.replayed} (seen by another replica)")
                 return lambda: self._deny_authn(decision_id, AuthnError(once.replayed), route, view)
-            return lambda: self._authorize(view, decision_id, trace, index, segs, route, principal, False)
+            return lambda: self._authorize(view, decision_id, trace, index, params, route, principal, False)
 
         return _Pending(resume)
 
@@ -481,26 +478,26 @@ class Engine:
         decision_id: str,
         trace: list[str] | None,
         index: int,
-        segs: list[str],
+        params: dict[str, str],
         route: Route,
         principal: Principal,
         remember: bool,
     ) -> Decision:
+        """The caller is known: its deny rules, then the route's alternatives; the rate limit in `_allow`."""
         if trace is not None:
             p = principal
             trace.append(
                 f"authenticated by {p.method}: subject {p.subject!r}, issuer {p.issuer!r}, "
                 f"scopes {sorted(p.scopes)}, roles {sorted(p.roles)}"
             )
-        allow = route.allow
-        assert allow is not None
-        params = bind(self._segments[index], segs) if allow.claims else _NO_PARAMS
-        refusal = evaluate(allow, principal, params, self._clock())
+        facts = Facts(view, principal, params, self._clock())
+        after = self._deny_after[index]
+        if after:
+            rule = deny_holding(after, facts, trace)
+            if rule is not None:
+                return self._denied_by(decision_id, rule, route, principal)
+        allow_index, refusal = first_allow(route.allow, facts, trace)
         if refusal is not None:
-            if trace is not None:
-                trace.append(
-                    f"allow rule refused: {refusal.reason}" + (f" ({refusal.detail})" if refusal.detail else "")
-                )
             if route.mode == "shadow":
                 # A rule being tried out: recorded as the deny it would be, never enforced.
                 if trace is not None:
@@ -510,11 +507,10 @@ class Engine:
                     decision.shadow = refusal.reason
                 return decision
             return self._deny_rule(decision_id, refusal, route, principal)
-        if trace is not None:
-            trace.append("allow rule satisfied")
-        elif remember:
-            self._remember(view, route, principal)
-        return self._allow(decision_id, route, principal, view, R.ALLOWED)
+        assert allow_index is not None
+        if remember:
+            self._remember(view, index, route, principal, allow_index, params)
+        return self._allow(decision_id, route, principal, view, R.ALLOWED, allow_index)
 
     def _authenticate(self, view: RequestView, route: Route) -> tuple[Principal, Once | None]:
         """The caller's identity from what is known now; raises _Lookup when only I/O can tell."""
@@ -594,7 +590,15 @@ class Engine:
                 trace.append("client certificate matches the token's cnf.x5t#S256")
         return once
 
-    def _allow(self, did: str, route: Route, who: Principal | None, view: RequestView, reason: str) -> Decision:
+    def _allow(
+        self,
+        did: str,
+        route: Route,
+        who: Principal | None,
+        view: RequestView,
+        reason: str,
+        allow_index: int | None = None,
+    ) -> Decision:
         """Allowed by the rules: the route's rate limit, if any, has the last word."""
         response_headers: list[tuple[str, str]] = []
         limited = self.limiters.get(route.name) if route.rate_limit is not None else None
@@ -608,7 +612,7 @@ class Engine:
 
                 async def resume() -> Step:
                     await pooled.acquire(key)
-                    return lambda: self._allow(did, route, who, view, reason)
+                    return lambda: self._allow(did, route, who, view, reason, allow_index)
 
                 raise _Pending(resume)
             if left < 0:
@@ -631,7 +635,9 @@ class Engine:
                 remove.append(h)
         if not route.forward_token and "authorization" in view.headers:
             remove.append("authorization")
-        return Decision(did, True, 200, reason, "allow", route.name, who, add, remove, response_headers)
+        decision = Decision(did, True, 200, reason, "allow", route.name, who, add, remove, response_headers)
+        decision.allow_index = allow_index
+        return decision
 
     def _deny(
         self,
@@ -699,3 +705,8 @@ class Engine:
             challenge = bearer_challenge("insufficient_scope", refusal.reason, scope=refusal.missing_scopes)
             headers.append(("www-authenticate", challenge))
         return self._deny(did, refusal.status, refusal.reason, route, who, headers)
+
+    def _denied_by(self, did: str, rule: DenyRule, route: Route, who: Principal | None) -> Decision:
+        decision = self._deny(did, 403, R.DENIED_BY_RULE, route, who)
+        decision.deny_rule = rule.name
+        return decision

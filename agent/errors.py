@@ -10,11 +10,13 @@ class AgentError(Exception):
 class ConfigError(AgentError, ValueError):
     """A policy file is wrong; names the file, the line and how to fix it."""
 
-    def __init__(self, message: str, file: str = "<policy>", line: int = 0) -> None:
+    def __init__(self, message: str, file: str = "<policy>", line: int = 0, column: int = 0) -> None:
         self.message = message
         self.file = file
         self.line = line
-        super().__init__(f"{file}:{line}: {message}" if line else f"{file}: {message}")
+        self.column = column  # 1-based, when the problem is inside a value (a CEL expression); 0 otherwise
+        where = f"{file}:{line}:{column}" if line and column else f"{file}:{line}" if line else file
+        super().__init__(f"{where}: {message}")
 
 
 class ConfigErrors(AgentError, ValueError):

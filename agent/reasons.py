@@ -32,6 +32,7 @@ TOKEN_CLAIM_MISSING = "token_claim_missing"
 TOKEN_CLAIM_INVALID = "token_claim_invalid"
 TOKEN_INACTIVE = "token_inactive"
 TOKEN_REVOKED = "token_revoked"
+TOKEN_ISSUER_NOT_ACCEPTED = "token_issuer_not_accepted"  # a configured provider the route does not list
 AUTH_SCHEME_UNSUPPORTED = "auth_scheme_unsupported"
 STEP_UP_REQUIRED = "step_up_required"
 
@@ -62,6 +63,8 @@ SCOPE_MISSING = "scope_missing"
 ROLE_MISSING = "role_missing"
 CLAIM_MISMATCH = "claim_mismatch"
 GRANT_NOT_ACTIVE = "grant_not_active"
+CONDITION_FAILED = "condition_failed"  # source_cidrs, headers or a `when` expression
+DENIED_BY_RULE = "denied_by_rule"  # a deny rule held
 
 # rate limits (429)
 RATE_LIMITED = "rate_limited"

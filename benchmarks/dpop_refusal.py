@@ -22,7 +22,8 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from agent.config import load_policy
-from agent.engine import Engine, RequestView
+from agent.decision import RequestView
+from agent.engine import Engine
 from tests.keys import b64, claims, dpop_proof, jkt, jwks, make_key, mint
 
 HOST = "api.example.test"

@@ -20,7 +20,8 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from agent.audit.writer import JsonLinesAudit
 from agent.config import load_policy
-from agent.engine import Engine, RequestView
+from agent.decision import RequestView
+from agent.engine import Engine
 
 
 def rss_mb() -> float:

@@ -418,8 +418,9 @@ def pop_rows(fx: Fixture) -> list[dict[str, Any]]:
     from joserfc.jwk import ECKey
 
     from agent.config import load_policy
+    from agent.decision import RequestView
     from agent.demo.client import sign_request
-    from agent.engine import Engine, RequestView
+    from agent.engine import Engine
 
     hmac_key = b"bench-hmac-key-of-at-least-32-bytes"
     (fx.work / "billing.key").write_text(base64.b64encode(hmac_key).decode())
@@ -517,7 +518,8 @@ def shared_quota_row(fx: Fixture, n: int) -> dict[str, Any]:
     import asyncio
 
     from agent.config import load_policy
-    from agent.engine import Decision, Engine, RequestView
+    from agent.decision import Decision, RequestView
+    from agent.engine import Engine
     from agent.ratelimit.shared import SharedState
     from tests.redis_server import RedisServer
 
@@ -565,7 +567,8 @@ def shared_quota_row(fx: Fixture, n: int) -> dict[str, Any]:
 async def measure_overshoot(fx: Fixture, url: str, seconds: float = 2.0) -> dict[str, Any]:
     """Two replicas (engines with their own Redis clients) drain one shared quota as fast as they can."""
     from agent.config import load_policy
-    from agent.engine import Decision, Engine, RequestView
+    from agent.decision import Decision, RequestView
+    from agent.engine import Engine
     from agent.ratelimit.shared import SharedState
 
     text = (fx.work / "shared-policy.yaml").read_text().replace("per_second: 1000000,", "per_second: 100,")

@@ -9,7 +9,7 @@ WireError, never crashes. Oneofs and repeated embedded messages merge the way pr
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdint cimport uint64_t
 
-from agent.engine import RequestView
+from agent.decision import RequestView
 from agent.errors import WireError
 from agent.response import RPC_CODE, RPC_PERMISSION_DENIED
 

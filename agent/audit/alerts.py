@@ -17,7 +17,7 @@ from agent.config.model import AlertSettings
 from agent.response import SIGNATURE_REASONS
 
 if TYPE_CHECKING:
-    from agent.engine import Decision, RequestView
+    from agent.decision import Decision, RequestView
 
 MAX_KEYS = 50_000
 AUTHN_FAILURES = frozenset(

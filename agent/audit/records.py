@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from agent.config.model import Policy
-    from agent.engine import Decision, RequestView
+    from agent.decision import Decision, RequestView
 
 
 _second: list[object] = [None, ""]  # the last whole second formatted, and its text
@@ -52,6 +52,10 @@ def decision_record(view: RequestView, d: Decision, policy: Policy, now: float) 
         "status": d.status,
         "latency_us": d.latency_us,
     }
+    if d.allow_index is not None:  # which alternative of the route's `allow` held
+        record["allow_index"] = d.allow_index
+    if d.deny_rule is not None:  # the deny rule that refused
+        record["deny_rule"] = d.deny_rule
     if d.shadow is not None:  # a rule in shadow mode would have denied this request
         record["shadow"] = {"decision": "deny", "reason": d.shadow}
     return record

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import Counter
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from agent.decision import Decision, RequestView
 
 # Upper bounds in microseconds, for authz_decision_latency_seconds.
 LATENCY_BOUNDS_US = (25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000, 250000)
@@ -33,3 +37,7 @@ class DecisionStats:
         decisions[key] += 1
         self.buckets[bisect_left(LATENCY_BOUNDS_US, latency_us)] += 1
         self.latency_sum_us += latency_us
+
+    def observe(self, view: RequestView, decision: Decision, now: float) -> None:
+        """A listener on the engine's finished decisions."""
+        self.record(decision.route, decision.outcome, decision.reason, decision.latency_us)

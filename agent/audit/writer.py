@@ -19,7 +19,7 @@ from agent.audit.records import decision_record, rfc3339_ms
 
 if TYPE_CHECKING:
     from agent.config.model import Policy
-    from agent.engine import Decision, RequestView
+    from agent.decision import Decision, RequestView
 
 log = logging.getLogger("agent.audit")
 

@@ -5,6 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
+from ipaddress import IPv4Network, IPv6Network
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from agent.policy.cel import When
 
 # JWS algorithms an identity provider may sign access tokens with. Symmetric (HS*) ones are absent on
 # purpose: a JWKS is public, so an HMAC key in it would let anyone mint tokens.
@@ -17,8 +22,12 @@ DEFAULT_HMAC_COMPONENTS = ("@method", "@authority", "@path")
 
 
 @lru_cache(maxsize=256)
-def _path(name: str) -> tuple[str, ...]:
+def claim_path(name: str) -> tuple[str, ...]:
+    """A dotted claim name as the path of keys into nested claims (split once per name)."""
     return tuple(name.split("."))
+
+
+_path = claim_path
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,8 +107,18 @@ class ClaimRule:
 
 
 @dataclass(frozen=True, slots=True)
-class Allow:
-    """What an authenticated caller must have for a route; every listed condition must hold."""
+class HeaderRule:
+    """A request header condition: equal to a value, present or absent, or starting with a prefix."""
+
+    name: str  # lower-case, as Envoy passes names
+    equals: str | None = None
+    present: bool | None = None
+    prefix: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Conditions:
+    """One alternative of a route's `allow`, or the body of a deny rule: every listed condition must hold."""
 
     scopes_all: frozenset[str] = frozenset()
     scopes_any: frozenset[str] = frozenset()
@@ -110,6 +129,22 @@ class Allow:
     max_auth_age_s: float | None = None
     not_before: datetime | None = None
     not_after: datetime | None = None
+    source_cidrs: tuple[IPv4Network | IPv6Network, ...] = ()
+    headers: tuple[HeaderRule, ...] = ()
+    when: When | None = None
+    line: int = 0
+
+
+Allow = Conditions  # one alternative of `allow` (the name the policy file uses)
+
+
+@dataclass(frozen=True, slots=True)
+class DenyRule:
+    """A rule that refuses (403 denied_by_rule) whatever `allow` says, when all its conditions hold."""
+
+    name: str
+    conditions: Conditions
+    line: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +181,7 @@ class HmacClient:
 class RateLimit:
     """A token bucket per key: `rate` requests a second on average, bursts up to `burst`."""
 
-    key: tuple[str, ...]  # parts: subject, client_id, source_ip, route, header:NAME
+    key: tuple[str, ...]  # parts: subject, client_id, source_ip, route, header:NAME, claim:PATH
     rate: float  # tokens a second
     burst: float
     window_s: float  # the policy's stated window (1 or 60 s), for RateLimit-Policy
@@ -164,11 +199,13 @@ class Route:
     methods: frozenset[str] | None  # None: any method
     public: bool = False
     authn: tuple[str, ...] = ()
-    allow: Allow | None = None
+    allow: tuple[Conditions, ...] = ()  # alternatives: the request passes when any one holds
+    deny: tuple[DenyRule, ...] = ()
+    providers: frozenset[str] | None = None  # identity providers whose tokens the route takes; None: any
     forward_token: bool = False
     bind: str | None = None  # "dpop" or "mtls": the token must be bound to the caller's key or certificate
     rate_limit: RateLimit | None = None
-    mode: str = "enforce"  # "shadow": the allow rule is evaluated and audited, never enforced
+    mode: str = "enforce"  # "shadow": the allow rules are evaluated and audited, never enforced
     # %25 followed by two hex digits in the path (a double encoding) is refused unless the route allows it
     allow_double_encoded_path: bool = False
     line: int = 0
@@ -214,3 +251,6 @@ class Policy:
     hmac_clients: tuple[HmacClient, ...] = ()
     shared_state: SharedStateConfig | None = None
     alerts: AlertSettings = AlertSettings()
+    deny: tuple[DenyRule, ...] = ()  # top-level deny rules: every route, public ones included
+    # Problems that do not stop the policy from loading (a grant that has ended): file:line and message
+    warnings: tuple[tuple[int, str], ...] = ()

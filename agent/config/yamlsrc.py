@@ -10,10 +10,32 @@ from agent.errors import ConfigError
 
 
 class LDict(dict[str, Any]):
-    """A mapping from the file: `line` is where it starts, `lines[key]` where each key is."""
+    """A mapping from the file: `line` is where it starts, `lines[key]` where each key is, and `texts[key]`
+    where a string value's text starts (for errors inside a value, such as a CEL expression)."""
 
     line: int
     lines: dict[str, int]
+    texts: dict[str, TextSpan]
+
+
+class TextSpan:
+    """Where a string value's characters are in the file: maps a (line, column) inside the value to the file's."""
+
+    __slots__ = ("block", "column", "indent", "line")
+
+    def __init__(self, line: int, column: int, block: bool, indent: int) -> None:
+        self.line = line  # 1-based line of the value's first character (of its indicator for a block scalar)
+        self.column = column  # 1-based column of the value's first character (after an opening quote)
+        self.block = block  # a literal or folded block scalar: its text starts on the next line
+        self.indent = indent  # the block's indentation
+
+    def locate(self, line: int, column: int) -> tuple[int, int]:
+        """The file's (line, column) of the value's `line`, `column` (both 1-based)."""
+        if self.block:
+            return self.line + line, self.indent + column
+        if line == 1:
+            return self.line, self.column + column - 1
+        return self.line + line - 1, column
 
 
 class LList(list[Any]):
@@ -57,7 +79,7 @@ def _convert(node: yaml.Node, loader: yaml.SafeLoader, file: str) -> Any:
     if isinstance(node, yaml.MappingNode):
         loader.flatten_mapping(node)  # resolves `<<:` merge keys the way SafeLoader would
         out = LDict()
-        out.line, out.lines = line, {}
+        out.line, out.lines, out.texts = line, {}, {}
         for key_node, value_node in node.value:
             key = loader.construct_object(key_node, deep=True)
             key_line = key_node.start_mark.line + 1
@@ -67,6 +89,8 @@ def _convert(node: yaml.Node, loader: yaml.SafeLoader, file: str) -> Any:
                 raise ConfigError(f"duplicate key {key!r} (first at line {out.lines[key]}); keep one", file, key_line)
             out[key] = _convert(value_node, loader, file)
             out.lines[key] = key_line
+            if isinstance(value_node, yaml.ScalarNode):
+                out.texts[key] = _span(value_node, loader)
         return out
     if isinstance(node, yaml.SequenceNode):
         seq = LList()
@@ -76,3 +100,18 @@ def _convert(node: yaml.Node, loader: yaml.SafeLoader, file: str) -> Any:
             seq.lines.append(item.start_mark.line + 1)
         return seq
     return loader.construct_object(node, deep=True)
+
+
+def _span(node: yaml.ScalarNode, loader: yaml.SafeLoader) -> TextSpan:
+    start = node.start_mark
+    block = node.style in ("|", ">")
+    indent = 0
+    if block:
+        buffer = start.buffer or ""
+        # The block's first non-blank line after the indicator gives its indentation.
+        for text in buffer[start.pointer :].split("\n")[1:]:
+            if text.strip():
+                indent = len(text) - len(text.lstrip(" "))
+                break
+    quoted = 1 if node.style in ('"', "'") else 0
+    return TextSpan(start.line + 1, start.column + 1 + quoted, block, indent)

@@ -1,79 +1,47 @@
-"""Evaluate a route's `allow` against an authenticated caller: scopes, roles, object-level claims, step-up."""
+"""A route's rules as one answer: the deny rule that holds, or the alternative of `allow` that lets the request
+pass, or the refusal to give when none does."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any
+from collections.abc import Sequence
 
-from agent import reasons as R
-from agent.authn.principal import Principal, claim_at
-from agent.authn.strict import numeric_date
-from agent.config.model import Allow
+from agent.config.model import Conditions, DenyRule
+from agent.policy.conditions import Facts, Refusal, check
 
 
-@dataclass(frozen=True, slots=True)
-class Refusal:
-    """Why an authenticated caller may not pass, and what the challenge tells it."""
-
-    reason: str
-    status: int = 403
-    missing_scopes: tuple[str, ...] = ()
-    acr_values: tuple[str, ...] = ()
-    max_age: int | None = None
-    detail: str = ""
-
-
-def evaluate(allow: Allow, who: Principal, params: dict[str, str], now: float) -> Refusal | None:
-    """None when every condition holds; the first failing condition otherwise."""
-    if allow.not_before is not None or allow.not_after is not None:
-        t = datetime.fromtimestamp(now, UTC)
-        if (allow.not_before is not None and t < allow.not_before) or (
-            allow.not_after is not None and t >= allow.not_after
-        ):
-            return Refusal(R.GRANT_NOT_ACTIVE, detail="outside the rule's not_before/not_after window")
-    if allow.scopes_all and not allow.scopes_all <= who.scopes:
-        missing = tuple(sorted(allow.scopes_all - who.scopes))
-        return Refusal(
-            R.SCOPE_MISSING,
-            missing_scopes=tuple(sorted(allow.scopes_all)),
-            detail=f"missing scopes {' '.join(missing)}",
-        )
-    if allow.scopes_any and allow.scopes_any.isdisjoint(who.scopes):
-        return Refusal(R.SCOPE_MISSING, missing_scopes=tuple(sorted(allow.scopes_any)), detail="none of scopes_any")
-    if allow.roles_all and not allow.roles_all <= who.roles:
-        return Refusal(R.ROLE_MISSING, detail=f"missing roles {' '.join(sorted(allow.roles_all - who.roles))}")
-    if allow.roles_any and allow.roles_any.isdisjoint(who.roles):
-        return Refusal(R.ROLE_MISSING, detail="none of roles_any")
-    for rule in allow.claims:
-        expected: Any = params[rule.param] if rule.param is not None else rule.literal
-        if not _claim_matches(claim_at(who.claims, rule.path), expected):
-            return Refusal(R.CLAIM_MISMATCH, detail=f"claim {'.'.join(rule.path)} does not match")
-    if allow.acr_any or allow.max_auth_age_s is not None:
-        acr = who.claims.get("acr")
-        max_age = int(allow.max_auth_age_s) if allow.max_auth_age_s is not None else None
-        step_up = Refusal(R.STEP_UP_REQUIRED, status=401, acr_values=allow.acr_any, max_age=max_age)
-        if allow.acr_any and acr not in allow.acr_any:
-            return step_up
-        if allow.max_auth_age_s is not None:
-            # The verifiers refused an auth_time out of range or in the future; a value that is no time (absent,
-            # or from a principal that never had one checked) never counts as a recent authentication.
-            auth_time = numeric_date(who.claims.get("auth_time"))
-            if auth_time is None or now - auth_time > allow.max_auth_age_s:
-                return step_up
+def deny_holding(rules: Sequence[DenyRule], f: Facts, trace: list[str] | None) -> DenyRule | None:
+    """The first deny rule whose conditions all hold. A `when` that cannot be evaluated counts as holding:
+    a deny rule fails closed, so a client cannot slip past one by sending what makes it error."""
+    for rule in rules:
+        if check(rule.conditions, f, errors_hold=True) is None:
+            if trace is not None:
+                trace.append(f"deny rule {rule.name!r} (line {rule.line}) holds")
+            return rule
     return None
 
 
-def _same(a: Any, b: Any) -> bool:
-    # Type-strict: the string "1" is not the number 1, and true is not 1 (Python says True == 1).
-    if isinstance(a, bool) or isinstance(b, bool):
-        return isinstance(a, bool) and isinstance(b, bool) and a is b
-    if isinstance(a, int | float) and isinstance(b, int | float):
-        return a == b
-    return type(a) is type(b) and a == b
+def first_allow(
+    alternatives: Sequence[Conditions], f: Facts, trace: list[str] | None
+) -> tuple[int | None, Refusal | None]:
+    """(index of the first alternative that holds, None), or (None, the refusal to answer with).
 
-
-def _claim_matches(value: Any, expected: Any) -> bool:
-    if isinstance(value, list):
-        return any(_same(v, expected) for v in value)
-    return value is not None and _same(value, expected)
+    The refusal is the first alternative's, except that when some alternative failed only on step-up
+    (`acr_any`, `max_auth_age_s`, judged last) the answer is its step-up challenge: the caller can satisfy it.
+    """
+    first: Refusal | None = None
+    step_up: Refusal | None = None
+    many = len(alternatives) > 1
+    for i, alt in enumerate(alternatives):
+        refusal = check(alt, f)
+        if refusal is None:
+            if trace is not None:
+                trace.append(f"allow alternative {i} (line {alt.line}) holds" if many else "allow rule satisfied")
+            return i, None
+        if trace is not None:
+            what = f"allow alternative {i} (line {alt.line})" if many else "allow rule"
+            trace.append(f"{what} refused: {refusal.reason}" + (f" ({refusal.detail})" if refusal.detail else ""))
+        if first is None:
+            first = refusal
+        if step_up is None and refusal.step_up:
+            step_up = refusal
+    return None, step_up or first

@@ -7,7 +7,7 @@ from typing import Any
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2 as ext
 
-from agent.engine import Decision, RequestView
+from agent.decision import Decision, RequestView
 from agent.response import RPC_CODE, RPC_PERMISSION_DENIED
 
 _OVERWRITE = base_pb2.HeaderValueOption.HeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD

@@ -11,7 +11,8 @@ from envoy.service.auth.v3 import external_auth_pb2 as ext
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from agent.engine import Decision, Engine
+from agent.decision import Decision
+from agent.engine import Engine
 from agent.envoyconf import MAX_CHECK_REQUEST_BYTES
 from agent.server.envoy_wire import decode, encode
 from agent.server.limits import TransportLimits

@@ -18,7 +18,8 @@ from typing import Any
 from google.protobuf.message import DecodeError
 
 from agent._wire import WireError, decode_check_request, encode_check_response
-from agent.engine import Decision, Engine
+from agent.decision import Decision
+from agent.engine import Engine
 from agent.envoyconf import MAX_CHECK_REQUEST_BYTES
 from agent.server.limits import TransportLimits
 from agent.server.ratelog import RateLimitedLog

@@ -75,8 +75,7 @@ class AgentServer:
             replay=self.replay,
             shared=self._shared_for(policy),
             revocations=self.revocations,
-            stats=self.stats,
-            alerts=self._alerts_for(policy),
+            listeners=(self.stats, self._alerts_for(policy)),
         )
         self.listen = listen
         self.admin_listen = admin
@@ -212,8 +211,7 @@ class AgentServer:
                 replay=self.replay,
                 shared=self._shared_for(policy),
                 revocations=self.revocations,
-                stats=self.stats,
-                alerts=self._alerts_for(policy),
+                listeners=(self.stats, self._alerts_for(policy)),
             )
             await asyncio.gather(*(s.refresh() for s in fresh))
             deadline = asyncio.get_running_loop().time() + self.reload_wait_s

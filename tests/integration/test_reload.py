@@ -10,7 +10,7 @@ import aiohttp
 
 from agent import reasons as R
 from agent.config import load_policy
-from agent.engine import RequestView
+from agent.decision import RequestView
 from agent.server.run import AgentServer
 from tests.keys import SigningKey, claims, mint
 

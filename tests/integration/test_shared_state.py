@@ -12,7 +12,8 @@ import pytest
 
 from agent import reasons as R
 from agent.config import load_policy
-from agent.engine import Decision, Engine, RequestView
+from agent.decision import Decision, RequestView
+from agent.engine import Engine
 from agent.ratelimit.shared import SharedState
 from tests.keys import SigningKey, claims, dpop_proof, jkt, make_key, mint
 from tests.redis_server import RedisServer

@@ -6,7 +6,7 @@ from agent import reasons as R
 from agent.audit.alerts import AlertMonitor
 from agent.authn.principal import Principal
 from agent.config.model import AlertSettings
-from agent.engine import Decision, RequestView
+from agent.decision import Decision, RequestView
 
 
 def decision(allowed: bool, reason: str, who: Principal | None = None, route: str = "r") -> Decision:

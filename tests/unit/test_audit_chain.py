@@ -15,7 +15,8 @@ import pytest
 from agent.audit.chain import Chain, verify
 from agent.audit.writer import JsonLinesAudit
 from agent.config import load_policy
-from agent.engine import Decision, Engine, RequestView
+from agent.decision import Decision, RequestView
+from agent.engine import Engine
 from tests.keys import SigningKey, claims, mint
 
 

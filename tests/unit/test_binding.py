@@ -20,7 +20,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from agent import reasons as R
 from agent.audit.records import decision_record
 from agent.config import load_policy
-from agent.engine import Decision, Engine, RequestView
+from agent.decision import Decision, RequestView
+from agent.engine import Engine
 from tests.keys import SigningKey, b64, claims, dpop_proof, jkt, make_key, mint, rsa_with_exponent
 
 ROUTES = textwrap.dedent("""\

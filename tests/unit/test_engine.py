@@ -15,7 +15,8 @@ import pytest
 from agent import reasons as R
 from agent.audit.records import decision_record
 from agent.config import Policy, load_policy
-from agent.engine import Decision, Engine, RequestView
+from agent.decision import Decision, RequestView
+from agent.engine import Engine
 from tests.keys import SigningKey, claims, craft, mint
 
 

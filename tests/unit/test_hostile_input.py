@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from agent import reasons as R
 from agent.config import load_policy
-from agent.engine import Engine, RequestView
+from agent.decision import RequestView
+from agent.engine import Engine
 from tests.keys import SigningKey, b64, claims, craft
 
 KNOWN = {v for k, v in vars(R).items() if k.isupper()}

@@ -13,7 +13,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from agent.authn.jwk import parse_jwk, parse_jwks
 from agent.authn.strict import b64url_decode, is_number, strict_json_object
 from agent.config import load_policy
-from agent.engine import Decision, Engine, RequestView
+from agent.decision import Decision, RequestView
+from agent.engine import Engine
 from tests.keys import SigningKey, b64, mint
 
 

@@ -9,7 +9,8 @@ import pytest
 
 from agent import reasons as R
 from agent.config import load_policy
-from agent.engine import Decision, Engine, RequestView
+from agent.decision import Decision, RequestView
+from agent.engine import Engine
 from tests.clock import Clock
 from tests.keys import SigningKey, claims, mint
 

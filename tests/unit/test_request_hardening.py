@@ -11,7 +11,8 @@ import pytest
 
 from agent import reasons as R
 from agent.config import load_policy
-from agent.engine import Decision, Engine, RequestView
+from agent.decision import Decision, RequestView
+from agent.engine import Engine
 from agent.errors import ConfigErrors
 from agent.policy.paths import request_method_ok, split_request_path
 from tests.keys import SigningKey, claims, mint

@@ -13,7 +13,8 @@ from agent import reasons as R
 from agent.audit.records import decision_record
 from agent.authn.revocation import RevocationSet
 from agent.config import load_policy
-from agent.engine import Decision, Engine, RequestView
+from agent.decision import Decision, RequestView
+from agent.engine import Engine
 from tests.keys import ISSUER, SigningKey, claims, mint
 
 ROUTES = textwrap.dedent("""\

@@ -10,7 +10,7 @@ from envoy.service.auth.v3 import external_auth_pb2 as ext
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.engine import Decision
+from agent.decision import Decision
 from agent.server.envoy_wire import decode, encode
 from tests.conftest import twins
 

@@ -1,0 +1,228 @@
+"""Compiled conditions, judged against one request: grant window, scopes, roles, claims, network, headers, CEL
+`when`, step-up. Cheap conditions first; the step-up conditions last, so a refusal by step-up means that every
+other condition held and the caller can pass by authenticating again (RFC 9470)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from ipaddress import IPv4Address, IPv6Address, ip_address
+from typing import Any
+from urllib.parse import parse_qsl
+
+from agent import reasons as R
+from agent.authn.principal import Principal, claim_at
+from agent.authn.strict import numeric_date
+from agent.config.model import Conditions
+from agent.decision import RequestView
+
+# What a `when` may read without making the outcome change from one request to the next for the same token,
+# method and path: an alternative reading only these may be remembered (the engine's fast path).
+STATIC_REFERENCES = frozenset(
+    {"claims", "subject", "client_id", "scopes", "roles", "params", "request.method", "request.path"}
+)
+# What exists only once a caller is authenticated.
+CREDENTIAL_REFERENCES = frozenset({"claims", "subject", "client_id", "scopes", "roles"})
+MAX_QUERY_PARAMETERS = 64  # `request.query` holds the first value of at most this many names
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why a caller may not pass, and what the challenge tells it."""
+
+    reason: str
+    status: int = 403
+    missing_scopes: tuple[str, ...] = ()
+    acr_values: tuple[str, ...] = ()
+    max_age: int | None = None
+    detail: str = ""
+
+    @property
+    def step_up(self) -> bool:
+        return self.reason == R.STEP_UP_REQUIRED
+
+
+class Facts:
+    """One request's facts as conditions read them; the parsed address and CEL variables are built once."""
+
+    __slots__ = ("_address", "_variables", "now", "params", "view", "who")
+
+    def __init__(self, view: RequestView, who: Principal | None, params: Mapping[str, str], now: float) -> None:
+        self.view = view
+        self.who = who
+        self.params = params
+        self.now = now
+        self._address: IPv4Address | IPv6Address | bool | None = False  # False: not parsed yet
+        self._variables: dict[str, Any] | None = None
+
+    def address(self) -> IPv4Address | IPv6Address | None:
+        """The source address, IPv4-mapped IPv6 read as the IPv4 address; None when it is no address."""
+        if self._address is False:
+            try:
+                a = ip_address(self.view.source)
+            except ValueError:
+                a = None
+            if isinstance(a, IPv6Address) and a.ipv4_mapped is not None:
+                a = a.ipv4_mapped
+            self._address = a
+        return self._address if not isinstance(self._address, bool) else None
+
+    def variables(self) -> dict[str, Any]:
+        """The variables a `when` expression reads (docs/policy.md lists them)."""
+        if self._variables is None:
+            view, who = self.view, self.who
+            path, _, query = view.path.partition("?")
+            first: dict[str, str] = {}
+            if query:
+                for name, value in parse_qsl(query, keep_blank_values=True, max_num_fields=None)[
+                    :MAX_QUERY_PARAMETERS
+                ]:
+                    first.setdefault(name, value)
+            self._variables = {
+                "claims": who.claims if who is not None else {},
+                "subject": who.subject if who is not None else "",
+                "client_id": (who.client_id or "") if who is not None else "",
+                "scopes": sorted(who.scopes) if who is not None else [],
+                "roles": sorted(who.roles) if who is not None else [],
+                "params": dict(self.params),
+                "request": {
+                    "method": view.method,
+                    "path": path,
+                    "host": view.host,
+                    "scheme": view.scheme,
+                    "headers": dict(view.headers),
+                    "query": first,
+                },
+                "source": {"address": view.source, "certificate_present": bool(view.certificate)},
+                "now": datetime.fromtimestamp(self.now, UTC),
+            }
+        return self._variables
+
+
+def needs_credentials(c: Conditions) -> bool:
+    """Whether the conditions read the caller's credentials (so they can only be judged once authenticated)."""
+    return bool(
+        c.scopes_all
+        or c.scopes_any
+        or c.roles_all
+        or c.roles_any
+        or c.claims
+        or c.acr_any
+        or c.max_auth_age_s is not None
+        or (c.when is not None and not c.when.references.isdisjoint(CREDENTIAL_REFERENCES))
+    )
+
+
+def per_request(c: Conditions) -> bool:
+    """Whether the outcome can change between two requests with the same token, method and path: the clock,
+    the source address, headers, or a `when` reading anything but the token, path parameters and request line."""
+    return bool(
+        c.not_before is not None
+        or c.not_after is not None
+        or c.max_auth_age_s is not None
+        or c.source_cidrs
+        or c.headers
+        or (c.when is not None and not c.when.references <= STATIC_REFERENCES)
+    )
+
+
+def grant_active(c: Conditions, now: float) -> bool:
+    if c.not_before is None and c.not_after is None:
+        return True
+    t = datetime.fromtimestamp(now, UTC)
+    return not ((c.not_before is not None and t < c.not_before) or (c.not_after is not None and t >= c.not_after))
+
+
+def check(c: Conditions, f: Facts, errors_hold: bool = False) -> Refusal | None:
+    """None when every condition holds; the first failing condition otherwise.
+
+    `errors_hold`: a `when` that cannot be evaluated (a missing claim, a wrong type) and a source that is no
+    address count as holding. Deny rules are judged so (fail closed); alternatives never (an error never allows).
+    """
+    if not grant_active(c, f.now):
+        return Refusal(R.GRANT_NOT_ACTIVE, detail="outside the rule's not_before/not_after window")
+    who = f.who
+    if needs_credentials(c) and who is None:
+        return Refusal(R.CONDITION_FAILED, detail="the rule reads credentials and the request has none")
+    if who is not None:
+        refusal = _credentials(c, who, f.params)
+        if refusal is not None:
+            return refusal
+    if c.source_cidrs:
+        a = f.address()
+        if a is None:
+            if not errors_hold:
+                return Refusal(R.CONDITION_FAILED, detail="the source is not an IP address")
+        elif not any(a in net for net in c.source_cidrs):
+            return Refusal(R.CONDITION_FAILED, detail="source address outside source_cidrs")
+    for h in c.headers:
+        value = f.view.headers.get(h.name)
+        if h.present is not None:
+            ok = (value is not None) is h.present
+        elif value is None:
+            ok = False
+        elif h.prefix is not None:
+            ok = value.startswith(h.prefix)
+        else:
+            ok = value == h.equals
+        if not ok:
+            return Refusal(R.CONDITION_FAILED, detail=f"header {h.name} does not match")
+    if c.when is not None:
+        result = c.when.result(f.variables())
+        if result is None:
+            if not errors_hold:
+                return Refusal(R.CONDITION_FAILED, detail="`when` could not be evaluated (counts as false)")
+        elif not result:
+            return Refusal(R.CONDITION_FAILED, detail="`when` is false")
+    if who is not None and (c.acr_any or c.max_auth_age_s is not None):
+        return _step_up(c, who, f.now)
+    return None
+
+
+def _credentials(c: Conditions, who: Principal, params: Mapping[str, str]) -> Refusal | None:
+    if c.scopes_all and not c.scopes_all <= who.scopes:
+        missing = tuple(sorted(c.scopes_all - who.scopes))
+        return Refusal(
+            R.SCOPE_MISSING, missing_scopes=tuple(sorted(c.scopes_all)), detail=f"missing scopes {' '.join(missing)}"
+        )
+    if c.scopes_any and c.scopes_any.isdisjoint(who.scopes):
+        return Refusal(R.SCOPE_MISSING, missing_scopes=tuple(sorted(c.scopes_any)), detail="none of scopes_any")
+    if c.roles_all and not c.roles_all <= who.roles:
+        return Refusal(R.ROLE_MISSING, detail=f"missing roles {' '.join(sorted(c.roles_all - who.roles))}")
+    if c.roles_any and c.roles_any.isdisjoint(who.roles):
+        return Refusal(R.ROLE_MISSING, detail="none of roles_any")
+    for rule in c.claims:
+        expected: Any = params[rule.param] if rule.param is not None else rule.literal
+        if not _claim_matches(claim_at(who.claims, rule.path), expected):
+            return Refusal(R.CLAIM_MISMATCH, detail=f"claim {'.'.join(rule.path)} does not match")
+    return None
+
+
+def _step_up(c: Conditions, who: Principal, now: float) -> Refusal | None:
+    max_age = int(c.max_auth_age_s) if c.max_auth_age_s is not None else None
+    step_up = Refusal(R.STEP_UP_REQUIRED, status=401, acr_values=c.acr_any, max_age=max_age)
+    if c.acr_any and who.claims.get("acr") not in c.acr_any:
+        return step_up
+    if c.max_auth_age_s is not None:
+        # The verifiers refused an auth_time out of range or in the future; a value that is no time (absent, or
+        # from a principal that never had one checked) never counts as a recent authentication.
+        auth_time = numeric_date(who.claims.get("auth_time"))
+        if auth_time is None or now - auth_time > c.max_auth_age_s:
+            return step_up
+    return None
+
+
+def _same(a: Any, b: Any) -> bool:
+    # Type-strict: the string "1" is not the number 1, and true is not 1 (Python says True == 1).
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a is b
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return a == b
+    return type(a) is type(b) and a == b
+
+
+def _claim_matches(value: Any, expected: Any) -> bool:
+    if isinstance(value, list):
+        return any(_same(v, expected) for v in value)
+    return value is not None and _same(value, expected)
