@@ -6,7 +6,7 @@ import difflib
 import math
 import os
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +27,14 @@ class Ctx:
         self.file = file
         self.base_dir = base_dir
         self.errors: list[ConfigError] = []
+        self.warnings: list[tuple[int, str]] = []  # problems that do not stop the policy loading
+        self.now = datetime.now(UTC)  # for warnings only: the clock never makes a policy unloadable
 
-    def err(self, line: int, message: str) -> None:
-        self.errors.append(ConfigError(message, self.file, line))
+    def err(self, line: int, message: str, column: int = 0) -> None:
+        self.errors.append(ConfigError(message, self.file, line, column))
+
+    def warn(self, line: int, message: str) -> None:
+        self.warnings.append((line, message))
 
     def keys(self, d: LDict, allowed: set[str], where: str) -> None:
         for key in d:

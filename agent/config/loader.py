@@ -10,8 +10,8 @@ from agent.config import clients, providers, sections
 from agent.config import routes as routing
 from agent.config._read import Ctx, get, mapping
 from agent.config.clients import HMAC_CLIENT_KEYS, HMAC_KEY_KEYS
-from agent.config.conditions import ALLOW_KEYS
-from agent.config.model import AlertSettings, Dpop, HmacClient, IdentityProvider, Policy, Route
+from agent.config.conditions import ALLOW_KEYS, DENY_KEYS, deny_rules
+from agent.config.model import AlertSettings, DenyRule, Dpop, HmacClient, IdentityProvider, Policy, Route
 from agent.config.providers import CLAIM_KEYS, IDP_KEYS
 from agent.config.routes import MATCH_KEYS, RATE_LIMIT_KEYS, ROUTE_KEYS
 from agent.config.sections import ALERT_KEYS, DPOP_KEYS, SHARED_STATE_KEYS
@@ -22,6 +22,7 @@ __all__ = [
     "ALERT_KEYS",
     "ALLOW_KEYS",
     "CLAIM_KEYS",
+    "DENY_KEYS",
     "DPOP_KEYS",
     "HMAC_CLIENT_KEYS",
     "HMAC_KEY_KEYS",
@@ -45,6 +46,8 @@ TOP_KEYS = {
     "hmac_clients",
     "shared_state",
     "alerts",
+    "deny",
+    "providers",
 }
 
 
@@ -116,6 +119,10 @@ def load_policy_text(text: str, file: str = "<policy>", base_dir: Path | None = 
     alm = mapping(ctx, doc, "alerts", "policy")
     if alm is not None:
         alerts = sections.alerts(ctx, alm)
+    default_providers = routing.providers(ctx, doc, "policy", idps) if "providers" in doc else None
+    deny: tuple[DenyRule, ...] = ()
+    if "deny" in doc:
+        deny = deny_rules(ctx, doc, "deny", set(), False)
     routes: list[Route] = []
     rl = doc.get("routes")
     if not isinstance(rl, LList) or not rl:
@@ -125,7 +132,7 @@ def load_policy_text(text: str, file: str = "<policy>", base_dir: Path | None = 
             if not isinstance(item, LDict):
                 ctx.err(rl.lines[i], f"routes[{i}] must be a mapping with name, match, authn, allow")
                 continue
-            route = routing.route(ctx, item, i, idps, bool(hmac_clients))
+            route = routing.route(ctx, item, i, idps, bool(hmac_clients), default_providers)
             if route is not None:
                 routes.append(route)
         routing.check_overlaps(ctx, routes)
@@ -145,6 +152,8 @@ def load_policy_text(text: str, file: str = "<policy>", base_dir: Path | None = 
         hmac_clients=tuple(hmac_clients),
         shared_state=shared_state,
         alerts=alerts,
+        deny=deny,
+        warnings=tuple(sorted(ctx.warnings)),
     )
 
 

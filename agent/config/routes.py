@@ -6,7 +6,7 @@ import difflib
 
 from agent.config import conditions
 from agent.config._read import FIELD_NAME, Ctx, get, mapping, str_list
-from agent.config.model import IdentityProvider, RateLimit, Route
+from agent.config.model import Conditions, DenyRule, IdentityProvider, RateLimit, Route
 from agent.config.yamlsrc import LDict
 from agent.policy.paths import PARAM, Segment, parse_template, request_method_ok, shape
 
@@ -28,13 +28,22 @@ ROUTE_KEYS = {
     "rate_limit",
     "mode",
     "allow_double_encoded_path",
+    "deny",
+    "providers",
 }
 RATE_LIMIT_KEYS = {"key", "per_second", "per_minute", "burst", "shared"}
 RATE_LIMIT_PARTS = ("subject", "client_id", "source_ip", "route")
 MATCH_KEYS = {"methods", "path"}
 
 
-def route(ctx: Ctx, d: LDict, index: int, idps: dict[str, IdentityProvider], has_hmac_clients: bool) -> Route | None:
+def route(
+    ctx: Ctx,
+    d: LDict,
+    index: int,
+    idps: dict[str, IdentityProvider],
+    has_hmac_clients: bool,
+    default_providers: frozenset[str] | None = None,
+) -> Route | None:
     name = d.get("name")
     where = f"routes[{index}]" + (f" ({name})" if isinstance(name, str) else "")
     n_errors = len(ctx.errors)
@@ -88,10 +97,10 @@ def route(ctx: Ctx, d: LDict, index: int, idps: dict[str, IdentityProvider], has
             f"{where}.bind: {bind} binds a token to its caller, so the route needs 'authn: [jwt]' and nothing else",
         )
     params = {s.value for s in segments if s.kind == PARAM}
-    allow = None
-    am = mapping(ctx, d, "allow", where)
+    allow: tuple[Conditions, ...] = ()
+    accepted = providers(ctx, d, where, idps) if "providers" in d else None
     if public:
-        for key in ("authn", "allow", "bind"):
+        for key in ("authn", "allow", "bind", "providers"):
             if key in d:
                 ctx.err(d.lines[key], f"{where}: a public route takes no {key!r}; remove it or public: true")
     else:
@@ -105,15 +114,28 @@ def route(ctx: Ctx, d: LDict, index: int, idps: dict[str, IdentityProvider], has
             ctx.err(d.lines["authn"], f"{where}.authn: jwt needs at least one identity provider")
         if "hmac" in authn and not has_hmac_clients:
             ctx.err(d.lines["authn"], f"{where}.authn: hmac needs at least one entry in hmac_clients")
-        if am is None and "allow" not in d:
+        if "allow" not in d:
             ctx.err(d.line, f"{where}: needs 'allow' (write 'allow: {{}}' to admit any authenticated caller)")
-        elif am is not None:
-            allow = conditions.allow(ctx, am, f"{where}.allow", params)
-        elif d.get("allow") is None:
+        elif d["allow"] is None:
             ctx.err(
                 d.lines["allow"],
                 f"{where}.allow is empty; write 'allow: {{}}' to admit any authenticated caller",
             )
+        else:
+            allow = conditions.allow(ctx, d, where, params)
+        if accepted is not None and "jwt" not in authn:
+            ctx.err(d.lines["providers"], f"{where}.providers: names identity providers, but the route takes no jwt")
+        if accepted is None and "jwt" in authn:
+            accepted = default_providers
+            if accepted is None and len(idps) > 1:
+                ctx.warn(
+                    d.lines.get("authn", d.line),
+                    f"{where}: takes tokens from every identity provider ({', '.join(sorted(idps))}); "
+                    "name the ones it serves with 'providers: [...]' (or a top-level default)",
+                )
+    deny: tuple[DenyRule, ...] = ()
+    if "deny" in d:
+        deny = conditions.deny_rules(ctx, d, where, params, public)
     mode = get(ctx, d, "mode", str, where, "enforce")
     if mode not in ("enforce", "shadow"):
         ctx.err(d.lines["mode"], f"{where}.mode must be enforce or shadow, got {mode!r}")
@@ -130,6 +152,8 @@ def route(ctx: Ctx, d: LDict, index: int, idps: dict[str, IdentityProvider], has
         public=public,
         authn=tuple(authn),
         allow=allow,
+        deny=deny,
+        providers=accepted if "jwt" in authn else None,
         forward_token=bool(get(ctx, d, "forward_token", bool, where, False)),
         bind=bind,
         rate_limit=limit,
@@ -145,7 +169,7 @@ def rate_limit(ctx: Ctx, d: LDict, where: str, public: bool) -> RateLimit | None
     ctx.keys(d, RATE_LIMIT_KEYS, where)
     parts = str_list(ctx, d, "key", where)
     if not parts:
-        need = "subject, client_id, source_ip, route, header:NAME, or a list of them"
+        need = "subject, client_id, source_ip, route, header:NAME, claim:PATH, or a list of them"
         ctx.err(d.lines.get("key", d.line), f"{where}: 'key' is required: {need}")
         parts = []
     for part in parts:
@@ -153,9 +177,15 @@ def rate_limit(ctx: Ctx, d: LDict, where: str, public: bool) -> RateLimit | None
             name = part[7:]
             if FIELD_NAME.fullmatch(name) is None:
                 ctx.err(d.lines["key"], f"{where}.key: {part!r} needs a lower-case header name, e.g. header:x-tenant")
+        elif part.startswith("claim:"):
+            path = part[6:].split(".")
+            if not all(path):
+                ctx.err(d.lines["key"], f"{where}.key: {part!r} needs a claim name or dotted path, e.g. claim:tenant_id")
+            elif public:
+                ctx.err(d.lines["key"], f"{where}.key: a public route has no claims; key it by source_ip or a header")
         elif part not in RATE_LIMIT_PARTS:
             hint = difflib.get_close_matches(part, RATE_LIMIT_PARTS, n=1)
-            fix = f"did you mean {hint[0]!r}?" if hint else "use subject, client_id, source_ip, route or header:NAME"
+            fix = f"did you mean {hint[0]!r}?" if hint else "use subject, client_id, source_ip, route, header:NAME or claim:PATH"
             ctx.err(d.lines["key"], f"{where}.key: unknown part {part!r}; {fix}")
         elif public and part in ("subject", "client_id"):
             ctx.err(d.lines["key"], f"{where}.key: a public route has no {part}; key it by source_ip or a header")
@@ -207,3 +237,19 @@ def check_overlaps(ctx: Ctx, routes: list[Route]) -> None:
                 f"for {clash}; merge them or split their methods",
             )
         seen.append(r)
+
+
+def providers(ctx: Ctx, d: LDict, where: str, idps: dict[str, IdentityProvider]) -> frozenset[str] | None:
+    """`providers: [NAME, ...]`: the identity providers whose tokens are taken (a route's, or the policy's default)."""
+    names = str_list(ctx, d, "providers", where)
+    if names is None:
+        return None
+    if not names:
+        ctx.err(d.lines["providers"], f"{where}.providers is empty, so no token could pass; name providers")
+        return None
+    for n in names:
+        if n not in idps:
+            hint = difflib.get_close_matches(n, sorted(idps), n=1)
+            fix = f"did you mean {hint[0]!r}?" if hint else f"configured: {', '.join(sorted(idps)) or 'none'}"
+            ctx.err(d.lines["providers"], f"{where}.providers: {n!r} is not an identity provider; {fix}")
+    return frozenset(names)
