@@ -104,7 +104,13 @@ def limit_key(limit: RateLimit, route: Route, who: Principal | None, view: Reque
             parts.append(route.name)
         elif part.startswith("claim:"):  # one bucket per value of the claim (a tenant); absent: one bucket
             value = claim_at(who.claims, claim_path(part[6:])) if who is not None else None
-            parts.append(value if isinstance(value, str) else "" if value is None or isinstance(value, dict | list) else str(value))
+            parts.append(
+                value
+                if isinstance(value, str)
+                else ""
+                if value is None or isinstance(value, dict | list)
+                else str(value)
+            )
         else:  # header:NAME
             parts.append(view.headers.get(part[7:], ""))
     return parts[0] if len(parts) == 1 else "\x1f".join(parts)
@@ -331,7 +337,13 @@ class Engine:
         return self._allow(decision_id, hit.route, principal, view, R.ALLOWED, hit.allow_index)
 
     def _remember(
-        self, view: RequestView, index: int, route: Route, principal: Principal, allow_index: int, params: dict[str, str]
+        self,
+        view: RequestView,
+        index: int,
+        route: Route,
+        principal: Principal,
+        allow_index: int,
+        params: dict[str, str],
     ) -> None:
         if (
             self._remember_max <= 0

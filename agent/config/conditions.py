@@ -172,7 +172,9 @@ def _claims(ctx: Ctx, d: LDict, where: str, params: set[str]) -> tuple[ClaimRule
                 )
                 continue
             rules.append(ClaimRule(cpath, param=pname))
-        elif isinstance(value, str | int | float | bool) and not (isinstance(value, float) and not math.isfinite(value)):
+        elif isinstance(value, str | int | float | bool) and not (
+            isinstance(value, float) and not math.isfinite(value)
+        ):
             rules.append(ClaimRule(cpath, literal=value))
         else:
             ctx.err(
@@ -197,7 +199,9 @@ def _cidrs(ctx: Ctx, d: LDict, where: str) -> tuple[IPv4Network | IPv6Network, .
             net = ip_network(item, strict=True)
         except ValueError as e:
             why = "host bits are set; write the network address" if "host bits" in str(e) else "not a network"
-            ctx.err(d.lines["source_cidrs"], f"{where}.source_cidrs: {item!r} is {why} (e.g. 10.0.0.0/8, 2001:db8::/32)")
+            ctx.err(
+                d.lines["source_cidrs"], f"{where}.source_cidrs: {item!r} is {why} (e.g. 10.0.0.0/8, 2001:db8::/32)"
+            )
             continue
         if isinstance(net, IPv6Network) and net.prefixlen >= 96:
             mapped = net.network_address.ipv4_mapped

@@ -180,12 +180,18 @@ def rate_limit(ctx: Ctx, d: LDict, where: str, public: bool) -> RateLimit | None
         elif part.startswith("claim:"):
             path = part[6:].split(".")
             if not all(path):
-                ctx.err(d.lines["key"], f"{where}.key: {part!r} needs a claim name or dotted path, e.g. claim:tenant_id")
+                ctx.err(
+                    d.lines["key"], f"{where}.key: {part!r} needs a claim name or dotted path, e.g. claim:tenant_id"
+                )
             elif public:
                 ctx.err(d.lines["key"], f"{where}.key: a public route has no claims; key it by source_ip or a header")
         elif part not in RATE_LIMIT_PARTS:
             hint = difflib.get_close_matches(part, RATE_LIMIT_PARTS, n=1)
-            fix = f"did you mean {hint[0]!r}?" if hint else "use subject, client_id, source_ip, route, header:NAME or claim:PATH"
+            fix = (
+                f"did you mean {hint[0]!r}?"
+                if hint
+                else "use subject, client_id, source_ip, route, header:NAME or claim:PATH"
+            )
             ctx.err(d.lines["key"], f"{where}.key: unknown part {part!r}; {fix}")
         elif public and part in ("subject", "client_id"):
             ctx.err(d.lines["key"], f"{where}.key: a public route has no {part}; key it by source_ip or a header")

@@ -135,6 +135,16 @@ class When:
     references: frozenset[str]
     _expr: cel.Expression = field(repr=False, compare=False)
 
+    def result(self, variables: Mapping[str, object]) -> bool | None:
+        """True or False; None when it cannot be evaluated (an error, or a result that is not a bool)."""
+        try:
+            value = self._expr.eval(data=variables)
+            if value.type() != _T.BOOL:
+                return None
+            return value.value() is True
+        except Exception:  # noqa: BLE001 - the caller decides what an error means (never an allow)
+            return None
+
     def holds(self, variables: Mapping[str, object]) -> bool:
         """True only if evaluation succeeds with the bool true; any error or other result is False."""
         try:

@@ -75,9 +75,7 @@ class Facts:
             path, _, query = view.path.partition("?")
             first: dict[str, str] = {}
             if query:
-                for name, value in parse_qsl(query, keep_blank_values=True, max_num_fields=None)[
-                    :MAX_QUERY_PARAMETERS
-                ]:
+                for name, value in parse_qsl(query, keep_blank_values=True, max_num_fields=None)[:MAX_QUERY_PARAMETERS]:
                     first.setdefault(name, value)
             self._variables = {
                 "claims": who.claims if who is not None else {},
