@@ -179,7 +179,8 @@ def _claims(ctx: Ctx, d: LDict, where: str, params: set[str]) -> tuple[ClaimRule
         else:
             ctx.err(
                 cm.lines[claim],
-                f"{where}.claims.{claim} must be a string, number, true/false or a {{param}} of the path, got {value!r}",
+                f"{where}.claims.{claim} must be a string, number, true/false or a {{param}} of the path, "
+                f"got {value!r}",
             )
     return tuple(rules)
 
