@@ -38,9 +38,16 @@ def cmd_lint(args: argparse.Namespace) -> int:
         print(f"{args.file}: error: {problem}", file=sys.stderr)
         print("1 error(s); the policy's timeouts do not fit Envoy's", file=sys.stderr)
         return 1
+    warnings = policy.warning_lines()
     if problem is not None:
-        print(f"{args.file}: warning: {problem}", file=sys.stderr)
-    print(f"{args.file}: ok ({policy.version}, {len(policy.routes)} routes)")
+        warnings.append(f"{args.file}: warning: {problem}")
+    for w in warnings:
+        print(w, file=sys.stderr)
+    if warnings and args.strict:
+        print(f"{len(warnings)} warning(s); --strict makes warnings fail", file=sys.stderr)
+        return 1
+    counted = f", {len(warnings)} warning(s)" if warnings else ""
+    print(f"{args.file}: ok ({policy.version}, {len(policy.routes)} routes{counted})")
     return 0
 
 
@@ -133,7 +140,11 @@ def cmd_check(args: argparse.Namespace) -> int:
             await engine.close()
         for step in trace:
             print(f"- {step}")
-        out = {"decision": d.outcome, "status": d.status, "reason": d.reason, "route": d.route}
+        out: dict[str, object] = {"decision": d.outcome, "status": d.status, "reason": d.reason, "route": d.route}
+        if d.allow_index is not None:
+            out["allow_index"] = d.allow_index
+        if d.deny_rule is not None:
+            out["deny_rule"] = d.deny_rule
         if d.allowed:
             out["upstream_headers"] = dict(d.upstream_headers)
             out["removed_headers"] = d.remove_headers
@@ -372,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=None,
         help="Envoy's ext_authz timeout: an error when the policy's network timeouts cannot fit inside it",
+    )
+    lint.add_argument(
+        "--strict", action="store_true", help="warnings fail too (an ended grant, a route taking every provider)"
     )
     lint.set_defaults(func=cmd_lint)
 

@@ -254,3 +254,7 @@ class Policy:
     deny: tuple[DenyRule, ...] = ()  # top-level deny rules: every route, public ones included
     # Problems that do not stop the policy from loading (a grant that has ended): file:line and message
     warnings: tuple[tuple[int, str], ...] = ()
+
+    def warning_lines(self) -> list[str]:
+        """The warnings as `file:line: warning: message`, for logs and `policy lint`."""
+        return [f"{self.source}:{line}: warning: {message}" for line, message in self.warnings]

@@ -40,6 +40,7 @@ class Published:
     sequence: int
     bundle: pb.SignedBundle
     published_at: float
+    warnings: tuple[str, ...] = ()  # what `policy lint` warns of (an ended grant): published, and shown in /status
 
 
 @dataclass
@@ -110,8 +111,12 @@ class Publisher:
             return
         sequence = current.sequence + 1 if current is not None else 1
         bundle = sign(policy_payload(service, policy.version, text, sequence), self.key)
-        self.published[service] = Published(policy.version, sequence, bundle, time.time())
+        self.published[service] = Published(
+            policy.version, sequence, bundle, time.time(), tuple(policy.warning_lines())
+        )
         log.info("published %s (sequence %d)", policy.version, sequence)
+        for warning in policy.warning_lines():
+            log.warning("%s", warning)
         self._push(service, pb.ControlMessage(bundle=bundle))
 
     def _read_revocations(self, path: Path) -> None:
@@ -153,6 +158,7 @@ class Publisher:
                     "sequence": p.sequence,
                     "published_at": p.published_at,
                     "error": self.errors.get(name),
+                    "warnings": list(p.warnings),
                     "agents": sum(1 for a in self.agents.values() if a.service == name and a.connected),
                     "agents_on_version": sum(
                         1 for a in self.agents.values() if a.service == name and a.connected and a.version == p.version

@@ -170,6 +170,8 @@ class AgentServer:
             self._tasks.append(loop.create_task(self._watch_file()))
         log.info("serving ext_authz on %s (admin %s), policy %s", self.listen, self.admin_listen,
                  self.engine.policy.version)  # fmt: skip
+        for warning in self.engine.policy.warning_lines():
+            log.warning("%s", warning)
 
     async def reload(self) -> bool:
         """Load the policy file again; swap only when it is valid and its keys are loaded, else keep the old."""
@@ -234,6 +236,8 @@ class AgentServer:
             self._tasks.append(asyncio.get_running_loop().create_task(self._retire(retired, old)))
             self.policy_loaded = True
             log.info("policy %s now enforced (was %s)", policy.version, old.policy.version)
+            for warning in policy.warning_lines():
+                log.warning("%s", warning)
             return None
 
     async def _retire(self, stores: list[KeyStore], old: Engine, grace_s: float = 5.0) -> None:
