@@ -7,10 +7,10 @@ import math
 from ipaddress import IPv4Network, IPv6Network, ip_network
 
 from agent.config._read import FIELD_NAME, Ctx, get, mapping, str_list, timestamp
-from agent.config.model import ClaimRule, Conditions, DenyRule, HeaderRule
+from agent.config.model import CREDENTIAL_REFERENCES, ClaimRule, Conditions, DenyRule, HeaderRule
 from agent.config.yamlsrc import LDict, LList
 from agent.policy.cel import CelCompileError, When, compile_when
-from agent.policy.conditions import CREDENTIAL_REFERENCES, needs_credentials
+from agent.policy.conditions import needs_credentials
 
 ALLOW_KEYS = {
     "scopes_all",

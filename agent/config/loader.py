@@ -36,6 +36,7 @@ __all__ = [
     "load_policy_text",
 ]
 
+MAX_WHEN_PER_DECISION = 32  # `when` expressions one decision may judge (each bounded in agent/policy/cel.py)
 TOP_KEYS = {
     "version",
     "service",
@@ -136,6 +137,16 @@ def load_policy_text(text: str, file: str = "<policy>", base_dir: Path | None = 
             if route is not None:
                 routes.append(route)
         routing.check_overlaps(ctx, routes)
+        for r in routes:
+            rules = (*deny, *r.deny)
+            n = sum(a.when is not None for a in r.allow) + sum(d.conditions.when is not None for d in rules)
+            if n > MAX_WHEN_PER_DECISION:
+                ctx.err(
+                    r.line,
+                    f"route {r.name!r}: a decision would judge {n} `when` expressions (its alternatives, its deny "
+                    f"rules and the top-level ones); at most {MAX_WHEN_PER_DECISION}, so that no request costs "
+                    "more than a bounded amount of work",
+                )
         for r in routes:
             if r.rate_limit is not None and r.rate_limit.shared and shared_state is None and "shared_state" not in doc:
                 ctx.err(r.rate_limit.line, f"route {r.name!r}: 'shared: true' needs shared_state: {{redis: URL}}")

@@ -116,6 +116,15 @@ class HeaderRule:
     prefix: str | None = None
 
 
+# What a `when` may read without its outcome changing between requests with the same token, method and path:
+# an alternative reading only these may be remembered (the engine's fast path).
+STATIC_REFERENCES = frozenset(
+    {"claims", "subject", "client_id", "scopes", "roles", "params", "request.method", "request.path"}
+)
+# What exists only once a caller is authenticated.
+CREDENTIAL_REFERENCES = frozenset({"claims", "subject", "client_id", "scopes", "roles"})
+
+
 @dataclass(frozen=True, slots=True)
 class Conditions:
     """One alternative of a route's `allow`, or the body of a deny rule: every listed condition must hold."""
@@ -133,6 +142,34 @@ class Conditions:
     headers: tuple[HeaderRule, ...] = ()
     when: When | None = None
     line: int = 0
+    # Derived once: whether they read the caller's credentials (judged only once authenticated), and whether
+    # the outcome can change between requests with the same token, method and path (the clock, the source,
+    # headers, or a `when` reading more than the token, path parameters and request line).
+    credentials: bool = field(init=False, compare=False, repr=False)
+    per_request: bool = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        refs = self.when.references if self.when is not None else frozenset()
+        credentials = bool(
+            self.scopes_all
+            or self.scopes_any
+            or self.roles_all
+            or self.roles_any
+            or self.claims
+            or self.acr_any
+            or self.max_auth_age_s is not None
+            or not refs.isdisjoint(CREDENTIAL_REFERENCES)
+        )
+        per_request = bool(
+            self.not_before is not None
+            or self.not_after is not None
+            or self.max_auth_age_s is not None
+            or self.source_cidrs
+            or self.headers
+            or not refs <= STATIC_REFERENCES
+        )
+        object.__setattr__(self, "credentials", credentials)
+        object.__setattr__(self, "per_request", per_request)
 
 
 Allow = Conditions  # one alternative of `allow` (the name the policy file uses)

@@ -17,13 +17,6 @@ from agent.authn.strict import numeric_date
 from agent.config.model import Conditions
 from agent.decision import RequestView
 
-# What a `when` may read without making the outcome change from one request to the next for the same token,
-# method and path: an alternative reading only these may be remembered (the engine's fast path).
-STATIC_REFERENCES = frozenset(
-    {"claims", "subject", "client_id", "scopes", "roles", "params", "request.method", "request.path"}
-)
-# What exists only once a caller is authenticated.
-CREDENTIAL_REFERENCES = frozenset({"claims", "subject", "client_id", "scopes", "roles"})
 MAX_QUERY_PARAMETERS = 64  # `request.query` holds the first value of at most this many names
 
 
@@ -100,29 +93,12 @@ class Facts:
 
 def needs_credentials(c: Conditions) -> bool:
     """Whether the conditions read the caller's credentials (so they can only be judged once authenticated)."""
-    return bool(
-        c.scopes_all
-        or c.scopes_any
-        or c.roles_all
-        or c.roles_any
-        or c.claims
-        or c.acr_any
-        or c.max_auth_age_s is not None
-        or (c.when is not None and not c.when.references.isdisjoint(CREDENTIAL_REFERENCES))
-    )
+    return c.credentials
 
 
 def per_request(c: Conditions) -> bool:
-    """Whether the outcome can change between two requests with the same token, method and path: the clock,
-    the source address, headers, or a `when` reading anything but the token, path parameters and request line."""
-    return bool(
-        c.not_before is not None
-        or c.not_after is not None
-        or c.max_auth_age_s is not None
-        or c.source_cidrs
-        or c.headers
-        or (c.when is not None and not c.when.references <= STATIC_REFERENCES)
-    )
+    """Whether the outcome can change between two requests with the same token, method and path."""
+    return c.per_request
 
 
 def grant_active(c: Conditions, now: float) -> bool:
@@ -141,7 +117,7 @@ def check(c: Conditions, f: Facts, errors_hold: bool = False) -> Refusal | None:
     if not grant_active(c, f.now):
         return Refusal(R.GRANT_NOT_ACTIVE, detail="outside the rule's not_before/not_after window")
     who = f.who
-    if needs_credentials(c) and who is None:
+    if c.credentials and who is None:
         return Refusal(R.CONDITION_FAILED, detail="the rule reads credentials and the request has none")
     if who is not None:
         refusal = _credentials(c, who, f.params)
