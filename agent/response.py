@@ -14,6 +14,8 @@ TITLES = {
     R.ROLE_MISSING: "Forbidden",
     R.CLAIM_MISMATCH: "Forbidden",
     R.GRANT_NOT_ACTIVE: "Forbidden",
+    R.CONDITION_FAILED: "Forbidden",
+    R.DENIED_BY_RULE: "Forbidden",
     R.NO_ROUTE: "Forbidden",
     R.RATE_LIMITED: "Too many requests",
     R.MALFORMED_REQUEST: "Bad request",
