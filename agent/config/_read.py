@@ -14,9 +14,6 @@ from agent.config.yamlsrc import LDict
 from agent.errors import ConfigError
 from agent.urls import fetchable
 
-# Keys of DESIGN's policy format whose features are not built yet. They are refused, never accepted and
-# silently not enforced: a policy that asks for DPoP binding must not run without it.
-NOT_YET: dict[str, str] = {}
 FIELD_NAME = re.compile(r"[a-z0-9!#$%&'*+\-.^_`|~]+")
 
 
@@ -39,9 +36,6 @@ class Ctx:
     def keys(self, d: LDict, allowed: set[str], where: str) -> None:
         for key in d:
             if key in allowed:
-                continue
-            if key in NOT_YET:
-                self.err(d.lines[key], f"{where}: {key!r} is not supported yet ({NOT_YET[key]}); remove it")
                 continue
             hint = difflib.get_close_matches(key, sorted(allowed), n=1)
             fix = f"did you mean {hint[0]!r}?" if hint else f"allowed keys: {', '.join(sorted(allowed))}"
