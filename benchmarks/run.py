@@ -71,6 +71,26 @@ def server(cmd: list[str], port: int, log: Path, ready_url: str | None = None) -
                 proc.wait()
 
 
+# "The order's owner OR a support agent": the bench token (sub alice, scope orders:read, no roles) is refused by
+# the first two alternatives (role_missing, scope_missing) and let in by the third. Its `when` reads only claims,
+# path parameters and the request line, so the allow is remembered; the clock-reading twin is judged every time.
+ALTERNATIVE_ROUTES = """  - name: user-orders
+    match: {methods: [GET], path: "/v1/users/{user}/orders"}
+    authn: [jwt]
+    allow:
+      - {roles_any: [support]}
+      - {scopes_all: [orders:admin]}
+      - {scopes_all: [orders:read], when: 'claims.sub == params.user && request.method == "GET"'}
+  - name: user-orders-by-clock
+    match: {methods: [GET], path: "/v1/users/{user}/invoices"}
+    authn: [jwt]
+    allow:
+      - {roles_any: [support]}
+      - {scopes_all: [orders:admin]}
+      - {scopes_all: [orders:read], when: 'claims.sub == params.user && now.getHours("Europe/Berlin") < 24'}
+"""
+
+
 class Fixture:
     """Keys, JWKS, policy, tokens and request bodies for one run."""
 
@@ -117,17 +137,24 @@ default: deny
         self.token = jose_jwt.encode({"alg": "RS256", "kid": "bench-1", "typ": "at+jwt"}, claims, self.key)
         self.allow_body = self.body(self.token)
         self.deny_body = self.body(None)
+        # Policy v2 (its own file, so the rows above keep their policy): the old shape beside a route with three
+        # alternatives whose third holds by a `when`, and the same with a `when` that reads the clock.
+        self.alternatives_policy = work / "alternatives.yaml"
+        self.alternatives_policy.write_text(
+            (work / "policy.yaml").read_text().replace("routes:\n", "routes:\n" + ALTERNATIVE_ROUTES, 1)
+        )
+        self.alternatives_body = self.body(self.token, "/v1/users/alice/orders", "alternatives.bin")
 
-    def body(self, token: str | None) -> Path:
+    def body(self, token: str | None, path: str = "/v1/orders", name: str | None = None) -> Path:
         req = ext.CheckRequest()
         http = req.attributes.request.http
-        http.method, http.path, http.host = "GET", "/v1/orders", "orders.local"
+        http.method, http.path, http.host = "GET", path, "orders.local"
         http.headers["x-request-id"] = "bench"
         if token:
             http.headers["authorization"] = f"Bearer {token}"
         req.attributes.source.address.socket_address.address = "127.0.0.1"
         msg = req.SerializeToString()
-        path = self.work / ("allow.bin" if token else "deny.bin")
+        path = self.work / (name or ("allow.bin" if token else "deny.bin"))
         path.write_bytes(b"\0" + struct.pack(">I", len(msg)) + msg)
         return path
 
@@ -181,14 +208,16 @@ def wrk(port: int, token: str | None) -> dict[str, Any]:
     }
 
 
-def agent_cmd(fx: Fixture, transport: str, port: int, admin: int, cache: int = 10_000) -> list[str]:
+def agent_cmd(
+    fx: Fixture, transport: str, port: int, admin: int, cache: int = 10_000, policy: Path | None = None
+) -> list[str]:
     return [
         str(BIN / "authz-agent"),
         "run",
         "--transport",
         transport,
         "--policy",
-        str(fx.work / "policy.yaml"),
+        str(policy or fx.work / "policy.yaml"),
         "--listen",
         f"127.0.0.1:{port}",
         "--admin",
@@ -253,6 +282,134 @@ def direct_rows(fx: Fixture) -> list[dict[str, Any]]:
         )
     p = free_port()
     run("nghttpd canned OK (limit)", nghttpd_cmd(fx, p), p, {"repeated": fx.allow_body})
+    return rows
+
+
+def probe(port: int, body: Path) -> int:
+    """One Check over gRPC before a load: h2load counts any gRPC answer as a success, so a row of denies would
+    pass unseen. Returns the google.rpc code of the answer (0: allowed)."""
+    import grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        check = channel.unary_unary(CHECK_PATH, lambda b: b, ext.CheckResponse.FromString)
+        return int(check(body.read_bytes()[5:], timeout=5).status.code)
+
+
+def remembered_allows(admin: int) -> int | None:
+    """The agent's count of decisions answered from a remembered allow (its /metrics)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as page:
+        m = re.search(r"^authz_remembered_allows(?:_total)? (\S+)$", page.read().decode(), re.MULTILINE)
+    return int(float(m.group(1))) if m else None
+
+
+def alternatives_rows(fx: Fixture, earlier: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Policy v2 beside the repeated-token row, the same way (direct gRPC, h2load -c4 -m16, each transport): a
+    route of three alternatives whose third holds by a `when`, with the token cached (the remembered allow
+    answers) and not (`--token-cache-entries 0`: a full verify and every alternative judged, `when` included,
+    per request, as with distinct tokens). Then the in-process decisions (`alternatives_decide_rows`)."""
+    rows: list[dict[str, Any]] = []
+
+    def load(transport: str, workload: str, body: Path, cache: int, policy: Path | None) -> None:
+        p, a = free_port(), free_port()
+        cmd = agent_cmd(fx, transport, p, a, cache=cache, policy=policy)
+        name = f"agent {transport}"
+        with server(cmd, p, fx.work / f"alt-{transport}-{p}.log", f"http://127.0.0.1:{a}/readyz"):
+            code = probe(p, body)
+            if code != 0:
+                raise RuntimeError(f"{name} {workload}: the probe was refused (gRPC status {code})")
+            before = remembered_allows(a) or 0
+            r = h2load(p, body)
+            after = remembered_allows(a)
+        r["remembered"] = after - before if after is not None else None
+        rows.append({"group": "direct", "server": name, "workload": workload, **r})
+        print(
+            f"  direct  {name:<28} {workload:<21} {r['rps']:>10.0f} req/s  mean {r['latency_mean']}"
+            f"  remembered {r['remembered']}"
+        )
+
+    def measured(transport: str, workload: str) -> bool:
+        return any(r.get("server") == f"agent {transport}" and r.get("workload") == workload for r in earlier)
+
+    for transport in ("grpcio", "native"):
+        # The rows these are compared with, measured here when [direct] did not run (BENCH_ONLY=alternatives).
+        if not measured(transport, "repeated"):
+            load(transport, "repeated", fx.allow_body, 10_000, None)
+        load(transport, "alternatives repeated", fx.alternatives_body, 10_000, fx.alternatives_policy)
+        if not measured(transport, "distinct"):
+            load(transport, "distinct", fx.allow_body, 0, None)
+        load(transport, "alternatives distinct", fx.alternatives_body, 0, fx.alternatives_policy)
+    return rows + alternatives_decide_rows(fx)
+
+
+def alternatives_decide_rows(fx: Fixture) -> list[dict[str, Any]]:
+    """One decision in process (`engine.decide`, the token's verification cached) on the old shape (one
+    alternative), on three alternatives whose third holds by a `when` (remembered), and on three whose `when` reads
+    `now` (never remembered: the alternatives and one CEL evaluation on every decision). Beside them, the old
+    shape and the three alternatives judged on every decision (an engine that remembers no allow), and one `when`
+    alone (its variables built and evaluated), so the cost of a CEL evaluation per decision shows."""
+    import asyncio
+    import timeit
+
+    from agent.config import load_policy
+    from agent.decision import Decision, RequestView
+    from agent.engine import Engine
+    from agent.policy.cel import When
+    from agent.policy.conditions import Facts
+
+    policy = load_policy(fx.alternatives_policy)
+    engine = Engine.for_policy(policy)
+    forgetful = Engine.for_policy(policy)
+    forgetful._remember_max = 0  # the token cache stays; no allow is remembered, so every rule is judged
+
+    async def load() -> None:
+        for e in (engine, forgetful):
+            for s in e.stores.values():
+                await s.refresh()
+
+    asyncio.run(load())
+    headers = {"authorization": f"Bearer {fx.token}"}
+    n = 2000
+    cases = [
+        # (row, engine, path, allowing alternative, remembered)
+        ("one alternative (old shape), remembered", engine, "/v1/orders", 0, True),
+        ("3 alternatives, 3rd by `when`, remembered", engine, "/v1/users/alice/orders", 2, True),
+        ("3 alternatives, `when` reads now", engine, "/v1/users/alice/invoices", 2, False),
+        ("one alternative (old shape), judged", forgetful, "/v1/orders", 0, False),
+        ("3 alternatives, 3rd by `when`, judged", forgetful, "/v1/users/alice/orders", 2, False),
+    ]
+    rows = []
+    for name, e, path, index, remembered in cases:
+        view = RequestView("GET", path, "orders.local", headers, source="127.0.0.1")
+        best = float("inf")
+        for _ in range(3):
+            hits = e.remembered_hits
+            start = time.perf_counter()
+            for _ in range(n):
+                d = e.decide(view)
+                assert isinstance(d, Decision) and d.allowed and d.allow_index == index, d
+            best = min(best, (time.perf_counter() - start) / n)
+            assert (e.remembered_hits - hits >= n - 1) is remembered, (name, e.remembered_hits - hits)
+        rows.append({"group": "alternatives", "server": name, "us": round(best * 1e6, 2)})
+        print(f"  decide  {name:<46} {best * 1e6:8.2f} us")
+    principal = engine.jwt.verify_now(fx.token)
+    routes = {r.name: r for r in policy.routes}
+    for name, route, path in (
+        ("one `when` alone (claims, params, method)", "user-orders", "/v1/users/alice/orders"),
+        ("one `when` alone (reads now, Europe/Berlin)", "user-orders-by-clock", "/v1/users/alice/invoices"),
+    ):
+        when = routes[route].allow[2].when
+        assert when is not None
+        view = RequestView("GET", path, "orders.local", headers, source="127.0.0.1")
+
+        def evaluate(when: When = when, view: RequestView = view) -> bool | None:
+            return when.result(Facts(view, principal, {"user": "alice"}, time.time()).variables())
+
+        assert evaluate() is True
+        best = min(timeit.repeat(evaluate, number=n, repeat=3)) / n
+        rows.append({"group": "alternatives", "server": name, "us": round(best * 1e6, 2)})
+        print(f"  when    {name:<46} {best * 1e6:8.2f} us")
     return rows
 
 
@@ -671,6 +828,7 @@ def main() -> int:
     only = set(filter(None, os.environ.get("BENCH_ONLY", "").split(",")))
     sections = [
         ("direct", direct_rows),
+        ("alternatives", lambda fx: alternatives_rows(fx, rows)),
         ("latency", latency_rows),
         ("envoy", envoy_rows),
         ("verify", verify_rows),
@@ -700,6 +858,21 @@ def main() -> int:
             rows, ("envoy", "Envoy + agent grpcio"), ("envoy", "Envoy + ideal ext_authz (nghttpd)")
         ),
     }
+    for t in ("native", "grpcio"):
+        rep = ("direct", f"agent {t}", "repeated")
+        for w in ("alternatives repeated", "alternatives distinct"):
+            ratios[f"{t} {w}/repeated"] = ratio(rows, ("direct", f"agent {t}", w), rep)
+        ratios[f"{t} alternatives distinct/distinct"] = ratio(
+            rows, ("direct", f"agent {t}", "alternatives distinct"), ("direct", f"agent {t}", "distinct")
+        )
+    alt = {r["server"]: r["us"] for r in rows if r["group"] == "alternatives"}
+    if alt:
+        old = alt["one alternative (old shape), remembered"]
+        ratios["3 alternatives remembered/old shape"] = round(alt["3 alternatives, 3rd by `when`, remembered"] / old, 2)
+        ratios["`when` reads now/old shape remembered"] = round(alt["3 alternatives, `when` reads now"] / old, 2)
+        ratios["`when` reads now/old shape judged"] = round(
+            alt["3 alternatives, `when` reads now"] / alt["one alternative (old shape), judged"], 2
+        )
     verify = {r["server"]: r["us"] for r in rows if r["group"] == "verify"}
     if verify:
         ratios["agent miss/OpenSSL floor"] = round(
@@ -721,7 +894,7 @@ def main() -> int:
         )
     print("\nratios:")
     for k, v in ratios.items():
-        print(f"  {k:<32} {v if v is not None else 'n/a'}")
+        print(f"  {k:<40} {v if v is not None else 'n/a'}")
     results = ROOT / "benchmarks" / "results"
     results.mkdir(exist_ok=True)
     doc = {
