@@ -10,7 +10,6 @@ from agent.config._read import FIELD_NAME, Ctx, get, mapping, str_list, timestam
 from agent.config.model import CREDENTIAL_REFERENCES, ClaimRule, Conditions, DenyRule, HeaderRule
 from agent.config.yamlsrc import LDict, LList
 from agent.policy.cel import CelCompileError, When, compile_when
-from agent.policy.conditions import needs_credentials
 
 ALLOW_KEYS = {
     "scopes_all",
@@ -89,7 +88,7 @@ def deny_rules(ctx: Ctx, parent: LDict, where: str, params: set[str], public: bo
         if c == Conditions(line=c.line):
             ctx.err(item.line, f"{at}: no conditions, so it would refuse every request; add conditions")
             continue
-        if needs_credentials(c):
+        if c.credentials:
             reads = _credential_reads(c)
             if public:
                 ctx.err(
