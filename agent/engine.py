@@ -34,7 +34,7 @@ from agent.authn.revocation import RevocationSet
 from agent.config.model import DenyRule, Policy, RateLimit, Route, claim_path
 from agent.decision import AuditSink, Decision, DecisionListener, RequestView
 from agent.errors import AuthnError
-from agent.policy.conditions import Facts, Refusal, needs_credentials, per_request
+from agent.policy.conditions import Facts, Refusal, check, needs_credentials, per_request
 from agent.policy.paths import (
     Matcher,
     Segment,
@@ -167,6 +167,7 @@ class _Remembered:
     allow_index: int
     params: dict[str, str]
     recheck: tuple[DenyRule, ...]  # deny rules whose outcome may differ per request: judged on every recall
+    earlier: tuple[int, ...]  # alternatives before allow_index that may hold on another request: judged first
 
 
 class Engine:
@@ -329,12 +330,17 @@ class Engine:
             del self._remembered[key]
             return None
         principal = hit.verified.principal
-        if hit.recheck:
-            rule = deny_holding(hit.recheck, Facts(view, principal, hit.params, self._clock()), None)
+        allow_index = hit.allow_index
+        if hit.recheck or hit.earlier:
+            facts = Facts(view, principal, hit.params, self._clock())
+            rule = deny_holding(hit.recheck, facts, None) if hit.recheck else None
             if rule is not None:
                 return self._denied_by(decision_id, rule, hit.route, principal)
+            # The allow stands (its alternative reads nothing per request); an earlier one may hold this time,
+            # and the decision names the first that holds, as the full path would.
+            allow_index = next((i for i in hit.earlier if check(hit.route.allow[i], facts) is None), allow_index)
         self.remembered_hits += 1
-        return self._allow(decision_id, hit.route, principal, view, R.ALLOWED, hit.allow_index)
+        return self._allow(decision_id, hit.route, principal, view, R.ALLOWED, allow_index)
 
     def _remember(
         self,
@@ -362,7 +368,8 @@ class Engine:
         if len(memo) >= self._remember_max:
             memo.popitem(last=False)  # oldest first
         key = (hashlib.sha256(header.encode()).digest(), view.method, view.path)
-        memo[key] = _Remembered(verified, route, allow_index, params, self._deny_recheck[index])
+        earlier = tuple(i for i in range(allow_index) if route.allow[i].per_request)
+        memo[key] = _Remembered(verified, route, allow_index, params, self._deny_recheck[index], earlier)
 
     def _internal_error(self, decision_id: str, e: Exception, trace: list[str] | None) -> Decision:
         # Only the exception's type: its text could carry request material.

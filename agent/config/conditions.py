@@ -84,7 +84,10 @@ def deny_rules(ctx: Ctx, parent: LDict, where: str, params: set[str], public: bo
         names[name] = item.line
         for key in STEP_UP_KEYS & set(item):
             ctx.err(item.lines[key], f"{at}.{key}: step-up conditions belong in allow; a deny rule cannot ask for one")
+        n_errors = len(ctx.errors)
         c = conditions(ctx, item, at, params, DENY_KEYS | STEP_UP_KEYS)
+        if len(ctx.errors) != n_errors:
+            continue  # its conditions are wrong: said already, and "no conditions" would be a false second error
         if c == Conditions(line=c.line):
             ctx.err(item.line, f"{at}: no conditions, so it would refuse every request; add conditions")
             continue
@@ -141,7 +144,7 @@ def conditions(ctx: Ctx, d: LDict, where: str, params: set[str], keys: set[str])
         roles_all=fs("roles_all"),
         roles_any=fs("roles_any"),
         claims=_claims(ctx, d, where, params),
-        acr_any=tuple(fs("acr_any")),
+        acr_any=_in_order(ctx, d, "acr_any", where),
         max_auth_age_s=float(max_age) if max_age is not None else None,
         not_before=not_before,
         not_after=not_after,
@@ -150,6 +153,14 @@ def conditions(ctx: Ctx, d: LDict, where: str, params: set[str], keys: set[str])
         when=_when(ctx, d, where),
         line=d.line,
     )
+
+
+def _in_order(ctx: Ctx, d: LDict, key: str, where: str) -> tuple[str, ...]:
+    """A list whose order means something (acr_any: RFC 9470's order of preference), without repeats."""
+    v = str_list(ctx, d, key, where)
+    if v is not None and not v:
+        ctx.err(d.lines[key], f"{where}.{key} is empty; remove it or list at least one value")
+    return tuple(dict.fromkeys(v or ()))
 
 
 def _claims(ctx: Ctx, d: LDict, where: str, params: set[str]) -> tuple[ClaimRule, ...]:

@@ -21,21 +21,38 @@ class LDict(dict[str, Any]):
 class TextSpan:
     """Where a string value's characters are in the file: maps a (line, column) inside the value to the file's."""
 
-    __slots__ = ("block", "column", "indent", "line")
+    __slots__ = ("block", "column", "indent", "line", "raw", "value")
 
-    def __init__(self, line: int, column: int, block: bool, indent: int) -> None:
+    def __init__(self, line: int, column: int, block: bool, indent: int, raw: str = "", value: str = "") -> None:
         self.line = line  # 1-based line of the value's first character (of its indicator for a block scalar)
-        self.column = column  # 1-based column of the value's first character (after an opening quote)
+        self.column = column  # 1-based column of the value's first character (of its opening quote)
         self.block = block  # a literal or folded block scalar: its text starts on the next line
         self.indent = indent  # the block's indentation
+        self.raw = raw  # the scalar as written (quotes, escapes, line breaks), for a flow scalar
+        self.value = value  # and as read
 
     def locate(self, line: int, column: int) -> tuple[int, int]:
         """The file's (line, column) of the value's `line`, `column` (both 1-based)."""
         if self.block:
             return self.line + line, self.indent + column
-        if line == 1:
-            return self.line, self.column + column - 1
-        return self.line + line - 1, column
+        lines = self.value.split("\n")
+        index = sum(len(x) + 1 for x in lines[: line - 1]) + column - 1
+        # Walk the text as written beside the text as read: escapes (\"), quotes doubled (''), and line breaks
+        # folded into spaces are written characters with no read character of their own, so they are passed.
+        raw, value = self.raw, self.value
+        i = j = 0
+        while j < index and j < len(value) and i < len(raw):
+            if raw[i] == value[j]:
+                j += 1
+            i += 1
+        if j < len(value):
+            while i < len(raw) and raw[i] != value[j]:
+                i += 1
+        before = raw[:i]
+        breaks = before.count("\n")
+        if breaks == 0:
+            return self.line, self.column + i
+        return self.line + breaks, i - before.rfind("\n")
 
 
 class LList(list[Any]):
@@ -104,14 +121,14 @@ def _convert(node: yaml.Node, loader: yaml.SafeLoader, file: str) -> Any:
 
 def _span(node: yaml.ScalarNode, loader: yaml.SafeLoader) -> TextSpan:
     start = node.start_mark
-    block = node.style in ("|", ">")
-    indent = 0
-    if block:
-        buffer = start.buffer or ""
+    buffer = start.buffer or ""
+    if node.style in ("|", ">"):
+        indent = 0
         # The block's first non-blank line after the indicator gives its indentation.
         for text in buffer[start.pointer :].split("\n")[1:]:
             if text.strip():
                 indent = len(text) - len(text.lstrip(" "))
                 break
-    quoted = 1 if node.style in ('"', "'") else 0
-    return TextSpan(start.line + 1, start.column + 1 + quoted, block, indent)
+        return TextSpan(start.line + 1, start.column + 1, True, indent)
+    raw = buffer[start.pointer : node.end_mark.pointer]
+    return TextSpan(start.line + 1, start.column + 1, False, 0, raw, str(node.value))

@@ -104,12 +104,6 @@ def test_unknown_key_in_an_alternative_names_its_line() -> None:
     assert error.line == line_of(text, "source_cidr:") and "did you mean 'source_cidrs'" in error.message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: acr_any is read through a frozenset (agent/config/conditions.py: acr_any=tuple(fs('acr_any'))), so "
-    "the RFC 9470 acr_values challenge lists the values in hash order, which differs between processes "
-    "(PYTHONHASHSEED), instead of the policy's order of preference",
-)
 def test_acr_any_keeps_the_written_order_of_preference() -> None:
     for order in itertools.permutations(["mfa", "hwk", "pwd", "otp"]):
         text = IDP + JWT_ROUTE + f"    allow: {{acr_any: [{', '.join(order)}]}}\n"
@@ -370,34 +364,18 @@ def test_an_unknown_field_in_a_deny_rule_is_at_its_position() -> None:
     assert error.message.endswith("`request` has no field `metod` (it has headers, host, method, path, query, scheme)")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a deny rule whose only condition is a `when` that fails to compile gets a second, false error "
-    "'no conditions, so it would refuse every request' (agent/config/conditions.py deny_rules: the compiled "
-    "Conditions is empty because `when` was dropped)",
-)
 def test_a_deny_rule_whose_when_fails_to_compile_gets_one_error() -> None:
     text = IDP + JWT_ROUTE + "    allow: {}\n    deny:\n      - name: m\n        when: request.metod == 'GET'\n"
     (error,) = refused(text)
     assert "has no field" in error.message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason='BUG: TextSpan.locate maps columns of a double-quoted scalar as if it had no escapes: each \\" before '
-    "the error shifts the reported column one to the left",
-)
 def test_a_type_error_after_escapes_in_a_double_quoted_scalar() -> None:
     text, error = when_error('"subject == \\"a\\" && 1 + \\"b\\" == 2"\n')
     line = line_of(text, "when:")
     assert (error.line, error.column) == (line, column_of(text, line, "+"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a plain scalar folded over two lines is one line to CEL; TextSpan.locate reports the error on the "
-    "scalar's first line at a column past its end instead of on the line where the error is",
-)
 def test_a_type_error_on_the_continuation_line_of_a_plain_scalar() -> None:
     text = IDP + JWT_ROUTE + '    allow:\n      when: subject == "a" &&\n        size(subject) == "x"\n'
     error = only(text)

@@ -786,12 +786,6 @@ async def test_a_per_request_deny_rule_is_judged_on_a_recalled_allow(build: Buil
     assert agent.engine.remembered_hits == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: engine._remember keeps an allow when the alternative that held reads nothing per request, even if "
-    "an EARLIER alternative does (source_cidrs here); a recall then names alternative 1 in Decision.allow_index and "
-    "the audit record where the full path names alternative 0",
-)
 async def test_a_recalled_allow_names_the_alternative_the_full_path_would(build: Build) -> None:
     agent = await build("""\
 routes:
