@@ -122,7 +122,13 @@ def _convert(node: yaml.Node, loader: yaml.SafeLoader, file: str) -> Any:
 def _span(node: yaml.ScalarNode, loader: yaml.SafeLoader) -> TextSpan:
     start = node.start_mark
     buffer = start.buffer or ""
-    if node.style in ("|", ">"):
+    if node.style == ">":
+        # Folded: its lines are read joined by spaces, so the walk beside the written text (as for flow
+        # scalars) finds a column on any of them. The text starts on the line after the indicator.
+        begin = buffer.find("\n", start.pointer) + 1
+        raw = buffer[begin : node.end_mark.pointer]
+        return TextSpan(start.line + 2, 1, False, 0, raw, str(node.value))
+    if node.style == "|":
         indent = 0
         # The block's first non-blank line after the indicator gives its indentation.
         for text in buffer[start.pointer :].split("\n")[1:]:

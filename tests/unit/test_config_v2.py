@@ -432,3 +432,9 @@ def test_every_when_error_in_a_policy_is_reported_at_once() -> None:
         (line_of(text, "subject +"), column_of(text, line_of(text, "subject +"), "+") + 1),
         (line_of(text, '1 + "a"'), column_of(text, line_of(text, '1 + "a"'), "+")),
     ]
+
+
+def test_a_type_error_on_the_second_line_of_a_folded_block() -> None:
+    text, error = when_error('>\n        claims.tenant == "a" &&\n        1 + "x" == 2\n')
+    line = line_of(text, "when:") + 2
+    assert (error.line, error.column) == (line, column_of(text, line, "+"))
