@@ -16,6 +16,7 @@ from agent.authn.principal import Principal, claim_at
 from agent.authn.strict import numeric_date
 from agent.config.model import Conditions
 from agent.decision import RequestView
+from agent.policy.paths import split_request_path
 
 MAX_QUERY_PARAMETERS = 64  # `request.query` holds the first value of at most this many names
 
@@ -65,7 +66,7 @@ class Facts:
         """The variables a `when` expression reads (docs/policy.md lists them)."""
         if self._variables is None:
             view, who = self.view, self.who
-            path, _, query = view.path.partition("?")
+            _, _, query = view.path.partition("#")[0].partition("?")
             first: dict[str, str] = {}
             if query:
                 for name, value in parse_qsl(query, keep_blank_values=True, max_num_fields=None)[:MAX_QUERY_PARAMETERS]:
@@ -79,7 +80,7 @@ class Facts:
                 "params": dict(self.params),
                 "request": {
                     "method": view.method,
-                    "path": path,
+                    "path": routed_path(view.path),
                     "host": view.host,
                     "scheme": view.scheme,
                     "headers": dict(view.headers),
@@ -89,6 +90,17 @@ class Facts:
                 "now": datetime.fromtimestamp(self.now, UTC),
             }
         return self._variables
+
+
+def routed_path(raw: str) -> str:
+    """The path as the routes matched it: percent-decoded segments, without query or fragment.
+
+    A `when` on the raw text would be slipped past by another spelling of the same route (`/%61dmin` is routed
+    as `/admin`), so it reads what the router read."""
+    segments = split_request_path(raw)
+    if segments is None:  # refused by the engine before any condition is judged
+        return raw.partition("#")[0].partition("?")[0]
+    return "/" + "/".join(segments)
 
 
 def needs_credentials(c: Conditions) -> bool:
