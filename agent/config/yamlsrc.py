@@ -19,23 +19,52 @@ class LDict(dict[str, Any]):
 
 
 class TextSpan:
-    """Where a string value's characters are in the file: maps a (line, column) inside the value to the file's."""
+    """Where a string value's characters are in the file: maps a (line, column) inside the value to the file's.
 
-    __slots__ = ("block", "column", "indent", "line")
+    The value is matched to its text in the file character by character, passing over what YAML drops or
+    rewrites (indentation, quotes, the backslash of an escape, line breaks folded into spaces), so positions are
+    exact in plain, quoted, literal and folded scalars alike. A character written as an escape (`\\u00e9`) keeps
+    the position of the one before it.
+    """
 
-    def __init__(self, line: int, column: int, block: bool, indent: int) -> None:
-        self.line = line  # 1-based line of the value's first character (of its indicator for a block scalar)
-        self.column = column  # 1-based column of the value's first character (after an opening quote)
-        self.block = block  # a literal or folded block scalar: its text starts on the next line
-        self.indent = indent  # the block's indentation
+    __slots__ = ("column", "line", "source", "value")
+
+    def __init__(self, line: int, column: int, source: str, value: str) -> None:
+        self.line = line  # 1-based line of source[0]
+        self.column = column  # 1-based column of source[0]
+        self.source = source  # the value's text in the file, from its first character to the scalar's end
+        self.value = value
 
     def locate(self, line: int, column: int) -> tuple[int, int]:
-        """The file's (line, column) of the value's `line`, `column` (both 1-based)."""
-        if self.block:
-            return self.line + line, self.indent + column
-        if line == 1:
-            return self.line, self.column + column - 1
-        return self.line + line - 1, column
+        """The file's (line, column) of the value's `line`, `column` (both 1-based; one past the end is fine)."""
+        lines = self.value.split("\n")
+        line = min(max(line, 1), len(lines))
+        offset = sum(len(text) + 1 for text in lines[: line - 1]) + max(column, 1) - 1
+        at = self._index(offset)
+        before = self.source[:at]
+        breaks = before.count("\n")
+        if breaks == 0:
+            return self.line, self.column + at
+        return self.line + breaks, at - before.rfind("\n")
+
+    def _index(self, offset: int) -> int:
+        """The index in `source` of the value's character at `offset`; past the end, just after the last one."""
+        source, value = self.source, self.value
+        last = len(value.rstrip("\n")) - 1
+        target = min(offset, last)
+        at, start = -1, 0
+        for ch in value[: target + 1]:
+            found = source.find(ch, start)
+            if found == -1 or (found - start > _MAX_ESCAPE and source[start:found].strip(_DROPPED)):
+                continue  # written as an escape
+            at, start = found, found + 1
+        if at < 0:
+            return 0
+        return at + 1 if offset > last else at
+
+
+_DROPPED = " \t\r\n\\\"'"  # what YAML may drop between two characters of a value
+_MAX_ESCAPE = 10  # the longest escape, \\U0001F600
 
 
 class LList(list[Any]):
@@ -90,7 +119,7 @@ def _convert(node: yaml.Node, loader: yaml.SafeLoader, file: str) -> Any:
             out[key] = _convert(value_node, loader, file)
             out.lines[key] = key_line
             if isinstance(value_node, yaml.ScalarNode):
-                out.texts[key] = _span(value_node, loader)
+                out.texts[key] = _span(value_node)
         return out
     if isinstance(node, yaml.SequenceNode):
         seq = LList()
@@ -102,16 +131,13 @@ def _convert(node: yaml.Node, loader: yaml.SafeLoader, file: str) -> Any:
     return loader.construct_object(node, deep=True)
 
 
-def _span(node: yaml.ScalarNode, loader: yaml.SafeLoader) -> TextSpan:
-    start = node.start_mark
-    block = node.style in ("|", ">")
-    indent = 0
-    if block:
-        buffer = start.buffer or ""
-        # The block's first non-blank line after the indicator gives its indentation.
-        for text in buffer[start.pointer :].split("\n")[1:]:
-            if text.strip():
-                indent = len(text) - len(text.lstrip(" "))
-                break
+def _span(node: yaml.ScalarNode) -> TextSpan:
+    start, end = node.start_mark, node.end_mark
+    buffer = start.buffer
     quoted = 1 if node.style in ('"', "'") else 0
-    return TextSpan(start.line + 1, start.column + 1 + quoted, block, indent)
+    if not isinstance(buffer, str):  # read from a stream: no text to match, positions as if written plainly
+        return TextSpan(start.line + 1, start.column + 1 + quoted, node.value, node.value)
+    if node.style in ("|", ">"):  # the text starts on the line after the indicator
+        first = buffer.find("\n", start.pointer, end.pointer) + 1 or end.pointer
+        return TextSpan(start.line + 2, 1, buffer[first : end.pointer], node.value)
+    return TextSpan(start.line + 1, start.column + 1 + quoted, buffer[start.pointer + quoted : end.pointer], node.value)
