@@ -92,7 +92,7 @@ def load_yaml(text: str, file: str) -> Any:
         node = loader.get_single_node()
         if node is None:
             raise ConfigError("the file is empty", file, 1)
-        return _convert(node, loader, file)
+        return _Walk(loader, file).convert(node)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark is not None else 0
@@ -103,9 +103,48 @@ def load_yaml(text: str, file: str) -> Any:
         loader.dispose()
 
 
-def _convert(node: yaml.Node, loader: yaml.SafeLoader, file: str) -> Any:
-    line = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
+MAX_VALUES = 200_000  # mappings, lists and scalars one policy file may expand to (aliases count each time)
+
+
+class _Walk:
+    """One conversion: aliases are followed, so a value may be met many times (`&a [*b, *b, ...]` nested is
+    exponential, a few hundred bytes for billions of values) or inside itself (`&a [*a]`): both are refused with
+    their line, never a hang or a RecursionError (the control plane reads policies from many teams)."""
+
+    def __init__(self, loader: yaml.SafeLoader, file: str) -> None:
+        self.loader = loader
+        self.file = file
+        self.left = MAX_VALUES
+        self.open: set[int] = set()  # the nodes being converted, from the root down
+
+    def convert(self, node: yaml.Node) -> Any:
+        line = node.start_mark.line + 1
+        self.left -= 1
+        if self.left < 0:
+            raise ConfigError(f"the file expands to more than {MAX_VALUES} values (YAML aliases)", self.file, line)
+        if id(node) in self.open:
+            raise ConfigError("a YAML alias refers to a value that contains it", self.file, line)
+        if isinstance(node, yaml.MappingNode):
+            self.open.add(id(node))
+            try:
+                return self.mapping(node, line)
+            finally:
+                self.open.discard(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            self.open.add(id(node))
+            try:
+                seq = LList()
+                seq.line, seq.lines = line, []
+                for item in node.value:
+                    seq.append(self.convert(item))
+                    seq.lines.append(item.start_mark.line + 1)
+                return seq
+            finally:
+                self.open.discard(id(node))
+        return self.loader.construct_object(node, deep=True)
+
+    def mapping(self, node: yaml.MappingNode, line: int) -> LDict:
+        loader, file = self.loader, self.file
         loader.flatten_mapping(node)  # resolves `<<:` merge keys the way SafeLoader would
         out = LDict()
         out.line, out.lines, out.texts = line, {}, {}
@@ -116,19 +155,11 @@ def _convert(node: yaml.Node, loader: yaml.SafeLoader, file: str) -> Any:
                 raise ConfigError(f"keys must be strings, got {key!r}", file, key_line)
             if key in out:
                 raise ConfigError(f"duplicate key {key!r} (first at line {out.lines[key]}); keep one", file, key_line)
-            out[key] = _convert(value_node, loader, file)
+            out[key] = self.convert(value_node)
             out.lines[key] = key_line
             if isinstance(value_node, yaml.ScalarNode):
                 out.texts[key] = _span(value_node)
         return out
-    if isinstance(node, yaml.SequenceNode):
-        seq = LList()
-        seq.line, seq.lines = line, []
-        for item in node.value:
-            seq.append(_convert(item, loader, file))
-            seq.lines.append(item.start_mark.line + 1)
-        return seq
-    return loader.construct_object(node, deep=True)
 
 
 def _span(node: yaml.ScalarNode) -> TextSpan:
