@@ -206,6 +206,9 @@ def _cidrs(ctx: Ctx, d: LDict, where: str) -> tuple[IPv4Network | IPv6Network, .
         return ()
     nets: list[IPv4Network | IPv6Network] = []
     for item in items:
+        if "%" in item:  # ipaddress keeps a zone id but never compares it: fe80::%eth0/64 is every interface's
+            ctx.err(d.lines["source_cidrs"], f"{where}.source_cidrs: {item!r} has a zone id, never matched; drop it")
+            continue
         try:
             net = ip_network(item, strict=True)
         except ValueError as e:

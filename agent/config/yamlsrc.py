@@ -19,40 +19,52 @@ class LDict(dict[str, Any]):
 
 
 class TextSpan:
-    """Where a string value's characters are in the file: maps a (line, column) inside the value to the file's."""
+    """Where a string value's characters are in the file: maps a (line, column) inside the value to the file's.
 
-    __slots__ = ("block", "column", "indent", "line", "raw", "value")
+    The value is matched to its text in the file character by character, passing over what YAML drops or
+    rewrites (indentation, quotes, the backslash of an escape, line breaks folded into spaces), so positions are
+    exact in plain, quoted, literal and folded scalars alike. A character written as an escape (`\\u00e9`) keeps
+    the position of the one before it.
+    """
 
-    def __init__(self, line: int, column: int, block: bool, indent: int, raw: str = "", value: str = "") -> None:
-        self.line = line  # 1-based line of the value's first character (of its indicator for a block scalar)
-        self.column = column  # 1-based column of the value's first character (of its opening quote)
-        self.block = block  # a literal or folded block scalar: its text starts on the next line
-        self.indent = indent  # the block's indentation
-        self.raw = raw  # the scalar as written (quotes, escapes, line breaks), for a flow scalar
-        self.value = value  # and as read
+    __slots__ = ("column", "line", "source", "value")
+
+    def __init__(self, line: int, column: int, source: str, value: str) -> None:
+        self.line = line  # 1-based line of source[0]
+        self.column = column  # 1-based column of source[0]
+        self.source = source  # the value's text in the file, from its first character to the scalar's end
+        self.value = value
 
     def locate(self, line: int, column: int) -> tuple[int, int]:
-        """The file's (line, column) of the value's `line`, `column` (both 1-based)."""
-        if self.block:
-            return self.line + line, self.indent + column
+        """The file's (line, column) of the value's `line`, `column` (both 1-based; one past the end is fine)."""
         lines = self.value.split("\n")
-        index = sum(len(x) + 1 for x in lines[: line - 1]) + column - 1
-        # Walk the text as written beside the text as read: escapes (\"), quotes doubled (''), and line breaks
-        # folded into spaces are written characters with no read character of their own, so they are passed.
-        raw, value = self.raw, self.value
-        i = j = 0
-        while j < index and j < len(value) and i < len(raw):
-            if raw[i] == value[j]:
-                j += 1
-            i += 1
-        if j < len(value):
-            while i < len(raw) and raw[i] != value[j]:
-                i += 1
-        before = raw[:i]
+        line = min(max(line, 1), len(lines))
+        offset = sum(len(text) + 1 for text in lines[: line - 1]) + max(column, 1) - 1
+        at = self._index(offset)
+        before = self.source[:at]
         breaks = before.count("\n")
         if breaks == 0:
-            return self.line, self.column + i
-        return self.line + breaks, i - before.rfind("\n")
+            return self.line, self.column + at
+        return self.line + breaks, at - before.rfind("\n")
+
+    def _index(self, offset: int) -> int:
+        """The index in `source` of the value's character at `offset`; past the end, just after the last one."""
+        source, value = self.source, self.value
+        last = len(value.rstrip("\n")) - 1
+        target = min(offset, last)
+        at, start = -1, 0
+        for ch in value[: target + 1]:
+            found = source.find(ch, start)
+            if found == -1 or (found - start > _MAX_ESCAPE and source[start:found].strip(_DROPPED)):
+                continue  # written as an escape
+            at, start = found, found + 1
+        if at < 0:
+            return 0
+        return at + 1 if offset > last else at
+
+
+_DROPPED = " \t\r\n\\\"'"  # what YAML may drop between two characters of a value
+_MAX_ESCAPE = 10  # the longest escape, \\U0001F600
 
 
 class LList(list[Any]):
@@ -80,7 +92,7 @@ def load_yaml(text: str, file: str) -> Any:
         node = loader.get_single_node()
         if node is None:
             raise ConfigError("the file is empty", file, 1)
-        return _convert(node, loader, file)
+        return _Walk(loader, file).convert(node)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark is not None else 0
@@ -91,9 +103,48 @@ def load_yaml(text: str, file: str) -> Any:
         loader.dispose()
 
 
-def _convert(node: yaml.Node, loader: yaml.SafeLoader, file: str) -> Any:
-    line = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
+MAX_VALUES = 200_000  # mappings, lists and scalars one policy file may expand to (aliases count each time)
+
+
+class _Walk:
+    """One conversion: aliases are followed, so a value may be met many times (`&a [*b, *b, ...]` nested is
+    exponential, a few hundred bytes for billions of values) or inside itself (`&a [*a]`): both are refused with
+    their line, never a hang or a RecursionError (the control plane reads policies from many teams)."""
+
+    def __init__(self, loader: yaml.SafeLoader, file: str) -> None:
+        self.loader = loader
+        self.file = file
+        self.left = MAX_VALUES
+        self.open: set[int] = set()  # the nodes being converted, from the root down
+
+    def convert(self, node: yaml.Node) -> Any:
+        line = node.start_mark.line + 1
+        self.left -= 1
+        if self.left < 0:
+            raise ConfigError(f"the file expands to more than {MAX_VALUES} values (YAML aliases)", self.file, line)
+        if id(node) in self.open:
+            raise ConfigError("a YAML alias refers to a value that contains it", self.file, line)
+        if isinstance(node, yaml.MappingNode):
+            self.open.add(id(node))
+            try:
+                return self.mapping(node, line)
+            finally:
+                self.open.discard(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            self.open.add(id(node))
+            try:
+                seq = LList()
+                seq.line, seq.lines = line, []
+                for item in node.value:
+                    seq.append(self.convert(item))
+                    seq.lines.append(item.start_mark.line + 1)
+                return seq
+            finally:
+                self.open.discard(id(node))
+        return self.loader.construct_object(node, deep=True)
+
+    def mapping(self, node: yaml.MappingNode, line: int) -> LDict:
+        loader, file = self.loader, self.file
         loader.flatten_mapping(node)  # resolves `<<:` merge keys the way SafeLoader would
         out = LDict()
         out.line, out.lines, out.texts = line, {}, {}
@@ -104,37 +155,20 @@ def _convert(node: yaml.Node, loader: yaml.SafeLoader, file: str) -> Any:
                 raise ConfigError(f"keys must be strings, got {key!r}", file, key_line)
             if key in out:
                 raise ConfigError(f"duplicate key {key!r} (first at line {out.lines[key]}); keep one", file, key_line)
-            out[key] = _convert(value_node, loader, file)
+            out[key] = self.convert(value_node)
             out.lines[key] = key_line
             if isinstance(value_node, yaml.ScalarNode):
-                out.texts[key] = _span(value_node, loader)
+                out.texts[key] = _span(value_node)
         return out
-    if isinstance(node, yaml.SequenceNode):
-        seq = LList()
-        seq.line, seq.lines = line, []
-        for item in node.value:
-            seq.append(_convert(item, loader, file))
-            seq.lines.append(item.start_mark.line + 1)
-        return seq
-    return loader.construct_object(node, deep=True)
 
 
-def _span(node: yaml.ScalarNode, loader: yaml.SafeLoader) -> TextSpan:
-    start = node.start_mark
-    buffer = start.buffer or ""
-    if node.style == ">":
-        # Folded: its lines are read joined by spaces, so the walk beside the written text (as for flow
-        # scalars) finds a column on any of them. The text starts on the line after the indicator.
-        begin = buffer.find("\n", start.pointer) + 1
-        raw = buffer[begin : node.end_mark.pointer]
-        return TextSpan(start.line + 2, 1, False, 0, raw, str(node.value))
-    if node.style == "|":
-        indent = 0
-        # The block's first non-blank line after the indicator gives its indentation.
-        for text in buffer[start.pointer :].split("\n")[1:]:
-            if text.strip():
-                indent = len(text) - len(text.lstrip(" "))
-                break
-        return TextSpan(start.line + 1, start.column + 1, True, indent)
-    raw = buffer[start.pointer : node.end_mark.pointer]
-    return TextSpan(start.line + 1, start.column + 1, False, 0, raw, str(node.value))
+def _span(node: yaml.ScalarNode) -> TextSpan:
+    start, end = node.start_mark, node.end_mark
+    buffer = start.buffer
+    quoted = 1 if node.style in ('"', "'") else 0
+    if not isinstance(buffer, str):  # read from a stream: no text to match, positions as if written plainly
+        return TextSpan(start.line + 1, start.column + 1 + quoted, node.value, node.value)
+    if node.style in ("|", ">"):  # the text starts on the line after the indicator
+        first = buffer.find("\n", start.pointer, end.pointer) + 1 or end.pointer
+        return TextSpan(start.line + 2, 1, buffer[first : end.pointer], node.value)
+    return TextSpan(start.line + 1, start.column + 1 + quoted, buffer[start.pointer + quoted : end.pointer], node.value)

@@ -16,8 +16,9 @@ from agent.authn.principal import Principal, claim_at
 from agent.authn.strict import numeric_date
 from agent.config.model import Conditions
 from agent.decision import RequestView
+from agent.policy.paths import split_request_path
 
-MAX_QUERY_PARAMETERS = 64  # `request.query` holds the first value of at most this many names
+MAX_QUERY_PARAMETERS = 64  # a query with more has no `request.query` (null): reading it is an evaluation error
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,11 +66,6 @@ class Facts:
         """The variables a `when` expression reads (docs/policy.md lists them)."""
         if self._variables is None:
             view, who = self.view, self.who
-            path, _, query = view.path.partition("?")
-            first: dict[str, str] = {}
-            if query:
-                for name, value in parse_qsl(query, keep_blank_values=True, max_num_fields=None)[:MAX_QUERY_PARAMETERS]:
-                    first.setdefault(name, value)
             self._variables = {
                 "claims": who.claims if who is not None else {},
                 "subject": who.subject if who is not None else "",
@@ -79,16 +75,45 @@ class Facts:
                 "params": dict(self.params),
                 "request": {
                     "method": view.method,
-                    "path": path,
+                    "path": routed_path(view.path),
                     "host": view.host,
                     "scheme": view.scheme,
                     "headers": dict(view.headers),
-                    "query": first,
+                    "query": first_values(view.path),
                 },
                 "source": {"address": view.source, "certificate_present": bool(view.certificate)},
                 "now": datetime.fromtimestamp(self.now, UTC),
             }
         return self._variables
+
+
+def routed_path(raw: str) -> str:
+    """The path as the routes matched it: percent-decoded segments, without query or fragment.
+
+    A `when` on the raw text would be slipped past by another spelling of the same route (`/%61dmin` is routed
+    as `/admin`), so it reads what the router read."""
+    segments = split_request_path(raw)
+    if segments is None:  # refused by the engine before any condition is judged
+        return raw.partition("#")[0].partition("?")[0]
+    return "/" + "/".join(segments)
+
+
+def first_values(raw: str) -> dict[str, str] | None:
+    """The query as name -> first value (percent-decoded); None (CEL null) past MAX_QUERY_PARAMETERS parameters.
+
+    Past the bound nothing is parsed (60 KiB of query cost ~70 ms to parse field by field, on every decision)
+    and nothing is dropped either: a query whose later parameters were ignored would let `"debug" in
+    request.query` in a deny rule be slipped past by padding. Null makes every read of it an evaluation error,
+    so a deny rule holds and an alternative does not."""
+    _, _, query = raw.partition("#")[0].partition("?")
+    if not query:
+        return {}
+    if query.count("&", 0, len(query)) >= MAX_QUERY_PARAMETERS:
+        return None
+    first: dict[str, str] = {}
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        first.setdefault(name, value)
+    return first
 
 
 def needs_credentials(c: Conditions) -> bool:
