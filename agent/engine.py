@@ -554,6 +554,9 @@ class Engine:
         introspector = self.introspector
         # Anything that is not a three-part JWT is opaque (some issuers' opaque tokens contain dots).
         if introspector is not None:
+            if route.providers is not None and introspector.idp.name not in route.providers:
+                # Judged before the token is sent anywhere: only the introspecting provider could answer for it.
+                raise AuthnError(R.TOKEN_ISSUER_NOT_ACCEPTED, f"an opaque token is {introspector.idp.name}'s")
             if len(token) > self.jwt.max_token_bytes:
                 raise AuthnError(R.TOKEN_TOO_LARGE)
             cached = introspector.cached(token)

@@ -54,6 +54,13 @@ def allow(ctx: Ctx, route: LDict, where: str, params: set[str]) -> tuple[Conditi
             ctx.err(v.lines[i], f"{where}.allow[{i}] must be a mapping of conditions ({{}} admits any caller)")
             continue
         out.append(conditions(ctx, item, f"{where}.allow[{i}]", params, ALLOW_KEYS))
+    for i, alt in enumerate(out[:-1]):
+        if alt == Conditions(line=alt.line):
+            ctx.warn(
+                alt.line,
+                f"{where}.allow[{i}] has no conditions and admits every caller; the alternatives after it never matter",
+            )
+            break
     return tuple(out)
 
 
@@ -106,8 +113,31 @@ def deny_rules(ctx: Ctx, parent: LDict, where: str, params: set[str], public: bo
                     f"{at}: reads {reads}, so it is judged only on routes that authenticate; public routes are not "
                     "covered (they have no credentials). To cover them, use source_cidrs, headers or `request`",
                 )
+        if c.when is not None and c.when.result(_bare_request(params, ctx)) is None:
+            ctx.warn(
+                item.lines["when"],
+                f"{at}.when cannot be evaluated on a plain request (no headers, no query, no claims"
+                f"{', no path parameters' if top else ''}): a deny rule that cannot be evaluated holds (it fails "
+                "closed), so this one refuses every such request. If that is not meant, guard what it reads, e.g. "
+                "'has(request.headers.x) && ...' or '\"tenant\" in params && ...'",
+            )
         out.append(DenyRule(name, c, item.line))
     return tuple(out)
+
+
+def _bare_request(params: set[str], ctx: Ctx) -> dict[str, object]:
+    """The variables of a request with nothing optional in it, to find deny rules that would hold on any."""
+    return {
+        "claims": {},
+        "subject": "",
+        "client_id": "",
+        "scopes": [],
+        "roles": [],
+        "params": {p: "x" for p in params},
+        "request": {"method": "GET", "path": "/", "host": "", "scheme": "https", "headers": {}, "query": {}},
+        "source": {"address": "192.0.2.1", "certificate_present": False},
+        "now": ctx.now,
+    }
 
 
 def _credential_reads(c: Conditions) -> str:
@@ -243,6 +273,9 @@ def _headers(ctx: Ctx, d: LDict, where: str) -> tuple[HeaderRule, ...]:
             continue
         if name in ("authorization", "dpop", "signature", "signature-input", "cookie", "proxy-authorization"):
             ctx.err(line, f"{at}: a condition on a credential header is never written in a policy; use the claims")
+            continue
+        if name == "host":
+            ctx.err(line, f"{at}: Envoy passes the host as :authority, never as host; use when: 'request.host == ...'")
             continue
         if isinstance(value, str):
             out.append(HeaderRule(name, equals=value))

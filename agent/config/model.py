@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from bisect import bisect_right
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
-from ipaddress import IPv4Network, IPv6Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -125,6 +127,36 @@ STATIC_REFERENCES = frozenset(
 CREDENTIAL_REFERENCES = frozenset({"claims", "subject", "client_id", "scopes", "roles"})
 
 
+class Networks:
+    """`source_cidrs` as sorted, merged address ranges: one lookup is a binary search, however long the list
+    (a blocklist of 1,024 networks tested one by one cost ~300 us a request)."""
+
+    __slots__ = ("_v4", "_v6")
+
+    def __init__(self, nets: Iterable[IPv4Network | IPv6Network]) -> None:
+        nets = list(nets)
+        self._v4 = self._ranges(n for n in nets if n.version == 4)
+        self._v6 = self._ranges(n for n in nets if n.version == 6)
+
+    @staticmethod
+    def _ranges(nets: Iterable[IPv4Network | IPv6Network]) -> tuple[list[int], list[int]]:
+        starts: list[int] = []
+        ends: list[int] = []
+        for first, last in sorted((int(n.network_address), int(n.broadcast_address)) for n in nets):
+            if ends and first <= ends[-1] + 1:
+                ends[-1] = max(ends[-1], last)
+            else:
+                starts.append(first)
+                ends.append(last)
+        return starts, ends
+
+    def contains(self, address: IPv4Address | IPv6Address) -> bool:
+        starts, ends = self._v4 if address.version == 4 else self._v6
+        n = int(address)
+        i = bisect_right(starts, n) - 1
+        return i >= 0 and n <= ends[i]
+
+
 @dataclass(frozen=True, slots=True)
 class Conditions:
     """One alternative of a route's `allow`, or the body of a deny rule: every listed condition must hold."""
@@ -147,6 +179,7 @@ class Conditions:
     # headers, or a `when` reading more than the token, path parameters and request line).
     credentials: bool = field(init=False, compare=False, repr=False)
     per_request: bool = field(init=False, compare=False, repr=False)
+    networks: Networks = field(init=False, compare=False, repr=False)  # source_cidrs, for lookups
 
     def __post_init__(self) -> None:
         refs = self.when.references if self.when is not None else frozenset()
@@ -168,6 +201,7 @@ class Conditions:
             or self.headers
             or not refs <= STATIC_REFERENCES
         )
+        object.__setattr__(self, "networks", Networks(self.source_cidrs))
         object.__setattr__(self, "credentials", credentials)
         object.__setattr__(self, "per_request", per_request)
 

@@ -6,8 +6,10 @@ the variables below; this module then walks the checked AST to (1) refuse select
 (`When.references`), and (3) bound the work one evaluation may cost, since policies come from many teams and
 a hostile one must not be able to stall the agent.
 
-Cost model. Inputs are bounded elsewhere (a token's claims by the token size limit, headers and path by the
-transport limits); "input" below means at most about 8 KiB. Only the CEL standard library is enabled: no
+Cost model. Inputs are bounded elsewhere: a token's claims by the provider's max_token_bytes (8 KiB by default),
+and the request a `when` sees (path, host, headers) by MAX_WHEN_REQUEST_BYTES (16 KiB, agent/policy/conditions.py:
+past it those fields are null). "Input" below means at most about 8-16 KiB. `contains()` takes a literal of at
+most 256 bytes, so it is linear in its receiver. Only the CEL standard library is enabled: no
 extension, so no `cel.bind` (which could double a string per node), no `strings.repeat`, no `lists.range`.
 Every standard function is O(1) or linear in its operands, so without a comprehension an evaluation costs at
 most nodes x input: <= 512 nodes, depth <= 32 (the parser itself stops at 32 levels; a chain of `+` of 8 KiB
@@ -393,6 +395,11 @@ class _Checker:
             self.contains += 1
             if self.contains > MAX_CONTAINS:
                 raise self.fail(node, f"an expression may call contains() at most {MAX_CONTAINS} times")
+            if len(operands) == 2:
+                # A substring from the request (a header in another) costs the product of both lengths.
+                needle = self.literal_string(operands[1], "the argument of contains()")
+                if len(needle.encode("utf-8", "surrogatepass")) > MAX_PATTERN_BYTES:
+                    raise self.fail(operands[1], f"the argument of contains() is longer than {MAX_PATTERN_BYTES} bytes")
         if call.function in _TZ_ACCESSORS and call.HasField("target") and len(call.args) == 1:
             self.zone(call.args[0])
         if in_loop:

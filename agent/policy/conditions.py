@@ -19,6 +19,10 @@ from agent.decision import RequestView
 from agent.policy.paths import split_request_path
 
 MAX_QUERY_PARAMETERS = 64  # a query with more has no `request.query` (null): reading it is an evaluation error
+# A `when` judges at most this much of the request (path, query, host and headers together): the cost bounds in
+# agent/policy/cel.py assume it. Past it those fields are null, so reading one is an evaluation error (a deny
+# rule holds, an alternative does not); Envoy's default header limit is 60 KiB.
+MAX_WHEN_REQUEST_BYTES = 16_384
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +70,9 @@ class Facts:
         """The variables a `when` expression reads (docs/policy.md lists them)."""
         if self._variables is None:
             view, who = self.view, self.who
+            size = len(view.path) + len(view.host) + sum(len(k) + len(v) for k, v in view.headers.items())
+            bounded = size <= MAX_WHEN_REQUEST_BYTES
+            a = self.address()
             self._variables = {
                 "claims": who.claims if who is not None else {},
                 "subject": who.subject if who is not None else "",
@@ -75,13 +82,17 @@ class Facts:
                 "params": dict(self.params),
                 "request": {
                     "method": view.method,
-                    "path": routed_path(view.path),
-                    "host": view.host,
+                    "path": routed_path(view.path) if bounded else None,
+                    "host": normal_host(view.host) if bounded else None,
                     "scheme": view.scheme,
-                    "headers": dict(view.headers),
-                    "query": first_values(view.path),
+                    "headers": dict(view.headers) if bounded else None,
+                    "query": first_values(view.path) if bounded else None,
                 },
-                "source": {"address": view.source, "certificate_present": bool(view.certificate)},
+                # The address as source_cidrs reads it (an IPv4-mapped IPv6 address as IPv4), else as sent.
+                "source": {
+                    "address": str(a) if a is not None else view.source,
+                    "certificate_present": bool(view.certificate),
+                },
                 "now": datetime.fromtimestamp(self.now, UTC),
             }
         return self._variables
@@ -98,6 +109,16 @@ def routed_path(raw: str) -> str:
     return "/" + "/".join(segments)
 
 
+def normal_host(host: str) -> str:
+    """The host in lower case, without the trailing dot of a fully qualified name: `INTERNAL.example.com.:8443`
+    names the same host as `internal.example.com:8443`, and a deny rule on it must not be slipped past so."""
+    host = host.lower()
+    name, colon, port = host.rpartition(":") if not host.endswith("]") else (host, "", "")
+    if colon and port.isdigit():
+        return name.rstrip(".") + ":" + port
+    return host.rstrip(".")
+
+
 def first_values(raw: str) -> dict[str, str] | None:
     """The query as name -> first value (percent-decoded); None (CEL null) past MAX_QUERY_PARAMETERS parameters.
 
@@ -112,7 +133,11 @@ def first_values(raw: str) -> dict[str, str] | None:
         return None
     first: dict[str, str] = {}
     for name, value in parse_qsl(query, keep_blank_values=True):
-        first.setdefault(name, value)
+        if name in first:
+            # `?mode=x&mode=admin`: frameworks read the first, the last or both; a rule reading one could be
+            # slipped past by the other, so a repeated name makes the whole query null (an evaluation error).
+            return None
+        first[name] = value
     return first
 
 
@@ -149,11 +174,12 @@ def check(c: Conditions, f: Facts, errors_hold: bool = False) -> Refusal | None:
         if refusal is not None:
             return refusal
     if c.source_cidrs:
+        # Envoy sets the source, not the client: one that is no IP address (a unix socket, an internal
+        # listener) is in no network, in an alternative and in a deny rule alike.
         a = f.address()
         if a is None:
-            if not errors_hold:
-                return Refusal(R.CONDITION_FAILED, detail="the source is not an IP address")
-        elif not any(a in net for net in c.source_cidrs):
+            return Refusal(R.CONDITION_FAILED, detail="the source is not an IP address")
+        if not c.networks.contains(a):
             return Refusal(R.CONDITION_FAILED, detail="source address outside source_cidrs")
     for h in c.headers:
         value = f.view.headers.get(h.name)
@@ -161,10 +187,12 @@ def check(c: Conditions, f: Facts, errors_hold: bool = False) -> Refusal | None:
             ok = (value is not None) is h.present
         elif value is None:
             ok = False
-        elif h.prefix is not None:
-            ok = value.startswith(h.prefix)
         else:
-            ok = value == h.equals
+            ok = _header_matches(h.prefix, h.equals, value)
+            if not ok and errors_hold and "," in value:
+                # A header sent twice reaches the agent joined by commas ("1,1"): a deny rule on its value
+                # must not be slipped past so; it holds when any one of the joined values matches.
+                ok = any(_header_matches(h.prefix, h.equals, v.strip()) for v in value.split(","))
         if not ok:
             return Refusal(R.CONDITION_FAILED, detail=f"header {h.name} does not match")
     if c.when is not None:
@@ -177,6 +205,10 @@ def check(c: Conditions, f: Facts, errors_hold: bool = False) -> Refusal | None:
     if who is not None and (c.acr_any or c.max_auth_age_s is not None):
         return _step_up(c, who, f.now)
     return None
+
+
+def _header_matches(prefix: str | None, equals: str | None, value: str) -> bool:
+    return value.startswith(prefix) if prefix is not None else value == equals
 
 
 def _credentials(c: Conditions, who: Principal, params: Mapping[str, str]) -> Refusal | None:

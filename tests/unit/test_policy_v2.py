@@ -4,6 +4,7 @@ keys, accepted providers, the clock and the remembered-allow path. Real tokens, 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import subprocess
 import sys
@@ -21,8 +22,12 @@ from agent import reasons as R
 from agent.audit.records import decision_record
 from agent.authn.jwks import KeyStore
 from agent.config import Policy, load_policy_text
+from agent.config.model import Networks
 from agent.decision import Decision, RequestView
 from agent.engine import Engine
+from agent.errors import ConfigErrors
+from agent.policy.cel import CelCompileError, compile_when
+from agent.policy.conditions import MAX_WHEN_REQUEST_BYTES
 from tests.clock import Clock
 from tests.conftest import idp_block
 from tests.keys import SigningKey, claims, jwks, mint
@@ -501,7 +506,9 @@ async def test_an_ipv4_mapped_network_matches_ipv4_and_mapped_sources(build: Bui
     assert agent.decide("/v1/mapped", agent.token(), source=source).allowed is allowed
 
 
-async def test_a_source_that_is_no_address_is_refused_by_allow_and_held_by_deny(build: Build) -> None:
+async def test_a_source_that_is_no_address_is_in_no_network(build: Build) -> None:
+    # Envoy sets the source, not the client (a unix socket, an internal listener): such a source is in no
+    # network, so an alternative on source_cidrs refuses it and a deny rule on source_cidrs does not hold.
     agent = await build(NETWORK_ROUTES)
     token = agent.token()
     assert agent.decide("/v1/open", token, source="10.1.2.3").allowed
@@ -509,8 +516,9 @@ async def test_a_source_that_is_no_address_is_refused_by_allow_and_held_by_deny(
         blocked = agent.decide("/v1/open", token, source=source)
         assert (blocked.status, blocked.deny_rule) == (403, "quarantine"), source
     for nonsense in ("unix:/run/envoy.sock", "", "10.1.2.3:8080"):
-        held = agent.decide("/v1/open", token, source=nonsense)
-        assert (held.status, held.reason, held.deny_rule) == (403, R.DENIED_BY_RULE, "quarantine"), nonsense
+        assert agent.decide("/v1/open", token, source=nonsense).allowed, nonsense
+        refused = agent.decide("/v1/mapped", token, source=nonsense)
+        assert (refused.status, refused.reason) == (403, R.CONDITION_FAILED), nonsense
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -877,3 +885,153 @@ def test_check_names_the_deny_rule_that_holds(policy_file: Path) -> None:
     assert f"- deny rule 'debug-header' (line {line}) holds" in r.stdout
     out = json.loads(r.stdout[r.stdout.index("\n{") :])
     assert (out["status"], out["reason"]) == (403, R.DENIED_BY_RULE)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What a hostile review of policy v2 found, each as the request that slipped past or the input that cost too
+# much: repeated query names and headers, an oversized request, the host's spelling, long network lists, a
+# `contains()` over two request values, deny rules that hold on every plain request, opaque tokens sent to a
+# provider the route does not take.
+
+HARDENING_ROUTES = """\
+deny:
+  - name: debug-mode
+    when: 'has(request.query.mode) && request.query.mode == "debug"'
+  - name: bad-client
+    headers: {x-client: "evil"}
+  - name: internal-host
+    when: 'request.host.startsWith("internal.")'
+routes:
+  - name: open
+    match: {path: /v1/open}
+    authn: [jwt]
+    allow: {}
+  - name: by-header
+    match: {path: /v1/by-header}
+    authn: [jwt]
+    allow: {when: 'request.headers["x-team"] == "blue"'}
+"""
+
+
+async def test_a_repeated_query_name_cannot_hide_a_value_from_a_deny_rule(build: Build) -> None:
+    agent = await build(HARDENING_ROUTES)
+    token = agent.token()
+    assert agent.decide("/v1/open?mode=x", token).allowed
+    assert agent.decide("/v1/open?mode=debug", token).deny_rule == "debug-mode"
+    # PHP reads the last `mode`, Django the last, Express both: the rule must not read only the first.
+    d = agent.decide("/v1/open?mode=x&mode=debug", token)
+    assert (d.status, d.reason, d.deny_rule) == (403, R.DENIED_BY_RULE, "debug-mode")
+
+
+async def test_a_header_sent_twice_cannot_hide_its_value_from_a_deny_rule(build: Build) -> None:
+    agent = await build(HARDENING_ROUTES)
+    token = agent.token()
+    assert agent.decide("/v1/open", token, x_client="good").allowed
+    # Envoy joins a repeated header with commas.
+    for joined in ("evil", "evil,evil", "good,evil", "good, evil"):
+        assert agent.decide("/v1/open", token, x_client=joined).deny_rule == "bad-client", joined
+
+
+async def test_the_host_is_judged_as_spelled_in_lower_case_without_a_trailing_dot(build: Build) -> None:
+    agent = await build(HARDENING_ROUTES)
+    token = agent.token()
+    from agent.decision import Decision, RequestView
+
+    for host in ("internal.example.com", "INTERNAL.example.com", "Internal.Example.Com.:8443"):
+        view = RequestView("GET", "/v1/open", host, {"authorization": f"Bearer {token}"}, "10.1.2.3")
+        d = agent.engine.decide(view)
+        assert isinstance(d, Decision) and d.deny_rule == "internal-host", host
+
+
+async def test_an_oversized_request_is_not_judged_by_when(build: Build) -> None:
+    agent = await build(HARDENING_ROUTES)
+    token = agent.token()
+    big = "x" * (MAX_WHEN_REQUEST_BYTES + 1)
+    assert agent.decide("/v1/by-header", token, x_team="blue").allowed
+    # Past the bound the request's fields are null: a deny rule reading them holds, an alternative does not.
+    d = agent.decide("/v1/by-header", token, x_team="blue", x_pad=big)
+    assert (d.status, d.reason) == (403, R.DENIED_BY_RULE)
+    assert d.deny_rule == "debug-mode"
+
+
+def test_contains_takes_a_literal_of_bounded_size() -> None:
+    compile_when('request.headers["x-a"].contains("admin")')
+    with pytest.raises(CelCompileError, match="must be a string literal"):
+        compile_when('request.headers["x-a"].contains(request.headers["x-b"])')
+    with pytest.raises(CelCompileError, match="longer than"):
+        compile_when(f'request.path.contains("{"a" * 300}")')
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 2**32 - 1), st.integers(8, 32)), min_size=1, max_size=20),
+    st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=20),
+)
+def test_network_ranges_answer_as_the_networks_do(nets: list[tuple[int, int]], addresses: list[int]) -> None:
+    networks = [ipaddress.ip_network((n, p), strict=False) for n, p in nets]
+    v6 = [ipaddress.ip_network((n << 96, p + 96), strict=False) for n, p in nets]
+    table = Networks([*networks, *v6])
+    for a in addresses:
+        four, six = ipaddress.IPv4Address(a), ipaddress.IPv6Address(a << 96)
+        assert table.contains(four) is any(four in n for n in networks)
+        assert table.contains(six) is any(six in n for n in v6)
+
+
+def test_a_deny_rule_that_cannot_be_evaluated_on_a_plain_request_is_warned_of() -> None:
+    top = """\
+deny:
+  - name: tenant-one
+    when: 'params.tenant == "t1"'
+  - name: scanners
+    when: 'request.headers["user-agent"].startsWith("sqlmap")'
+  - name: guarded
+    when: 'has(request.headers.x) && request.headers.x == "1"'
+"""
+    routes = "routes:\n  - name: health\n    match: {path: /healthz}\n    public: true\n"
+    policy = load_policy_text(policy_text(routes, top))
+    warned = [message for _, message in policy.warnings]
+    assert len(warned) == 2, warned
+    assert "tenant-one" in warned[0] and "holds (it fails closed)" in warned[0]
+    assert "scanners" in warned[1]
+
+
+def test_alternatives_after_one_that_admits_everyone_are_warned_of() -> None:
+    routes = (
+        "routes:\n  - name: r\n    match: {path: /x}\n    authn: [jwt]\n"
+        "    allow:\n      - {}\n      - scopes_any: [a]\n"
+    )
+    ((_, message),) = load_policy_text(policy_text(routes)).warnings
+    assert "admits every caller" in message
+
+
+def test_a_header_condition_on_host_is_refused() -> None:
+    routes = "routes:\n  - name: r\n    match: {path: /x}\n    authn: [jwt]\n    allow: {headers: {host: a}}\n"
+    with pytest.raises(ConfigErrors, match=":authority"):
+        load_policy_text(policy_text(routes))
+
+
+async def test_an_opaque_token_is_never_sent_to_a_provider_the_route_does_not_take(
+    tmp_path: Path, build: Build
+) -> None:
+    # The introspecting provider points at a closed port: were the token sent, the answer would be 503.
+    secret = tmp_path / "secret"
+    secret.write_text("s3cret-for-introspection")
+    introspecting = f"""\
+  opaque:
+    issuer: https://opaque.example.test
+    introspection_endpoint: http://127.0.0.1:1/introspect
+    client_id: agent
+    client_secret_file: {secret}
+    audiences: [orders-api]
+    algorithms: [ES256]
+"""
+    body = "version: 1\nservice: orders\n" + idp_block("jwks_file: jwks.json") + introspecting
+    routes = "routes:\n  - name: r\n    match: {path: /x}\n    authn: [jwt]\n    providers: [corp]\n    allow: {}\n"
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": []}))
+    from agent.decision import RequestView
+    from agent.engine import Engine
+
+    engine = Engine.for_policy(load_policy_text(body + routes, str(tmp_path / "p.yaml"), tmp_path))
+    d = await engine.check(RequestView("GET", "/x", headers={"authorization": "Bearer opaque-token-value"}))
+    assert (d.status, d.reason) == (401, R.TOKEN_ISSUER_NOT_ACCEPTED)
+    await engine.close()
