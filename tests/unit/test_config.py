@@ -41,10 +41,17 @@ def only_error(text: str) -> tuple[int, str]:
 def test_designs_policy_loads_as_written() -> None:
     lines = (FIXTURES / "design_policy.yaml").read_text().splitlines()
     policy = load_policy_text("\n".join(lines), "design.yaml", FIXTURES)  # as DESIGN.md writes it
-    assert [r.name for r in policy.routes] == ["list-orders", "read-order", "create-order", "billing-webhook", "health"]
+    names = ["list-orders", "read-order", "create-order", "read-order-support", "billing-webhook", "health"]
+    assert [r.name for r in policy.routes] == names
     assert policy.identity_providers[0].algorithms == {"RS256", "ES256", "EdDSA"}
     assert policy.version.startswith("orders@")
-    assert [r.bind for r in policy.routes] == [None, None, "dpop", None, None]
+    assert [r.bind for r in policy.routes] == [None, None, "dpop", None, None, None]
+    # Policy v2 as DESIGN writes it: alternatives, a route deny rule, a claim: limit key, a top-level deny.
+    support = policy.routes[3]
+    assert len(support.allow) == 3 and [a.when is not None for a in support.allow] == [True, False, True]
+    assert [d.name for d in support.deny] == ["frozen-partner"]
+    assert support.rate_limit is not None and support.rate_limit.key == ("claim:tenant_id",)
+    assert [d.name for d in policy.deny] == ["blocked-network"]
     limit = policy.routes[0].rate_limit
     assert limit is not None and (limit.key, limit.rate, limit.burst) == (("subject",), 50.0, 100.0)
     (client,) = policy.hmac_clients
