@@ -11,17 +11,8 @@ import pytest
 
 from agent.config import Policy, load_policy_text
 from agent.errors import ConfigError, ConfigErrors
+from tests.unit.test_config import IDP
 
-IDP = """\
-version: 1
-service: orders
-identity_providers:
-  corp:
-    issuer: https://idp.example.com
-    jwks_uri: https://idp.example.com/jwks.json
-    audiences: [orders-api]
-    algorithms: [RS256]
-"""
 PARTNER = """\
   partner:
     issuer: https://partner.example.com

@@ -6,17 +6,7 @@ import pytest
 
 from agent.config import load_policy_text
 from agent.errors import ConfigErrors
-
-HEAD = """\
-version: 1
-service: s
-identity_providers:
-  corp: {issuer: "https://a.example", jwks_uri: "https://a.example/j", audiences: [a], algorithms: [RS256]}
-routes:
-  - name: r
-    match: {path: /x}
-    authn: [jwt]
-"""
+from tests.unit.test_when_positions import HEAD
 
 
 @pytest.mark.parametrize("network", ["fe80::%eth0/64", "fe80::%1/10"])
