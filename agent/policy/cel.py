@@ -138,12 +138,12 @@ class When:
     _expr: cel.Expression = field(repr=False, compare=False)
     # The variables it names: only these are handed to the runtime, which converts every value it is given
     # (8 KiB of claims cost ~40 us to convert, for an expression that may never read them).
-    _names: tuple[str, ...] = field(default=(), repr=False, compare=False)
+    names: tuple[str, ...] = field(default=(), repr=False, compare=False)
 
     def result(self, variables: Mapping[str, object]) -> bool | None:
         """True or False; None when it cannot be evaluated (an error, or a result that is not a bool)."""
         try:
-            value = self._expr.eval(data={n: variables[n] for n in self._names})
+            value = self._expr.eval(data={n: variables[n] for n in self.names})
             if value.type() != _T.BOOL:
                 return None
             return value.value() is True
@@ -177,7 +177,7 @@ def compile_when(text: str) -> When:
         raise CelCompileError(f"a `when` must be true or false, this is {result.name().lower()}")
     references = frozenset(checker.references)
     names = tuple(sorted({r.split(".", 1)[0] for r in references}))
-    return When(text=text, references=references, _expr=expr, _names=names)
+    return When(text=text, references=references, _expr=expr, names=names)
 
 
 def _compile_error(raw: str) -> CelCompileError:

@@ -16,7 +16,10 @@ from agent.authn.principal import Principal, claim_at
 from agent.authn.strict import numeric_date
 from agent.config.model import Conditions
 from agent.decision import RequestView
+from agent.policy.cel import VARIABLES as _ALL
 from agent.policy.paths import split_request_path
+
+VARIABLES: tuple[str, ...] = tuple(sorted(_ALL))
 
 MAX_QUERY_PARAMETERS = 64  # a query with more has no `request.query` (null): reading it is an evaluation error
 # A `when` judges at most this much of the request (path, query, host and headers together): the cost bounds in
@@ -66,36 +69,58 @@ class Facts:
             self._address = a
         return self._address if not isinstance(self._address, bool) else None
 
-    def variables(self) -> dict[str, Any]:
-        """The variables a `when` expression reads (docs/policy.md lists them)."""
-        if self._variables is None:
-            view, who = self.view, self.who
-            size = len(view.path) + len(view.host) + sum(len(k) + len(v) for k, v in view.headers.items())
-            bounded = size <= MAX_WHEN_REQUEST_BYTES
-            a = self.address()
-            self._variables = {
-                "claims": who.claims if who is not None else {},
-                "subject": who.subject if who is not None else "",
-                "client_id": (who.client_id or "") if who is not None else "",
-                "scopes": sorted(who.scopes) if who is not None else [],
-                "roles": sorted(who.roles) if who is not None else [],
-                "params": dict(self.params),
-                "request": {
-                    "method": view.method,
-                    "path": routed_path(view.path) if bounded else None,
-                    "host": normal_host(view.host) if bounded else None,
-                    "scheme": view.scheme,
-                    "headers": dict(view.headers) if bounded else None,
-                    "query": first_values(view.path) if bounded else None,
-                },
-                # The address as source_cidrs reads it (an IPv4-mapped IPv6 address as IPv4), else as sent.
-                "source": {
-                    "address": str(a) if a is not None else view.source,
-                    "certificate_present": bool(view.certificate),
-                },
-                "now": datetime.fromtimestamp(self.now, UTC),
-            }
-        return self._variables
+    def variables(self, names: tuple[str, ...] = VARIABLES) -> dict[str, Any]:
+        """The variables a `when` names (docs/policy.md lists them), each built once per request and only when
+        named: parsing the source address or the query costs more than most expressions."""
+        built = self._variables
+        if built is None:
+            built = self._variables = {}
+        for name in names:
+            if name not in built:
+                built[name] = getattr(self, f"_{name}")()
+        return {name: built[name] for name in names}
+
+    def _claims(self) -> dict[str, Any]:
+        return self.who.claims if self.who is not None else {}
+
+    def _subject(self) -> str:
+        return self.who.subject if self.who is not None else ""
+
+    def _client_id(self) -> str:
+        return (self.who.client_id or "") if self.who is not None else ""
+
+    def _scopes(self) -> list[str]:
+        return sorted(self.who.scopes) if self.who is not None else []
+
+    def _roles(self) -> list[str]:
+        return sorted(self.who.roles) if self.who is not None else []
+
+    def _params(self) -> dict[str, str]:
+        return dict(self.params)
+
+    def _request(self) -> dict[str, Any]:
+        view = self.view
+        size = len(view.path) + len(view.host) + sum(len(k) + len(v) for k, v in view.headers.items())
+        bounded = size <= MAX_WHEN_REQUEST_BYTES
+        return {
+            "method": view.method,
+            "path": routed_path(view.path) if bounded else None,
+            "host": normal_host(view.host) if bounded else None,
+            "scheme": view.scheme,
+            "headers": dict(view.headers) if bounded else None,
+            "query": first_values(view.path) if bounded else None,
+        }
+
+    def _source(self) -> dict[str, Any]:
+        # The address as source_cidrs reads it (an IPv4-mapped IPv6 address as IPv4), else as sent.
+        a = self.address()
+        return {
+            "address": str(a) if a is not None else self.view.source,
+            "certificate_present": bool(self.view.certificate),
+        }
+
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self.now, UTC)
 
 
 def routed_path(raw: str) -> str:
@@ -196,7 +221,7 @@ def check(c: Conditions, f: Facts, errors_hold: bool = False) -> Refusal | None:
         if not ok:
             return Refusal(R.CONDITION_FAILED, detail=f"header {h.name} does not match")
     if c.when is not None:
-        result = c.when.result(f.variables())
+        result = c.when.result(f.variables(c.when.names))
         if result is None:
             if not errors_hold:
                 return Refusal(R.CONDITION_FAILED, detail="`when` could not be evaluated (counts as false)")
