@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import math
 from ipaddress import IPv4Network, IPv6Network, ip_network
+from typing import TYPE_CHECKING
 
 from agent.config._read import FIELD_NAME, Ctx, get, mapping, str_list, timestamp
 from agent.config.model import CREDENTIAL_REFERENCES, ClaimRule, Conditions, DenyRule, HeaderRule
 from agent.config.yamlsrc import LDict, LList
-from agent.policy.cel import CelCompileError, When, compile_when
+
+if TYPE_CHECKING:
+    from agent.policy.cel import When
 
 ALLOW_KEYS = {
     "scopes_all",
@@ -300,6 +303,9 @@ def _when(ctx: Ctx, d: LDict, where: str) -> When | None:
     text = get(ctx, d, "when", str, where)
     if text is None:
         return None
+    # Imported here: an agent whose policy has no `when` never loads the CEL runtime (a large C++ library).
+    from agent.policy.cel import CelCompileError, compile_when
+
     try:
         when = compile_when(text)
     except CelCompileError as e:

@@ -16,10 +16,10 @@ from agent.authn.principal import Principal, claim_at
 from agent.authn.strict import numeric_date
 from agent.config.model import Conditions
 from agent.decision import RequestView
-from agent.policy.cel import VARIABLES as _ALL
 from agent.policy.paths import split_request_path
 
-VARIABLES: tuple[str, ...] = tuple(sorted(_ALL))
+# What a `when` may read (agent/policy/cel.py declares the same names to the type checker).
+VARIABLES = ("claims", "client_id", "now", "params", "request", "roles", "scopes", "source", "subject")
 
 MAX_QUERY_PARAMETERS = 64  # a query with more has no `request.query` (null): reading it is an evaluation error
 # A `when` judges at most this much of the request (path, query, host and headers together): the cost bounds in
