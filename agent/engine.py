@@ -34,7 +34,7 @@ from agent.authn.revocation import RevocationSet
 from agent.config.model import DenyRule, Policy, RateLimit, Route, claim_path
 from agent.decision import AuditSink, Decision, DecisionListener, RequestView
 from agent.errors import AuthnError
-from agent.policy.conditions import Facts, Refusal, check, needs_credentials, per_request
+from agent.policy.conditions import Facts, Refusal, check
 from agent.policy.paths import (
     Matcher,
     Segment,
@@ -230,9 +230,9 @@ class Engine:
             self._segments.append(segs)
             self._matcher.add(segs, route.methods, i)
             rules = (*policy.deny, *route.deny)
-            self._deny_before.append(tuple(r for r in rules if not needs_credentials(r.conditions)))
-            self._deny_after.append(tuple(r for r in rules if needs_credentials(r.conditions)))
-            self._deny_recheck.append(tuple(r for r in rules if per_request(r.conditions)))
+            self._deny_before.append(tuple(r for r in rules if not r.conditions.credentials))
+            self._deny_after.append(tuple(r for r in rules if r.conditions.credentials))
+            self._deny_recheck.append(tuple(r for r in rules if r.conditions.per_request))
         self._provider_of = {i.issuer: i.name for i in policy.identity_providers}
 
     @classmethod
@@ -356,7 +356,7 @@ class Engine:
             or principal.method != "jwt"
             or principal.cnf_jkt is not None  # every request needs a fresh proof
             or principal.cnf_x5t is not None  # and its own certificate
-            or per_request(route.allow[allow_index])
+            or route.allow[allow_index].per_request
         ):
             return  # the outcome depends on the clock, the request, or a credential that is not a cached JWT
         header = view.headers.get("authorization")
@@ -421,10 +421,10 @@ class Engine:
             if trace is not None:
                 trace.append("path holds a double-encoded escape (%25XX); the route does not allow_double_encoded_path")
             return self._deny(decision_id, 400, R.PATH_DOUBLE_ENCODED, route, None)
-        params = bind(self._segments[index], segs)
         before = self._deny_before[index]
         if before:
-            rule = deny_holding(before, Facts(view, None, params, self._clock()), trace)
+            facts = Facts(view, None, bind(self._segments[index], segs), self._clock(), segs)
+            rule = deny_holding(before, facts, trace)
             if rule is not None:
                 return self._denied_by(decision_id, rule, route, None)
         if route.public:
@@ -459,8 +459,8 @@ class Engine:
             return self._deny_authn(decision_id, e, route, view)
         remember = trace is None and resolved is None
         if once is not None and self.shared is not None:
-            raise self._shared_once(once, view, decision_id, trace, index, params, route, principal)
-        return self._authorize(view, decision_id, trace, index, params, route, principal, remember)
+            raise self._shared_once(once, view, decision_id, trace, index, segs, route, principal)
+        return self._authorize(view, decision_id, trace, index, segs, route, principal, remember)
 
     def _shared_once(
         self,
@@ -469,7 +469,7 @@ class Engine:
         decision_id: str,
         trace: list[str] | None,
         index: int,
-        params: dict[str, str],
+        segs: list[str],
         route: Route,
         principal: Principal,
     ) -> _Pending:
@@ -487,7 +487,7 @@ class Engine:
                 if trace is not None:
                     trace.append(f"authentication failed: {once.replayed} (seen by another replica)")
                 return lambda: self._deny_authn(decision_id, AuthnError(once.replayed), route, view)
-            return lambda: self._authorize(view, decision_id, trace, index, params, route, principal, False)
+            return lambda: self._authorize(view, decision_id, trace, index, segs, route, principal, False)
 
         return _Pending(resume)
 
@@ -497,7 +497,7 @@ class Engine:
         decision_id: str,
         trace: list[str] | None,
         index: int,
-        params: dict[str, str],
+        segs: list[str],
         route: Route,
         principal: Principal,
         remember: bool,
@@ -509,7 +509,8 @@ class Engine:
                 f"authenticated by {p.method}: subject {p.subject!r}, issuer {p.issuer!r}, "
                 f"scopes {sorted(p.scopes)}, roles {sorted(p.roles)}"
             )
-        facts = Facts(view, principal, params, self._clock())
+        params = bind(self._segments[index], segs)
+        facts = Facts(view, principal, params, self._clock(), segs)
         after = self._deny_after[index]
         if after:
             rule = deny_holding(after, facts, trace)

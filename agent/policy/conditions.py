@@ -47,10 +47,18 @@ class Refusal:
 class Facts:
     """One request's facts as conditions read them; the parsed address and CEL variables are built once."""
 
-    __slots__ = ("_address", "_variables", "now", "params", "view", "who")
+    __slots__ = ("_address", "_variables", "now", "params", "segments", "view", "who")
 
-    def __init__(self, view: RequestView, who: Principal | None, params: Mapping[str, str], now: float) -> None:
+    def __init__(
+        self,
+        view: RequestView,
+        who: Principal | None,
+        params: Mapping[str, str],
+        now: float,
+        segments: list[str] | None = None,  # the path as the router split it, when the caller has it
+    ) -> None:
         self.view = view
+        self.segments = segments
         self.who = who
         self.params = params
         self.now = now
@@ -104,7 +112,9 @@ class Facts:
         bounded = size <= MAX_WHEN_REQUEST_BYTES
         return {
             "method": view.method,
-            "path": routed_path(view.path) if bounded else None,
+            "path": (routed_path(view.path) if self.segments is None else "/" + "/".join(self.segments))
+            if bounded
+            else None,
             "host": normal_host(view.host) if bounded else None,
             "scheme": view.scheme,
             "headers": dict(view.headers) if bounded else None,
@@ -164,16 +174,6 @@ def first_values(raw: str) -> dict[str, str] | None:
             return None
         first[name] = value
     return first
-
-
-def needs_credentials(c: Conditions) -> bool:
-    """Whether the conditions read the caller's credentials (so they can only be judged once authenticated)."""
-    return c.credentials
-
-
-def per_request(c: Conditions) -> bool:
-    """Whether the outcome can change between two requests with the same token, method and path."""
-    return c.per_request
 
 
 def grant_active(c: Conditions, now: float) -> bool:
