@@ -58,7 +58,6 @@ __all__ = [
     "CelCompileError",
     "When",
     "compile_when",
-    "uses_only",
 ]
 
 MAX_EXPRESSION_BYTES: Final = 4096
@@ -152,11 +151,6 @@ class When:
     def holds(self, variables: Mapping[str, object]) -> bool:
         """True only if evaluation succeeds with the bool true; any error or other result is False."""
         return self.result(variables) is True
-
-
-def uses_only(when: When, allowed: frozenset[str]) -> bool:
-    """Whether everything `when` reads is in `allowed`."""
-    return when.references <= allowed
 
 
 def compile_when(text: str) -> When:
