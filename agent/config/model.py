@@ -29,9 +29,6 @@ def claim_path(name: str) -> tuple[str, ...]:
     return tuple(name.split("."))
 
 
-_path = claim_path
-
-
 @dataclass(frozen=True, slots=True)
 class ClaimNames:
     """Where an identity provider puts the facts the rules read (dotted paths for nested claims)."""
@@ -44,19 +41,19 @@ class ClaimNames:
     # The same names split once into paths, so no request splits strings.
     @property
     def subject_path(self) -> tuple[str, ...]:
-        return _path(self.subject)
+        return claim_path(self.subject)
 
     @property
     def roles_path(self) -> tuple[str, ...]:
-        return _path(self.roles)
+        return claim_path(self.roles)
 
     @property
     def scopes_path(self) -> tuple[str, ...]:
-        return _path(self.scopes)
+        return claim_path(self.scopes)
 
     @property
     def client_id_path(self) -> tuple[str, ...]:
-        return _path(self.client_id)
+        return claim_path(self.client_id)
 
 
 @dataclass(frozen=True, slots=True)
