@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from agent.config._read import FIELD_NAME, Ctx, get, mapping, str_list, timestamp
 from agent.config.model import CREDENTIAL_REFERENCES, ClaimRule, Conditions, DenyRule, HeaderRule
 from agent.config.yamlsrc import LDict, LList
+from agent.decision import RequestView
 
 if TYPE_CHECKING:
     from agent.policy.cel import When
@@ -130,17 +131,10 @@ def deny_rules(ctx: Ctx, parent: LDict, where: str, params: set[str], public: bo
 
 def _bare_request(params: set[str], ctx: Ctx) -> dict[str, object]:
     """The variables of a request with nothing optional in it, to find deny rules that would hold on any."""
-    return {
-        "claims": {},
-        "subject": "",
-        "client_id": "",
-        "scopes": [],
-        "roles": [],
-        "params": {p: "x" for p in params},
-        "request": {"method": "GET", "path": "/", "host": "", "scheme": "https", "headers": {}, "query": {}},
-        "source": {"address": "192.0.2.1", "certificate_present": False},
-        "now": ctx.now,
-    }
+    from agent.policy.conditions import Facts  # here: agent.policy.conditions reads this package's model
+
+    view = RequestView("GET", "/", scheme="https", source="192.0.2.1")
+    return Facts(view, None, {p: "x" for p in params}, ctx.now.timestamp()).variables()
 
 
 def _credential_reads(c: Conditions) -> str:
