@@ -47,7 +47,7 @@ class Refusal:
 class Facts:
     """One request's facts as conditions read them; the parsed address and CEL variables are built once."""
 
-    __slots__ = ("_address", "_variables", "now", "params", "segments", "view", "who")
+    __slots__ = ("_address", "_headers", "_variables", "now", "params", "segments", "view", "who")
 
     def __init__(
         self,
@@ -64,6 +64,22 @@ class Facts:
         self.now = now
         self._address: IPv4Address | IPv6Address | bool | None = False  # False: not parsed yet
         self._variables: dict[str, Any] | None = None
+        self._headers: Mapping[str, str] | None = None
+
+    def headers(self) -> Mapping[str, str]:
+        """The request's headers as an app behind a CGI/WSGI server reads them: `x_client` is `x-client` there
+        (Django's and Flask's HTTP_X_CLIENT), so conditions read it so too, joined with `,` to a `x-client`
+        sent beside it. Envoy's generated config refuses such names; this covers an Envoy configured without."""
+        if self._headers is None:
+            h = self.view.headers
+            if any("_" in k for k in h):
+                merged: dict[str, str] = {}
+                for k, v in h.items():
+                    n = k.replace("_", "-")
+                    merged[n] = f"{merged[n]},{v}" if n in merged else v
+                h = merged
+            self._headers = h
+        return self._headers
 
     def address(self) -> IPv4Address | IPv6Address | None:
         """The source address, IPv4-mapped IPv6 read as the IPv4 address; None when it is no address."""
@@ -108,7 +124,8 @@ class Facts:
 
     def _request(self) -> dict[str, Any]:
         view = self.view
-        size = len(view.path) + len(view.host) + sum(len(k) + len(v) for k, v in view.headers.items())
+        headers = self.headers()
+        size = len(view.path) + len(view.host) + sum(len(k) + len(v) for k, v in headers.items())
         bounded = size <= MAX_WHEN_REQUEST_BYTES
         return {
             "method": view.method,
@@ -117,7 +134,7 @@ class Facts:
             else None,
             "host": normal_host(view.host) if bounded else None,
             "scheme": view.scheme,
-            "headers": dict(view.headers) if bounded else None,
+            "headers": dict(headers) if bounded else None,
             "query": first_values(view.path) if bounded else None,
         }
 
@@ -207,7 +224,7 @@ def check(c: Conditions, f: Facts, errors_hold: bool = False) -> Refusal | None:
         if not c.networks.contains(a):
             return Refusal(R.CONDITION_FAILED, detail="source address outside source_cidrs")
     for h in c.headers:
-        value = f.view.headers.get(h.name)
+        value = f.headers().get(h.name)
         if h.present is not None:
             ok = (value is not None) is h.present
         elif value is None:

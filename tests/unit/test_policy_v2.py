@@ -1035,3 +1035,20 @@ async def test_an_opaque_token_is_never_sent_to_a_provider_the_route_does_not_ta
     d = await engine.check(RequestView("GET", "/x", headers={"authorization": "Bearer opaque-token-value"}))
     assert (d.status, d.reason) == (401, R.TOKEN_ISSUER_NOT_ACCEPTED)
     await engine.close()
+
+
+async def test_a_header_spelled_with_underscores_cannot_slip_past_a_deny_rule(build: Build) -> None:
+    # Behind an Envoy that does not refuse underscores in names, Django and Flask read `x_client` as X-Client
+    # (HTTP_X_CLIENT): the deny rule reads it so too, in `headers:` and in a `when`.
+    agent = await build(
+        HARDENING_ROUTES.replace(
+            "routes:\n",
+            "  - name: by-when\n    when: '\"x-scanner\" in request.headers'\nroutes:\n",
+            1,
+        )
+    )
+    token = agent.token()
+    assert agent.decide("/v1/open", token, headers={"x-client": "good"}).allowed
+    for headers in ({"x_client": "evil"}, {"x-client": "good", "x_client": "evil"}):
+        assert agent.decide("/v1/open", token, headers=headers).deny_rule == "bad-client", headers
+    assert agent.decide("/v1/open", token, headers={"x_scanner": "1"}).deny_rule == "by-when"
