@@ -1,4 +1,4 @@
-"""`authz-agent` subcommands: run, check, policy lint, envoy-config, demo."""
+"""`authz-agent` subcommands: run, check, policy lint, policy test, envoy-config, demo."""
 
 from __future__ import annotations
 
@@ -49,6 +49,32 @@ def cmd_lint(args: argparse.Namespace) -> int:
     counted = f", {len(warnings)} warning(s)" if warnings else ""
     print(f"{args.file}: ok ({policy.version}, {len(policy.routes)} routes{counted})")
     return 0
+
+
+def cmd_policy_test(args: argparse.Namespace) -> int:
+    if not args.files:
+        print("give test files (SERVICE.test.yaml)", file=sys.stderr)
+        return 2
+    from agent.policytest import run_file
+    from agent.policytest.report import junit, text_lines
+
+    results = []
+    for i, f in enumerate(args.files):
+        result = run_file(f, require_coverage=args.require_coverage)
+        results.append(result)
+        if i:
+            print()
+        for line in text_lines(result, args.verbose):
+            print(line)
+    if len(results) > 1:
+        passed, failed = sum(r.passed for r in results), sum(r.failed for r in results)
+        bad_files = sum(bool(r.errors) for r in results)
+        print(f"\ntotal: {passed} passed, {failed} failed" + (f", {bad_files} file(s) not run" if bad_files else ""))
+    if args.junit:
+        from pathlib import Path
+
+        Path(args.junit).write_bytes(junit(results))
+    return 0 if all(r.ok for r in results) else 1
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -388,6 +414,19 @@ def main(argv: list[str] | None = None) -> int:
         "--strict", action="store_true", help="warnings fail too (an ended grant, a route taking every provider)"
     )
     lint.set_defaults(func=cmd_lint)
+    pt = psub.add_parser(
+        "test",
+        help="run a policy's test cases (SERVICE.test.yaml): expected decisions, no identity provider or network",
+    )
+    pt.add_argument("files", nargs="*", metavar="FILE.test.yaml")
+    pt.add_argument("--junit", metavar="REPORT.xml", help="also write the results as JUnit XML, for CI")
+    pt.add_argument("--verbose", action="store_true", help="print every case's decision trace, passing ones too")
+    pt.add_argument(
+        "--require-coverage",
+        action="store_true",
+        help="fail when a route, allow alternative or deny rule is reached by no case",
+    )
+    pt.set_defaults(func=cmd_policy_test)
 
     e = sub.add_parser("envoy-config", help="print an Envoy bootstrap that attaches the agent")
     e.add_argument("--listen", default="0.0.0.0:10000", help="PORT or HOST:PORT of Envoy's inbound listener")

@@ -8,6 +8,7 @@ import time
 from base64 import b64encode
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Any
 from urllib.parse import quote
 
 import aiohttp
@@ -88,6 +89,10 @@ class Introspector:
 
     async def _ask(self, token: str) -> Principal:
         self.calls += 1
+        return self._judge(await self._fetch(token))
+
+    async def _fetch(self, token: str) -> dict[str, Any]:
+        """The identity provider's answer about one token (RFC 7662 §2.2), as a JSON object."""
         if self._session is None:
             self._session = client_session(self.idp.ca_file, self.cfg.timeout_s)
         try:
@@ -100,6 +105,10 @@ class Introspector:
                 doc = await read_json(resp)
         except (aiohttp.ClientError, TimeoutError, OSError, KeySourceError) as e:
             raise AuthnError(R.INTROSPECTION_UNAVAILABLE, type(e).__name__) from None
+        return doc
+
+    def _judge(self, doc: dict[str, Any]) -> Principal:
+        """The caller an answer names, after every check of its activity, issuer, times and audience."""
         if doc.get("active") is not True:
             raise AuthnError(R.TOKEN_INACTIVE)
         if "iss" in doc and doc["iss"] != self.idp.issuer:

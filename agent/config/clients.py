@@ -38,8 +38,11 @@ def hmac_key(ctx: Ctx, d: LDict, where: str) -> bytes | None:
         line, what = d.lines["key_env"], f"key_env ${env}"
         text = os.environ.get(env, "").strip() if env else None
         if env and not text:
-            ctx.err(line, f"{where}.key_env: the environment variable {env} is unset or empty")
-            return None
+            problem = f"{where}.key_env: the environment variable {env} is unset or empty"
+            if not ctx.stand_ins:
+                ctx.err(line, problem)
+                return None
+            text = ctx.stand_in(line, problem)
     if text is None:
         return None
     try:

@@ -52,9 +52,14 @@ TOP_KEYS = {
 }
 
 
-def load_policy_text(text: str, file: str = "<policy>", base_dir: Path | None = None) -> Policy:
-    """Validate a whole policy; raises ConfigErrors listing every problem with its line."""
-    ctx = Ctx(file, base_dir or Path.cwd())
+def load_policy_text(
+    text: str, file: str = "<policy>", base_dir: Path | None = None, stand_ins: bool = False
+) -> Policy:
+    """Validate a whole policy; raises ConfigErrors listing every problem with its line.
+
+    `stand_ins` (for `policy test`): a secret that cannot be read gets a throwaway value instead of an error,
+    and `Policy.stood_in` says which."""
+    ctx = Ctx(file, base_dir or Path.cwd(), stand_ins)
     try:
         doc = load_yaml(text, file)
     except ConfigError as e:
@@ -137,6 +142,15 @@ def load_policy_text(text: str, file: str = "<policy>", base_dir: Path | None = 
             if route is not None:
                 routes.append(route)
         routing.check_overlaps(ctx, routes)
+        top = {rule.name: rule.line for rule in deny}
+        for r in routes:
+            for rule in r.deny:
+                if rule.name in top:
+                    ctx.warn(
+                        rule.line,
+                        f"route {r.name!r}: deny rule {rule.name!r} has the name of the top-level rule at line "
+                        f"{top[rule.name]}; audit records and test coverage cannot tell them apart",
+                    )
         for r in routes:
             rules = (*deny, *r.deny)
             n = sum(a.when is not None for a in r.allow) + sum(d.conditions.when is not None for d in rules)
@@ -165,14 +179,15 @@ def load_policy_text(text: str, file: str = "<policy>", base_dir: Path | None = 
         alerts=alerts,
         deny=deny,
         warnings=tuple(sorted(ctx.warnings)),
+        stood_in=tuple(ctx.stood_in),
     )
 
 
-def load_policy(path: str | os.PathLike[str]) -> Policy:
+def load_policy(path: str | os.PathLike[str], stand_ins: bool = False) -> Policy:
     """Read and validate a policy file; relative key/secret files resolve against the file's folder."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigErrors([ConfigError(f"cannot read the policy: {e}", str(p), 0)]) from None
-    return load_policy_text(text, str(p), p.parent)
+    return load_policy_text(text, str(p), p.parent, stand_ins)

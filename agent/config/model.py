@@ -322,6 +322,8 @@ class Policy:
     deny: tuple[DenyRule, ...] = ()  # top-level deny rules: every route, public ones included
     # Problems that do not stop the policy from loading (a grant that has ended): file:line and message
     warnings: tuple[tuple[int, str], ...] = ()
+    # Secrets a `policy test` load could not read and replaced with throwaway values (file:line: what)
+    stood_in: tuple[str, ...] = ()
 
     def warning_lines(self) -> list[str]:
         """The warnings as `file:line: warning: message`, for logs and `policy lint`."""
