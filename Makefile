@@ -44,6 +44,7 @@ lint: $(STAMP)
 	else echo "detect-secrets: not a git checkout, skipped"; fi
 
 test: lint build
+	$(BIN)/authz-agent policy test agent/demo/policy.test.yaml --require-coverage
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 	AGENT_NO_EXTENSIONS=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests
 

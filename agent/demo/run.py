@@ -20,9 +20,12 @@ from agent.demo.idp import LocalIdP
 from agent.envoyconf import EnvoyProcess, bootstrap
 from agent.server.run import AgentServer
 
+DEMO_ISSUER = "http://127.0.0.1:9400"  # what agent/demo/policy.yaml names; the local IdP's actual address replaces it
+
 
 def demo_policy_text(issuer: str) -> str:
-    return resources.files("agent.demo").joinpath("policy.yaml").read_text().replace("__ISSUER__", issuer)
+    text = resources.files("agent.demo").joinpath("policy.yaml").read_text()
+    return text.replace(f"issuer: {DEMO_ISSUER}", f"issuer: {issuer}", 1)
 
 
 async def run_demo(port: int = 10000, self_test: bool = False, workdir: str | None = None) -> int:

@@ -17,12 +17,13 @@ from agent.errors import ConfigError, ConfigErrors
 from agent.policytest.credentials import REFUSED_ALGORITHMS, SIGNING_ALGORITHMS
 
 TOP_KEYS = {"policy", "at", "cases"}
-CASE_KEYS = {"name", "request", "token", "signed_by", "at", "expect", "weight"}
+CASE_KEYS = {"name", "request", "token", "signed_by", "at", "expect", "weight", "repeat"}
 REQUEST_KEYS = {"method", "path", "host", "scheme", "source", "headers", "body"}
 TOKEN_KEYS = {"provider", "claims", "expires_in", "alg", "dpop", "mtls", "scheme"}
 EXPECT_KEYS = {"status", "reason", "route", "upstream_headers", "headers"}
 DEFAULT_SOURCE = "192.0.2.10"  # TEST-NET-1 (RFC 5737): an address no real network uses
 MAX_CASES = 10_000  # per file: a control plane runs these before it publishes
+MAX_REPEAT = 1_000  # requests one case may send (to exhaust a rate limit)
 MAX_BODY_BYTES = 1 << 20
 REASONS = frozenset(v for k, v in vars(reasons).items() if k.isupper() and isinstance(v, str))
 _UNSET: Any = object()
@@ -71,6 +72,7 @@ class Case:
     signed_by: str | None = None
     at: datetime | None = None
     weight: float = 1.0
+    repeat: int = 1  # the request is sent this many times (same caller, fresh proofs); `expect` judges the last
     # Where the names the policy must know are written (signed_by, token.provider, expect.route), for errors
     lines: dict[str, int] = field(default_factory=dict)
 
@@ -171,6 +173,9 @@ def _case(ctx: Ctx, d: LDict, i: int) -> Case | None:
     weight = number(ctx, d, "weight", where, 1.0)
     if "weight" in d and weight <= 0:
         ctx.err(d.lines["weight"], f"{where}.weight must be above 0")
+    repeat = get(ctx, d, "repeat", int, where, 1)
+    if not 1 <= repeat <= MAX_REPEAT:
+        ctx.err(d.lines["repeat"], f"{where}.repeat must be from 1 to {MAX_REPEAT}, got {repeat}")
     expect = _expect(ctx, d, where)
     if len(ctx.errors) != n_errors or expect is None:
         return None
@@ -191,6 +196,7 @@ def _case(ctx: Ctx, d: LDict, i: int) -> Case | None:
         signed_by=signed_by,
         at=timestamp(ctx, d, "at", where),
         weight=weight,
+        repeat=repeat,
         lines=lines,
     )
 

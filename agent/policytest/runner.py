@@ -36,6 +36,9 @@ CREDENTIAL_HEADERS = frozenset(
 )
 
 
+Minted = tuple[str, "DpopClient | None", "ClientCertificate | None"]  # a token, its DPoP key, its certificate
+
+
 class FixedKeys(KeyStore):
     """A provider's key store holding the run's throwaway public keys: its real key source (a JWKS URL,
     discovery, a file) is never fetched or read. A token with a kid it lacks stays unknown."""
@@ -74,7 +77,7 @@ class CaseResult:
     reason: str
     route: str | None
     seconds: float = 0.0
-    decision: Decision | None = field(default=None, repr=False)
+    decisions: list[Decision] = field(default_factory=list, repr=False)  # every request's (`repeat`), last held
 
 
 @dataclass
@@ -148,7 +151,7 @@ async def run_file_async(path: Path, policy: Policy | None = None, *, require_co
         case_result.seconds = time.perf_counter() - started
         result.cases.append(case_result)
     result.notes.extend(sorted(run.notes))
-    result.uncovered = uncovered(policy, [c.decision for c in result.cases if c.decision is not None])
+    result.uncovered = uncovered(policy, [d for c in result.cases for d in c.decisions])
     return result
 
 
@@ -201,32 +204,38 @@ class _Run:
         return stores
 
     async def case(self, case: Case, at: datetime | None) -> CaseResult:
+        """Decide the case's request (`repeat` times, the same caller with a fresh proof or signature each time)
+        on a fresh engine; the last decision is held against `expect`, every one counts for coverage."""
         clock = _clock(at.timestamp() if at is not None else None)
         engine = Engine(self.policy, self._stores(), clock=clock)
         answers: dict[str, dict[str, Any]] = {}
         if engine.introspector is not None:
             engine.introspector = AnsweringIntrospector(engine.introspector.idp, clock, answers)
+        decisions: list[Decision] = []
         try:
             try:
-                view = self._request(case, engine, clock(), answers)
+                minted = self._mint(case.token, clock(), answers) if case.token is not None else None
+                for _ in range(case.repeat):
+                    view = self._request(case, engine, clock(), minted)
+                    trace: list[str] = []
+                    decisions.append(await engine.check(view, trace))
             except ValueError as e:
                 return CaseResult(case.name, case.line, False, [f"cannot make the request: {e}"], [], 0, "", None)
-            trace: list[str] = []
-            decision = await engine.check(view, trace)
         finally:
             await engine.close()
+        decision = decisions[-1]
         problems = compare(case, view, decision)
         return CaseResult(case.name, case.line, not problems, problems, trace, decision.status, decision.reason,
-                          decision.route, decision=decision)  # fmt: skip
+                          decision.route, decisions=decisions)  # fmt: skip
 
-    def _request(self, case: Case, engine: Engine, now: float, answers: dict[str, dict[str, Any]]) -> RequestView:
+    def _request(self, case: Case, engine: Engine, now: float, minted: Minted | None) -> RequestView:
         headers = dict(case.headers)
         host = case.host or self.policy.service
         certificate = ""
         if case.body and "content-length" not in headers:
             headers["content-length"] = str(len(case.body))
-        if case.token is not None:
-            token, dpop, cert = self._mint(case.token, now, answers)
+        if case.token is not None and minted is not None:
+            token, dpop, cert = minted
             scheme = case.token.scheme or ("DPoP" if dpop is not None else "Bearer")
             headers["authorization"] = f"{scheme} {token}"
             if dpop is not None:
@@ -249,9 +258,7 @@ class _Run:
                                         host, case.path, headers, int(now)))  # fmt: skip
         return RequestView(case.method, case.path, host, headers, case.source, case.scheme, case.body, certificate)
 
-    def _mint(
-        self, spec: TokenSpec, now: float, answers: dict[str, dict[str, Any]]
-    ) -> tuple[str, DpopClient | None, ClientCertificate | None]:
+    def _mint(self, spec: TokenSpec, now: float, answers: dict[str, dict[str, Any]]) -> Minted:
         policy = self.policy
         idp = next(i for i in policy.identity_providers if spec.provider in (None, i.name))
         lifetime = spec.expires_in if spec.expires_in is not None else min(DEFAULT_TOKEN_LIFETIME_S,
