@@ -24,6 +24,7 @@ EXPECT_KEYS = {"status", "reason", "route", "upstream_headers", "headers"}
 DEFAULT_SOURCE = "192.0.2.10"  # TEST-NET-1 (RFC 5737): an address no real network uses
 MAX_CASES = 10_000  # per file: a control plane runs these before it publishes
 MAX_REPEAT = 1_000  # requests one case may send (to exhaust a rate limit)
+MAX_REQUESTS = 100_000  # requests one file may send in all (its cases' repeats)
 MAX_BODY_BYTES = 1 << 20
 REASONS = frozenset(v for k, v in vars(reasons).items() if k.isupper() and isinstance(v, str))
 _UNSET: Any = object()
@@ -128,6 +129,9 @@ def read_test_file(path: Path) -> TestFile:
                 )
             names[case.name] = case.line
             cases.append(case)
+    total = sum(c.repeat for c in cases)
+    if total > MAX_REQUESTS:
+        ctx.err(line_of(doc, "cases", 1), f"the cases send {total} requests in all (repeat); at most {MAX_REQUESTS}")
     if ctx.errors:
         raise ConfigErrors(sorted(ctx.errors, key=lambda e: e.line))
     return TestFile(path, ctx.path(str(policy)), at, tuple(cases))

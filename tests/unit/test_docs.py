@@ -100,3 +100,30 @@ def test_every_whole_policy_example_loads(where: str, text: str) -> None:
     marked = {n for n, line in enumerate(text.splitlines(), 1) if WARNS in line}
     warned = {line for line, _ in policy.warnings}
     assert warned == marked, f"{where}: lint warns on lines {sorted(warned)}, the example says {sorted(marked)}"
+
+
+TESTING_DOC = ROOT / "docs" / "policy-testing.md"
+
+
+def test_the_policy_testing_example_runs_and_passes(tmp_path: Path) -> None:
+    """docs/policy-testing.md's policy and its test file, exactly as printed, pass; the failing example's output
+    is what the runner prints."""
+    from agent.policytest import run_file
+
+    blocks = [text for _, text in yaml_blocks(TESTING_DOC)]
+    policies = [b for b in blocks if b.lstrip("\n").startswith(WHOLE)]
+    tests = [b for b in blocks if b.lstrip("\n").startswith("policy:")]
+    assert len(policies) == 1 and len(tests) == 1
+    (tmp_path / "orders.yaml").write_text(policies[0])
+    (tmp_path / "orders.test.yaml").write_text(tests[0])
+    result = run_file(tmp_path / "orders.test.yaml")
+    assert result.errors == [] and result.failed == 0 and result.passed == 4
+    assert any("billing-batch.key_file" in n and "throwaway" in n for n in result.notes)
+
+
+def test_every_test_file_key_is_documented() -> None:
+    from agent.policytest import cases
+
+    doc = TESTING_DOC.read_text()
+    keys = cases.TOP_KEYS | cases.CASE_KEYS | cases.REQUEST_KEYS | cases.TOKEN_KEYS | cases.EXPECT_KEYS
+    assert {k for k in keys if f"| `{k}` |" not in doc} == set()
