@@ -69,7 +69,8 @@ async def run_demo(port: int = 10000, self_test: bool = False, workdir: str | No
             ),
         ]
         print(f"\nauthz-agent demo: Envoy on {base}, agent ({transport}) on 127.0.0.1:{agent.port}, IdP {idp.issuer}")
-        print(f"policy: agent/demo/policy.yaml   audit log: {work / 'audit.log'}   (tokens valid 1 h)\n")
+        print(f"policy: agent/demo/policy.yaml   audit log: {work / 'audit.log'}   (tokens valid 1 h)")
+        print("its tests: authz-agent policy test agent/demo/policy.test.yaml\n")
         for title, method, path, token, _ in cases:
             auth = f" -H 'authorization: Bearer {token}'" if token else ""
             print(f"# {title}\ncurl -i -X {method} {base}{path}{auth}\n")
