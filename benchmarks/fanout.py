@@ -82,7 +82,7 @@ async def main(n: int) -> dict[str, object]:
     rss_connected = rss_mb()
     (work / "orders.yaml").write_text(POLICY.format(n=1))
     changed = time.monotonic()
-    cp.publisher.scan()
+    await cp.publisher.scan()
     want["version"] = cp.publisher.published["orders"].version
     while len(received) < n:
         if time.monotonic() - changed > 120:

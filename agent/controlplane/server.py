@@ -1,16 +1,18 @@
 """The control plane: one policy file per service from a directory, validated, signed and streamed to agents.
 
-`DIR/SERVICE.yaml` is the policy of SERVICE (its `service:` must say so); `DIR/revocations.yaml` lists
-revoked tokens for every service. The directory is re-read every `poll_s`: a file that fails validation
-is never published (the last good bundle stays, the error is shown in /status and logged), a valid change
-is signed and pushed to every agent of that service at once. /status shows which agent enforces which
-version and what it reported.
+`DIR/SERVICE.yaml` is the policy of SERVICE (its `service:` must say so); `DIR/SERVICE.test.yaml`, when
+present, holds its tests (`authz-agent policy test`); `DIR/revocations.yaml` lists revoked tokens for every
+service. The directory is re-read every `poll_s`: a policy that fails validation or its tests is never
+published (the last good bundle stays, the error is shown in /status and logged), a valid change is signed
+and pushed to every agent of that service at once. /status shows which agent enforces which version, what
+it reported, and what each service's tests said.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -27,11 +29,15 @@ from agent.config import load_policy_text
 from agent.controlplane._proto.authz.controlplane.v1 import policy_sync_pb2 as pb
 from agent.controlplane.bundle import Revocations, policy_payload, revocations_payload, sign
 from agent.errors import ConfigErrors
+from agent.policytest import FileResult, run_file
 
 log = logging.getLogger("agent.controlplane")
 
 SYNC_METHOD = "/authz.controlplane.v1.PolicySync/Sync"
 REVOCATIONS_FILE = "revocations.yaml"
+TEST_SUFFIX = ".test.yaml"  # SERVICE.test.yaml: the tests of SERVICE.yaml, never a policy of its own
+# What a test's problem line could carry of a credential (a forwarded header's value): never shown.
+_CREDENTIAL = re.compile(r"eyJ[\w-]*\.[\w-]*\.[\w-]*|\b(?i:bearer|dpop|basic)\s+[\w.~+/=-]{16,}")
 
 
 @dataclass
@@ -41,6 +47,56 @@ class Published:
     bundle: pb.SignedBundle
     published_at: float
     warnings: tuple[str, ...] = ()  # what `policy lint` warns of (an ended grant): published, and shown in /status
+
+
+@dataclass(frozen=True)
+class PolicyTestReport:
+    """The last run of SERVICE.test.yaml: against which candidate version, and what failed (no credentials)."""
+
+    file: str
+    version: str
+    passed: int
+    failed: int
+    failures: tuple[tuple[str, int, tuple[str, ...]], ...]  # (case name, line, problem lines)
+    errors: tuple[str, ...]  # "file:line: message": the file could not be run
+    notes: tuple[str, ...] = ()  # stand-ins the runner used (a throwaway key for an unreadable key file)
+
+    @classmethod
+    def of(cls, test_path: Path, version: str, result: FileResult) -> PolicyTestReport:
+        failures = tuple((c.name, c.line, tuple(map(_scrub, c.problems))) for c in result.cases if not c.ok)
+        errors, notes = tuple(map(_scrub, result.errors)), tuple(map(_scrub, result.notes))
+        return cls(str(test_path), version, result.passed, result.failed, failures, errors, notes)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and not self.failed
+
+    def describe(self) -> str:
+        """Why a publish was blocked, as an operator reads it: the failing cases with their problems, or the errors."""
+        name = Path(self.file).name
+        if self.errors:
+            return "\n".join([f"{name} could not be run:", *(f"  {e}" for e in self.errors)])
+        cases = ", ".join(repr(n) for n, _, _ in self.failures)
+        lines = [f"{name}: {self.failed} of {self.passed + self.failed} tests failed: {cases}"]
+        for case, line, problems in self.failures:
+            lines.append(f"  {case} ({name}:{line}):")
+            lines.extend(f"    {p}" for p in problems)
+        return "\n".join(lines)
+
+    def as_status(self) -> dict[str, Any]:
+        return {
+            "file": self.file,
+            "version": self.version,
+            "passed": self.passed,
+            "failed": self.failed,
+            "failures": [{"name": n, "line": line, "problems": list(p)} for n, line, p in self.failures],
+            "errors": list(self.errors),
+            "notes": list(self.notes),
+        }
+
+
+def _scrub(line: str) -> str:
+    return _CREDENTIAL.sub("[redacted]", line)
 
 
 @dataclass
@@ -66,36 +122,61 @@ class Publisher:
         self.revocations: Revocations = Revocations()
         self.revocations_bundle: pb.SignedBundle | None = None
         self.revocations_error = ""
-        self._stamps: dict[Path, tuple[float, int]] = {}
+        self.tests: dict[str, PolicyTestReport] = {}  # the last run of each service's test file
+        self._stamps: dict[Path, tuple[int, int, int]] = {}
+        self._scanning = asyncio.Lock()
         self._queues: dict[str, set[asyncio.Queue[pb.ControlMessage]]] = {}
         self.agents: dict[str, AgentInfo] = {}
 
     # -- reading the directory ----------------------------------------------------------------------
 
-    def scan(self) -> None:
-        """Read what changed; publish what is valid; keep the last good of what is not."""
-        seen: set[Path] = set()
-        for path in sorted(self.directory.glob("*.yaml")):
-            seen.add(path)
-            try:
-                st = path.stat()
-            except OSError:
-                continue
-            stamp = (st.st_mtime, st.st_size)
-            if self._stamps.get(path) == stamp:
-                continue
-            self._stamps[path] = stamp
-            if path.name == REVOCATIONS_FILE:
-                self._read_revocations(path)
-            else:
-                self._read_policy(path)
-        for gone in set(self._stamps) - seen:
-            # A deleted file unpublishes nothing: agents keep enforcing the last bundle (fail closed).
-            del self._stamps[gone]
-            log.warning("%s was removed; its last bundle stays published", gone)
+    async def scan(self) -> None:
+        """Read what changed; publish what is valid and passes its tests; keep the last good of what is not."""
+        async with self._scanning:  # one scan at a time: a slow test run must not interleave with the next poll
+            changed: set[str] = set()
+            seen: set[Path] = set()
+            for path in sorted(self.directory.glob("*.yaml")):
+                seen.add(path)
+                try:
+                    st = path.stat()
+                except OSError:
+                    continue
+                stamp = (st.st_mtime_ns, st.st_size, st.st_ino)  # the inode: a file replaced within one clock tick
+                if self._stamps.get(path) == stamp:
+                    continue
+                self._stamps[path] = stamp
+                if path.name == REVOCATIONS_FILE:
+                    self._read_revocations(path)
+                else:
+                    changed.add(_service_of(path))
+            for gone in sorted(set(self._stamps) - seen):
+                # A deleted file unpublishes nothing: agents keep enforcing the last bundle (fail closed).
+                del self._stamps[gone]
+                service = _service_of(gone)
+                if gone.name.endswith(TEST_SUFFIX):
+                    log.warning("%s was removed: %s publishes without tests from now on", gone, service)
+                    changed.add(service)
+                else:
+                    log.warning("%s was removed; its last bundle stays published", gone)
+                    if self._test_path(service).exists():
+                        changed.add(service)  # its test file is left without a policy: shown in /status
+            for service in sorted(changed):
+                await self._validate(service)
 
-    def _read_policy(self, path: Path) -> None:
-        service = path.stem
+    def _test_path(self, service: str) -> Path:
+        return self.directory / f"{service}{TEST_SUFFIX}"
+
+    async def _validate(self, service: str) -> None:
+        """Load SERVICE.yaml, run SERVICE.test.yaml against it (in a worker thread), publish only if both pass."""
+        path, test_path = self.directory / f"{service}.yaml", self._test_path(service)
+        if not test_path.exists():
+            self.tests.pop(service, None)
+        if path.name == REVOCATIONS_FILE or not path.exists():
+            if test_path.exists():
+                self._refuse(service, f"{test_path}: there is no policy {path.name} beside it to test")
+            else:
+                self.errors.pop(service, None)
+            return
         try:
             text = path.read_text(encoding="utf-8")
             policy = load_policy_text(text, str(path), self.directory)
@@ -105,6 +186,18 @@ class Publisher:
             self.errors[service] = str(e)
             log.error("not published (the last good bundle of %s stays):\n%s", service, e)
             return
+        if test_path.exists():
+            try:
+                result = await asyncio.to_thread(run_file, test_path, policy)
+            except Exception as e:  # a bug in the runner blocks the publish, like a failing test
+                log.exception("running %s", test_path)
+                result = FileResult(str(test_path), errors=[f"{test_path}: the tests could not be run: {e!r}"])
+            report = PolicyTestReport.of(test_path, policy.version, result)
+            self.tests[service] = report
+            if not report.ok:
+                self._refuse(service, f"{self._held(service, policy.version)}: {report.describe()}")
+                return
+            log.info("%s: %d tests passed against %s", test_path.name, report.passed, policy.version)
         self.errors.pop(service, None)
         current = self.published.get(service)
         if current is not None and current.version == policy.version:
@@ -118,6 +211,18 @@ class Publisher:
         for warning in policy.warning_lines():
             log.warning("%s", warning)
         self._push(service, pb.ControlMessage(bundle=bundle))
+
+    def _held(self, service: str, version: str) -> str:
+        current = self.published.get(service)
+        if current is None:
+            return f"{version} not published (no version of {service} was published yet)"
+        if current.version == version:
+            return f"{version} is published and now fails its tests (nothing new is published)"
+        return f"{version} not published, the last good bundle stays ({current.version})"
+
+    def _refuse(self, service: str, error: str) -> None:
+        self.errors[service] = error
+        log.error("%s", error)
 
     def _read_revocations(self, path: Path) -> None:
         try:
@@ -159,6 +264,7 @@ class Publisher:
                     "published_at": p.published_at,
                     "error": self.errors.get(name),
                     "warnings": list(p.warnings),
+                    "tests": self._tests_status(name),
                     "agents": sum(1 for a in self.agents.values() if a.service == name and a.connected),
                     "agents_on_version": sum(
                         1 for a in self.agents.values() if a.service == name and a.connected and a.version == p.version
@@ -166,10 +272,24 @@ class Publisher:
                 }
                 for name, p in self.published.items()
             },
-            "refused": {name: err for name, err in self.errors.items() if name not in self.published},
+            "refused": {
+                name: {"error": err, "tests": self._tests_status(name)}
+                for name, err in self.errors.items()
+                if name not in self.published
+            },
             "revocations": {"sequence": self.revocations.sequence, "error": self.revocations_error or None},
             "agents": [vars(a) for a in self.agents.values()],
         }
+
+    def _tests_status(self, service: str) -> dict[str, Any] | None:
+        report = self.tests.get(service)
+        return report.as_status() if report is not None else None
+
+
+def _service_of(path: Path) -> str:
+    """`orders.yaml` and `orders.test.yaml` are both about service orders."""
+    name = path.name
+    return name[: -len(TEST_SUFFIX)] if name.endswith(TEST_SUFFIX) else path.stem
 
 
 def _parse_revocations(doc: Any, path: Path) -> tuple[frozenset[str], tuple[tuple[str, str, int], ...]]:
@@ -250,7 +370,7 @@ class ControlPlane:
             log.info("agent %s disconnected", info.agent_id)
 
     async def start(self) -> None:
-        self.publisher.scan()
+        await self.publisher.scan()
         handler = grpc.method_handlers_generic_handler(
             "authz.controlplane.v1.PolicySync",
             {
@@ -282,7 +402,7 @@ class ControlPlane:
             try:
                 await asyncio.wait_for(self._stop.wait(), self.poll_s)
             except TimeoutError:
-                self.publisher.scan()
+                await self.publisher.scan()
 
     async def stop(self) -> None:
         self._stop.set()

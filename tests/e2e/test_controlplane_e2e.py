@@ -162,6 +162,64 @@ def test_a_change_is_enforced_everywhere_and_a_broken_file_changes_nothing(fleet
     until(lambda: fleet.statuses(reader) == [200, 200], "fixed file enforced on both agents")
 
 
+TESTS = """policy: orders.yaml
+cases:
+  - name: {allowed} lists orders
+    request: {{method: GET, path: /v1/orders}}
+    token: {{claims: {{sub: alice, scope: "{allowed}"}}}}
+    expect: {{status: 200, route: list-orders}}
+  - name: {refused} does not
+    request: {{method: GET, path: /v1/orders}}
+    token: {{claims: {{sub: bob, scope: "{refused}"}}}}
+    expect: {{status: 403}}
+  - name: no token
+    request: {{method: GET, path: /v1/orders}}
+    expect: {{status: 401, reason: token_missing}}
+"""
+
+
+def test_a_change_whose_tests_fail_is_not_published_and_the_agents_keep_the_old_answer(fleet: Fleet) -> None:
+    reader = fleet.idp.mint(scope="orders:read")
+    writer = fleet.idp.mint(scope="orders:write")
+    until(lambda: fleet.statuses(reader) == [200, 200], "steady state")
+    tests = fleet.policies / "orders.test.yaml"
+    write_atomically(tests, TESTS.format(allowed="orders:read", refused="orders:write"))
+    until(lambda: (fleet.cp.status()["services"]["orders"]["tests"] or {}).get("passed") == 3, "tests pass")
+    good = fleet.cp.status()["services"]["orders"]["version"]
+    # Writers instead of readers, but the tests still say readers: refused before any agent sees it.
+    fleet.write_policy("orders:write")
+    until(lambda: fleet.cp.status()["services"]["orders"]["error"] is not None, "failing tests reported")
+    orders = fleet.cp.status()["services"]["orders"]
+    assert orders["version"] == good
+    assert (orders["tests"]["passed"], orders["tests"]["failed"]) == (1, 2)
+    assert [f["name"] for f in orders["tests"]["failures"]] == ["orders:read lists orders", "orders:write does not"]
+    assert "status: expected 200, got 403" in orders["tests"]["failures"][0]["problems"]
+    assert "the last good bundle stays" in orders["error"] and "orders:write does not" in orders["error"]
+    # Real requests through Envoy still get the old answer, and every agent reports the old version.
+    assert fleet.statuses(reader) == [200, 200] and fleet.statuses(writer) == [403, 403]
+    assert {a["version"] for a in fleet.cp.status()["agents"] if a["connected"]} == {good}
+    log = (fleet.work / "control-plane.log").read_text()
+    assert "the last good bundle stays" in log and "orders.test.yaml: 2 of 3 tests failed" in log
+    assert "eyJ" not in log and "eyJ" not in json.dumps(fleet.cp.status())
+    # The tests catch up with the change: it is published and the agents' answer changes.
+    write_atomically(tests, TESTS.format(allowed="orders:write", refused="orders:read"))
+    until(lambda: fleet.statuses(writer) == [200, 200], "tested change enforced on both agents")
+    assert fleet.statuses(reader) == [403, 403]
+    orders = fleet.cp.status()["services"]["orders"]
+    assert orders["error"] is None and orders["version"] != good and orders["tests"]["failed"] == 0
+    # Without the test file the policy publishes untested again (back to readers, for the tests that follow).
+    tests.unlink()
+    fleet.write_policy("orders:read")
+    until(lambda: fleet.statuses(reader) == [200, 200], "untested policy enforced on both agents")
+    assert fleet.cp.status()["services"]["orders"]["tests"] is None
+
+
+def write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def test_a_revocation_is_enforced_everywhere(fleet: Fleet) -> None:
     stolen = fleet.idp.mint(scope="orders:read", jti="stolen-e2e")
     other = fleet.idp.mint(scope="orders:read", jti="fine-e2e")

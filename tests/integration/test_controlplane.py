@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import textwrap
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import msgpack
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -23,7 +26,8 @@ from agent.controlplane.bundle import (
     verified_payload,
 )
 from agent.controlplane.client import STATE_FILE, PolicyClient
-from agent.controlplane.server import ControlPlane
+from agent.controlplane.server import ControlPlane, Publisher
+from tests.wait import until_async
 
 POLICY = textwrap.dedent("""\
     version: 1
@@ -149,3 +153,237 @@ async def test_revocations_reach_a_replica_cut_off_from_the_control_plane_throug
         for s in states:
             await s.close()
         redis.stop()
+
+
+# -- SERVICE.test.yaml: the control plane runs a policy's tests before it publishes it ----------------------------
+
+TESTED = textwrap.dedent("""\
+    version: 1
+    service: orders
+    identity_providers:
+      corp:
+        issuer: https://idp.example.test
+        jwks_uri: https://idp.example.test/jwks
+        audiences: [orders-api]
+        algorithms: [ES256]
+    routes:
+      - name: list-orders
+        match: {{methods: [GET], path: /v1/orders}}
+        authn: [jwt]
+        allow: {{scopes_all: [{scope}]}}
+      - {{name: health, match: {{path: /healthz}}, public: true}}
+    default: deny
+    """)  # the key source points nowhere: the tests' runner never fetches keys
+
+CASES = textwrap.dedent("""\
+    policy: {policy}
+    cases:
+      - name: a {scope} token lists orders
+        request: {{method: GET, path: /v1/orders}}
+        token: {{claims: {{sub: alice, scope: "{scope}"}}}}
+        expect: {{status: 200, route: list-orders}}
+      - name: no token
+        request: {{method: GET, path: /v1/orders}}
+        expect: {{status: 401}}
+      - name: health is public
+        request: {{path: /healthz}}
+        expect: {{status: 200}}
+    """)
+
+
+def replace(path: Path, text: str) -> None:
+    """Write as an operator's deploy does (a temporary file renamed over the old one): never half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def write_orders(policies: Path, scope: str = "orders:read", tests_scope: str | None = "orders:read") -> None:
+    replace(policies / "orders.yaml", TESTED.format(scope=scope))
+    if tests_scope is not None:
+        replace(policies / "orders.test.yaml", CASES.format(policy="orders.yaml", scope=tests_scope))
+
+
+def no_credentials(*texts: str) -> None:
+    for text in texts:
+        assert "eyJ" not in text and "Bearer " not in text
+
+
+@pytest.fixture
+def policies(tmp_path: Path) -> Path:
+    d = tmp_path / "policies"
+    d.mkdir()
+    return d
+
+
+async def test_passing_tests_publish_and_their_results_are_in_status(policies: Path) -> None:
+    write_orders(policies)
+    pub = Publisher(policies, Ed25519PrivateKey.generate())
+    await pub.scan()
+    orders = pub.status()["services"]["orders"]
+    assert orders["error"] is None and orders["sequence"] == 1
+    tests = orders["tests"]
+    assert tests["file"] == str(policies / "orders.test.yaml") and tests["version"] == orders["version"]
+    assert (tests["passed"], tests["failed"], tests["failures"], tests["errors"]) == (3, 0, [], [])
+
+
+async def test_failing_tests_block_the_publish_and_the_agent_keeps_the_last_good_bundle(
+    policies: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_orders(policies)
+    key = Ed25519PrivateKey.generate()
+    cp = ControlPlane(policies, key, f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}", poll_s=0.05)
+    await cp.start()
+    installed: list[str] = []
+
+    async def install(policy: Policy, source: str) -> str | None:
+        installed.append(policy.version)
+        return None
+
+    client = PolicyClient(cp.listen, "orders", tmp_path / "state", [key.public_key()], install, lambda r: None)
+    stop = asyncio.Event()
+    task = asyncio.get_running_loop().create_task(client.run(stop))
+    try:
+        good = cp.publisher.published["orders"].version
+        await until_async(lambda: client.version == good, "the agent enforces the tested policy")
+        # A change that locks readers out: its own tests say so, and it is not published.
+        write_orders(policies, scope="orders:admin")
+        await until_async(lambda: cp.publisher.errors.get("orders"), "the failing tests reported")
+        status = await admin_status(cp)
+        orders = status["services"]["orders"]
+        assert orders["version"] == good and orders["sequence"] == 1
+        tests = orders["tests"]
+        assert tests["version"] != good and (tests["passed"], tests["failed"]) == (2, 1)
+        assert tests["failures"] == [
+            {"name": "a orders:read token lists orders", "line": 3, "problems": ["status: expected 200, got 403"]}
+        ]
+        assert "not published, the last good bundle stays" in orders["error"]
+        assert "1 of 3 tests failed: 'a orders:read token lists orders'" in orders["error"]
+        assert "status: expected 200, got 403" in orders["error"]
+        assert any(
+            r.levelname == "ERROR"
+            and "the last good bundle stays" in r.getMessage()
+            and "orders.test.yaml" in r.getMessage()
+            and "a orders:read token lists orders" in r.getMessage()
+            for r in caplog.records
+        )
+        no_credentials(json.dumps(status), caplog.text)
+        assert client.version == good and installed == [good]
+        # Fixing the policy publishes it, and the agent takes it.
+        replace(policies / "orders.yaml", TESTED.format(scope="orders:read") + "# readers are back\n")
+        await until_async(lambda: "orders" not in cp.publisher.errors, "the fixed policy passes its tests")
+        fixed = cp.publisher.published["orders"]
+        assert fixed.version not in (good, tests["version"]) and fixed.sequence == 2
+        await until_async(lambda: client.version == fixed.version, "the agent enforces the fixed policy")
+        assert installed == [good, fixed.version]
+    finally:
+        stop.set()
+        await task
+        await cp.stop()
+
+
+async def admin_status(cp: ControlPlane) -> dict[str, Any]:
+    """/status as an operator reads it: over HTTP from the admin port."""
+    assert cp.admin_listen is not None
+    async with aiohttp.ClientSession() as session, session.get(f"http://{cp.admin_listen}/status") as r:
+        assert r.status == 200
+        return dict(await r.json())
+
+
+async def test_fixing_the_test_publishes(policies: Path) -> None:
+    write_orders(policies)
+    pub = Publisher(policies, Ed25519PrivateKey.generate())
+    await pub.scan()
+    good = pub.published["orders"].version
+    # A deliberate change (readers become writers) whose tests were not updated yet: refused.
+    write_orders(policies, scope="orders:write", tests_scope=None)
+    await pub.scan()
+    assert pub.published["orders"].version == good and pub.status()["services"]["orders"]["tests"]["failed"] == 1
+    # The tests catch up with the change: the same policy file now passes and is published.
+    write_orders(policies, scope="orders:write", tests_scope="orders:write")
+    await pub.scan()
+    orders = pub.status()["services"]["orders"]
+    assert orders["error"] is None and orders["version"] != good and orders["sequence"] == 2
+    assert (orders["tests"]["passed"], orders["tests"]["failed"]) == (3, 0)
+
+
+async def test_an_invalid_test_file_blocks_the_publish_with_file_and_line(policies: Path) -> None:
+    replace(policies / "orders.yaml", TESTED.format(scope="orders:read"))
+    bad = CASES.format(policy="orders.yaml", scope="orders:read").replace(
+        "expect: {status: 401}", "expect: {stat: 401}"
+    )
+    replace(policies / "orders.test.yaml", bad)
+    pub = Publisher(policies, Ed25519PrivateKey.generate())
+    await pub.scan()
+    status = pub.status()
+    assert "orders" not in status["services"] and pub.published == {}
+    refused = status["refused"]["orders"]
+    assert refused["tests"]["errors"] and refused["tests"]["passed"] == 0
+    assert all(e.startswith(f"{policies / 'orders.test.yaml'}:") for e in refused["tests"]["errors"])
+    assert f"{policies / 'orders.test.yaml'}:9:" in refused["error"]
+    assert "orders.test.yaml could not be run" in refused["error"]
+    # Fixed, it publishes.
+    replace(policies / "orders.test.yaml", CASES.format(policy="orders.yaml", scope="orders:read"))
+    await pub.scan()
+    assert pub.status()["services"]["orders"]["error"] is None and "orders" not in pub.status()["refused"]
+
+
+async def test_a_test_file_is_never_read_as_a_policy(policies: Path) -> None:
+    write_orders(policies)
+    replace(policies / "billing.test.yaml", CASES.format(policy="billing.yaml", scope="billing:read"))
+    pub = Publisher(policies, Ed25519PrivateKey.generate())
+    await pub.scan()
+    status = pub.status()
+    assert set(status["services"]) == {"orders"} and set(pub.errors) == {"billing"}
+    # A test file without its policy: shown, nothing else.
+    assert status["refused"] == {
+        "billing": {
+            "error": f"{policies / 'billing.test.yaml'}: there is no policy billing.yaml beside it to test",
+            "tests": None,
+        }
+    }
+    assert not any("orders.test" in k or "billing.test" in k for k in (*status["services"], *status["refused"]))
+
+
+async def test_a_test_file_of_another_policy_is_refused(policies: Path) -> None:
+    write_orders(policies, tests_scope=None)
+    replace(policies / "billing.yaml", POLICY.replace("service: orders", "service: billing"))
+    # orders.test.yaml that tests billing.yaml: it says nothing about orders.yaml, so orders is not published.
+    replace(policies / "orders.test.yaml", CASES.format(policy="billing.yaml", scope="orders:read"))
+    pub = Publisher(policies, Ed25519PrivateKey.generate())
+    await pub.scan()
+    status = pub.status()
+    assert set(status["services"]) == {"billing"}
+    refused = status["refused"]["orders"]
+    assert "billing.yaml" in refused["error"] and refused["tests"]["errors"]
+
+
+async def test_removing_the_test_file_publishes_without_tests(policies: Path, caplog: pytest.LogCaptureFixture) -> None:
+    write_orders(policies)
+    pub = Publisher(policies, Ed25519PrivateKey.generate())
+    await pub.scan()
+    write_orders(policies, scope="orders:admin", tests_scope=None)
+    await pub.scan()
+    assert pub.published["orders"].sequence == 1 and pub.errors.get("orders")
+    (policies / "orders.test.yaml").unlink()
+    await pub.scan()
+    orders = pub.status()["services"]["orders"]
+    assert orders["sequence"] == 2 and orders["error"] is None and orders["tests"] is None
+    assert "orders.test.yaml was removed: orders publishes without tests from now on" in caplog.text
+
+
+async def test_a_failing_case_about_a_forwarded_token_shows_no_token(
+    policies: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    policy = TESTED.format(scope="orders:read").replace("authn: [jwt]", "authn: [jwt]\n    forward_token: true")
+    replace(policies / "orders.yaml", policy)
+    cases = CASES.format(policy="orders.yaml", scope="orders:read").replace(
+        "expect: {status: 200, route: list-orders}",
+        'expect: {status: 200, upstream_headers: {authorization: "Bearer not-the-token"}}',
+    )
+    replace(policies / "orders.test.yaml", cases)
+    pub = Publisher(policies, Ed25519PrivateKey.generate())
+    await pub.scan()
+    refused = pub.status()["refused"]["orders"]
+    assert refused["tests"]["failed"] == 1 and "authorization" in refused["error"]
+    no_credentials(json.dumps(pub.status()), caplog.text)
