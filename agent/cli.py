@@ -51,9 +51,30 @@ def cmd_lint(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_policy_init(policy_path: str) -> int:
+    """`policy test --init POLICY`: a starter test file on stdout, or the policy's errors at file:line."""
+    from agent.policytest.init import starter_file
+
+    try:
+        text = starter_file(policy_path)
+    except ConfigErrors as e:
+        for err in e.errors:
+            print(err, file=sys.stderr)
+        print(f"{len(e.errors)} error(s); no starter file was made", file=sys.stderr)
+        return 1
+    sys.stdout.write(text)
+    return 0
+
+
 def cmd_policy_test(args: argparse.Namespace) -> int:
+    if args.init is not None:
+        if args.files or args.junit:
+            print("--init POLICY.yaml prints a starter file; give it alone, without test files or --junit",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        return cmd_policy_init(args.init)
     if not args.files:
-        print("give test files (SERVICE.test.yaml)", file=sys.stderr)
+        print("give test files (SERVICE.test.yaml), or --init POLICY.yaml for a starter file", file=sys.stderr)
         return 2
     from agent.policytest import run_file
     from agent.policytest.report import junit, text_lines
@@ -425,6 +446,11 @@ def main(argv: list[str] | None = None) -> int:
         "--require-coverage",
         action="store_true",
         help="fail when a route, allow alternative or deny rule is reached by no case",
+    )
+    pt.add_argument(
+        "--init",
+        metavar="POLICY.yaml",
+        help="print a starter test file for the policy (one allowed and one refused case per route) and exit",
     )
     pt.set_defaults(func=cmd_policy_test)
 
