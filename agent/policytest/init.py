@@ -96,7 +96,7 @@ class _Maker:
 
     async def decide(self, case: Case) -> CaseResult | None:
         result = await self.run.case(case, case.at or self.now)
-        return result if result.decision is not None else None
+        return result if result.decisions else None
 
     def request(self, name: str, alt: Conditions | None = None, **changes: Any) -> Case:
         """The route's request, from an address no deny rule blocks, meeting `alt`'s request conditions."""
