@@ -85,7 +85,7 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
         results.append(result)
         if i:
             print()
-        for line in text_lines(result, args.verbose):
+        for line in text_lines(result, args.traces):
             print(line)
     if len(results) > 1:
         passed, failed = sum(r.passed for r in results), sum(r.failed for r in results)
@@ -441,7 +441,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     pt.add_argument("files", nargs="*", metavar="FILE.test.yaml")
     pt.add_argument("--junit", metavar="REPORT.xml", help="also write the results as JUnit XML, for CI")
-    pt.add_argument("--verbose", action="store_true", help="print every case's decision trace, passing ones too")
+    # Its own dest: `verbose` is the global -v (debug logging), which would flood the report with the event loop's
+    pt.add_argument(
+        "--verbose", dest="traces", action="store_true", help="print every case's decision trace, passing ones too"
+    )
     pt.add_argument(
         "--require-coverage",
         action="store_true",

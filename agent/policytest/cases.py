@@ -6,7 +6,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -247,6 +247,12 @@ def _token(ctx: Ctx, d: LDict, where: str) -> TokenSpec | None:
     mtls = bool(get(ctx, t, "mtls", bool, tw, False))
     if (dpop or mtls) and claims is not None and "cnf" in claims:
         ctx.err(claims.lines["cnf"], f"{tw}: dpop/mtls bind the token themselves (cnf); leave claims.cnf out")
+    for name, value in (claims or {}).items():
+        assert claims is not None
+        odd = _not_json(value)
+        if odd is not None:
+            fix = "quote it, or write a time with its zone (2026-12-01T00:00:00Z) for seconds since 1970"
+            ctx.err(claims.lines[name], f"{tw}.claims.{name}: {odd} is not a JSON value; {fix}")
     scheme = get(ctx, t, "scheme", str, tw)
     if scheme is not None and (not scheme or not scheme.isascii() or not scheme.isalnum()):
         ctx.err(t.lines["scheme"], f"{tw}.scheme must be an authorization scheme such as Bearer or DPoP")
@@ -260,6 +266,17 @@ def _token(ctx: Ctx, d: LDict, where: str) -> TokenSpec | None:
         scheme=scheme,
         line=t.line,
     )
+
+
+def _not_json(v: Any) -> str | None:
+    """What in a claim's value a token cannot carry (YAML's dates, !!binary...), or None when it is all JSON."""
+    if isinstance(v, dict):
+        return next((p for p in map(_not_json, v.values()) if p is not None), None)
+    if isinstance(v, list):
+        return next((p for p in map(_not_json, v) if p is not None), None)
+    if v is None or isinstance(v, str | int | float | datetime):
+        return None
+    return f"the date {v.isoformat()}" if isinstance(v, date) else f"a YAML {type(v).__name__} value"
 
 
 def _plain(v: Any) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -11,9 +12,21 @@ from pathlib import Path
 from agent.policytest.runner import CaseResult, FileResult
 
 INDENT = "      "
+# What a terminal would act on, XML 1.0 cannot hold or UTF-8 cannot encode: control characters (but tab), lone
+# surrogates, U+FFFE/U+FFFF. Case names, paths and values come from the test file and are written as escapes.
+_UNPRINTABLE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\ud800-\udfff\ufffe\uffff]")
+
+
+def printable(text: str) -> str:
+    """`text` on one line, with every character of _UNPRINTABLE as a Python-style escape (\\x1b, \\ud800)."""
+    return _UNPRINTABLE.sub(lambda m: repr(m[0])[1:-1], text)
 
 
 def case_lines(c: CaseResult, verbose: bool = False) -> Iterator[str]:
+    return map(printable, _case_lines(c, verbose))
+
+
+def _case_lines(c: CaseResult, verbose: bool) -> Iterator[str]:
     yield f"{'ok  ' if c.ok else 'FAIL'}  {c.name}" + ("" if c.ok else f"  (line {c.line})")
     for p in c.problems:
         yield f"{INDENT}{p}"
@@ -26,6 +39,10 @@ def case_lines(c: CaseResult, verbose: bool = False) -> Iterator[str]:
 
 def text_lines(result: FileResult, verbose: bool = False) -> Iterator[str]:
     """The report of one file, as the terminal shows it."""
+    return map(printable, _text_lines(result, verbose))
+
+
+def _text_lines(result: FileResult, verbose: bool) -> Iterator[str]:
     version = f" ({result.policy_version})" if result.policy_version else ""
     yield f"{result.path}{version}"
     for err in result.errors:
@@ -39,6 +56,10 @@ def text_lines(result: FileResult, verbose: bool = False) -> Iterator[str]:
     if result.require_coverage and result.uncovered:
         yield f"--require-coverage: {len(result.uncovered)} gap(s) fail the run"
     yield result.summary()
+
+
+def _lines(text: str) -> str:
+    return "\n".join(map(printable, text.split("\n")))
 
 
 def junit(results: list[FileResult]) -> bytes:
@@ -90,6 +111,10 @@ def junit(results: list[FileResult]) -> bytes:
         totals["errors"] += errors
     for k, v in totals.items():
         root.set(k, str(v))
+    for element in root.iter():  # names, paths and messages from the test file: XML 1.0 cannot hold every character
+        element.attrib = {k: printable(v) for k, v in element.attrib.items()}
+        if element.text:
+            element.text = _lines(element.text)
     ET.indent(root)
     xml: bytes = ET.tostring(root, encoding="utf-8", xml_declaration=True)
     return xml + b"\n"
