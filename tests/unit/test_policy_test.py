@@ -849,7 +849,7 @@ def test_forward_token_keeps_authorization_without_showing_it(
 
 def test_expect_response_headers(project: Project) -> None:
     """One request per case: a 401's challenge, a 403's scope challenge, an allowed request's quota headers.
-    (A 429 needs a second request within the burst, which a case cannot make: see the rate-limit test.)"""
+    (A 429 needs a second request within the burst: see the rate-limit test, with `repeat`.)"""
     path = project.tests("""\
         - name: challenge
           request: {path: /v1/items}
@@ -874,7 +874,7 @@ def test_expect_response_headers(project: Project) -> None:
           expect: {status: 401, reason: token_not_bound, headers: {dpop-nonce: null}}
     """)
     result = passes(path)
-    challenge = dict(case(result, "a dpop challenge").decision.response_headers)  # type: ignore[union-attr]
+    challenge = dict(case(result, "a dpop challenge").decisions[-1].response_headers)
     assert challenge["www-authenticate"].startswith("DPoP ")
 
 
@@ -1749,15 +1749,22 @@ def test_each_case_gets_a_fresh_engine(project: Project) -> None:
     assert run_file(path).passed == 6  # and so does a second run of the same file
 
 
-def test_a_rate_limit_cannot_be_reached_in_one_case(project: Project) -> None:
-    """A 429 needs an earlier request within the burst, and a case is one request on a fresh engine: a case
-    cannot show one, and a case expecting it fails with the allowed decision. (Showing it needs the format to
-    grow, e.g. a case that repeats its request; an open question, not guessed at here.)"""
+def test_repeat_reaches_a_rate_limit_and_expect_judges_the_last_request(project: Project) -> None:
+    """`repeat: N` sends the same caller's request N times on one engine (a fresh proof each time); the burst of 1
+    lets the first through, the second gets the 429 with its Retry-After (one token of 60 a minute: 1 s). Other
+    cases still start with full
+    buckets."""
     path = project.tests(f"""\
         - name: over the limit
           request: {{path: /v1/items}}
           token: {TOKEN}
-          expect: {{status: 429, reason: rate_limited, headers: {{retry-after: "60"}}}}
+          repeat: 2
+          expect: {{status: 429, reason: rate_limited, headers: {{retry-after: "1"}}}}
+        - name: the next case has its own bucket
+          request: {{path: /v1/items}}
+          token: {TOKEN}
+          expect: {{status: 200}}
     """)
-    [result] = run_file(path).cases
-    assert result.problems[:2] == ["status: expected 429, got 200", "reason: expected rate_limited, got allowed"]
+    result = passes(path)
+    assert [len(c.decisions) for c in result.cases] == [2, 1]
+    assert [d.status for d in result.cases[0].decisions] == [200, 429]
