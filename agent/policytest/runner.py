@@ -104,22 +104,29 @@ class FileResult:
 
     def summary(self) -> str:
         if self.errors:
-            return f"{len(self.errors)} error(s) in the test file or its policy; no case was run"
+            return "the test file or its policy has errors; no case was run"
         text = f"{self.passed} passed, {self.failed} failed"
         if self.uncovered:
             text += f", {len(self.uncovered)} not covered"
         return text
 
 
-def run_file(path: str | Path, policy: Policy | None = None, *, require_coverage: bool = False) -> FileResult:
+def run_file(
+    path: str | Path, policy: Policy | None = None, *, require_coverage: bool = False, budget_s: float | None = None
+) -> FileResult:
     """Run one test file. Synchronous, with its own event loop: call it from a worker thread when a loop runs.
 
     With `policy` (the control plane's candidate) the cases run against it, and the file's `policy:` must be the
-    same file; without it, the file's policy is loaded with throwaway stand-ins for secrets it cannot read."""
-    return asyncio.run(run_file_async(Path(path), policy, require_coverage=require_coverage))
+    same file; without it, the file's policy is loaded with throwaway stand-ins for secrets it cannot read.
+    `budget_s` bounds the run: cases not decided within it make the file an error (a control plane must not be
+    held by a test file)."""
+    return asyncio.run(run_file_async(Path(path), policy, require_coverage=require_coverage, budget_s=budget_s))
 
 
-async def run_file_async(path: Path, policy: Policy | None = None, *, require_coverage: bool = False) -> FileResult:
+async def run_file_async(
+    path: Path, policy: Policy | None = None, *, require_coverage: bool = False, budget_s: float | None = None
+) -> FileResult:
+    started_run = time.monotonic()
     result = FileResult(str(path), require_coverage=require_coverage)
     try:
         tests = read_test_file(path)
@@ -145,7 +152,13 @@ async def run_file_async(path: Path, policy: Policy | None = None, *, require_co
     run = _Run(policy)
     if policy.shared_state is not None:
         result.notes.append("shared_state (Redis) is not used: quotas and replay caches are each case's own")
+    result.notes.extend(policy.warning_lines())
     for case in tests.cases:
+        if budget_s is not None and time.monotonic() - started_run > budget_s:
+            result.errors = [f"{path}: the cases took longer than {budget_s:g} s; {len(result.cases)} of "
+                             f"{len(tests.cases)} were run"]  # fmt: skip
+            result.cases = []
+            return result
         started = time.perf_counter()
         case_result = await run.case(case, case.at or tests.at)
         case_result.seconds = time.perf_counter() - started
