@@ -43,6 +43,7 @@ class Decision:
     shadow: str | None = None  # the reason a rule in shadow mode would have denied this allowed request
     allow_index: int | None = None  # which alternative of the route's `allow` let the request pass (0-based)
     deny_rule: str | None = None  # the name of the deny rule that refused it
+    deny_line: int = 0  # and its line: a route's rule and a top-level one may share a name
 
 
 class AuditSink(Protocol):

@@ -356,6 +356,7 @@ class Engine:
             or principal.method != "jwt"
             or principal.cnf_jkt is not None  # every request needs a fresh proof
             or principal.cnf_x5t is not None  # and its own certificate
+            or "hmac" in route.authn  # a signed request on it is judged by its signature, which recall never reads
             or route.allow[allow_index].per_request
         ):
             return  # the outcome depends on the clock, the request, or a credential that is not a cached JWT
@@ -732,4 +733,5 @@ class Engine:
     def _denied_by(self, did: str, rule: DenyRule, route: Route, who: Principal | None) -> Decision:
         decision = self._deny(did, 403, R.DENIED_BY_RULE, route, who)
         decision.deny_rule = rule.name
+        decision.deny_line = rule.line
         return decision

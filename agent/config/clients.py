@@ -22,6 +22,8 @@ HMAC_CLIENT_KEYS = {
 }
 HMAC_KEY_KEYS = {"key_file", "key_env"}
 MIN_HMAC_KEY_BYTES = 32  # RFC 2104 §3: not shorter than the hash output
+# Headers Envoy sets or rewrites on a request from a client (use_remote_address) before ext_authz.
+ENVOY_REWRITTEN = frozenset({"x-request-id", "x-forwarded-for", "x-forwarded-proto", "x-envoy-external-address"})
 DERIVED_COMPONENTS = {"@method", "@authority", "@path", "@query", "@target-uri", "@scheme", "@request-target"}
 
 
@@ -89,6 +91,12 @@ def hmac_client(ctx: Ctx, name: str, d: LDict) -> HmacClient | None:
             )
         elif not c.startswith("@") and FIELD_NAME.fullmatch(c) is None:
             ctx.err(d.lines["components"], f"{where}.components: {c!r} is not a lower-case header field name")
+        elif c in ENVOY_REWRITTEN:
+            ctx.warn(
+                d.lines["components"],
+                f"{where}.components: Envoy (as envoy-config sets it up) replaces {c} before the agent sees it, so "
+                "a signature covering it never verifies",
+            )
     client = HmacClient(
         name=name,
         keys=tuple(keys),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from pathlib import Path
 
 from agent.config import clients, providers, sections
@@ -183,11 +184,26 @@ def load_policy_text(
     )
 
 
+MAX_POLICY_BYTES = 8 << 20
+
+
+def read_bounded(path: Path, limit: int) -> str:
+    """A regular file's text, at most `limit` bytes: a FIFO, a device or /dev/zero named as a file is refused
+    instead of blocking or filling memory."""
+    with path.open("rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise ValueError("not a regular file")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"larger than {limit} bytes")
+    return data.decode("utf-8")
+
+
 def load_policy(path: str | os.PathLike[str], stand_ins: bool = False) -> Policy:
     """Read and validate a policy file; relative key/secret files resolve against the file's folder."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
+        text = read_bounded(p, MAX_POLICY_BYTES)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
         raise ConfigErrors([ConfigError(f"cannot read the policy: {e}", str(p), 0)]) from None
     return load_policy_text(text, str(p), p.parent, stand_ins)

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import re
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
 from agent import reasons
 from agent.config._read import FIELD_NAME, Ctx, get, mapping, number, timestamp
+from agent.config.loader import read_bounded
 from agent.config.yamlsrc import LDict, LList, line_of, load_yaml
 from agent.errors import ConfigError, ConfigErrors
+from agent.policy.paths import split_request_path
 from agent.policytest.credentials import REFUSED_ALGORITHMS, SIGNING_ALGORITHMS
 
 TOP_KEYS = {"policy", "at", "cases"}
@@ -25,7 +28,12 @@ DEFAULT_SOURCE = "192.0.2.10"  # TEST-NET-1 (RFC 5737): an address no real netwo
 MAX_CASES = 10_000  # per file: a control plane runs these before it publishes
 MAX_REPEAT = 1_000  # requests one case may send (to exhaust a rate limit)
 MAX_REQUESTS = 100_000  # requests one file may send in all (its cases' repeats)
-MAX_BODY_BYTES = 1 << 20
+MAX_BODY_BYTES = 1 << 20  # what Envoy buffers for the agent (agent.envoyconf.MAX_BODY_BYTES)
+MAX_BODIES_BYTES = 16 << 20  # every case's body in all (YAML aliases could repeat one many times)
+MAX_FILE_BYTES = 8 << 20
+EARLIEST = datetime(1970, 1, 2, tzinfo=UTC)
+LATEST = datetime(9999, 11, 30, tzinfo=UTC)
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 REASONS = frozenset(v for k, v in vars(reasons).items() if k.isupper() and isinstance(v, str))
 _UNSET: Any = object()
 
@@ -90,8 +98,8 @@ def read_test_file(path: Path) -> TestFile:
     """Read and check a test file; raises ConfigErrors listing every problem with its line."""
     file = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
+        text = read_bounded(path, MAX_FILE_BYTES)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
         raise ConfigErrors([ConfigError(f"cannot read the test file: {e}", file, 0)]) from None
     try:
         doc = load_yaml(text, file)
@@ -106,7 +114,7 @@ def read_test_file(path: Path) -> TestFile:
         ctx.err(
             line_of(doc, "policy", 1), "'policy' is required: the policy file these cases test, relative to this file"
         )
-    at = timestamp(ctx, doc, "at", "tests")
+    at = _at(ctx, doc, "tests")
     cases: list[Case] = []
     cl = doc.get("cases")
     if not isinstance(cl, LList) or not cl:
@@ -129,6 +137,9 @@ def read_test_file(path: Path) -> TestFile:
                 )
             names[case.name] = case.line
             cases.append(case)
+    bodies = sum(len(c.body) for c in cases)
+    if bodies > MAX_BODIES_BYTES:
+        ctx.err(line_of(doc, "cases", 1), f"the cases' bodies are {bodies} bytes in all; at most {MAX_BODIES_BYTES}")
     total = sum(c.repeat for c in cases)
     if total > MAX_REQUESTS:
         ctx.err(line_of(doc, "cases", 1), f"the cases send {total} requests in all (repeat); at most {MAX_REQUESTS}")
@@ -142,6 +153,9 @@ def _case(ctx: Ctx, d: LDict, i: int) -> Case | None:
     name = d.get("name")
     where = f"cases[{i}]" + (f" ({name})" if isinstance(name, str) and name else "")
     ctx.keys(d, CASE_KEYS, where)
+    for key in ("request", "token", "expect", "signed_by", "at"):
+        if key in d and d[key] is None:  # `token:` left empty would run the case without one, and pass for it
+            ctx.err(d.lines[key], f"{where}.{key} is empty; give it a value or remove the key")
     if not isinstance(name, str) or not name.strip():
         ctx.err(d.lines.get("name", d.line), f"{where}: every case needs a non-empty 'name'")
     rq = mapping(ctx, d, "request", where)
@@ -158,6 +172,9 @@ def _case(ctx: Ctx, d: LDict, i: int) -> Case | None:
         ctx.err(line_of(rq, "path", rq.line), f"{rw}: 'path' is required (it may carry a query: /v1/orders?page=2)")
     elif path and not path.startswith("/"):
         ctx.err(rq.lines["path"], f"{rw}.path must start with '/', got {path!r}")
+    elif path and split_request_path(path) is None:
+        why = "Envoy (as envoy-config sets it up) resolves dot segments, merges slashes and refuses escaped slashes"
+        ctx.err(rq.lines["path"], f"{rw}.path {path!r} never reaches the agent as written: {why}; write what it passes")
     scheme = get(ctx, rq, "scheme", str, rw, "https")
     if scheme not in ("http", "https"):
         ctx.err(rq.lines["scheme"], f"{rw}.scheme must be http or https, got {scheme!r}")
@@ -198,7 +215,7 @@ def _case(ctx: Ctx, d: LDict, i: int) -> Case | None:
         expect=expect,
         token=token,
         signed_by=signed_by,
-        at=timestamp(ctx, d, "at", where),
+        at=_at(ctx, d, where),
         weight=weight,
         repeat=repeat,
         lines=lines,
@@ -217,14 +234,37 @@ def _headers(ctx: Ctx, d: LDict, key: str, where: str, allow_null: bool) -> dict
             ctx.err(line, f"{where}.{key}: {name!r} is not a header field name")
         elif lower in out:
             ctx.err(line, f"{where}.{key}: {name!r} is given twice (names are not case-sensitive)")
+        elif not allow_null and (problem := _not_delivered(lower)) is not None:
+            ctx.err(line, f"{where}.{key}: {name!r}: {problem}")
         if value is None and allow_null:
             out[lower] = None
         elif isinstance(value, str | int | float) and not isinstance(value, bool):
             out[lower] = str(value)
+            if _CONTROL.search(out[lower] or "") is not None:
+                ctx.err(line, f"{where}.{key}.{name}: a header value cannot hold a control character (CR, LF, NUL)")
         else:
             absent = " (or null: must be absent)" if allow_null else ""
             ctx.err(line, f"{where}.{key}.{name} must be a string{absent}, got {value!r}")
     return out
+
+
+def _at(ctx: Ctx, d: LDict, where: str) -> datetime | None:
+    """A frozen clock, within what a token's times, a certificate's validity and a DPoP nonce can carry."""
+    at = timestamp(ctx, d, "at", where)
+    if at is not None and not EARLIEST <= at <= LATEST:
+        ctx.err(d.lines["at"], f"{where}.at must be between {EARLIEST:%Y-%m-%d} and {LATEST:%Y-%m-%d}, got {at}")
+        return None
+    return at
+
+
+def _not_delivered(name: str) -> str | None:
+    """Why a request header of this name never reaches the agent as written behind the recommended Envoy config,
+    or None: a case must describe a request the agent can receive."""
+    if "_" in name:
+        return "Envoy (as envoy-config sets it up) refuses header names with underscores with a 400"
+    if name == "host":
+        return "the host is request.host"
+    return None
 
 
 def _token(ctx: Ctx, d: LDict, where: str) -> TokenSpec | None:
@@ -298,8 +338,9 @@ def _expect(ctx: Ctx, d: LDict, where: str) -> Expect | None:
         return None
     ew = f"{where}.expect"
     ctx.keys(e, EXPECT_KEYS, ew)
-    if not e:
-        ctx.err(e.line, f"{ew} is empty; expect at least a status or a reason")
+    if not any(e.get(k) for k in ("status", "reason", "upstream_headers", "headers")) and "route" not in e:
+        # `expect: {headers: {}}` would pass whatever the decision: a case that checks nothing is an error
+        ctx.err(e.line, f"{ew} checks nothing; expect at least a status, a reason, a route or a header")
     status = get(ctx, e, "status", int, ew)
     if status is not None and not 100 <= status <= 599:
         ctx.err(e.lines["status"], f"{ew}.status must be an HTTP status (100-599), got {status}")

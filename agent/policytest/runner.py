@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -24,7 +25,8 @@ from agent.authn.jwks import KeyStore
 from agent.config import load_policy
 from agent.config.model import IdentityProvider, Policy
 from agent.decision import Decision, RequestView
-from agent.engine import Engine
+from agent.engine import OVERRIDE_HEADERS, Engine
+from agent.envoyconf import CLIENT_FORWARDING_HEADERS, needs
 from agent.errors import ConfigError, ConfigErrors
 from agent.policytest.cases import Case, TestFile, TokenSpec, read_test_file
 from agent.policytest.credentials import PREFERENCE, ClientCertificate, DpopClient, Keys, content_digest, sign_request
@@ -36,6 +38,8 @@ CREDENTIAL_HEADERS = frozenset(
 )
 
 
+# Header names that carry secrets by convention (x-api-key, x-auth-token, x-client-secret): never shown either.
+SECRET_WORDS = ("key", "token", "secret", "passw", "session", "credential", "signature", "cookie")
 Minted = tuple[str, "DpopClient | None", "ClientCertificate | None"]  # a token, its DPoP key, its certificate
 
 
@@ -203,6 +207,7 @@ class _Run:
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
         self.keys = Keys()
+        self.bodies, _ = needs(policy)  # whether envoy-config has Envoy send request bodies (signed routes)
         self.notes: set[str] = set()
         self._key_sets: dict[str, KeySet] = {}
 
@@ -234,6 +239,10 @@ class _Run:
                     decisions.append(await engine.check(view, trace))
             except (ValueError, OverflowError) as e:  # OverflowError: a certificate's dates near year 1 or 9999
                 return CaseResult(case.name, case.line, False, [f"cannot make the request: {e}"], [], 0, "", None)
+            except Exception as e:  # noqa: BLE001 - one case's failure is reported, never the end of the run
+                # Only the type: the text could quote what the case carries.
+                return CaseResult(case.name, case.line, False, [f"the case could not be run: {type(e).__name__}"],
+                                  [], 0, "", None)  # fmt: skip
         finally:
             await engine.close()
         decision = decisions[-1]
@@ -242,6 +251,8 @@ class _Run:
                           decision.route, decisions=decisions)  # fmt: skip
 
     def _request(self, case: Case, engine: Engine, now: float, minted: Minted | None) -> RequestView:
+        """The request as Envoy, set up by `envoy-config --policy`, hands it to the agent: with the credentials
+        the case describes, and what Envoy adds before ext_authz (see `delivered`)."""
         headers = dict(case.headers)
         host = case.host or self.policy.service
         certificate = ""
@@ -269,7 +280,9 @@ class _Run:
                 raise ValueError(f"hmac client {client.name} signs {', '.join(missing)}: give it in request.headers")
             headers.update(sign_request(client.keys[0], client.name, tuple(components), case.method, case.scheme,
                                         host, case.path, headers, int(now)))  # fmt: skip
-        return RequestView(case.method, case.path, host, headers, case.source, case.scheme, case.body, certificate)
+        body = case.body if self.bodies else b""  # Envoy sends bodies only where a route takes signatures
+        headers = delivered(headers, case.method, case.path, host, case.scheme, case.source)
+        return RequestView(case.method, case.path, host, headers, case.source, case.scheme, body, certificate)
 
     def _mint(self, spec: TokenSpec, now: float, answers: dict[str, dict[str, Any]]) -> Minted:
         policy = self.policy
@@ -302,6 +315,31 @@ class _Run:
         return self.keys.jws({"typ": typ}, claims, alg), dpop, cert
 
 
+def delivered(headers: dict[str, str], method: str, path: str, host: str, scheme: str, source: str) -> dict[str, str]:
+    """The headers Envoy (`envoy-config`: use_remote_address, no trusted hops) passes in the CheckRequest: the
+    client's, with the pseudo-headers, the client's address appended to X-Forwarded-For and in
+    X-Envoy-External-Address, X-Forwarded-Proto set to the scheme and a fresh X-Request-Id (a client's own is
+    replaced). Seen from a real Envoy: tests/e2e/test_policy_test_fidelity_e2e.py."""
+    out = {":authority": host, ":method": method, ":path": path, ":scheme": scheme, **headers}
+    xff = headers.get("x-forwarded-for")
+    out["x-forwarded-for"] = f"{xff},{source}" if xff else source
+    out["x-forwarded-proto"] = scheme
+    out["x-request-id"] = str(uuid.uuid4())
+    out["x-envoy-external-address"] = source
+    return out
+
+
+def upstream(view: RequestView, d: Decision) -> dict[str, str]:
+    """What the app receives when the request is allowed: the headers Envoy passed the agent, less those the
+    agent removes, with those it sets; then Envoy's own route changes (envoy-config): the method and path
+    override headers and a client's forwarding claims removed, X-Forwarded-For set to the client's address."""
+    removed = {h.lower() for h in d.remove_headers} | OVERRIDE_HEADERS | set(CLIENT_FORWARDING_HEADERS)
+    out = {k: v for k, v in view.headers.items() if not k.startswith(":") and k not in removed}
+    out.update(_joined(d.upstream_headers))
+    out["x-forwarded-for"] = view.source
+    return out
+
+
 def _clock(frozen: float | None) -> Callable[[], float]:
     """The case's clock: frozen at its `at` (or the file's), else the real one."""
     if frozen is None:
@@ -312,7 +350,9 @@ def _clock(frozen: float | None) -> Callable[[], float]:
 def _shown(name: str, value: str | None) -> str:
     if value is None:
         return "absent"
-    return "(a credential, not shown)" if name in CREDENTIAL_HEADERS else repr(value)
+    if name in CREDENTIAL_HEADERS or any(word in name for word in SECRET_WORDS):
+        return "(a credential, not shown)"
+    return repr(value)
 
 
 def _header_problems(what: str, expected: dict[str, str | None], got: dict[str, str]) -> list[str]:
@@ -348,26 +388,20 @@ def compare(case: Case, view: RequestView, d: Decision) -> list[str]:
                 f"upstream_headers: the request was refused ({d.status} {d.reason}); nothing reached the upstream"
             )
         else:
-            # What the upstream receives: the request's headers, less those removed, with the agent's set.
-            removed = {h.lower() for h in d.remove_headers}
-            upstream = {k.lower(): v for k, v in view.headers.items() if k.lower() not in removed}
-            upstream.update(_joined(d.upstream_headers))
-            problems += _header_problems("upstream header", e.upstream_headers, upstream)
+            problems += _header_problems("upstream header", e.upstream_headers, upstream(view, d))
     if e.headers is not None:
         problems += _header_problems("response header", e.headers, _joined(d.response_headers))
     return problems
 
 
 def uncovered(policy: Policy, decisions: list[Decision]) -> list[str]:
-    """Routes no case reached, alternatives that let no case pass, deny rules that refused no case."""
+    """Routes no case reached, alternatives that let no case pass, deny rules that refused no case (a rule is
+    known by its name and line: a route's rule and a top-level one may share a name)."""
     routes = {d.route for d in decisions}
     allowed_by = {(d.route, d.allow_index) for d in decisions if d.allowed and d.allow_index is not None}
-    refused_by = {(d.route, d.deny_rule) for d in decisions if d.deny_rule is not None}
+    refused_by = {(d.deny_rule, d.deny_line) for d in decisions if d.deny_rule is not None}
     out = []
-    top_fired = set()
     for r in policy.routes:
-        own = {rule.name for rule in r.deny}
-        top_fired |= {name for route, name in refused_by if route == r.name and name not in own}
         if r.name not in routes:
             out.append(f"route {r.name} (line {r.line})")
             continue
@@ -375,7 +409,7 @@ def uncovered(policy: Policy, decisions: list[Decision]) -> list[str]:
             if (r.name, i) not in allowed_by:
                 out.append(f"route {r.name} alternative {i} (line {alt.line})")
         out += [
-            f"route {r.name} deny rule {x.name} (line {x.line})" for x in r.deny if (r.name, x.name) not in refused_by
+            f"route {r.name} deny rule {x.name} (line {x.line})" for x in r.deny if (x.name, x.line) not in refused_by
         ]
-    out += [f"deny rule {x.name} (line {x.line})" for x in policy.deny if x.name not in top_fired]
+    out += [f"deny rule {x.name} (line {x.line})" for x in policy.deny if (x.name, x.line) not in refused_by]
     return out

@@ -55,7 +55,7 @@ SHOP = textwrap.dedent("""\
       batch:
         key_file: keys/batch.key
         roles: [billing]
-        components: ["@method", "@authority", "@path", x-request-id]
+        components: ["@method", "@authority", "@path", x-batch-run]
       reporter:
         key_file: keys/reporter.key
         scopes: ["reports:write"]
@@ -265,7 +265,7 @@ def test_every_kind_of_route(shop: tuple[str, Suite, FileResult]) -> None:
     assert cases["replace-items"][0].token is not None and cases["replace-items"][0].token.mtls
     reports, reports_refused = cases["reports"]
     assert reports.signed_by == "reporter" and reports_refused.signed_by == "batch"
-    assert reports_refused.headers == {"x-request-id": "example"}  # batch's signatures cover it
+    assert reports_refused.headers == {"x-batch-run": "example"}  # batch's signatures cover it
     ended, future = cases["contractor-ended"][0], cases["contractor-future"][0]
     assert ended.at is not None and ended.at.isoformat() == "2020-01-01T00:00:00+00:00"
     assert future.at is not None and future.at.year == 2099

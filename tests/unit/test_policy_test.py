@@ -682,8 +682,9 @@ def test_a_token_is_minted_at_the_frozen_time(project: Project) -> None:
     passes(path)
 
 
-def test_a_time_no_certificate_can_hold_fails_the_case_not_the_run(project: Project) -> None:
-    """An `at` at the edge of the calendar: the case fails and says why; the run goes on (it raised before)."""
+def test_a_time_no_token_or_certificate_can_hold_is_an_error_at_its_line(project: Project) -> None:
+    """An `at` at the edge of the calendar (a certificate's dates, a DPoP nonce's stamp, NumericDate) is refused
+    at its line, before anything runs (it raised before)."""
     path = project.tests("""\
         - name: the last second
           at: "9999-12-31T23:59:59Z"
@@ -700,9 +701,12 @@ def test_a_time_no_certificate_can_hold_fails_the_case_not_the_run(project: Proj
           expect: {status: 200}
     """)
     result = run_file(path)
-    assert (result.passed, result.failed) == (1, 2)
-    assert case(result, "the last second").problems == ["cannot make the request: date value out of range"]
-    assert case(result, "before X.509").problems[0].startswith("cannot make the request: The not valid before date")
+    assert result.cases == []
+    assert [e.split(": ", 1)[0] for e in result.errors] == [
+        f"{path}:{line_of(path, '9999-12-31')}",
+        f"{path}:{line_of(path, '1900-01-01')}",
+    ]
+    assert all("at must be between 1970-01-02 and 9999-11-30" in e for e in result.errors)
 
 
 def test_without_at_the_real_clock_runs(project: Project) -> None:
@@ -806,14 +810,16 @@ def test_expect_status_reason_and_route(project: Project) -> None:
 def test_expect_upstream_headers_a_subset_or_absent(project: Project) -> None:
     path = project.tests("""\
         - name: the agent's headers, and the token removed
-          request: {path: /v1/items, headers: {x-request-id: r-1}}
+          request: {path: /v1/items, headers: {x-tenant: t-1, x-forwarded-host: evil.example}}
           token: {claims: {sub: alice, scope: "items:read"}}
           expect:
             status: 200
             upstream_headers:
               x-authz-subject: alice
               x-authz-route: list-items
-              x-request-id: r-1
+              x-tenant: t-1
+              x-forwarded-for: 192.0.2.10   # Envoy's: the client's address
+              x-forwarded-host: null        # a client's forwarding claim, removed by Envoy's route
               authorization: null
               x-not-sent: null
         - name: a client's x-authz header is replaced
@@ -1054,7 +1060,7 @@ def test_missing_parts(project: Project, capsys: pytest.CaptureFixture[str]) -> 
         ("name: no request", "cases[1] (no request): 'request' is required"),
         ("request: {method: GET}", "cases[2] (no path).request: 'path' is required"),
         ("- request: {path: /v1/items}", "cases[3]: every case needs a non-empty 'name'"),
-        ("expect: {}", "cases[4] (an empty expect).expect is empty"),
+        ("expect: {}", "cases[4] (an empty expect).expect checks nothing"),
         ("path: v1/items", "cases[5] (a relative path).request.path must start with '/'"),
     ]:
         assert f"{path}:{line_of(path, needle)}: {message}" in out
