@@ -190,8 +190,9 @@ MAX_POLICY_BYTES = 8 << 20
 def read_bounded(path: Path, limit: int) -> str:
     """A regular file's text, at most `limit` bytes: a FIFO, a device or /dev/zero named as a file is refused
     instead of blocking or filling memory."""
-    with path.open("rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO would block the open itself
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise ValueError("not a regular file")
         data = f.read(limit + 1)
     if len(data) > limit:

@@ -27,7 +27,7 @@ from agent.config.model import Conditions, DenyRule, HmacClient, IdentityProvide
 from agent.policy.conditions import grant_active
 from agent.policy.paths import GLOB, PARAM, parse_template
 from agent.policytest.cases import DEFAULT_SOURCE, Case, Expect, TokenSpec
-from agent.policytest.runner import CaseResult, _Run
+from agent.policytest.runner import CaseResult, Run
 
 SUBJECT = "alice"
 # Where a request without a network condition comes from: TEST-NET addresses first, then a private one, so that
@@ -60,7 +60,7 @@ def starter_file(policy_path: str) -> str:
 
 
 async def _plan(policy: Policy, now: datetime) -> list[_Planned]:
-    run = _Run(policy)
+    run = Run(policy)
     used: set[str] = set()
     plans = []
     for route in policy.routes:
@@ -83,7 +83,7 @@ async def _plan(policy: Policy, now: datetime) -> list[_Planned]:
 class _Maker:
     """Builds one route's candidate requests and decides them with the runner."""
 
-    def __init__(self, policy: Policy, route: Route, now: datetime, run: _Run) -> None:
+    def __init__(self, policy: Policy, route: Route, now: datetime, run: Run) -> None:
         self.policy = policy
         self.route = route
         self.now = now

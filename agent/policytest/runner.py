@@ -153,7 +153,7 @@ async def run_file_async(
     result.errors = [str(e) for e in _cross_check(tests, policy)]
     if result.errors:
         return result
-    run = _Run(policy)
+    run = Run(policy)
     if policy.shared_state is not None:
         result.notes.append("shared_state (Redis) is not used: quotas and replay caches are each case's own")
     result.notes.extend(policy.warning_lines())
@@ -201,7 +201,7 @@ def _cross_check(tests: TestFile, policy: Policy) -> list[ConfigError]:
     return errors
 
 
-class _Run:
+class Run:
     """What the cases of one file share: the policy, the throwaway keys and the stand-in key stores."""
 
     def __init__(self, policy: Policy) -> None:
@@ -232,9 +232,9 @@ class _Run:
         decisions: list[Decision] = []
         try:
             try:
-                minted = self._mint(case.token, clock(), answers) if case.token is not None else None
+                minted = self.mint(case.token, clock(), answers) if case.token is not None else None
                 for _ in range(case.repeat):
-                    view = self._request(case, engine, clock(), minted)
+                    view = self.request(case, engine, clock(), minted)
                     trace: list[str] = []
                     decisions.append(await engine.check(view, trace))
             except (ValueError, OverflowError) as e:  # OverflowError: a certificate's dates near year 1 or 9999
@@ -250,9 +250,9 @@ class _Run:
         return CaseResult(case.name, case.line, not problems, problems, trace, decision.status, decision.reason,
                           decision.route, decisions=decisions)  # fmt: skip
 
-    def _request(self, case: Case, engine: Engine, now: float, minted: Minted | None) -> RequestView:
-        """The request as Envoy, set up by `envoy-config --policy`, hands it to the agent: with the credentials
-        the case describes, and what Envoy adds before ext_authz (see `delivered`)."""
+    def client_request(self, case: Case, engine: Engine, now: float, minted: Minted | None) -> ClientRequest:
+        """The request the case's client sends: its headers with the credentials the case describes (the token,
+        a fresh DPoP proof for this request, a signature with a fresh nonce)."""
         headers = dict(case.headers)
         host = case.host or self.policy.service
         certificate = ""
@@ -280,11 +280,13 @@ class _Run:
                 raise ValueError(f"hmac client {client.name} signs {', '.join(missing)}: give it in request.headers")
             headers.update(sign_request(client.keys[0], client.name, tuple(components), case.method, case.scheme,
                                         host, case.path, headers, int(now)))  # fmt: skip
-        body = case.body if self.bodies else b""  # Envoy sends bodies only where a route takes signatures
-        headers = delivered(headers, case.method, case.path, host, case.scheme, case.source)
-        return RequestView(case.method, case.path, host, headers, case.source, case.scheme, body, certificate)
+        return ClientRequest(case.method, case.path, host, case.scheme, case.source, headers, case.body, certificate)
 
-    def _mint(self, spec: TokenSpec, now: float, answers: dict[str, dict[str, Any]]) -> Minted:
+    def request(self, case: Case, engine: Engine, now: float, minted: Minted | None) -> RequestView:
+        """The request as Envoy, set up by `envoy-config --policy`, hands it to the agent."""
+        return self.client_request(case, engine, now, minted).delivered(self.bodies)
+
+    def mint(self, spec: TokenSpec, now: float, answers: dict[str, dict[str, Any]]) -> Minted:
         policy = self.policy
         idp = next(i for i in policy.identity_providers if spec.provider in (None, i.name))
         lifetime = spec.expires_in if spec.expires_in is not None else min(DEFAULT_TOKEN_LIFETIME_S,
@@ -313,6 +315,28 @@ class _Run:
         alg = spec.alg or next((a for a in PREFERENCE if a in idp.algorithms), "ES256")
         typ = "at+jwt" if "at+jwt" in idp.token_types else sorted(idp.token_types)[0]
         return self.keys.jws({"typ": typ}, claims, alg), dpop, cert
+
+
+@dataclass(slots=True)
+class ClientRequest:
+    """A request as the client sends it to Envoy."""
+
+    method: str
+    path: str
+    host: str
+    scheme: str
+    source: str
+    headers: dict[str, str]
+    body: bytes
+    certificate: str  # the client certificate Envoy verified (URL-encoded PEM), or ""
+
+    def delivered(self, bodies: bool) -> RequestView:
+        """What Envoy passes the agent; the body only when it sends bodies (envoy-config does for signed routes)."""
+        headers = delivered(self.headers, self.method, self.path, self.host, self.scheme, self.source)
+        body = self.body if bodies else b""
+        if body:  # with_request_body marks whether it cut the body (never: a case's body fits what it buffers)
+            headers["x-envoy-auth-partial-body"] = "false"
+        return RequestView(self.method, self.path, self.host, headers, self.source, self.scheme, body, self.certificate)
 
 
 def delivered(headers: dict[str, str], method: str, path: str, host: str, scheme: str, source: str) -> dict[str, str]:

@@ -1,12 +1,11 @@
 """Fidelity of `policy test` (issue 13: "a passing test means the same answer in production"), against real Envoy.
 
 Every case of a test file is decided twice by the same engine and the same throwaway keys: once as `policy test`
-builds the request, and once as real Envoy (the bootstrap `envoy-config --policy` writes) delivers the same HTTP
-request to the agent's gRPC transport. Each case that passes in `policy test` must get the same status behind Envoy,
-and an allowed case's `upstream_headers` must be what the app behind Envoy really receives. On lead13 most differ:
-Envoy adds x-forwarded-for / x-forwarded-proto / x-request-id and the pseudo-headers before ext_authz, passes
-scheme http on the listener it generates (the runner defaults to https, which DPoP's htu then uses), refuses
-header names with underscores, counts `:path` against the 16 KiB a `when` may read, and rewrites what the app gets.
+builds the request, and once as real Envoy (the bootstrap `envoy-config --policy` writes) delivers the same client
+request to the agent's gRPC transport. Each case must get the same answer both ways, the headers the agent sees must
+be the ones `policy test` models (Envoy's pseudo-headers, X-Forwarded-For/-Proto, X-Request-Id,
+X-Envoy-External-Address), and an allowed case's `upstream_headers` must be what the app behind Envoy receives.
+(Found by a hostile review: before, rules reading headers, signatures and upstream expectations differed.)
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ from agent.engine import Engine
 from agent.envoyconf import EnvoyProcess, bootstrap, needs
 from agent.policytest import run_file_async
 from agent.policytest.cases import read_test_file
-from agent.policytest.runner import _Run
+from agent.policytest.runner import ClientRequest, Run
 from agent.server.grpc_transport import GrpcTransport
 
 pytestmark = pytest.mark.e2e
@@ -84,34 +83,51 @@ POLICY = textwrap.dedent("""\
 CASES = textwrap.dedent("""\
     policy: orders.yaml
     cases:
-      - name: internal from the mesh
-        request: {method: GET, path: /internal/metrics}
-        expect: {status: 200, route: internal}
-      - name: tls-only with a token
-        request: {method: GET, path: /v1/secure}
+      - name: internal, seen through Envoy (which adds x-forwarded-for)
+        request: {method: GET, path: /internal/metrics, scheme: http, source: 127.0.0.1}
+        expect: {status: 403, reason: denied_by_rule}
+      - name: tls-only on a plaintext listener
+        request: {method: GET, path: /v1/secure, scheme: http, source: 127.0.0.1}
         token: {claims: {sub: alice}}
-        expect: {status: 200}
+        expect: {status: 403, reason: condition_failed}
       - name: a key-bound token with a fresh proof
-        request: {method: POST, path: /v1/orders}
+        request: {method: POST, path: /v1/orders, scheme: http, source: 127.0.0.1}
         token: {claims: {sub: carol}, dpop: true}
         expect: {status: 200}
-      - name: a header with an underscore
-        request: {method: GET, path: /v1/orders, headers: {x_tenant: acme}}
+      - name: a short search
+        request: {method: GET, path: "/v1/search?q=shoes", scheme: http, source: 127.0.0.1}
         token: {claims: {sub: alice}}
         expect: {status: 200}
-      - name: a long search
-        request: {method: GET, path: "/v1/search?q=QUERY"}
+      - name: a long search (the path counts twice against what a `when` may read)
+        request: {method: GET, path: "/v1/search?q=QUERY", scheme: http, source: 127.0.0.1}
         token: {claims: {sub: alice}}
-        expect: {status: 200}
+        expect: {status: 403}
       - name: what the app receives
-        request: {method: GET, path: /v1/orders, headers: {x-forwarded-host: partner.example.com}}
+        request:
+          method: GET
+          path: /v1/orders
+          scheme: http
+          source: 127.0.0.1
+          headers: {x-forwarded-host: partner.example.com, x-tenant: acme, x-http-method-override: DELETE}
         token: {claims: {sub: alice}}
-        expect: {status: 200, upstream_headers: {x-forwarded-host: partner.example.com, x-forwarded-for: null}}
+        expect:
+          status: 200
+          upstream_headers:
+            x-authz-subject: alice
+            x-tenant: acme
+            x-forwarded-for: 127.0.0.1
+            x-forwarded-proto: http
+            x-forwarded-host: null
+            x-http-method-override: null
+            authorization: null
       - name: signed webhook
-        request: {method: POST, path: /v1/billing/runs, body: '{"period": "2026-11"}'}
+        request: {method: POST, path: /v1/billing/runs, body: '{"period": "2026-11"}', scheme: http, source: 127.0.0.1}
         signed_by: billing-batch
         expect: {status: 200}
     """).replace("QUERY", "x" * 9000)
+# What differs between two deliveries of the same request, by design: a fresh request id each time, and the
+# address Envoy appends to X-Forwarded-For for a client on loopback (its own, not the client's).
+VARIES = {"x-request-id", "x-forwarded-for"}
 
 
 def free_port() -> int:
@@ -120,18 +136,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def send(port: int, view: RequestView) -> int:
-    """The request a client makes so that Envoy passes the agent what `policy test` built."""
+def send(port: int, request: ClientRequest) -> int:
+    """The client's request, sent to Envoy over HTTP/1.1."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
-        conn.putrequest(view.method, view.path, skip_host=True, skip_accept_encoding=True)
-        conn.putheader("host", view.host)
-        for name, value in view.headers.items():
+        conn.putrequest(request.method, request.path, skip_host=True, skip_accept_encoding=True)
+        conn.putheader("host", request.host)
+        for name, value in request.headers.items():
             if name != "content-length":
                 conn.putheader(name, value)
-        if view.body:
-            conn.putheader("content-length", str(len(view.body)))
-        conn.endheaders(view.body or None)
+        if request.body:
+            conn.putheader("content-length", str(len(request.body)))
+        conn.endheaders(request.body or None)
         r = conn.getresponse()
         r.read()
         return r.status
@@ -147,7 +163,7 @@ async def test_a_passing_policy_test_means_the_same_answer_behind_envoy(tmp_path
 
     tests = read_test_file(tmp_path / "orders.test.yaml")
     policy = load_policy(tests.policy_path)
-    run = _Run(policy)
+    run = Run(policy)
     delivered: list[RequestView] = []
     upstream: list[dict[str, str]] = []
     current: dict[str, Engine] = {}
@@ -176,19 +192,30 @@ async def test_a_passing_policy_test_means_the_same_answer_behind_envoy(tmp_path
     differ = []
     try:
         for case in tests.cases:
+            now = time.time()
             built = Engine(policy, run._stores())
-            minted = run._mint(case.token, time.time(), {}) if case.token is not None else None
-            view = run._request(case, built, time.time(), minted)
-            tested: Decision = await built.check(view, [])
+            minted = run.mint(case.token, now, {}) if case.token is not None else None
+            client = run.client_request(case, built, now, minted)
+            modelled = client.delivered(run.bodies)
+            tested: Decision = await built.check(modelled, [])
             current["engine"] = Engine(policy, run._stores())
             seen = len(delivered)
-            status = await asyncio.to_thread(send, port, view)
-            where = "the agent" if len(delivered) > seen else "Envoy itself (the agent never saw it)"
+            status = await asyncio.to_thread(send, port, client)
+            if len(delivered) == seen:
+                differ.append(f"{case.name}: Envoy answered {status} itself; the agent never saw the request")
+                continue
+            real = delivered[-1]
             if status != tested.status:
-                differ.append(
-                    f"{case.name}: policy test {tested.status} {tested.reason}, behind Envoy {status} from {where}"
-                )
-            elif tested.allowed and case.expect.upstream_headers and upstream:
+                differ.append(f"{case.name}: policy test {tested.status} {tested.reason}, behind Envoy {status}")
+            ours = {k: v for k, v in modelled.headers.items() if k not in VARIES}
+            theirs = {k: v for k, v in real.headers.items() if k not in VARIES}
+            if ours != theirs or modelled.headers.keys() != real.headers.keys():
+                values = sorted(k for k in ours if ours.get(k) != theirs.get(k))
+                differ.append(f"{case.name}: headers modelled {sorted(modelled.headers)}, delivered "
+                              f"{sorted(real.headers)}; values differ: {values}")  # fmt: skip
+            if (modelled.body, modelled.scheme, modelled.host) != (real.body, real.scheme, real.host):
+                differ.append(f"{case.name}: body/scheme/host modelled differently from what Envoy delivered")
+            if tested.allowed and case.expect.upstream_headers and upstream:
                 got = upstream[-1]
                 for name, want in case.expect.upstream_headers.items():
                     if got.get(name) != want:

@@ -25,7 +25,7 @@ from agent.engine import Engine
 from agent.errors import ConfigErrors
 from agent.policytest import run_file
 from agent.policytest.cases import TokenSpec, read_test_file
-from agent.policytest.runner import _Run
+from agent.policytest.runner import Run
 from tests.wait import until_async
 
 ROOT = Path(__file__).parent.parent.parent
@@ -245,8 +245,8 @@ async def test_the_fast_path_decides_a_signed_request_as_the_traced_path_does(po
     an allow by the Authorization header, method and path only, so the same token with a bogus signature passes
     in production while `policy test` (always traced, never recalled) says 401."""
     policy = load_policy(policy_dir / "orders.yaml")
-    run = _Run(policy)
-    token, _, _ = run._mint(TokenSpec(claims={"sub": "alice"}), time.time(), {})
+    run = Run(policy)
+    token, _, _ = run.mint(TokenSpec(claims={"sub": "alice"}), time.time(), {})
     bogus = {"signature-input": 'sig1=("@method");keyid="billing-batch";alg="hmac-sha256";created=1',
              "signature": "sig1=:AAAA:"}  # fmt: skip
     plain = RequestView("POST", "/v1/mixed", "orders", {"authorization": f"Bearer {token}"}, "192.0.2.1", "https")
