@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from typing import TYPE_CHECKING
 
@@ -79,6 +80,9 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
     from agent.policytest import run_file
     from agent.policytest.report import junit, text_lines
 
+    if args.junit and not os.path.isdir(os.path.dirname(os.path.abspath(args.junit))):
+        print(f"--junit {args.junit}: no such directory", file=sys.stderr)  # said before the cases run, not after
+        return 2
     results = []
     for i, f in enumerate(args.files):
         result = run_file(f, require_coverage=args.require_coverage)
@@ -94,7 +98,11 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
     if args.junit:
         from pathlib import Path
 
-        Path(args.junit).write_bytes(junit(results))
+        try:
+            Path(args.junit).write_bytes(junit(results))
+        except OSError as e:
+            print(f"--junit {args.junit}: cannot write it: {e.strerror}", file=sys.stderr)
+            return 2
     return 0 if all(r.ok for r in results) else 1
 
 
@@ -514,7 +522,13 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except BrokenPipeError:
+        # The reader went away (`| head`): as a Unix tool does, stop quietly; Python's own flush at exit must not
+        # write to the closed pipe again, so stdout points at /dev/null from here.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports
 
 
 if __name__ == "__main__":
