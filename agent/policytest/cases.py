@@ -123,7 +123,10 @@ def read_test_file(path: Path) -> TestFile:
         ctx.err(cl.line, f"{len(cl)} cases; at most {MAX_CASES} in one file")
     else:
         names: dict[str, int] = {}
+        bodies = 0
         for i, item in enumerate(cl):
+            if bodies > MAX_BODIES_BYTES:  # said before more bodies are made (one YAML alias can fill many cases)
+                break
             if not isinstance(item, LDict):
                 ctx.err(cl.lines[i], f"cases[{i}] must be a mapping with name, request and expect")
                 continue
@@ -137,9 +140,9 @@ def read_test_file(path: Path) -> TestFile:
                 )
             names[case.name] = case.line
             cases.append(case)
-    bodies = sum(len(c.body) for c in cases)
-    if bodies > MAX_BODIES_BYTES:
-        ctx.err(line_of(doc, "cases", 1), f"the cases' bodies are {bodies} bytes in all; at most {MAX_BODIES_BYTES}")
+            bodies += len(case.body)
+        if bodies > MAX_BODIES_BYTES:
+            ctx.err(cl.line, f"the cases' bodies are over {MAX_BODIES_BYTES} bytes in all; cases after that unread")
     total = sum(c.repeat for c in cases)
     if total > MAX_REQUESTS:
         ctx.err(line_of(doc, "cases", 1), f"the cases send {total} requests in all (repeat); at most {MAX_REQUESTS}")
@@ -184,9 +187,10 @@ def _case(ctx: Ctx, d: LDict, i: int) -> Case | None:
     except ValueError:
         ctx.err(rq.lines["source"], f"{rw}.source must be an IP address, got {source!r}")
     headers = _headers(ctx, rq, "headers", rw, allow_null=False)
-    body = get(ctx, rq, "body", str, rw, "").encode("utf-8")
-    if len(body) > MAX_BODY_BYTES:
-        ctx.err(rq.lines["body"], f"{rw}.body is {len(body)} bytes; at most {MAX_BODY_BYTES}")
+    text = get(ctx, rq, "body", str, rw, "")
+    body = b""
+    if len(text) > MAX_BODY_BYTES or len(body := text.encode("utf-8")) > MAX_BODY_BYTES:  # chars <= bytes
+        ctx.err(rq.lines["body"], f"{rw}.body is larger than {MAX_BODY_BYTES} bytes")
     token = _token(ctx, d, where)
     if token is not None and "authorization" in headers:
         ctx.err(d.lines["token"], f"{where}: give 'token' or an authorization header, not both")
