@@ -211,7 +211,7 @@ class Run:
         self.notes: set[str] = set()
         self._key_sets: dict[str, KeySet] = {}
 
-    def _stores(self) -> dict[str, KeyStore]:
+    def stores(self) -> dict[str, KeyStore]:
         stores: dict[str, KeyStore] = {}
         for idp in self.policy.identity_providers:
             if idp.jwks_uri or idp.jwks_file or idp.discovery:
@@ -225,7 +225,7 @@ class Run:
         """Decide the case's request (`repeat` times, the same caller with a fresh proof or signature each time)
         on a fresh engine; the last decision is held against `expect`, every one counts for coverage."""
         clock = _clock(at.timestamp() if at is not None else None)
-        engine = Engine(self.policy, self._stores(), clock=clock)
+        engine = Engine(self.policy, self.stores(), clock=clock)
         answers: dict[str, dict[str, Any]] = {}
         if engine.introspector is not None:
             engine.introspector = AnsweringIntrospector(engine.introspector.idp, clock, answers)

@@ -193,12 +193,12 @@ async def test_a_passing_policy_test_means_the_same_answer_behind_envoy(tmp_path
     try:
         for case in tests.cases:
             now = time.time()
-            built = Engine(policy, run._stores())
+            built = Engine(policy, run.stores())
             minted = run.mint(case.token, now, {}) if case.token is not None else None
             client = run.client_request(case, built, now, minted)
             modelled = client.delivered(run.bodies)
             tested: Decision = await built.check(modelled, [])
-            current["engine"] = Engine(policy, run._stores())
+            current["engine"] = Engine(policy, run.stores())
             seen = len(delivered)
             status = await asyncio.to_thread(send, port, client)
             if len(delivered) == seen:

@@ -251,8 +251,8 @@ async def test_the_fast_path_decides_a_signed_request_as_the_traced_path_does(po
              "signature": "sig1=:AAAA:"}  # fmt: skip
     plain = RequestView("POST", "/v1/mixed", "orders", {"authorization": f"Bearer {token}"}, "192.0.2.1", "https")
     signed = RequestView("POST", "/v1/mixed", "orders", {**plain.headers, **bogus}, "192.0.2.1", "https")
-    traced = await Engine(policy, run._stores()).check(signed, [])
-    production = Engine(policy, run._stores())
+    traced = await Engine(policy, run.stores()).check(signed, [])
+    production = Engine(policy, run.stores())
     assert (await production.check(plain)).status == 200
     recalled = await production.check(signed)
     assert (recalled.status, recalled.reason) == (traced.status, traced.reason)
