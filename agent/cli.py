@@ -326,6 +326,9 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
     if not args.policies or not args.signing_key:
         print("control-plane needs --policies DIR and --signing-key FILE (make one with --keygen DIR)", file=sys.stderr)
         return 2
+    if args.test_budget is not None and not args.test_budget > 0:
+        print("--test-budget must be a number of seconds above 0", file=sys.stderr)
+        return 2
     directory = Path(args.policies)
     if not directory.is_dir():
         print(f"{directory}: not a directory", file=sys.stderr)
@@ -339,9 +342,11 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
     async def main() -> None:
         import signal
 
-        from agent.controlplane.server import ControlPlane
+        from agent.controlplane.server import DEFAULT_TEST_BUDGET_S, ControlPlane
 
-        cp = ControlPlane(directory, key, args.listen, args.admin)
+        budget = DEFAULT_TEST_BUDGET_S if args.test_budget is None else args.test_budget
+        cp = ControlPlane(directory, key, args.listen, args.admin, require_tests=args.require_tests,
+                          test_budget_s=budget)  # fmt: skip
         await cp.start()
         done = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -508,6 +513,10 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--admin", default="127.0.0.1:9301", help="HOST:PORT for /status (versions, agents, errors)")
     c.add_argument("--signing-key", help="PEM Ed25519 private key bundles are signed with")
     c.add_argument("--keygen", metavar="DIR", help="write a new signing key pair into DIR and exit")
+    c.add_argument("--require-tests", action="store_true",
+                   help="publish a SERVICE.yaml only with a SERVICE.test.yaml beside it that passes")  # fmt: skip
+    c.add_argument("--test-budget", type=float, metavar="SECONDS",
+                   help="a test file not done within it blocks its own publish (default 60)")  # fmt: skip
     c.set_defaults(func=cmd_control_plane)
 
     d = sub.add_parser("demo", help="Envoy + agent + local IdP + demo app; prints curl lines")

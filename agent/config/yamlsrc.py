@@ -85,12 +85,16 @@ def line_of(obj: object, key: str | int | None = None, default: int = 0) -> int:
     return int(getattr(obj, "line", default))
 
 
-def load_yaml(text: str, file: str) -> Any:
-    """Parse one YAML document; duplicate keys and non-string keys are errors (PyYAML keeps the last)."""
-    loader = yaml.SafeLoader(text)
+def load_yaml(text: str, file: str, *, allow_empty: bool = False) -> Any:
+    """Parse one YAML document; duplicate keys and non-string keys are errors (PyYAML keeps the last).
+
+    An empty document (nothing but comments) is an error, or None with `allow_empty`."""
+    loader = _Loader(text, file)
     try:
         node = loader.get_single_node()
         if node is None:
+            if allow_empty:
+                return None
             raise ConfigError("the file is empty", file, 1)
         return _Walk(loader, file).convert(node)
     except yaml.MarkedYAMLError as e:
@@ -104,12 +108,37 @@ def load_yaml(text: str, file: str) -> Any:
 
 
 MAX_VALUES = 200_000  # mappings, lists and scalars one policy file may expand to (aliases count each time)
+MAX_DEPTH = 64  # mappings and lists one inside another; a policy needs about 7, a test case's claims a few more
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML composes a document recursively: `[[[[...` a few thousand deep is a RecursionError, which no caller
+    expects from a file (it stopped the control plane's poll for good). Nesting past MAX_DEPTH is refused at the
+    line where it goes too deep, long before Python's recursion limit."""
+
+    def __init__(self, text: str, file: str) -> None:
+        super().__init__(text)
+        self.file = file
+        self.depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        if not self.check_event(yaml.SequenceStartEvent, yaml.MappingStartEvent):
+            return super().compose_node(parent, index)
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+                raise ConfigError(f"nested more than {MAX_DEPTH} levels deep", self.file, mark.line + 1)
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
 
 class _Walk:
     """One conversion: aliases are followed, so a value may be met many times (`&a [*b, *b, ...]` nested is
-    exponential, a few hundred bytes for billions of values) or inside itself (`&a [*a]`): both are refused with
-    their line, never a hang or a RecursionError (the control plane reads policies from many teams)."""
+    exponential, a few hundred bytes for billions of values) or inside itself (`&a [*a]`), and aliases of
+    aliases nest deeper than the text does: all are refused with their line, never a hang or a RecursionError
+    (the control plane reads policies from many teams)."""
 
     def __init__(self, loader: yaml.SafeLoader, file: str) -> None:
         self.loader = loader
@@ -124,6 +153,8 @@ class _Walk:
             raise ConfigError(f"the file expands to more than {MAX_VALUES} values (YAML aliases)", self.file, line)
         if id(node) in self.open:
             raise ConfigError("a YAML alias refers to a value that contains it", self.file, line)
+        if len(self.open) >= MAX_DEPTH and isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+            raise ConfigError(f"nested more than {MAX_DEPTH} levels deep (through YAML aliases)", self.file, line)
         if isinstance(node, yaml.MappingNode):
             self.open.add(id(node))
             try:

@@ -6,6 +6,10 @@ service. The directory is re-read every `poll_s`: a policy that fails validation
 published (the last good bundle stays, the error is shown in /status and logged), a valid change is signed
 and pushed to every agent of that service at once. /status shows which agent enforces which version, what
 it reported, and what each service's tests said.
+
+Revocations never wait: they are read on every poll in the event loop, while policies are validated and
+their tests run in worker threads, one run per service at a time and each within a time budget, so a slow
+or hostile file holds up only its own publish. Nothing a file holds ends the polling.
 """
 
 from __future__ import annotations
@@ -13,19 +17,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import stat
+import threading
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import grpc
-import yaml
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.config import load_policy_text
+from agent.config import Policy, load_policy_text
+from agent.config.yamlsrc import line_of, load_yaml
 from agent.controlplane._proto.authz.controlplane.v1 import policy_sync_pb2 as pb
 from agent.controlplane.bundle import Revocations, policy_payload, revocations_payload, sign
 from agent.errors import ConfigErrors
@@ -36,6 +43,10 @@ log = logging.getLogger("agent.controlplane")
 SYNC_METHOD = "/authz.controlplane.v1.PolicySync/Sync"
 REVOCATIONS_FILE = "revocations.yaml"
 TEST_SUFFIX = ".test.yaml"  # SERVICE.test.yaml: the tests of SERVICE.yaml, never a policy of its own
+DEFAULT_TEST_BUDGET_S = 60.0  # a test file not done within it blocks its own publish (`--test-budget`)
+VALIDATION_WORKERS = 4  # threads loading policies and running their tests: a slow service holds one of them
+# orders.test.yml, orders.tests.yaml, orders_test.yaml: probably meant as orders.test.yaml
+_TESTS_NAME = re.compile(r"(?P<service>.+?)[._-]tests?\.ya?ml")
 # What a test's problem line could carry of a credential (a forwarded header's value): never shown.
 _CREDENTIAL = re.compile(r"eyJ[\w-]*\.[\w-]*\.[\w-]*|\b(?i:bearer|dpop|basic)\s+[\w.~+/=-]{16,}")
 
@@ -112,86 +123,135 @@ class AgentInfo:
 
 
 class Publisher:
-    """What is published, per service, and who listens."""
+    """What is published, per service, and who listens.
 
-    def __init__(self, directory: Path, key: Ed25519PrivateKey) -> None:
+    `poll()` never waits: it reads revocations at once and starts a validation for each service whose files
+    changed (in a worker thread, one run per service at a time; a change made meanwhile is taken by the first
+    poll after that run). `scan()` polls and waits for those validations (tests, tools)."""
+
+    def __init__(
+        self,
+        directory: Path,
+        key: Ed25519PrivateKey,
+        *,
+        require_tests: bool = False,
+        test_budget_s: float = DEFAULT_TEST_BUDGET_S,
+    ) -> None:
         self.directory = directory
         self.key = key
+        self.require_tests = require_tests  # a policy without SERVICE.test.yaml is not published
+        self.test_budget_s = test_budget_s
         self.published: dict[str, Published] = {}
         self.errors: dict[str, str] = {}
         self.revocations: Revocations = Revocations()
         self.revocations_bundle: pb.SignedBundle | None = None
         self.revocations_error = ""
         self.tests: dict[str, PolicyTestReport] = {}  # the last run of each service's test file
+        self.misnamed: dict[str, str] = {}  # a file the scan does not take as it was probably meant -> that name
         self._stamps: dict[Path, tuple[int, int, int]] = {}
-        self._scanning = asyncio.Lock()
+        self._revocations_stamp: tuple[int, int, int] | None = None
+        self._running: dict[str, asyncio.Task[None]] = {}  # the validation of each service being validated
+        self._workers = ThreadPoolExecutor(VALIDATION_WORKERS, thread_name_prefix="policy-validation")
+        self._stopping = threading.Event()  # tells a running test file to stop before its next case
         self._queues: dict[str, set[asyncio.Queue[pb.ControlMessage]]] = {}
         self.agents: dict[str, AgentInfo] = {}
 
     # -- reading the directory ----------------------------------------------------------------------
 
+    def poll(self) -> None:
+        """Publish changed revocations now; start validating every other service whose files changed."""
+        self._poll_revocations()
+        self._note_misnamed()
+        changed: set[str] = set()
+        seen: set[Path] = set()
+        for path in sorted(self.directory.glob("*.yaml")):
+            seen.add(path)
+            service = _service_of(path)
+            if path.name == REVOCATIONS_FILE or service in self._running:
+                continue  # a service being validated: its change is taken by the poll after that run
+            stamp = _stamp(path)
+            if stamp is None or self._stamps.get(path) == stamp:
+                continue
+            self._stamps[path] = stamp
+            changed.add(service)
+        for gone in sorted(set(self._stamps) - seen):
+            # A deleted file unpublishes nothing: agents keep enforcing the last bundle (fail closed).
+            service = _service_of(gone)
+            if service in self._running:
+                continue
+            del self._stamps[gone]
+            if gone.name.endswith(TEST_SUFFIX):
+                without = "is not published" if self.require_tests else "publishes without tests"
+                log.warning("%s was removed: %s %s from now on", gone, service, without)
+                changed.add(service)
+            else:
+                log.warning("%s was removed; its last bundle stays published", gone)
+                if self._test_path(service).exists():
+                    changed.add(service)  # its test file is left without a policy: shown in /status
+        loop = asyncio.get_running_loop()
+        for service in sorted(changed):
+            self._running[service] = loop.create_task(self._validate_guarded(service))
+
     async def scan(self) -> None:
-        """Read what changed; publish what is valid and passes its tests; keep the last good of what is not."""
-        async with self._scanning:  # one scan at a time: a slow test run must not interleave with the next poll
-            changed: set[str] = set()
-            seen: set[Path] = set()
-            for path in sorted(self.directory.glob("*.yaml")):
-                seen.add(path)
-                try:
-                    st = path.stat()
-                except OSError:
-                    continue
-                stamp = (st.st_mtime_ns, st.st_size, st.st_ino)  # the inode: a file replaced within one clock tick
-                if self._stamps.get(path) == stamp:
-                    continue
-                self._stamps[path] = stamp
-                if path.name == REVOCATIONS_FILE:
-                    self._read_revocations(path)
-                else:
-                    changed.add(_service_of(path))
-            for gone in sorted(set(self._stamps) - seen):
-                # A deleted file unpublishes nothing: agents keep enforcing the last bundle (fail closed).
-                del self._stamps[gone]
-                service = _service_of(gone)
-                if gone.name.endswith(TEST_SUFFIX):
-                    log.warning("%s was removed: %s publishes without tests from now on", gone, service)
-                    changed.add(service)
-                else:
-                    log.warning("%s was removed; its last bundle stays published", gone)
-                    if self._test_path(service).exists():
-                        changed.add(service)  # its test file is left without a policy: shown in /status
-            for service in sorted(changed):
-                await self._validate(service)
+        """Poll and wait until what changed is validated (the control plane's own poll never waits). Twice: a
+        change to a service whose validation was running when the first poll came is taken by the second."""
+        for _ in range(2):
+            self.poll()
+            await self.settled()
+
+    async def settled(self) -> None:
+        """Wait for the validations running now (not for any started later)."""
+        running = list(self._running.values())
+        if running:
+            await asyncio.wait(running)
+
+    async def close(self) -> None:
+        """Stop validating. A running test file stops before its next case: the one being run is finished first,
+        which is bounded (a case sends at most 1,000 requests), as is the policy being loaded."""
+        self._stopping.set()
+        running = list(self._running.values())
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+        await asyncio.to_thread(self._workers.shutdown, wait=True, cancel_futures=True)
 
     def _test_path(self, service: str) -> Path:
         return self.directory / f"{service}{TEST_SUFFIX}"
 
+    async def _validate_guarded(self, service: str) -> None:
+        try:
+            await self._validate(service)
+        except Exception as e:  # a file no check foresaw, or a bug: refused like a broken file, the poll goes on
+            log.exception("validating %s failed", service)
+            self._refuse(service, f"{self.directory / service}.yaml: not published, the last good bundle stays: "
+                                  f"it could not be validated ({type(e).__name__}: {e})")  # fmt: skip
+        finally:
+            self._running.pop(service, None)
+
     async def _validate(self, service: str) -> None:
         """Load SERVICE.yaml, run SERVICE.test.yaml against it (in a worker thread), publish only if both pass."""
         path, test_path = self.directory / f"{service}.yaml", self._test_path(service)
-        if not test_path.exists():
+        tested = test_path.exists()
+        if not tested:
             self.tests.pop(service, None)
         if path.name == REVOCATIONS_FILE or not path.exists():
-            if test_path.exists():
+            if tested:
                 self._refuse(service, f"{test_path}: there is no policy {path.name} beside it to test")
             else:
                 self.errors.pop(service, None)
             return
+        loop = asyncio.get_running_loop()
         try:
-            text = path.read_text(encoding="utf-8")
-            policy = load_policy_text(text, str(path), self.directory)
-            if policy.service != service:
-                raise ValueError(f"{path}:1: the file of service {service!r} says service: {policy.service!r}")
+            text, policy, result = await loop.run_in_executor(
+                self._workers, self._check, service, path, test_path if tested else None
+            )
         except (ConfigErrors, ValueError, OSError) as e:
-            self.errors[service] = str(e)
-            log.error("not published (the last good bundle of %s stays):\n%s", service, e)
+            self._refuse(service, str(e), f"not published (the last good bundle of {service} stays):\n")
             return
-        if test_path.exists():
-            try:
-                result = await asyncio.to_thread(run_file, test_path, policy)
-            except Exception as e:  # a bug in the runner blocks the publish, like a failing test
-                log.exception("running %s", test_path)
-                result = FileResult(str(test_path), errors=[f"{test_path}: the tests could not be run: {e!r}"])
+        if result is None and self.require_tests:
+            self._refuse(service, f"{self._held(service, policy.version)}: {self._no_tests(test_path)}")
+            return
+        if result is not None:
             report = PolicyTestReport.of(test_path, policy.version, result)
             self.tests[service] = report
             if not report.ok:
@@ -199,6 +259,24 @@ class Publisher:
                 return
             log.info("%s: %d tests passed against %s", test_path.name, report.passed, policy.version)
         self.errors.pop(service, None)
+        self._publish(service, text, policy)
+
+    def _check(self, service: str, path: Path, test_path: Path | None) -> tuple[str, Policy, FileResult | None]:
+        """In a worker thread: the policy (raises what `policy lint` reports), then its tests, if it has them."""
+        text = path.read_text(encoding="utf-8")
+        policy = load_policy_text(text, str(path), self.directory)
+        if policy.service != service:
+            raise ValueError(f"{path}:1: the file of service {service!r} says service: {policy.service!r}")
+        if test_path is None:
+            return text, policy, None
+        try:
+            result = run_file(test_path, policy, budget_s=self.test_budget_s, stop=self._stopping)
+        except Exception as e:  # a bug in the runner blocks the publish, like a failing test
+            log.exception("running %s", test_path)
+            result = FileResult(str(test_path), errors=[f"{test_path}: the tests could not be run: {e!r}"])
+        return text, policy, result
+
+    def _publish(self, service: str, text: str, policy: Policy) -> None:
         current = self.published.get(service)
         if current is not None and current.version == policy.version:
             return
@@ -220,17 +298,54 @@ class Publisher:
             return f"{version} is published and now fails its tests (nothing new is published)"
         return f"{version} not published, the last good bundle stays ({current.version})"
 
-    def _refuse(self, service: str, error: str) -> None:
+    def _no_tests(self, test_path: Path) -> str:
+        text = f"no tests: with --require-tests a policy is published only with {test_path.name} beside it"
+        lookalikes = sorted(name for name, meant in self.misnamed.items() if meant == test_path.name)
+        if lookalikes:
+            text += f" ({', '.join(lookalikes)} is not read as its tests: rename it {test_path.name})"
+        return text
+
+    def _refuse(self, service: str, error: str, log_prefix: str = "") -> None:
+        meant = _probably_meant(f"{service}.yaml")
+        if meant is not None:
+            error += (f"\n{service}.yaml was read as the policy of service {service!r}: "
+                      f"if it holds the tests of {meant.removesuffix(TEST_SUFFIX)}, name it {meant}")  # fmt: skip
         self.errors[service] = error
-        log.error("%s", error)
+        log.error("%s%s", log_prefix, error)
+
+    def _note_misnamed(self) -> None:
+        """Files named like tests (or policies) the scan does not read as such: logged once, listed in /status."""
+        found: dict[str, str] = {}
+        for path in self.directory.glob("*.y*ml"):
+            meant = _probably_meant(path.name)
+            if meant is not None:
+                found[path.name] = meant
+        for name in sorted(found.keys() - self.misnamed.keys()):
+            if name.endswith(".yml"):  # never read; a *.yaml lookalike is read as a policy, and told if refused
+                log.warning("%s is not read (the control plane reads *.yaml): probably meant %s", name, found[name])
+        self.misnamed = found
+
+    def _poll_revocations(self) -> None:
+        path = self.directory / REVOCATIONS_FILE
+        stamp = _stamp(path)
+        if stamp == self._revocations_stamp:
+            return
+        if stamp is None:
+            log.warning("%s was removed; the last revocation list stays published", path)
+        else:
+            self._read_revocations(path)
+        self._revocations_stamp = stamp
 
     def _read_revocations(self, path: Path) -> None:
         try:
-            doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            doc = load_yaml(path.read_text(encoding="utf-8"), str(path), allow_empty=True) or {}
             jti, subjects = _parse_revocations(doc, path)
-        except (ValueError, OSError, yaml.YAMLError) as e:
-            self.revocations_error = str(e)
-            log.error("revocations not published (the last list stays): %s", e)
+        except (ValueError, OSError) as e:  # a ConfigError (a ValueError) says file:line
+            self._refuse_revocations(str(e))
+            return
+        except Exception as e:  # never the end of the poll: a fixed file must still get through
+            log.exception("reading %s failed", path)
+            self._refuse_revocations(f"{path}: could not be read ({type(e).__name__}: {e})")
             return
         self.revocations_error = ""
         if (jti, subjects) == (self.revocations.jti, self.revocations.subjects):
@@ -240,6 +355,10 @@ class Publisher:
         log.info("published revocations (sequence %d)", self.revocations.sequence)
         for service in list(self._queues):
             self._push(service, pb.ControlMessage(revocations=self.revocations_bundle))
+
+    def _refuse_revocations(self, error: str) -> None:
+        self.revocations_error = error
+        log.error("revocations not published (the last list stays): %s", error)
 
     # -- agents -------------------------------------------------------------------------------------
 
@@ -278,6 +397,15 @@ class Publisher:
                 if name not in self.published
             },
             "revocations": {"sequence": self.revocations.sequence, "error": self.revocations_error or None},
+            "validating": sorted(self._running),  # policies being loaded and tested now
+            "misnamed": {
+                name: f"not read (the control plane reads *.yaml): probably meant {meant}"
+                if name.endswith(".yml")
+                else f"read as a policy and refused: probably meant {meant}"
+                for name, meant in sorted(self.misnamed.items())
+                if name.endswith(".yml") or _service_of(Path(name)) in self.errors
+            },
+            "settings": {"require_tests": self.require_tests, "test_budget_s": self.test_budget_s},
             "agents": [vars(a) for a in self.agents.values()],
         }
 
@@ -292,32 +420,69 @@ def _service_of(path: Path) -> str:
     return name[: -len(TEST_SUFFIX)] if name.endswith(TEST_SUFFIX) else path.stem
 
 
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    """What tells a change (the inode too: a file replaced within one clock tick); None when there is no regular
+    file (a FIFO would hold its reader for ever)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino) if stat.S_ISREG(st.st_mode) else None
+
+
+def _probably_meant(name: str) -> str | None:
+    """`orders.test.yml`, `orders.tests.yaml`, `orders_test.yaml` -> orders.test.yaml; `orders.yml` -> orders.yaml."""
+    m = _TESTS_NAME.fullmatch(name)
+    if m is not None and name != m["service"] + TEST_SUFFIX:
+        return m["service"] + TEST_SUFFIX
+    return name.removesuffix(".yml") + ".yaml" if name.endswith(".yml") else None
+
+
 def _parse_revocations(doc: Any, path: Path) -> tuple[frozenset[str], tuple[tuple[str, str, int], ...]]:
+    """The lists of revocations.yaml (read by load_yaml: a key given twice is an error, not a list dropped)."""
     if not isinstance(doc, dict) or set(doc) - {"jti", "subjects"}:
-        raise ValueError(f"{path}: expected 'jti: [...]' and/or 'subjects: [{{issuer, subject, issued_before}}]'")
+        raise ValueError(f"{path}:{line_of(doc, None, 1)}: expected 'jti: [...]' and/or "
+                         "'subjects: [{issuer, subject, issued_before}]'")  # fmt: skip
     jti = doc.get("jti") or []
     if not isinstance(jti, list) or not all(isinstance(j, str) and j for j in jti):
-        raise ValueError(f"{path}: jti must be a list of strings")
+        raise ValueError(f"{path}:{line_of(doc, 'jti', 1)}: jti must be a list of strings")
     subjects = []
-    for i, s in enumerate(doc.get("subjects") or []):
+    listed = doc.get("subjects") or []
+    if not isinstance(listed, list):
+        raise ValueError(f"{path}:{line_of(doc, 'subjects', 1)}: subjects must be a list")
+    for i, s in enumerate(listed):
+        where = f"{path}:{line_of(listed, i, 1)}: subjects[{i}]"
         if not isinstance(s, dict) or set(s) != {"issuer", "subject", "issued_before"}:
-            raise ValueError(f"{path}: subjects[{i}] needs issuer, subject and issued_before")
+            raise ValueError(f"{where} needs issuer, subject and issued_before")
         before = s["issued_before"]
         if isinstance(before, str):
-            before = datetime.fromisoformat(before)
+            try:
+                before = datetime.fromisoformat(before)
+            except ValueError:
+                raise ValueError(f"{where}.issued_before is not a time: {before!r}") from None
         if isinstance(before, datetime):
             if before.tzinfo is None:
-                raise ValueError(f"{path}: subjects[{i}].issued_before needs a time zone")
+                raise ValueError(f"{where}.issued_before needs a time zone")
             before = int(before.timestamp())
         if not isinstance(before, int) or isinstance(before, bool):
-            raise ValueError(f"{path}: subjects[{i}].issued_before must be a time or unix seconds")
+            raise ValueError(f"{where}.issued_before must be a time or unix seconds")
         subjects.append((str(s["issuer"]), str(s["subject"]), before))
     return frozenset(jti), tuple(sorted(subjects))
 
 
 class ControlPlane:
-    def __init__(self, directory: Path, key: Ed25519PrivateKey, listen: str, admin: str | None, poll_s: float = 0.5):
-        self.publisher = Publisher(directory, key)
+    def __init__(
+        self,
+        directory: Path,
+        key: Ed25519PrivateKey,
+        listen: str,
+        admin: str | None,
+        poll_s: float = 0.5,
+        *,
+        require_tests: bool = False,
+        test_budget_s: float = DEFAULT_TEST_BUDGET_S,
+    ) -> None:
+        self.publisher = Publisher(directory, key, require_tests=require_tests, test_budget_s=test_budget_s)
         self.listen = listen
         self.admin_listen = admin
         self.poll_s = poll_s
@@ -370,7 +535,9 @@ class ControlPlane:
             log.info("agent %s disconnected", info.agent_id)
 
     async def start(self) -> None:
-        await self.publisher.scan()
+        """Serve at once: revocations are read before the first agent can connect; each policy is published when
+        its validation ends (an agent that connected earlier is sent it then)."""
+        self._poll_once()
         handler = grpc.method_handlers_generic_handler(
             "authz.controlplane.v1.PolicySync",
             {
@@ -402,9 +569,16 @@ class ControlPlane:
             try:
                 await asyncio.wait_for(self._stop.wait(), self.poll_s)
             except TimeoutError:
-                await self.publisher.scan()
+                self._poll_once()
+
+    def _poll_once(self) -> None:
+        try:
+            self.publisher.poll()
+        except Exception:  # nothing in the directory may end the polling (no revocation would get out again)
+            log.exception("reading %s failed; the next poll tries again", self.publisher.directory)
 
     async def stop(self) -> None:
+        """Stop serving; a running test file is stopped after the case it is running (see Publisher.close)."""
         self._stop.set()
         for t in self._tasks:
             t.cancel()
@@ -412,3 +586,4 @@ class ControlPlane:
             await self._server.stop(0.5)
         if self._admin is not None:
             await self._admin.cleanup()
+        await self.publisher.close()

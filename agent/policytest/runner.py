@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -116,19 +117,31 @@ class FileResult:
 
 
 def run_file(
-    path: str | Path, policy: Policy | None = None, *, require_coverage: bool = False, budget_s: float | None = None
+    path: str | Path,
+    policy: Policy | None = None,
+    *,
+    require_coverage: bool = False,
+    budget_s: float | None = None,
+    stop: threading.Event | None = None,
 ) -> FileResult:
     """Run one test file. Synchronous, with its own event loop: call it from a worker thread when a loop runs.
 
     With `policy` (the control plane's candidate) the cases run against it, and the file's `policy:` must be the
     same file; without it, the file's policy is loaded with throwaway stand-ins for secrets it cannot read.
     `budget_s` bounds the run: cases not decided within it make the file an error (a control plane must not be
-    held by a test file)."""
-    return asyncio.run(run_file_async(Path(path), policy, require_coverage=require_coverage, budget_s=budget_s))
+    held by a test file); `stop`, once set, does the same before the next case (a control plane shutting down)."""
+    return asyncio.run(
+        run_file_async(Path(path), policy, require_coverage=require_coverage, budget_s=budget_s, stop=stop)
+    )
 
 
 async def run_file_async(
-    path: Path, policy: Policy | None = None, *, require_coverage: bool = False, budget_s: float | None = None
+    path: Path,
+    policy: Policy | None = None,
+    *,
+    require_coverage: bool = False,
+    budget_s: float | None = None,
+    stop: threading.Event | None = None,
 ) -> FileResult:
     started_run = time.monotonic()
     result = FileResult(str(path), require_coverage=require_coverage)
@@ -161,6 +174,10 @@ async def run_file_async(
         if budget_s is not None and time.monotonic() - started_run > budget_s:
             result.errors = [f"{path}: the cases took longer than {budget_s:g} s; {len(result.cases)} of "
                              f"{len(tests.cases)} were run"]  # fmt: skip
+            result.cases = []
+            return result
+        if stop is not None and stop.is_set():
+            result.errors = [f"{path}: stopped after {len(result.cases)} of {len(tests.cases)} cases"]
             result.cases = []
             return result
         started = time.perf_counter()

@@ -39,13 +39,15 @@ WAIT_S = 15.0  # the bound of every wait; the measured times are printed
 
 
 class ControlPlaneProcess:
-    def __init__(self, policies: Path, key: Path, workdir: Path, port: int | None = None) -> None:
+    def __init__(
+        self, policies: Path, key: Path, workdir: Path, port: int | None = None, extra: tuple[str, ...] = ()
+    ) -> None:
         self.port = port or free_port()
         self.admin = f"127.0.0.1:{free_port()}"
         self.log = (workdir / "control-plane.log").open("a")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "agent", "control-plane", "--policies", str(policies), "--signing-key", str(key),
-             "--listen", f"127.0.0.1:{self.port}", "--admin", self.admin],
+             "--listen", f"127.0.0.1:{self.port}", "--admin", self.admin, *extra],
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )  # fmt: skip
@@ -265,3 +267,39 @@ def test_an_agent_without_a_bundle_and_no_control_plane_is_not_ready_and_refuses
             assert r.status == 200
     finally:
         agent.stop()
+
+
+def test_require_tests_and_the_test_budget_from_the_command_line(tmp_path: Path) -> None:
+    """`--require-tests`: an untested policy is refused ("no tests"), a misnamed test file is named in /status;
+    `--test-budget`: a test file over it blocks its publish. No agent needed: /status says it all."""
+    subprocess.run([sys.executable, "-m", "agent", "control-plane", "--keygen", str(tmp_path / "keys")], check=True)
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    policy = POLICY.format(idp=idp_yaml("https://idp.example.test"), scope="orders:read")
+    write_atomically(policies / "orders.yaml", policy)
+    tests = TESTS.format(allowed="orders:read", refused="orders:write")
+    write_atomically(policies / "orders.test.yml", tests)
+    many = "".join(f"  - name: slow {i}\n    request: {{method: GET, path: /v1/orders}}\n    repeat: 1000\n"
+                   f"    expect: {{status: 401}}\n" for i in range(90))  # fmt: skip
+    write_atomically(policies / "billing.yaml", policy.replace("service: orders", "service: billing"))
+    write_atomically(policies / "billing.test.yaml", "policy: billing.yaml\ncases:\n" + many)
+    cp = ControlPlaneProcess(policies, tmp_path / "keys" / "bundle-signing.pem", tmp_path,
+                             extra=("--require-tests", "--test-budget", "0.3"))  # fmt: skip
+    try:
+        until(lambda: {"orders", "billing"} <= set(cp.status()["refused"]), "both services refused")
+        status = cp.status()
+        assert status["settings"] == {"require_tests": True, "test_budget_s": 0.3}
+        assert "no tests" in status["refused"]["orders"]["error"]
+        assert "rename it orders.test.yaml" in status["refused"]["orders"]["error"]
+        assert status["misnamed"] == {
+            "orders.test.yml": "not read (the control plane reads *.yaml): probably meant orders.test.yaml"
+        }
+        assert "took longer than 0.3 s" in status["refused"]["billing"]["error"]
+        (policies / "orders.test.yml").rename(policies / "orders.test.yaml")
+        until(lambda: "orders" in cp.status()["services"], "orders published with its tests")
+        orders = cp.status()["services"]["orders"]
+        assert orders["error"] is None and orders["tests"]["passed"] == 3
+        log = (tmp_path / "control-plane.log").read_text()
+        assert "orders.test.yml is not read" in log and "Traceback" not in log
+    finally:
+        cp.stop()

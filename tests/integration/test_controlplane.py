@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -244,6 +246,7 @@ async def test_failing_tests_block_the_publish_and_the_agent_keeps_the_last_good
     stop = asyncio.Event()
     task = asyncio.get_running_loop().create_task(client.run(stop))
     try:
+        await until_async(lambda: "orders" in cp.publisher.published, "the tested policy published")
         good = cp.publisher.published["orders"].version
         await until_async(lambda: client.version == good, "the agent enforces the tested policy")
         # A change that locks readers out: its own tests say so, and it is not published.
@@ -387,3 +390,263 @@ async def test_a_failing_case_about_a_forwarded_token_shows_no_token(
     refused = pub.status()["refused"]["orders"]
     assert refused["tests"]["failed"] == 1 and "authorization" in refused["error"]
     no_credentials(json.dumps(pub.status()), caplog.text)
+
+
+# -- no file can stop the control plane, and no test run holds up revocations or other services --------------------
+
+SLOW_POLICY = textwrap.dedent("""\
+    version: 1
+    service: orders
+    identity_providers:
+      corp:
+        issuer: https://idp.example.test
+        jwks_uri: https://idp.example.test/jwks
+        audiences: [orders-api]
+        algorithms: [ES256]
+    routes:
+      - name: create-order
+        match: {methods: [POST], path: /v1/orders}
+        authn: [jwt]
+        bind: dpop
+        allow: {}
+    default: deny
+    """)
+
+
+def write_slow_orders(policies: Path, cases: int = 60) -> None:
+    """orders with a test file that takes long (about 0.2 s a case here: 1,000 requests with fresh DPoP proofs)."""
+    replace(policies / "orders.yaml", SLOW_POLICY)
+    slow = "".join(
+        f"  - name: c{i}\n    request: {{method: POST, path: /v1/orders}}\n"
+        f"    token: {{claims: {{sub: c}}, dpop: true}}\n    repeat: 1000\n    expect: {{status: 200}}\n"
+        for i in range(cases)
+    )
+    replace(policies / "orders.test.yaml", "policy: orders.yaml\ncases:\n" + slow)
+
+
+def write_billing(policies: Path, route: str = "health") -> None:
+    billing = POLICY.replace("service: orders", "service: billing").replace("health,", f"{route},")
+    replace(policies / "billing.yaml", billing)
+
+
+DEEP = "[" * 3000 + "]" * 3000  # past Python's recursion limit, as PyYAML composes it
+
+
+async def test_a_policy_nested_too_deep_is_refused_at_its_line_and_the_poll_goes_on(policies: Path) -> None:
+    write_billing(policies)
+    cp = ControlPlane(policies, Ed25519PrivateKey.generate(), f"127.0.0.1:{free_port()}", None, poll_s=0.05)
+    await cp.start()
+    pub = cp.publisher
+    try:
+        await until_async(lambda: "billing" in pub.published, "billing published")
+        replace(policies / "evil.yaml", "version: 1\nservice: evil\nroutes: " + DEEP + "\n")
+        await until_async(lambda: "evil" in pub.errors, "the deep policy refused", timeout=5)
+        assert pub.errors["evil"] == f"{policies / 'evil.yaml'}:3: nested more than 64 levels deep"
+        # The poll goes on: a revocation and another service's change still get out.
+        replace(policies / "revocations.yaml", "jti: [stolen]\n")
+        write_billing(policies, route="healthz")
+        await until_async(lambda: pub.revocations.sequence == 1, "the revocation published", timeout=5)
+        await until_async(lambda: pub.published["billing"].sequence == 2, "billing's change published", timeout=5)
+        assert pub.status()["refused"]["evil"]["error"] == pub.errors["evil"]
+    finally:
+        await cp.stop()
+
+
+async def test_revocations_nested_too_deep_are_refused_and_the_fixed_list_gets_out(policies: Path) -> None:
+    pub = Publisher(policies, Ed25519PrivateKey.generate())
+    replace(policies / "revocations.yaml", "jti:\n  - " + DEEP + "\n")
+    await pub.scan()
+    assert pub.revocations_error == f"{policies / 'revocations.yaml'}:2: nested more than 64 levels deep"
+    replace(policies / "revocations.yaml", "jti: [stolen]\n")
+    await pub.scan()
+    assert (pub.revocations.sequence, pub.revocations.jti, pub.revocations_error) == (1, {"stolen"}, "")
+
+
+async def test_a_revocation_list_naming_a_key_twice_is_refused(policies: Path) -> None:
+    """PyYAML keeps the last of two `jti:` lists: the first list's tokens would silently be let in again."""
+    pub = Publisher(policies, Ed25519PrivateKey.generate())
+    replace(policies / "revocations.yaml", "jti: [a]\n")
+    await pub.scan()
+    replace(policies / "revocations.yaml", "jti: [a]\nsubjects: []\njti: [b]\n")
+    await pub.scan()
+    assert pub.revocations.jti == {"a"} and "revocations.yaml:3: duplicate key 'jti'" in pub.revocations_error
+    replace(policies / "revocations.yaml", "# nothing revoked\n")  # empty: nothing revoked, as before
+    await pub.scan()
+    assert (pub.revocations.sequence, pub.revocations.jti, pub.revocations_error) == (2, frozenset(), "")
+
+
+async def test_a_revocation_is_not_held_behind_a_running_test(policies: Path) -> None:
+    write_slow_orders(policies)
+    pub = Publisher(policies, Ed25519PrivateKey.generate())
+    first = asyncio.get_running_loop().create_task(pub.scan())  # 60,000 requests with fresh proofs: seconds
+    try:
+        await until_async(lambda: pub.status()["validating"] == ["orders"], "the orders tests running")
+        replace(policies / "revocations.yaml", "jti: [stolen-token]\n")
+        write_billing(policies)
+        pub.poll()  # the next poll, as ControlPlane._poll makes it
+        assert pub.revocations.sequence == 1  # read by the poll itself
+        await until_async(lambda: "billing" in pub.published or first.done(), "billing or the orders tests")
+        assert not first.done() and pub.status()["validating"] == ["orders"], "billing waited for orders' tests"
+    finally:
+        started = time.monotonic()
+        await pub.close()  # the run stops before its next case
+        closed = time.monotonic() - started
+        await first
+    assert closed < 5 and "orders" not in pub.published and "orders" not in pub.tests
+
+
+async def test_the_control_plane_serves_before_a_slow_test_file_is_done(policies: Path, tmp_path: Path) -> None:
+    write_slow_orders(policies)
+    replace(policies / "revocations.yaml", "jti: [stolen-token]\n")
+    key = Ed25519PrivateKey.generate()
+    cp = ControlPlane(policies, key, f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}", poll_s=0.05)
+    started = time.monotonic()
+    await cp.start()
+    assert time.monotonic() - started < 2
+
+    async def install(policy: Policy, source: str) -> str | None:
+        raise AssertionError("orders is still being tested: nothing to install")
+
+    revoked: list[Revocations] = []
+    client = PolicyClient(cp.listen, "orders", tmp_path / "state", [key.public_key()], install, revoked.append)
+    stop = asyncio.Event()
+    task = asyncio.get_running_loop().create_task(client.run(stop))
+    try:
+        await until_async(lambda: revoked, "the agent holds the revocations")
+        status = await admin_status(cp)
+        assert status["validating"] == ["orders"] and status["services"] == {} and revoked[-1].jti == {"stolen-token"}
+    finally:
+        stop.set()
+        await task
+        started = time.monotonic()
+        await cp.stop()
+    assert time.monotonic() - started < 5, "stopping waited for the test file"
+
+
+async def test_a_test_file_over_its_budget_blocks_its_own_publish(policies: Path) -> None:
+    write_slow_orders(policies)
+    write_billing(policies)
+    pub = Publisher(policies, Ed25519PrivateKey.generate(), test_budget_s=0.3)
+    await pub.scan()
+    assert set(pub.published) == {"billing"}
+    refused = pub.status()["refused"]["orders"]
+    assert "orders.test.yaml could not be run" in refused["error"] and "took longer than 0.3 s" in refused["error"]
+    assert refused["tests"]["errors"] and refused["tests"]["passed"] == 0
+
+
+async def test_an_unforeseen_error_refuses_only_its_service_with_its_type(
+    policies: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No file raises one any more; a loader bug is simulated: it must not escape to the poll."""
+    from agent.controlplane import server
+
+    real = server.load_policy_text
+
+    def buggy(text: str, file: str = "<policy>", base_dir: Path | None = None, stand_ins: bool = False) -> Policy:
+        if file.endswith("evil.yaml"):
+            raise RecursionError("maximum recursion depth exceeded")
+        return real(text, file, base_dir, stand_ins)
+
+    monkeypatch.setattr(server, "load_policy_text", buggy)
+    write_billing(policies)
+    replace(policies / "evil.yaml", POLICY.replace("service: orders", "service: evil"))
+    replace(policies / "revocations.yaml", "jti: [stolen]\n")
+    pub = Publisher(policies, Ed25519PrivateKey.generate())
+    await pub.scan()
+    assert set(pub.published) == {"billing"} and pub.revocations.sequence == 1
+    error = pub.status()["refused"]["evil"]["error"]
+    assert error.startswith(f"{policies / 'evil.yaml'}: not published, the last good bundle stays")
+    assert "(RecursionError: maximum recursion depth exceeded)" in error
+    assert "Traceback" in caplog.text and "validating evil failed" in caplog.text
+
+
+async def test_the_poll_goes_on_after_an_error(
+    policies: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_billing(policies)
+    cp = ControlPlane(policies, Ed25519PrivateKey.generate(), f"127.0.0.1:{free_port()}", None, poll_s=0.05)
+    await cp.start()
+    real, failures = cp.publisher.poll, [OSError("simulated: the directory could not be listed")]
+
+    def poll_failing_once() -> None:
+        if failures:
+            raise failures.pop()
+        real()
+
+    monkeypatch.setattr(cp.publisher, "poll", poll_failing_once)
+    try:
+        await until_async(lambda: not failures, "the failing poll")
+        replace(policies / "revocations.yaml", "jti: [stolen]\n")
+        await until_async(lambda: cp.publisher.revocations.sequence == 1, "the next poll", timeout=5)
+        assert "the next poll tries again" in caplog.text
+    finally:
+        await cp.stop()
+
+
+async def test_require_tests_publishes_only_a_tested_policy(policies: Path, caplog: pytest.LogCaptureFixture) -> None:
+    write_orders(policies, tests_scope=None)
+    replace(policies / "orders.test.yml", CASES.format(policy="orders.yaml", scope="orders:read"))  # misnamed
+    pub = Publisher(policies, Ed25519PrivateKey.generate(), require_tests=True)
+    await pub.scan()
+    status = pub.status()
+    assert status["services"] == {} and status["settings"]["require_tests"] is True
+    error = status["refused"]["orders"]["error"]
+    assert "not published (no version of orders was published yet): no tests" in error
+    assert "(orders.test.yml is not read as its tests: rename it orders.test.yaml)" in error
+    assert status["misnamed"] == {
+        "orders.test.yml": "not read (the control plane reads *.yaml): probably meant orders.test.yaml"
+    }
+    assert "orders.test.yml is not read (the control plane reads *.yaml): probably meant orders.test.yaml" in (
+        caplog.text
+    )
+    (policies / "orders.test.yml").rename(policies / "orders.test.yaml")
+    await pub.scan()
+    status = pub.status()
+    assert status["services"]["orders"]["tests"]["passed"] == 3 and status["misnamed"] == {}
+    # Its tests removed, the published version stays and the service says why nothing new gets out.
+    (policies / "orders.test.yaml").unlink()
+    write_orders(policies, scope="orders:write", tests_scope=None)
+    await pub.scan()
+    orders = pub.status()["services"]["orders"]
+    assert orders["sequence"] == 1 and "no tests" in orders["error"]
+    assert "orders.test.yaml was removed: orders is not published from now on" in caplog.text
+
+
+async def test_without_require_tests_an_untested_policy_publishes_and_a_misnamed_test_file_is_shown(
+    policies: Path,
+) -> None:
+    write_orders(policies, tests_scope=None)
+    replace(policies / "orders.test.yml", CASES.format(policy="orders.yaml", scope="orders:read"))
+    pub = Publisher(policies, Ed25519PrivateKey.generate())
+    await pub.scan()
+    status = pub.status()
+    assert status["services"]["orders"]["error"] is None and status["services"]["orders"]["tests"] is None
+    assert list(status["misnamed"]) == ["orders.test.yml"]
+
+
+@pytest.mark.parametrize("name", ["orders.tests.yaml", "orders_test.yaml", "orders-tests.yaml"])
+async def test_a_test_file_named_like_a_policy_is_refused_with_the_name_it_was_meant_to_have(
+    policies: Path, name: str
+) -> None:
+    write_orders(policies, tests_scope=None)
+    replace(policies / name, CASES.format(policy="orders.yaml", scope="orders:read"))
+    replace(policies / "load-test.yaml", POLICY.replace("service: orders", "service: load-test"))  # a real service
+    pub = Publisher(policies, Ed25519PrivateKey.generate())
+    await pub.scan()
+    status = pub.status()
+    assert set(status["services"]) == {"orders", "load-test"}
+    service = name.removesuffix(".yaml")
+    error = status["refused"][service]["error"]
+    assert error.startswith(f"{policies / name}:1: policy: unknown key")
+    assert error.endswith(f"{name} was read as the policy of service {service!r}: "
+                          "if it holds the tests of orders, name it orders.test.yaml")  # fmt: skip
+    assert status["misnamed"] == {name: "read as a policy and refused: probably meant orders.test.yaml"}
+
+
+async def test_a_fifo_named_like_a_policy_holds_up_nothing(policies: Path) -> None:
+    """Read, a FIFO blocks its reader for ever (before, the event loop itself: no agent was served)."""
+    os.mkfifo(policies / "evil.yaml")
+    write_billing(policies)
+    pub = Publisher(policies, Ed25519PrivateKey.generate())
+    await asyncio.wait_for(pub.scan(), 10)
+    assert set(pub.published) == {"billing"} and pub.errors == {}
