@@ -145,6 +145,9 @@ class _Walk:
         self.file = file
         self.left = MAX_VALUES
         self.open: set[int] = set()  # the nodes being converted, from the root down
+        # Where each scalar's text is, made once per node: an alias of a long string must not copy its text again
+        # at every use (1,500 aliases of a 1 MiB string would be 1.5 GB).
+        self.spans: dict[int, TextSpan] = {}
 
     def convert(self, node: yaml.Node) -> Any:
         line = node.start_mark.line + 1
@@ -189,7 +192,10 @@ class _Walk:
             out[key] = self.convert(value_node)
             out.lines[key] = key_line
             if isinstance(value_node, yaml.ScalarNode):
-                out.texts[key] = _span(value_node)
+                span = self.spans.get(id(value_node))
+                if span is None:
+                    span = self.spans[id(value_node)] = _span(value_node)
+                out.texts[key] = span
         return out
 
 

@@ -216,27 +216,6 @@ async def test_a_policy_nested_too_deep_does_not_stop_the_control_plane(policy_d
     assert "evil" in pub.errors and pub.revocations.sequence == 1
 
 
-async def test_a_revocation_is_not_held_behind_a_running_test(policy_dir: Path) -> None:
-    many = "".join(
-        f"- name: c{i}\n  request: {{method: POST, path: /v1/orders}}\n  token: {{claims: {{sub: c}}, dpop: true}}\n"
-        f"  repeat: 1000\n  expect: {{status: 200}}\n"
-        for i in range(30)
-    )
-    write_tests(policy_dir, many)
-    pub = Publisher(policy_dir, Ed25519PrivateKey.generate())
-    first = asyncio.get_running_loop().create_task(pub.scan())  # 30,000 requests with fresh proofs: seconds
-    await until_async(lambda: pub._scanning.locked(), "the first scan started")
-    (policy_dir / "revocations.yaml").write_text("jti: [stolen-token]\n")
-    started = time.monotonic()
-    second = asyncio.get_running_loop().create_task(pub.scan())  # the next poll, as ControlPlane._poll makes it
-    try:
-        await until_async(lambda: pub.revocations.sequence == 1 or first.done(), "the revocation or the tests")
-        assert not first.done(), f"the revocation waited {time.monotonic() - started:.1f} s for the orders tests"
-    finally:
-        await first
-        await second
-
-
 # -- `policy test` decides on the traced path; `run` remembers allows ---------------------------------------
 
 
