@@ -5,7 +5,6 @@ behind a test run, and the engine's fast path deciding otherwise than the traced
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import os
 import subprocess
@@ -26,7 +25,6 @@ from agent.errors import ConfigErrors
 from agent.policytest import run_file
 from agent.policytest.cases import TokenSpec, read_test_file
 from agent.policytest.runner import Run
-from tests.wait import until_async
 
 ROOT = Path(__file__).parent.parent.parent
 
