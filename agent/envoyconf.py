@@ -54,6 +54,22 @@ MAX_CONNECTIONS = 10_000  # downstream connections across all listeners
 # the agent judges the request's own method, so the app must never see another one.
 # What a client says about the way it came: meaningful only from a proxy you run (`trusted_hops` > 0).
 CLIENT_FORWARDING_HEADERS = ("forwarded", "x-forwarded-host", "x-forwarded-port", "x-forwarded-prefix", "x-real-ip")
+# What Envoy, as bootstrap() sets it up (clients are external), takes out of a client's request before ext_authz:
+# hop-by-hop headers, the client certificate header, and the x-envoy-* control headers it sanitises (not every
+# x-envoy-* name: x-envoy-attempt-count passes). The agent never sees them, so a `policy test` case may not send
+# them. Seen from a real Envoy: tests/e2e/test_policy_test_fidelity_e2e.py.
+REMOVED_BEFORE_AUTHZ = frozenset(
+    {
+        "connection", "keep-alive", "proxy-connection", "upgrade", "expect", "x-forwarded-client-cert",
+        "x-envoy-auth-partial-body", "x-envoy-decorator-operation", "x-envoy-downstream-service-cluster",
+        "x-envoy-downstream-service-node", "x-envoy-expected-rq-timeout-ms", "x-envoy-force-trace",
+        "x-envoy-hedge-on-per-try-timeout", "x-envoy-internal", "x-envoy-ip-tags", "x-envoy-max-retries",
+        "x-envoy-original-path", "x-envoy-retriable-header-names", "x-envoy-retriable-status-codes",
+        "x-envoy-retry-grpc-on", "x-envoy-retry-on", "x-envoy-upstream-alt-stat-name",
+        "x-envoy-upstream-rq-per-try-timeout-ms", "x-envoy-upstream-rq-timeout-alt-response",
+        "x-envoy-upstream-rq-timeout-ms",
+    }
+)  # fmt: skip
 
 # The ext_authz timeout: the longest the agent may wait on the network for one decision (see
 # decision_wait_ms), plus a margin for the decision itself and the gRPC round trip; never below the floor.

@@ -15,6 +15,7 @@ from agent import reasons
 from agent.config._read import FIELD_NAME, Ctx, get, mapping, number, timestamp
 from agent.config.loader import read_bounded
 from agent.config.yamlsrc import LDict, LList, line_of, load_yaml
+from agent.envoyconf import REMOVED_BEFORE_AUTHZ
 from agent.errors import ConfigError, ConfigErrors
 from agent.policy.paths import split_request_path
 from agent.policytest.credentials import REFUSED_ALGORITHMS, SIGNING_ALGORITHMS
@@ -238,12 +239,14 @@ def _headers(ctx: Ctx, d: LDict, key: str, where: str, allow_null: bool) -> dict
             ctx.err(line, f"{where}.{key}: {name!r} is not a header field name")
         elif lower in out:
             ctx.err(line, f"{where}.{key}: {name!r} is given twice (names are not case-sensitive)")
-        elif not allow_null and (problem := _not_delivered(lower)) is not None:
+        elif not allow_null and (problem := _not_delivered(lower, value)) is not None:
             ctx.err(line, f"{where}.{key}: {name!r}: {problem}")
         if value is None and allow_null:
             out[lower] = None
         elif isinstance(value, str | int | float) and not isinstance(value, bool):
-            out[lower] = str(value)
+            # A number as written: `x-api-version: 010` sends "010", not YAML's reading of it (8)
+            span = m.texts.get(name)
+            out[lower] = value if isinstance(value, str) else span.value if span is not None else str(value)
             if _CONTROL.search(out[lower] or "") is not None:
                 ctx.err(line, f"{where}.{key}.{name}: a header value cannot hold a control character (CR, LF, NUL)")
         else:
@@ -261,13 +264,17 @@ def _at(ctx: Ctx, d: LDict, where: str) -> datetime | None:
     return at
 
 
-def _not_delivered(name: str) -> str | None:
+def _not_delivered(name: str, value: object) -> str | None:
     """Why a request header of this name never reaches the agent as written behind the recommended Envoy config,
     or None: a case must describe a request the agent can receive."""
     if "_" in name:
         return "Envoy (as envoy-config sets it up) refuses header names with underscores with a 400"
     if name == "host":
         return "the host is request.host"
+    if name in REMOVED_BEFORE_AUTHZ:
+        return "Envoy (as envoy-config sets it up) removes it from a client's request before the agent sees it"
+    if name == "te" and value != "trailers":
+        return "Envoy passes te on only as 'trailers'"
     return None
 
 

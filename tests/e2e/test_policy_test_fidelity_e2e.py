@@ -23,11 +23,11 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from agent.config import load_policy
+from agent.config import load_policy, load_policy_text
 from agent.decision import Decision, RequestView
 from agent.demo.app import start_site
 from agent.engine import Engine
-from agent.envoyconf import EnvoyProcess, bootstrap, needs
+from agent.envoyconf import REMOVED_BEFORE_AUTHZ, EnvoyProcess, bootstrap, needs
 from agent.policytest import run_file_async
 from agent.policytest.cases import read_test_file
 from agent.policytest.runner import ClientRequest, Run
@@ -227,3 +227,45 @@ async def test_a_passing_policy_test_means_the_same_answer_behind_envoy(tmp_path
         await runner.cleanup()
         await transport.stop(0)
     assert differ == [], "\n".join(differ)
+
+
+async def test_the_headers_a_case_may_not_send_are_the_ones_envoy_removes(tmp_path: Path) -> None:
+    """A case sending a header of REMOVED_BEFORE_AUTHZ (or `te` other than trailers) is an error in `policy test`:
+    real Envoy, as envoy-config sets it up, takes each out of a client's request before the agent sees it, so a
+    rule reading it would pass a test and never hold in production."""
+    policy = load_policy_text("version: 1\nservice: orders\nroutes:\n- {name: all, match: {path: /x}, public: true}\n")
+    delivered: list[RequestView] = []
+
+    class Recording:
+        def decide(self, view: RequestView) -> Any:
+            delivered.append(view)
+            return Engine(policy, {}).decide(view)
+
+    transport = GrpcTransport(lambda: Recording(), f"127.0.0.1:{free_port()}")  # type: ignore[arg-type,return-value]
+    await transport.start()
+    await transport.set_serving(True)
+
+    async def ok(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", ok)
+    runner, app_port = await start_site(app)
+    port = free_port()
+    config = bootstrap(f"127.0.0.1:{port}", f"127.0.0.1:{app_port}", f"127.0.0.1:{transport.port}", request_body=True)
+    envoy = EnvoyProcess(config, tmp_path / "envoy")
+    await asyncio.to_thread(envoy.start)
+    seen: dict[str, str | None] = {}
+    try:
+        sent = {name: "100-continue" if name == "expect" else "1" for name in REMOVED_BEFORE_AUTHZ} | {"te": "gzip"}
+        for name, value in sorted(sent.items()):
+            n = len(delivered)
+            request = ClientRequest("GET", "/x", "orders", "http", "127.0.0.1", {name: value}, b"", "")
+            status = await asyncio.to_thread(send, port, request)
+            assert status == 200 and len(delivered) == n + 1, f"{name}: Envoy answered {status} itself"
+            seen[name] = delivered[-1].headers.get(name)
+    finally:
+        envoy.stop()
+        await runner.cleanup()
+        await transport.stop(0)
+    assert {name: value for name, value in seen.items() if value is not None} == {}

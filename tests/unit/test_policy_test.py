@@ -782,6 +782,87 @@ def test_request_defaults_and_fields_reach_the_rules(project: Project) -> None:
     passes(path)
 
 
+def test_a_header_value_is_sent_as_written(project: Project) -> None:
+    """YAML reads `010` as 8 and `1.10` as 1.1; a client sends the characters, and a rule compares them."""
+    policy = POLICY.replace(
+        "  - {name: blocked-network, source_cidrs: [203.0.113.0/24]}\n",
+        '  - {name: blocked-network, source_cidrs: [203.0.113.0/24]}\n  - {name: old, headers: {x-api: "010"}}\n',
+    )
+    path = project.tests(
+        """\
+        - name: version 010 is refused
+          request: {path: /healthz, headers: {x-api: 010}}
+          expect: {status: 403, reason: denied_by_rule}
+        - name: the app receives 1.10
+          request: {path: /healthz, headers: {x-api: 1.10}}
+          expect: {status: 200, upstream_headers: {x-api: 1.10}}
+        - name: and not 1.1
+          request: {path: /healthz, headers: {x-api: 1.10}}
+          expect: {status: 200, upstream_headers: {x-api: "1.1"}}
+    """,
+        policy,
+    )
+    result = run_file(path)
+    assert [(c.name, c.ok) for c in result.cases] == [
+        ("version 010 is refused", True),
+        ("the app receives 1.10", True),
+        ("and not 1.1", False),
+    ]
+    assert case(result, "and not 1.1").problems == ["upstream header x-api: expected '1.1', got '1.10'"]
+
+
+def test_a_request_the_agent_never_receives_as_written_is_an_error(
+    project: Project, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A case is what the client sends. Envoy (as envoy-config sets it up) refuses some requests and takes headers
+    out of others before the agent sees them: a case relying on one would pass here and never hold in production."""
+    path = project.tests("""\
+        - name: underscore
+          request: {path: /v1/items, headers: {x_tenant: acme}}
+          expect: {status: 401}
+        - name: host
+          request: {path: /v1/items, headers: {Host: shop.example}}
+          expect: {status: 401}
+        - name: internal
+          request: {path: /v1/items, headers: {x-envoy-internal: "true"}}
+          expect: {status: 401}
+        - name: hop by hop
+          request: {path: /v1/items, headers: {connection: close}}
+          expect: {status: 401}
+        - name: client certificate
+          request: {path: /v1/items, headers: {x-forwarded-client-cert: "By=spiffe://x"}}
+          expect: {status: 401}
+        - name: te
+          request: {path: /v1/items, headers: {te: gzip}}
+          expect: {status: 401}
+        - name: te trailers
+          request: {path: /v1/items, headers: {te: trailers}}
+          expect: {status: 401}
+        - name: dot segments
+          request: {path: /v1/../v1/items}
+          expect: {status: 401}
+        - name: a control character
+          request: {path: /v1/items, headers: {x-note: "a\\rb"}}
+          expect: {status: 401}
+    """)
+    out = errors_of(capsys, path)
+    removed = "Envoy (as envoy-config sets it up) removes it from a client's request before the agent sees it"
+    for needle, message in [
+        ("x_tenant", "cases[0] (underscore).request.headers: 'x_tenant': Envoy (as envoy-config sets it up) "
+                     "refuses header names with underscores"),
+        ("Host:", "cases[1] (host).request.headers: 'Host': the host is request.host"),
+        ("x-envoy-internal", f"cases[2] (internal).request.headers: 'x-envoy-internal': {removed}"),
+        ("connection: close", f"cases[3] (hop by hop).request.headers: 'connection': {removed}"),
+        ("x-forwarded-client-cert", f"cases[4] (client certificate).request.headers: 'x-forwarded-client-cert': "
+                                    f"{removed}"),
+        ("te: gzip", "cases[5] (te).request.headers: 'te': Envoy passes te on only as 'trailers'"),
+        ("/v1/../v1/items", "cases[7] (dot segments).request.path '/v1/../v1/items' never reaches the agent"),
+        ("a\\rb", "cases[8] (a control character).request.headers.x-note: a header value cannot hold a control"),
+    ]:  # fmt: skip
+        assert f"{path}:{line_of(path, needle)}: {message}" in out
+    assert "te trailers" not in out
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # expect
 
