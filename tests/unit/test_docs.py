@@ -120,6 +120,17 @@ def test_the_policy_testing_example_runs_and_passes(tmp_path: Path) -> None:
     assert result.errors == [] and result.failed == 0 and result.passed == 4
     assert any("billing-batch.key_file" in n and "throwaway" in n for n in result.notes)
 
+    # "A case that gets another answer than it expects fails with ...": alice's token with orders:write only
+    from agent.policytest.report import case_lines
+
+    printed = re.findall(r"\n```\n(FAIL .*?)```", TESTING_DOC.read_text(), re.S)
+    assert len(printed) == 1
+    wrong = tests[0].lstrip("\n").replace('scope: "orders:read", tenant_id', 'scope: "orders:write", tenant_id', 1)
+    (tmp_path / "orders.yaml").write_text(policies[0].lstrip("\n"))  # the lines the printed trace names
+    (tmp_path / "orders.test.yaml").write_text(wrong)
+    failing = run_file(tmp_path / "orders.test.yaml").cases[0]
+    assert "\n".join(case_lines(failing)) + "\n" == printed[0]
+
 
 def test_every_test_file_key_is_documented() -> None:
     from agent.policytest import cases
