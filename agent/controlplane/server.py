@@ -37,6 +37,7 @@ from agent.controlplane._proto.authz.controlplane.v1 import policy_sync_pb2 as p
 from agent.controlplane.bundle import Revocations, policy_payload, revocations_payload, sign
 from agent.errors import ConfigErrors
 from agent.policytest import FileResult, run_file
+from agent.policytest.report import printable
 
 log = logging.getLogger("agent.controlplane")
 
@@ -74,7 +75,9 @@ class PolicyTestReport:
 
     @classmethod
     def of(cls, test_path: Path, version: str, result: FileResult) -> PolicyTestReport:
-        failures = tuple((c.name, c.line, tuple(map(_scrub, c.problems))) for c in result.cases if not c.ok)
+        """What the run found, on one line each: a case name or value from the file with a line break (or any
+        control character) is escaped, as `policy test` prints it, so it cannot forge a line of the log."""
+        failures = tuple((printable(c.name), c.line, tuple(map(_scrub, c.problems))) for c in result.cases if not c.ok)
         errors, notes = tuple(map(_scrub, result.errors)), tuple(map(_scrub, result.notes))
         return cls(str(test_path), version, result.passed, result.failed, failures, errors, notes)
 
@@ -107,7 +110,7 @@ class PolicyTestReport:
 
 
 def _scrub(line: str) -> str:
-    return _CREDENTIAL.sub("[redacted]", line)
+    return printable(_CREDENTIAL.sub("[redacted]", line))
 
 
 @dataclass

@@ -413,6 +413,26 @@ SLOW_POLICY = textwrap.dedent("""\
     """)
 
 
+async def test_a_test_file_cannot_forge_a_line_of_the_log(policies: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A case name with a line break, in a failing case or in an error about the file, is escaped in the log and
+    /status, as `policy test` prints it: SERVICE.test.yaml comes from many teams, the log is the operator's."""
+    forged = '"x\\n2026-12-01 10:00:00,000 INFO agent.controlplane: orders published"'
+    replace(policies / "orders.yaml", TESTED.format(scope="orders:admin"))
+    cases = CASES.format(policy="orders.yaml", scope="orders:read")
+    failing = cases.replace("- name: a orders:read token lists orders", f"- name: {forged}")
+    replace(policies / "orders.test.yaml", failing)
+    pub = Publisher(policies, Ed25519PrivateKey.generate())
+    await pub.scan()
+    assert pub.tests["orders"].failures[0][0] == "x\\n2026-12-01 10:00:00,000 INFO agent.controlplane: orders published"
+    invalid = cases.replace("- name: no token", f"- name: {forged}").replace("expect: {status: 401}", "expect: {}")
+    replace(policies / "orders.test.yaml", invalid)
+    await pub.scan()
+    assert any("x\\n2026-12-01" in e for e in pub.tests["orders"].errors)
+    logged = [r.getMessage() for r in caplog.records if r.name == "agent.controlplane"]
+    assert len([m for m in logged if "x\\n2026-12-01" in m]) == 2
+    assert not [line for m in logged for line in m.splitlines() if line.startswith("2026-12-01")]
+
+
 def write_slow_orders(policies: Path, cases: int = 60) -> None:
     """orders with a test file that takes long (about 0.2 s a case here: 1,000 requests with fresh DPoP proofs)."""
     replace(policies / "orders.yaml", SLOW_POLICY)
