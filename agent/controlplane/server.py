@@ -32,6 +32,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.config import Policy, load_policy_text
+from agent.config.loader import MAX_POLICY_BYTES, read_bounded
 from agent.config.yamlsrc import line_of, load_yaml
 from agent.controlplane._proto.authz.controlplane.v1 import policy_sync_pb2 as pb
 from agent.controlplane.bundle import Revocations, policy_payload, revocations_payload, sign
@@ -266,7 +267,7 @@ class Publisher:
 
     def _check(self, service: str, path: Path, test_path: Path | None) -> tuple[str, Policy, FileResult | None]:
         """In a worker thread: the policy (raises what `policy lint` reports), then its tests, if it has them."""
-        text = path.read_text(encoding="utf-8")
+        text = _read(path, "policy")
         policy = load_policy_text(text, str(path), self.directory)
         if policy.service != service:
             raise ValueError(f"{path}:1: the file of service {service!r} says service: {policy.service!r}")
@@ -341,7 +342,7 @@ class Publisher:
 
     def _read_revocations(self, path: Path) -> None:
         try:
-            doc = load_yaml(path.read_text(encoding="utf-8"), str(path), allow_empty=True) or {}
+            doc = load_yaml(_read(path, "revocations"), str(path), allow_empty=True) or {}
             jti, subjects = _parse_revocations(doc, path)
         except (ValueError, OSError) as e:  # a ConfigError (a ValueError) says file:line
             self._refuse_revocations(str(e))
@@ -421,6 +422,15 @@ def _service_of(path: Path) -> str:
     """`orders.yaml` and `orders.test.yaml` are both about service orders."""
     name = path.name
     return name[: -len(TEST_SUFFIX)] if name.endswith(TEST_SUFFIX) else path.stem
+
+
+def _read(path: Path, what: str) -> str:
+    """A file's text within the bound `policy lint` and `run` hold a policy to (a file replaced by a FIFO or a
+    huge one between the poll's look and this read is refused, not read into memory)."""
+    try:
+        return read_bounded(path, MAX_POLICY_BYTES)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read the {what}: {e}") from None
 
 
 def _stamp(path: Path) -> tuple[int, int, int] | None:

@@ -482,6 +482,27 @@ async def test_revocations_nested_too_deep_are_refused_and_the_fixed_list_gets_o
     assert (pub.revocations.sequence, pub.revocations.jti, pub.revocations_error) == (1, {"stolen"}, "")
 
 
+async def test_a_file_over_the_policy_size_bound_is_refused_as_policy_lint_refuses_it(policies: Path) -> None:
+    """`policy lint` and `run --policy` refuse a policy over 8 MiB; the control plane read any size into memory,
+    and would publish to agents what `policy lint` refuses. The revocations file has the same bound."""
+    padding = "#" * (8 << 20) + "\n"
+    write_billing(policies)
+    replace(policies / "revocations.yaml", "jti: [stolen]\n")
+    pub = Publisher(policies, Ed25519PrivateKey.generate())
+    await pub.scan()
+    good = pub.published["billing"].version
+    replace(policies / "billing.yaml", (policies / "billing.yaml").read_text() + padding)
+    replace(policies / "revocations.yaml", "jti: [stolen, another]\n" + padding)
+    await pub.scan()
+    assert pub.published["billing"].version == good
+    assert pub.errors["billing"] == f"{policies / 'billing.yaml'}: cannot read the policy: larger than {8 << 20} bytes"
+    assert pub.revocations.jti == {"stolen"}
+    assert (
+        pub.revocations_error
+        == f"{policies / 'revocations.yaml'}: cannot read the revocations: larger than {8 << 20} bytes"
+    )
+
+
 async def test_a_revocation_list_naming_a_key_twice_is_refused(policies: Path) -> None:
     """PyYAML keeps the last of two `jti:` lists: the first list's tokens would silently be let in again."""
     pub = Publisher(policies, Ed25519PrivateKey.generate())
