@@ -253,7 +253,7 @@ class Publisher:
             self._refuse(service, str(e), f"not published (the last good bundle of {service} stays):\n")
             return
         if result is None and self.require_tests:
-            self._refuse(service, f"{self._held(service, policy.version)}: {self._no_tests(test_path)}")
+            self._refuse(service, f"{self._held(service, policy.version, failing=False)}: {self._no_tests(test_path)}")
             return
         if result is not None:
             report = PolicyTestReport.of(test_path, policy.version, result)
@@ -294,12 +294,14 @@ class Publisher:
             log.warning("%s", warning)
         self._push(service, pb.ControlMessage(bundle=bundle))
 
-    def _held(self, service: str, version: str) -> str:
+    def _held(self, service: str, version: str, failing: bool = True) -> str:
+        """What stays published, for an error about `version`: failing its tests, or (not failing) untested."""
         current = self.published.get(service)
         if current is None:
             return f"{version} not published (no version of {service} was published yet)"
         if current.version == version:
-            return f"{version} is published and now fails its tests (nothing new is published)"
+            state = "now fails its tests" if failing else "no longer tested"
+            return f"{version} is published and {state} (nothing new is published)"
         return f"{version} not published, the last good bundle stays ({current.version})"
 
     def _no_tests(self, test_path: Path) -> str:

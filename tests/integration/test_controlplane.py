@@ -653,6 +653,19 @@ async def test_require_tests_publishes_only_a_tested_policy(policies: Path, capl
     assert "orders.test.yaml was removed: orders is not published from now on" in caplog.text
 
 
+async def test_require_tests_a_removed_test_file_is_said_as_such(policies: Path) -> None:
+    """The published policy's tests removed: it is untested now, not failing them."""
+    write_orders(policies)
+    pub = Publisher(policies, Ed25519PrivateKey.generate(), require_tests=True)
+    await pub.scan()
+    version = pub.published["orders"].version
+    (policies / "orders.test.yaml").unlink()
+    await pub.scan()
+    assert pub.errors["orders"].startswith(f"{version} is published and no longer tested (nothing new is published): "
+                                           "no tests: with --require-tests")  # fmt: skip
+    assert "fails" not in pub.errors["orders"]
+
+
 async def test_without_require_tests_an_untested_policy_publishes_and_a_misnamed_test_file_is_shown(
     policies: Path,
 ) -> None:
