@@ -8,6 +8,7 @@ import os
 from agent.config._read import FIELD_NAME, Ctx, get, number, read_secret, str_list
 from agent.config.model import DEFAULT_HMAC_COMPONENTS, HmacClient
 from agent.config.yamlsrc import LDict, LList
+from agent.envoyconf import REMOVED_BEFORE_AUTHZ
 
 HMAC_CLIENT_KEYS = {
     "key_file",
@@ -91,11 +92,12 @@ def hmac_client(ctx: Ctx, name: str, d: LDict) -> HmacClient | None:
             )
         elif not c.startswith("@") and FIELD_NAME.fullmatch(c) is None:
             ctx.err(d.lines["components"], f"{where}.components: {c!r} is not a lower-case header field name")
-        elif c in ENVOY_REWRITTEN:
+        elif c in ENVOY_REWRITTEN or c in REMOVED_BEFORE_AUTHZ:
             ctx.warn(
                 d.lines["components"],
-                f"{where}.components: Envoy (as envoy-config sets it up) replaces {c} before the agent sees it, so "
-                "a signature covering it never verifies",
+                f"{where}.components: Envoy (as envoy-config sets it up) "
+                f"{'replaces' if c in ENVOY_REWRITTEN else 'removes'} {c} before the agent sees it, so a signature "
+                "covering it never verifies",
             )
     client = HmacClient(
         name=name,

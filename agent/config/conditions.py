@@ -11,6 +11,7 @@ from agent.config._read import FIELD_NAME, Ctx, get, mapping, str_list, timestam
 from agent.config.model import CREDENTIAL_REFERENCES, ClaimRule, Conditions, DenyRule, HeaderRule
 from agent.config.yamlsrc import LDict, LList
 from agent.decision import RequestView
+from agent.envoyconf import REMOVED_BEFORE_AUTHZ
 
 if TYPE_CHECKING:
     from agent.policy.cel import When
@@ -274,6 +275,9 @@ def _headers(ctx: Ctx, d: LDict, where: str) -> tuple[HeaderRule, ...]:
         if name == "host":
             ctx.err(line, f"{at}: Envoy passes the host as :authority, never as host; use when: 'request.host == ...'")
             continue
+        if name in REMOVED_BEFORE_AUTHZ:
+            ctx.warn(line, f"{at}: Envoy (as envoy-config sets it up) removes {name} from a client's request before "
+                           "the agent sees it, so this condition judges a header that is never there")  # fmt: skip
         if isinstance(value, str):
             out.append(HeaderRule(name, equals=value))
         elif isinstance(value, LDict) and len(value) == 1 and set(value) <= HEADER_MATCH_KEYS:

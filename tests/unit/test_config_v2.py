@@ -4,7 +4,9 @@ list makes doubtful is a warning, never a refusal."""
 
 from __future__ import annotations
 
+import base64
 import itertools
+import os
 from ipaddress import IPv4Network, IPv6Network
 
 import pytest
@@ -180,6 +182,33 @@ def test_a_top_level_deny_rule_reading_credentials_loads_with_a_warning() -> Non
     ((line, message),) = policy.warnings
     assert line == line_of(text, "name: blk")
     assert "judged only on routes that authenticate; public routes are not covered" in message
+
+
+def test_a_header_envoy_removes_before_the_agent_sees_it_is_warned_of() -> None:
+    """A condition on x-envoy-internal (or a signature covering it) passes `policy test` only if the case sends it,
+    which `policy test` refuses: behind envoy-config's Envoy the agent never sees it."""
+    text = (
+        IDP
+        + "hmac_clients:\n  batch:\n    key_env: BATCH_KEY\n"
+        + "    components: ['@method', x-envoy-original-path, x-request-id]\n"
+        + "deny:\n  - {name: outside, headers: {x-envoy-internal: {present: false}}}\n"
+        + JWT_ROUTE
+        + "    allow: {headers: {x-forwarded-client-cert: {present: true}, x-tenant: acme}}\n"
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BATCH_KEY", base64.b64encode(os.urandom(32)).decode())
+        policy = load(text)
+    assert [(line, message.split(":")[0]) for line, message in policy.warnings] == [
+        (line_of(text, "components:"), "hmac_clients.batch.components"),
+        (line_of(text, "components:"), "hmac_clients.batch.components"),
+        (line_of(text, "x-envoy-internal"), "deny[0] (outside).headers.x-envoy-internal"),
+        (line_of(text, "x-forwarded-client-cert"), "routes[0] (r).allow.headers.x-forwarded-client-cert"),
+    ]
+    messages = [message for _, message in policy.warnings]
+    assert "removes x-envoy-original-path before the agent sees it, so a signature covering it never" in messages[0]
+    assert "replaces x-request-id before the agent sees it" in messages[1]
+    assert messages[2].endswith("removes x-envoy-internal from a client's request before the agent sees it, so this "
+                                "condition judges a header that is never there")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------
