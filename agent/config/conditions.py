@@ -263,11 +263,17 @@ def _headers(ctx: Ctx, d: LDict, where: str) -> tuple[HeaderRule, ...]:
         ctx.err(hm.line, f"{where}.headers names {len(hm)} headers; at most {MAX_HEADER_RULES}")
         return ()
     out: list[HeaderRule] = []
-    for name, value in hm.items():
-        at = f"{where}.headers.{name}"
-        line = hm.lines[name]
-        if FIELD_NAME.fullmatch(name) is None:
-            ctx.err(line, f"{at}: {name!r} is not a lower-case header name (Envoy passes names lower-case)")
+    for written, value in hm.items():
+        at = f"{where}.headers.{written}"
+        line = hm.lines[written]
+        if FIELD_NAME.fullmatch(written) is None:
+            ctx.err(line, f"{at}: {written!r} is not a lower-case header name (Envoy passes names lower-case)")
+            continue
+        # Requests are read as a WSGI app reads them (Facts.headers: x_client is x-client), and so is a rule:
+        # `x_client` as written would be looked up under a name no request has, and never hold.
+        name = written.replace("_", "-")
+        if any(rule.name == name for rule in out):
+            ctx.err(line, f"{at}: {name} is named twice (a name's '_' is read as '-')")
             continue
         if name in ("authorization", "dpop", "signature", "signature-input", "cookie", "proxy-authorization"):
             ctx.err(line, f"{at}: a condition on a credential header is never written in a policy; use the claims")

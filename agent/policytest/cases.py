@@ -239,7 +239,7 @@ def _headers(ctx: Ctx, d: LDict, key: str, where: str, allow_null: bool) -> dict
             ctx.err(line, f"{where}.{key}: {name!r} is not a header field name")
         elif lower in out:
             ctx.err(line, f"{where}.{key}: {name!r} is given twice (names are not case-sensitive)")
-        elif not allow_null and (problem := _not_delivered(lower, value)) is not None:
+        elif not allow_null and (problem := not_delivered(lower, value)) is not None:
             ctx.err(line, f"{where}.{key}: {name!r}: {problem}")
         if value is None and allow_null:
             out[lower] = None
@@ -264,7 +264,7 @@ def _at(ctx: Ctx, d: LDict, where: str) -> datetime | None:
     return at
 
 
-def _not_delivered(name: str, value: object) -> str | None:
+def not_delivered(name: str, value: object) -> str | None:
     """Why a request header of this name never reaches the agent as written behind the recommended Envoy config,
     or None: a case must describe a request the agent can receive."""
     if "_" in name:

@@ -26,7 +26,7 @@ from agent.config import load_policy
 from agent.config.model import Conditions, DenyRule, HmacClient, IdentityProvider, Policy, Route
 from agent.policy.conditions import grant_active
 from agent.policy.paths import GLOB, PARAM, parse_template
-from agent.policytest.cases import DEFAULT_SOURCE, Case, Expect, TokenSpec
+from agent.policytest.cases import DEFAULT_SOURCE, Case, Expect, TokenSpec, not_delivered
 from agent.policytest.runner import CaseResult, Run
 
 SUBJECT = "alice"
@@ -105,11 +105,15 @@ class _Maker:
         if alt is not None:
             for h in alt.headers:
                 if h.equals is not None:
-                    headers[h.name] = h.equals
+                    value = h.equals
                 elif h.prefix is not None:
-                    headers[h.name] = h.prefix + "example"
+                    value = h.prefix + "example"
                 elif h.present:
-                    headers[h.name] = "1"
+                    value = "1"
+                else:
+                    continue
+                if not_delivered(h.name, value) is None:  # else no request meets it: Envoy removes the header
+                    headers[h.name] = value
             if not grant_active(alt, self.now.timestamp()):
                 at = alt.not_before or (alt.not_after - timedelta(minutes=1) if alt.not_after else None)
         case = Case(name=name, line=0, method=self.method, path=self.path, host=None, scheme="https",

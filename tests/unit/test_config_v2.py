@@ -12,6 +12,8 @@ from ipaddress import IPv4Network, IPv6Network
 import pytest
 
 from agent.config import Policy, load_policy_text
+from agent.decision import RequestView
+from agent.engine import Engine
 from agent.errors import ConfigError, ConfigErrors
 from tests.unit.test_config import IDP
 
@@ -308,6 +310,8 @@ def test_a_bad_network_is_refused(cidr: str, why: str) -> None:
         ("{x-env: {prefix: ''}}", "prefix must be a non-empty string"),
         ("{x-env: 7}", "must be a value (a string)"),
         ("{}", "headers is empty"),
+        ("{x_env: a, x-env: b}", "x-env is named twice (a name's '_' is read as '-')"),
+        ("{proxy_authorization: x}", "a condition on a credential header"),
     ],
 )
 def test_header_condition_mistakes_are_refused(headers: str, message: str) -> None:
@@ -321,6 +325,20 @@ def test_header_conditions_load() -> None:
     text = IDP + JWT_ROUTE + f"    allow:\n      headers: {headers}\n"
     rules = {h.name: h for h in load(text).routes[0].allow[0].headers}
     assert (rules["x-env"].equals, rules["x-debug"].present, rules["x-trace"].prefix) == ("prod", False, "t-")
+
+
+async def test_a_header_condition_written_with_underscores_is_the_header_with_dashes() -> None:
+    """A request's `x_client` is read as x-client (as Django and Flask read it); a rule written `x_client` was
+    looked up as is, under a name no request has: a deny rule on it never held."""
+    text = IDP + "deny:\n  - {name: evil, headers: {x_client: evil}}\n" + PUBLIC_ROUTE
+    policy = load(text)
+    assert [h.name for h in policy.deny[0].conditions.headers] == ["x-client"]
+    engine = Engine(policy, {})
+    for headers in ({"x-client": "evil"}, {"x_client": "evil"}):
+        d = await engine.check(RequestView("GET", "/healthz", headers=headers))
+        assert (d.status, d.deny_rule) == (403, "evil"), headers
+    assert (await engine.check(RequestView("GET", "/healthz", headers={"x-client": "good"}))).allowed
+    await engine.close()
 
 
 # ---------------------------------------------------------------------------------------------------------------

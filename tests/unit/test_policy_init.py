@@ -304,6 +304,33 @@ def test_a_public_route_nothing_refuses(tmp_path: Path) -> None:
     assert "# nothing refuses a request to this public route" in text
 
 
+def test_header_conditions_as_a_request_can_meet_them(tmp_path: Path) -> None:
+    """A rule's `x_client` is the x-client header a request sends (underscored names never reach the agent), and
+    a condition on a header Envoy removes before the agent sees it is met by no request: the file still passes."""
+    policy = tmp_path / "hdr.yaml"
+    policy.write_text(
+        textwrap.dedent("""\
+        version: 1
+        service: hdr
+        deny:
+          - {name: evil-client, headers: {x_client: evil}}
+        routes:
+          - name: inside
+            match: {path: /inside}
+            public: true
+            deny:
+              - {name: not-from-the-mesh, headers: {x-envoy-internal: {present: true}}}
+        """)
+    )
+    text, tests, result = starter(policy)
+    assert "x_client" not in text and "x-envoy-internal" not in text
+    assert [(c.name, c.headers, c.expect.status) for c in tests.cases] == [
+        ("inside allowed", {}, 200),
+        ("inside refused by deny rule evil-client", {"x-client": "evil"}, 403),
+    ]
+    assert result.uncovered == ["route inside deny rule not-from-the-mesh (line 10)"]
+
+
 def test_an_invalid_policy_raises_its_errors(tmp_path: Path) -> None:
     policy = tmp_path / "bad.yaml"
     policy.write_text("version: 1\nservice: bad\nroutes:\n  - {name: x, match: {path: /x}, authn: [jwt], allow: {}}\n")
