@@ -85,7 +85,7 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
         return 2
     results = []
     for i, f in enumerate(args.files):
-        result = run_file(f, require_coverage=args.require_coverage)
+        result = run_file(f, require_coverage=args.require_coverage, explain=args.traces)
         results.append(result)
         if i:
             print()

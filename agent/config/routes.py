@@ -177,6 +177,10 @@ def rate_limit(ctx: Ctx, d: LDict, where: str, public: bool) -> RateLimit | None
             name = part[7:]
             if FIELD_NAME.fullmatch(name) is None:
                 ctx.err(d.lines["key"], f"{where}.key: {part!r} needs a lower-case header name, e.g. header:x-tenant")
+            elif "_" in name:  # no request reaches the agent with it: Envoy refuses such names (envoy-config)
+                fix = f"write header:{name.replace('_', '-')}"
+                why = "Envoy refuses header names with underscores, so this part would be empty for every request"
+                ctx.err(d.lines["key"], f"{where}.key: {part!r}: {fix}; {why}")
         elif part.startswith("claim:"):
             path = part[6:].split(".")
             if not all(path):

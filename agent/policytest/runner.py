@@ -123,15 +123,19 @@ def run_file(
     require_coverage: bool = False,
     budget_s: float | None = None,
     stop: threading.Event | None = None,
+    explain: bool = False,
 ) -> FileResult:
     """Run one test file. Synchronous, with its own event loop: call it from a worker thread when a loop runs.
 
     With `policy` (the control plane's candidate) the cases run against it, and the file's `policy:` must be the
     same file; without it, the file's policy is loaded with throwaway stand-ins for secrets it cannot read.
     `budget_s` bounds the run: cases not decided within it make the file an error (a control plane must not be
-    held by a test file); `stop`, once set, does the same before the next case (a control plane shutting down)."""
+    held by a test file); `stop`, once set, does the same before the next case (a control plane shutting down).
+    `explain`: every case's decision trace, passing ones too (failing ones always have theirs)."""
     return asyncio.run(
-        run_file_async(Path(path), policy, require_coverage=require_coverage, budget_s=budget_s, stop=stop)
+        run_file_async(
+            Path(path), policy, require_coverage=require_coverage, budget_s=budget_s, stop=stop, explain=explain
+        )
     )
 
 
@@ -142,6 +146,7 @@ async def run_file_async(
     require_coverage: bool = False,
     budget_s: float | None = None,
     stop: threading.Event | None = None,
+    explain: bool = False,
 ) -> FileResult:
     started_run = time.monotonic()
     result = FileResult(str(path), require_coverage=require_coverage)
@@ -181,7 +186,7 @@ async def run_file_async(
             result.cases = []
             return result
         started = time.perf_counter()
-        case_result = await run.case(case, case.at or tests.at)
+        case_result = await run.case(case, case.at or tests.at, explain)
         case_result.seconds = time.perf_counter() - started
         result.cases.append(case_result)
     result.notes.extend(sorted(run.notes))
@@ -238,34 +243,50 @@ class Run:
                 stores[idp.name] = FixedKeys(idp, keys)
         return stores
 
-    async def case(self, case: Case, at: datetime | None) -> CaseResult:
+    async def case(self, case: Case, at: datetime | None, explain: bool = False) -> CaseResult:
         """Decide the case's request (`repeat` times, the same caller with a fresh proof or signature each time)
-        on a fresh engine; the last decision is held against `expect`, every one counts for coverage."""
+        on a fresh engine, as `run` decides (its remembered allows included); the last decision is held against
+        `expect`, every one counts for coverage. A failing case (or every case, with `explain`) is decided again
+        on another fresh engine with the trace `check` prints; should that answer differ, it is a problem too."""
+        try:
+            decisions, view, _ = await self._decide(case, at, traced=False)
+            decision = decisions[-1]
+            problems = compare(case, view, decision)
+            trace: list[str] = []
+            if problems or explain:
+                again, _, trace = await self._decide(case, at, traced=True)
+                if _answer(again[-1]) != _answer(decision):
+                    problems.append(f"explained again, the engine answered {_answer(again[-1])}, not "
+                                    f"{_answer(decision)}: its remembered-allow path disagrees (a bug)")  # fmt: skip
+        except (ValueError, OverflowError) as e:  # OverflowError: a certificate's dates near year 1 or 9999
+            return CaseResult(case.name, case.line, False, [f"cannot make the request: {e}"], [], 0, "", None)
+        except Exception as e:  # noqa: BLE001 - one case's failure is reported, never the end of the run
+            # Only the type: the text could quote what the case carries.
+            return CaseResult(case.name, case.line, False, [f"the case could not be run: {type(e).__name__}"],
+                              [], 0, "", None)  # fmt: skip
+        return CaseResult(case.name, case.line, not problems, problems, trace, decision.status, decision.reason,
+                          decision.route, decisions=decisions)  # fmt: skip
+
+    async def _decide(
+        self, case: Case, at: datetime | None, traced: bool
+    ) -> tuple[list[Decision], RequestView, list[str]]:
+        """The decisions of the case's requests on a fresh engine, the last request, and its trace (if traced)."""
         clock = _clock(at.timestamp() if at is not None else None)
         engine = Engine(self.policy, self.stores(), clock=clock)
         answers: dict[str, dict[str, Any]] = {}
         if engine.introspector is not None:
             engine.introspector = AnsweringIntrospector(engine.introspector.idp, clock, answers)
         decisions: list[Decision] = []
+        trace: list[str] = []
         try:
-            try:
-                minted = self.mint(case.token, clock(), answers) if case.token is not None else None
-                for _ in range(case.repeat):
-                    view = self.request(case, engine, clock(), minted)
-                    trace: list[str] = []
-                    decisions.append(await engine.check(view, trace))
-            except (ValueError, OverflowError) as e:  # OverflowError: a certificate's dates near year 1 or 9999
-                return CaseResult(case.name, case.line, False, [f"cannot make the request: {e}"], [], 0, "", None)
-            except Exception as e:  # noqa: BLE001 - one case's failure is reported, never the end of the run
-                # Only the type: the text could quote what the case carries.
-                return CaseResult(case.name, case.line, False, [f"the case could not be run: {type(e).__name__}"],
-                                  [], 0, "", None)  # fmt: skip
+            minted = self.mint(case.token, clock(), answers) if case.token is not None else None
+            for _ in range(case.repeat):
+                view = self.request(case, engine, clock(), minted)
+                trace = []
+                decisions.append(await engine.check(view, trace if traced else None))
         finally:
             await engine.close()
-        decision = decisions[-1]
-        problems = compare(case, view, decision)
-        return CaseResult(case.name, case.line, not problems, problems, trace, decision.status, decision.reason,
-                          decision.route, decisions=decisions)  # fmt: skip
+        return decisions, view, trace
 
     def client_request(self, case: Case, engine: Engine, now: float, minted: Minted | None) -> ClientRequest:
         """The request the case's client sends: its headers with the credentials the case describes (the token,
@@ -379,6 +400,10 @@ def upstream(view: RequestView, d: Decision) -> dict[str, str]:
     out.update(_joined(d.upstream_headers))
     out["x-forwarded-for"] = view.source
     return out
+
+
+def _answer(d: Decision) -> str:
+    return f"{d.status} {d.reason}" + (f", route {d.route}" if d.route else "")
 
 
 def _clock(frozen: float | None) -> Callable[[], float]:

@@ -305,7 +305,7 @@ def test_a_null_claim_is_left_out(project: Project) -> None:
     """,
         CLAIMS_POLICY,
     )
-    result = passes(path)
+    result = passes(path, explain=True)
     assert "authentication failed: token_claim_missing (exp)" in case(result, "no exp").trace
 
 
@@ -723,7 +723,7 @@ def test_without_at_the_real_clock_runs(project: Project) -> None:
         ),
         at=None,
     )
-    [result] = passes(path).cases
+    [result] = passes(path, explain=True).cases
     assert "authenticated by jwt: subject 'c1'" in result.trace[1]
 
 
@@ -1855,3 +1855,23 @@ def test_repeat_reaches_a_rate_limit_and_expect_judges_the_last_request(project:
     result = passes(path)
     assert [len(c.decisions) for c in result.cases] == [2, 1]
     assert [d.status for d in result.cases[0].decisions] == [200, 429]
+
+
+def test_cases_are_decided_as_run_decides_them_and_explained_when_they_fail(project: Project) -> None:
+    """A repeated request is answered from the engine's remembered allows, as behind `run` (the traced path never
+    uses them); a passing case has no trace unless asked, a failing one always has it."""
+    path = project.tests(f"""\
+        - name: three times
+          request: {{path: /v1/export}}
+          token: {TOKEN}
+          repeat: 3
+          expect: {{status: 200}}
+        - name: wrong
+          request: {{path: /v1/items}}
+          expect: {{status: 200}}
+    """)
+    result = run_file(path)
+    three, wrong = result.cases
+    assert three.ok and three.trace == [] and [d.status for d in three.decisions] == [200, 200, 200]
+    assert not wrong.ok and any("token_missing" in step for step in wrong.trace)
+    assert run_file(path, explain=True).cases[0].trace  # --verbose
