@@ -102,7 +102,9 @@ class Keys:
         self._secret = os.urandom(32)  # for HS* tokens, which every provider refuses
 
     def for_alg(self, alg: str) -> SigningKey:
-        kind = family(alg)
+        return self._of_kind(family(alg))
+
+    def _of_kind(self, kind: str) -> SigningKey:
         key = self._keys.get(kind)
         if key is None:
             key = self._keys[kind] = SigningKey(kind)
@@ -111,12 +113,8 @@ class Keys:
     def key_set(self, algorithms: frozenset[str]) -> KeySet:
         """What a provider's stand-in key store holds: one public key per kind its algorithms need."""
         kinds = sorted({family(a) for a in algorithms if a in SIGNING_ALGORITHMS})
-        keys, _ = parse_jwks({"keys": [self.for_alg_kind(k).jwk for k in kinds]})
+        keys, _ = parse_jwks({"keys": [self._of_kind(k).jwk for k in kinds]})
         return keys
-
-    def for_alg_kind(self, kind: str) -> SigningKey:
-        alg = {"RSA": "RS256", "Ed25519": "EdDSA"}.get(kind, kind)
-        return self.for_alg(alg)
 
     def jws(self, header: dict[str, Any], payload: dict[str, Any], alg: str) -> str:
         """A compact JWS; HS* is signed with a throwaway secret and `none` left unsigned (both always refused)."""
