@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from agent.authn.principal import Principal
@@ -46,6 +46,46 @@ class Decision:
     deny_line: int = 0  # and its line: a route's rule and a top-level one may share a name
 
 
+# Upper bounds in microseconds of the decision-latency histogram (authz_decision_latency_seconds).
+LATENCY_BOUNDS_US = (25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000, 250000)
+
+
+@dataclass(slots=True)
+class Recall:
+    """A remembered allow, as agent._recall answers it again straight from CheckRequest bytes.
+
+    The engine makes one when an allow depends on nothing but the verified token and the request line (and,
+    for the listeners, the caller's address); the table answers the same (Authorization, method, path) while
+    everything the engine checks on a recall still holds, and leaves every other request to the engine.
+    """
+
+    header: str  # the key: the Authorization header, the method and the path, as Envoy sent them
+    method: str
+    path: str
+    exp: float  # reusable while now < exp + leeway and now + leeway >= nbf ...
+    leeway: float
+    nbf: float | None
+    store: Any  # ... while store.keys is keys (a refresh or rotation ends it) ...
+    keys: Any
+    revocations: Any  # ... and while revocations.state is revocation_state (any new list ends it)
+    revocation_state: Any
+    route: str
+    subject: str
+    client_id: str | None
+    allow_index: int
+    remove_authorization: bool  # the route does not forward the token
+    # The audit record split around its time, decision_id, source and latency_us (agent.audit), or None
+    # when decisions are not audited.
+    audit: tuple[bytes, bytes, bytes, bytes, bytes] | None
+    source: str  # the caller's address when remembered: another one goes to the engine (the alerts see it)
+    observed_at: float  # when the engine last saw this caller; after resync_s it sees the next request again
+    resync_s: float
+    limit: Any = None  # the route's local BucketTable, when it has a rate limit
+    limit_key: tuple[str | None, ...] = ()  # the bucket key's parts; None: the request's source address
+    limit_name: str = ""  # the RateLimit headers' policy name (a structured-field string)
+    limit_policy: str = ""  # the RateLimit-Policy value
+
+
 class AuditSink(Protocol):
     """Where decisions go to be recorded (agent.audit builds the record). Must not block."""
 
@@ -56,3 +96,12 @@ class DecisionListener(Protocol):
     """Watches finished decisions (decision stats, anomaly alerts). Must not block; errors are logged."""
 
     def observe(self, view: RequestView, decision: Decision, now: float) -> None: ...
+
+
+class RecallListener(DecisionListener, Protocol):
+    """A listener that allows answers from agent._recall: it takes them in summary (`recalled`), and needs to see
+    a remembered caller only when its address changes or `recall_resync_s` has passed since it last did."""
+
+    recall_resync_s: float
+
+    def recalled(self, counts: dict[str, int], buckets: list[int], latency_sum_us: int) -> None: ...

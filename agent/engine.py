@@ -8,20 +8,18 @@ Every decision is finished in one place (`_finish`): audited, then shown to the 
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
-import itertools
 import logging
 import math
-import os
 import re
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from agent import reasons as R
+from agent._recall import RecallTable, new_decision_id
 from agent.authn.dpop import DpopVerifier, NonceRequired, normal_uri
 from agent.authn.httpsig import HmacVerifier
 from agent.authn.introspection import Introspector
@@ -32,7 +30,7 @@ from agent.authn.principal import Principal, claim_at
 from agent.authn.replay import Once, ReplayCache, Seen, owner_of
 from agent.authn.revocation import RevocationSet
 from agent.config.model import DenyRule, Policy, RateLimit, Route, claim_path
-from agent.decision import AuditSink, Decision, DecisionListener, RequestView
+from agent.decision import AuditSink, Decision, DecisionListener, Recall, RequestView
 from agent.errors import AuthnError
 from agent.policy.conditions import Facts, Refusal, check
 from agent.policy.paths import (
@@ -71,6 +69,7 @@ OVERRIDE_HEADERS = frozenset(
     ("x-http-method-override", "x-http-method", "x-method-override", "x-original-url", "x-rewrite-url")
 )
 LIMIT_KEYS_PER_ROUTE = 100_000  # buckets held per limited route; full (idle) ones are dropped first
+_RECALL_KEYS = ("subject", "client_id", "route", "source_ip")  # rate-limit key parts agent._recall can make
 
 
 # Header names seen, judged once: names repeat across requests; bounded, so random names cost only the check.
@@ -138,16 +137,6 @@ class _Lookup(Exception):
 MAX_ROUND_TRIPS = 4  # per decision: a key refetch, a shared replay check, a quota lease, and one spare
 
 
-# A random prefix per process and a counter: unique across agents and restarts without a getrandom()
-# per request (measured at ~27 us in sandboxed kernels, a third of a whole decision).
-_ID_PREFIX = base64.urlsafe_b64encode(os.urandom(9)).decode("ascii")
-_id_counter = itertools.count(1)
-
-
-def new_decision_id() -> str:
-    return f"{_ID_PREFIX}{next(_id_counter):x}"
-
-
 @dataclass(slots=True)
 class _Limiter:
     """A limited route's buckets (local, and shared when the limit is) and its header formatter."""
@@ -168,6 +157,8 @@ class _Remembered:
     params: dict[str, str]
     recheck: tuple[DenyRule, ...]  # deny rules whose outcome may differ per request: judged on every recall
     earlier: tuple[int, ...]  # alternatives before allow_index that may hold on another request: judged first
+    index: int  # the route's
+    per_source: bool  # the earlier alternatives read nothing per request but the address (agent._recall may answer)
 
 
 class Engine:
@@ -184,6 +175,7 @@ class Engine:
         shared: SharedState | None = None,
         revocations: RevocationSet | None = None,
         listeners: Sequence[DecisionListener] = (),
+        wire_recall: bool = False,
     ) -> None:
         self.policy = policy
         self.listeners = tuple(listeners)
@@ -200,7 +192,7 @@ class Engine:
         # like the token cache, and gone with this engine when the policy changes.
         self._remembered: OrderedDict[tuple[bytes, str, str], _Remembered] = OrderedDict()
         self._remember_max = token_cache_entries
-        self.remembered_hits = 0
+        self._recalled = 0
         # One-time values (DPoP jti, signature nonces) must stay remembered across policy reloads: the
         # server passes the same cache to every engine it builds.
         self.replay = replay if replay is not None else ReplayCache(policy.dpop.replay_cache_entries, clock)
@@ -234,6 +226,45 @@ class Engine:
             self._deny_after.append(tuple(r for r in rules if r.conditions.credentials))
             self._deny_recheck.append(tuple(r for r in rules if r.conditions.per_request))
         self._provider_of = {i.issuer: i.name for i in policy.identity_providers}
+        self.recall, self._recall_routes, self._resync_s = self._wire_recall(wire_recall)
+
+    def _wire_recall(self, wanted: bool) -> tuple[RecallTable | None, tuple[bool, ...], float]:
+        """The table that answers remembered allows from CheckRequest bytes (agent._recall), for a transport that
+        has them: only when every listener takes such answers in summary and the audit sink has a template for
+        their records; per route, only when nothing the engine judges on a recall would be left out of it."""
+        listeners = self.listeners
+        if not wanted or self._remember_max <= 0:
+            return None, (), 0.0
+        if not all(hasattr(x, "recalled") and hasattr(x, "recall_resync_s") for x in listeners):
+            return None, (), 0.0
+        resync = min((float(x.recall_resync_s) for x in listeners), default=float("inf"))  # type: ignore[attr-defined]
+        queue = None
+        if self.audit is not None:
+            queue = getattr(self.audit, "recall_queue", None)
+            if queue is None or getattr(self.audit, "recall_template", None) is None:
+                return None, (), 0.0
+        routes = []
+        for i, route in enumerate(self.policy.routes):
+            limit = route.rate_limit
+            keys = () if limit is None else limit.key
+            local = limit is None or (not limit.shared and all(k in _RECALL_KEYS or k[:6] == "claim:" for k in keys))
+            routes.append(local and all(r.conditions.per_source for r in self._deny_recheck[i]))
+        table = RecallTable(self._remember_max, queue, "x-authz-", OVERRIDE_HEADERS)
+        return table, tuple(routes), resync
+
+    @property
+    def remembered_hits(self) -> int:
+        """Decisions answered from a remembered allow, by the engine or from wire bytes."""
+        return self._recalled + (self.recall.hits if self.recall is not None else 0)
+
+    def fold_recalled(self) -> None:
+        """Hand the listeners the allows answered from wire bytes since the last fold (for /metrics)."""
+        if self.recall is None:
+            return
+        counts, buckets, total = self.recall.fold()
+        if counts:
+            for x in self.listeners:
+                x.recalled(counts, buckets, total)  # type: ignore[attr-defined]
 
     @classmethod
     def for_policy(
@@ -246,9 +277,12 @@ class Engine:
         shared: SharedState | None = None,
         revocations: RevocationSet | None = None,
         listeners: Sequence[DecisionListener] = (),
+        wire_recall: bool = False,
     ) -> Engine:
         stores = {i.name: KeyStore(i) for i in policy.identity_providers if i.jwks_uri or i.jwks_file or i.discovery}
-        return cls(policy, stores, audit, clock, token_cache_entries, replay, shared, revocations, listeners)
+        return cls(
+            policy, stores, audit, clock, token_cache_entries, replay, shared, revocations, listeners, wire_recall
+        )
 
     def adopt_limits(self, old: Engine) -> None:
         """Keep the buckets of routes whose limit is unchanged, so a policy reload never resets a quota."""
@@ -339,8 +373,16 @@ class Engine:
             # The allow stands (its alternative reads nothing per request); an earlier one may hold this time,
             # and the decision names the first that holds, as the full path would.
             allow_index = next((i for i in hit.earlier if check(hit.route.allow[i], facts) is None), allow_index)
-        self.remembered_hits += 1
-        return self._allow(decision_id, hit.route, principal, view, R.ALLOWED, allow_index)
+        self._recalled += 1
+        decision = self._allow(decision_id, hit.route, principal, view, R.ALLOWED, allow_index)
+        recall = self.recall
+        if recall is not None and decision.allowed and hit.per_source and self._recall_routes[hit.index]:
+            # Seen here (another address, a new revocation list, the listeners' resync): the table answers it again,
+            # for this address (an earlier alternative that reads the address may name another allow_index).
+            state = self.revocations.state
+            if hit.earlier or not recall.touch(header, view.method, view.path, view.source, self._clock(), state):
+                self._recall_put(view, hit.verified, hit.route, allow_index, header)
+        return decision
 
     def _remember(
         self,
@@ -370,7 +412,56 @@ class Engine:
             memo.popitem(last=False)  # oldest first
         key = (hashlib.sha256(header.encode()).digest(), view.method, view.path)
         earlier = tuple(i for i in range(allow_index) if route.allow[i].per_request)
-        memo[key] = _Remembered(verified, route, allow_index, params, self._deny_recheck[index], earlier)
+        per_source = all(route.allow[i].per_source for i in earlier)
+        memo[key] = _Remembered(
+            verified, route, allow_index, params, self._deny_recheck[index], earlier, index, per_source
+        )
+        if self.recall is not None and per_source and self._recall_routes[index]:
+            self._recall_put(view, verified, route, allow_index, header)
+
+    def _recall_put(self, view: RequestView, verified: Verified, route: Route, allow_index: int, header: str) -> None:
+        """Hand the wire-bytes table what it needs to answer this (Authorization, method, path) again."""
+        assert self.recall is not None
+        who = verified.principal
+        template = None
+        if self.audit is not None:
+            sample = Decision("", True, 200, R.ALLOWED, "allow", route.name, who)
+            sample.allow_index = allow_index
+            template = self.audit.recall_template(view, sample, self.policy)  # type: ignore[attr-defined]
+            if template is None:
+                return  # an audited decision is never answered without its record
+        assert who.expires_at is not None
+        spec = Recall(
+            header=header,
+            method=view.method,
+            path=view.path,
+            exp=who.expires_at,
+            leeway=verified.idp.leeway_s,
+            nbf=verified.nbf,
+            store=verified.store,
+            keys=verified.keys,
+            revocations=self.revocations,
+            revocation_state=self.revocations.state,
+            route=route.name,
+            subject=who.subject,
+            client_id=who.client_id,
+            allow_index=allow_index,
+            remove_authorization=not route.forward_token,
+            audit=template,
+            source=view.source,
+            observed_at=self._clock(),
+            resync_s=self._resync_s,
+        )
+        limited = self.limiters.get(route.name) if route.rate_limit is not None else None
+        if limited is not None:
+            spec.limit = limited.table
+            spec.limit_key = tuple(
+                None if part == "source_ip" else limit_key(replace(limited.limit, key=(part,)), route, who, view)
+                for part in limited.limit.key
+            )
+            spec.limit_policy = limited.headers.policy[1]
+            spec.limit_name = limited.headers.name
+        self.recall.put(spec)
 
     def _internal_error(self, decision_id: str, e: Exception, trace: list[str] | None) -> Decision:
         # Only the exception's type: its text could carry request material.

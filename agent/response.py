@@ -108,6 +108,11 @@ class RateLimitHeaders:
         self._prefix = _sf_string(name)
         self.policy = ("ratelimit-policy", f"{self._prefix};q={int(quota)};w={int(window_s)}")
 
+    @property
+    def name(self) -> str:
+        """The policy's name as a structured-field string, as both headers carry it."""
+        return self._prefix
+
     def state(self, remaining: float, reset_s: float) -> list[tuple[str, str]]:
         r = int(remaining) if remaining > 0 else 0
         t = math.ceil(reset_s) if reset_s > 0 else 0

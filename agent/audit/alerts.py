@@ -71,6 +71,13 @@ class AlertMonitor:
         self._spread: OrderedDict[str, tuple[float, set[str]]] = OrderedDict()
         self._last: OrderedDict[tuple[str, str], float] = OrderedDict()
 
+    # Allows answered from wire bytes (agent._recall) skip this listener while the caller's address is the one it
+    # last saw for the token, for at most this long: the token-spread windows lose at most a second at an edge.
+    recall_resync_s = 1.0
+
+    def recalled(self, counts: dict[str, int], buckets: list[int], latency_sum_us: int) -> None:
+        """Allows answered from wire bytes, in summary: nothing to count here (every new address was seen)."""
+
     def observe(self, view: RequestView, d: Decision, now: float) -> None:
         """Called once per decision, after it is made; cheap unless something is worth counting."""
         s = self.settings

@@ -10,11 +10,12 @@ from bisect import bisect_left
 from collections import Counter
 from typing import TYPE_CHECKING
 
+from agent.decision import LATENCY_BOUNDS_US
+
 if TYPE_CHECKING:
     from agent.decision import Decision, RequestView
 
-# Upper bounds in microseconds, for authz_decision_latency_seconds.
-LATENCY_BOUNDS_US = (25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000, 250000)
+__all__ = ["LATENCY_BOUNDS_US", "MAX_SERIES", "DecisionStats"]
 MAX_SERIES = 5000
 
 
@@ -41,3 +42,18 @@ class DecisionStats:
     def observe(self, view: RequestView, decision: Decision, now: float) -> None:
         """A listener on the engine's finished decisions."""
         self.record(decision.route, decision.outcome, decision.reason, decision.latency_us)
+
+    # Counts need no sight of each decision: allows answered by agent._recall arrive in summary.
+    recall_resync_s = float("inf")
+
+    def recalled(self, counts: dict[str, int], buckets: list[int], latency_sum_us: int) -> None:
+        """Allows answered from remembered decisions (agent._recall): how many per route, and their latencies
+        (counts per LATENCY_BOUNDS_US bucket, and their sum)."""
+        for route, count in counts.items():
+            key = (route, "allow", "allowed")
+            if key not in self.decisions and len(self.decisions) >= MAX_SERIES:
+                key = ("_other", "allow", "allowed")
+            self.decisions[key] += count
+        for i, n in enumerate(buckets):
+            self.buckets[i] += n
+        self.latency_sum_us += latency_sum_us

@@ -15,7 +15,7 @@ import msgpack
 import orjson
 
 from agent.audit.chain import Chain, rotate
-from agent.audit.records import decision_record, rfc3339_ms
+from agent.audit.records import decision_record, record_template, rfc3339_ms
 
 if TYPE_CHECKING:
     from agent.config.model import Policy
@@ -65,6 +65,17 @@ class JsonLinesAudit:
             self._drop()
             return
         self._pending.append(self._dumps(decision_record(view, decision, policy, now)))
+
+    @property
+    def recall_queue(self) -> _Queue | None:
+        """Where agent._recall puts the records of the allows it answers (JSON lines only: msgpack has none)."""
+        return _Queue(self) if self.encoding == "json" else None
+
+    def recall_template(
+        self, view: RequestView, decision: Decision, policy: Policy
+    ) -> tuple[bytes, bytes, bytes, bytes, bytes] | None:
+        """The record of a remembered allow, split where each recall fills it in; None: not in this encoding."""
+        return record_template(view, decision, policy) if self.encoding == "json" else None
 
     def _drop(self) -> None:
         # Never silent: logged, counted, and an `alert` record written as soon as the queue has room.
@@ -145,6 +156,19 @@ class JsonLinesAudit:
         finally:
             if self.path:
                 out.close()
+
+
+class _Queue:
+    def __init__(self, audit: JsonLinesAudit) -> None:
+        self._audit = audit
+
+    def append(self, record: bytes) -> bool:
+        audit = self._audit
+        if len(audit._pending) >= audit.max_queue:
+            audit._drop()
+            return False
+        audit._pending.append(record)
+        return True
 
 
 def alert_dict(kind: str, detail: dict[str, object]) -> dict[str, object]:

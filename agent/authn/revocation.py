@@ -18,6 +18,11 @@ class RevocationSet:
     def sequence(self) -> int:
         return self._state[0]
 
+    @property
+    def state(self) -> object:
+        """What is in force now, as one object: a new one on every `replace` (agent._recall compares identity)."""
+        return self._state
+
     def replace(self, sequence: int, jti: frozenset[str], subjects: dict[tuple[str, str], int]) -> None:
         self._state = (sequence, jti, dict(subjects))
 

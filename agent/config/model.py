@@ -176,6 +176,9 @@ class Conditions:
     # headers, or a `when` reading more than the token, path parameters and request line).
     credentials: bool = field(init=False, compare=False, repr=False)
     per_request: bool = field(init=False, compare=False, repr=False)
+    # ... and whether it changes only with the caller's address (source_cidrs, a `when` reading `source`): the same
+    # on every request from one address (agent._recall answers per address).
+    per_source: bool = field(init=False, compare=False, repr=False)
     networks: Networks = field(init=False, compare=False, repr=False)  # source_cidrs, for lookups
 
     def __post_init__(self) -> None:
@@ -201,6 +204,14 @@ class Conditions:
         object.__setattr__(self, "networks", Networks(self.source_cidrs))
         object.__setattr__(self, "credentials", credentials)
         object.__setattr__(self, "per_request", per_request)
+        source_only = (
+            self.not_before is None
+            and self.not_after is None
+            and self.max_auth_age_s is None
+            and not self.headers
+            and all(r in STATIC_REFERENCES or r == "source" or r.startswith("source.") for r in refs)
+        )
+        object.__setattr__(self, "per_source", per_request and source_only)
 
 
 Allow = Conditions  # one alternative of `allow` (the name the policy file uses)

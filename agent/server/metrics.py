@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from agent.audit.stats import LATENCY_BOUNDS_US
+from agent.decision import LATENCY_BOUNDS_US
 
 if TYPE_CHECKING:
     from agent.server.run import AgentServer
@@ -26,6 +26,7 @@ class AgentCollector:
     def collect(self) -> Iterator[Metric]:
         server = self._server()
         engine = server.engine
+        engine.fold_recalled()
         stats = server.stats
 
         decisions = CounterMetricFamily(

@@ -77,12 +77,18 @@ class NativeTransport:
 
     def _handle(self, path: bytes, message: bytes) -> bytes | int | Awaitable[bytes | int]:
         if path == CHECK:
+            engine = self._engine()
+            recall = engine.recall
+            if recall is not None:
+                answer = recall.answer(message)  # a remembered allow, answered from the bytes (agent._recall)
+                if answer is not None:
+                    return answer
             try:
                 view = decode_check_request(message)
             except WireError as e:
                 self._ratelog.warning("malformed", f"malformed CheckRequest answered INVALID_ARGUMENT: {e}")
                 return INVALID_ARGUMENT
-            decision = self._engine().decide(view)
+            decision = engine.decide(view)
             if isinstance(decision, Decision):
                 return encode_check_response(decision)
             return self._slow(decision)

@@ -76,6 +76,7 @@ class AgentServer:
             shared=self._shared_for(policy),
             revocations=self.revocations,
             listeners=(self.stats, self._alerts_for(policy)),
+            wire_recall=transport == "native",
         )
         self.listen = listen
         self.admin_listen = admin
@@ -214,6 +215,7 @@ class AgentServer:
                 shared=self._shared_for(policy),
                 revocations=self.revocations,
                 listeners=(self.stats, self._alerts_for(policy)),
+                wire_recall=isinstance(self.transport, NativeTransport),
             )
             await asyncio.gather(*(s.refresh() for s in fresh))
             deadline = asyncio.get_running_loop().time() + self.reload_wait_s
@@ -231,6 +233,7 @@ class AgentServer:
                 self._start_refresher(s)
             new.adopt_limits(old)
             self.engine = new
+            old.fold_recalled()  # what the old engine answered from wire bytes, counted before it goes
             self.policy_error = None
             retired = [s for s in old.stores.values() if s not in stores.values()]
             self._tasks.append(asyncio.get_running_loop().create_task(self._retire(retired, old)))

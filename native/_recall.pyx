@@ -1,0 +1,946 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""The repeated request in one C-level pass: CheckRequest bytes -> a remembered allow -> CheckResponse bytes.
+
+Twin: agent/_recall_py.py (same API, same answers). The request is scanned, not decoded: only the key
+(Authorization, method, path), the caller's address and the header names are read, with the wire checks of
+native/_wire.pyx (anything it would refuse, or anything unusual, returns None and the engine decides). The key
+is SHA-256 (OpenSSL) over the three; the table is open addressing over those digests, holding no token text.
+A hit is answered if the token is still reusable (exp, nbf, the key set, the revocations), the caller's address
+is the one remembered and the listeners saw it recently, and the rate limit has a token: the CheckResponse is
+written into a C buffer, the audit record formatted from the entry's template into the audit queue (through its
+C entry, no bytes object made), and the decision counted for /metrics. Per request the only Python objects made
+are the response bytes (and, on a rate-limited route keyed by address, the bucket key).
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.object cimport PyObject
+from cpython.ref cimport Py_INCREF, Py_XDECREF
+from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_IsValid
+from libc.math cimport ceil
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.stdio cimport snprintf
+from libc.stdlib cimport calloc, free, malloc, realloc
+from libc.string cimport memcmp, memcpy, memset
+from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
+
+import base64
+import os
+
+from agent.decision import LATENCY_BOUNDS_US
+
+cdef extern from "time.h" nogil:
+    struct tm:
+        pass
+    tm *gmtime_r(const long *timep, tm *result)
+    size_t strftime(char *s, size_t maxsize, const char *fmt, const tm *t)
+
+cdef extern from "openssl/evp.h" nogil:
+    ctypedef struct EVP_MD_CTX:
+        pass
+    ctypedef struct EVP_MD:
+        pass
+    EVP_MD_CTX *EVP_MD_CTX_new()
+    void EVP_MD_CTX_free(EVP_MD_CTX *ctx)
+    const EVP_MD *EVP_sha256()
+    int EVP_DigestInit_ex(EVP_MD_CTX *ctx, const EVP_MD *t, void *impl)
+    int EVP_DigestUpdate(EVP_MD_CTX *ctx, const void *d, size_t cnt)
+    int EVP_DigestFinal_ex(EVP_MD_CTX *ctx, unsigned char *md, unsigned int *s)
+
+cdef extern from *:
+    """
+    /* The audit queue's entry for C producers (agent._auditq_c, capsule "agent._auditq_c.api"). */
+    typedef struct {
+        int (*append)(PyObject *queue, const char *data, Py_ssize_t n);
+    } recall_auditq_api;
+    """
+    ctypedef struct recall_auditq_api:
+        int (*append)(PyObject *queue, const char *data, Py_ssize_t n)
+
+__all__ = ["RecallTable", "new_decision_id", "recall_key"]
+
+
+# ---- decision ids -------------------------------------------------------------------------------
+# A random prefix per process and a counter: unique across agents and restarts without a getrandom()
+# per request. One counter for both paths: the engine takes its ids here too.
+
+cdef bytes _ID_PREFIX = base64.urlsafe_b64encode(os.urandom(9))
+cdef uint64_t _id_counter = 0
+cdef const char *_HEX = b"0123456789abcdef"
+
+
+cdef inline Py_ssize_t write_id(char *out) noexcept:
+    """The next decision id into out (at least 12 + 16 bytes); returns its length."""
+    global _id_counter
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(_ID_PREFIX)
+    cdef char digits[16]
+    cdef int k = 0
+    cdef uint64_t v
+    _id_counter += 1
+    v = _id_counter
+    memcpy(out, PyBytes_AS_STRING(_ID_PREFIX), n)
+    while True:
+        digits[k] = _HEX[v & 15]
+        k += 1
+        v >>= 4
+        if v == 0:
+            break
+    while k:
+        k -= 1
+        out[n] = digits[k]
+        n += 1
+    return n
+
+
+def new_decision_id():
+    cdef char buf[48]
+    cdef Py_ssize_t n = write_id(buf)
+    return buf[:n].decode("ascii")
+
+
+# ---- clocks and the audit record's time -------------------------------------------------------------
+
+cdef inline double wall() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_REALTIME, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+cdef inline long long mono_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec * 1000000000LL + ts.tv_nsec
+
+
+cdef long _second = -1
+cdef char _second_text[32]
+
+
+cdef Py_ssize_t write_time(char *out, double now) noexcept:
+    """now as agent.audit.records.rfc3339_ms formats it (2026-11-23T00:57:02.410Z); 24 bytes."""
+    global _second
+    cdef long whole = <long>now
+    cdef tm t
+    if whole != _second:
+        gmtime_r(&whole, &t)
+        strftime(_second_text, 32, "%Y-%m-%dT%H:%M:%S", &t)
+        _second = whole
+    memcpy(out, _second_text, 19)
+    return 19 + snprintf(out + 19, 8, ".%03dZ", <int>((now - whole) * 1000))
+
+
+# ---- reading the CheckRequest -------------------------------------------------------------------
+# The same wire checks as native/_wire.pyx's decoder, returning -1 where it raises (the engine then
+# decides, and refuses it there), and -1 too where this pass would rather not judge.
+
+cdef struct Cur:
+    const uint8_t *p
+    const uint8_t *end
+
+
+cdef inline int varint(Cur *c, uint64_t *out) noexcept:
+    cdef uint64_t result = 0
+    cdef int shift = 0
+    cdef uint8_t b
+    while True:
+        if c.p >= c.end or shift >= 70:
+            return -1
+        b = c.p[0]
+        c.p += 1
+        if shift == 63 and b > 1:
+            return -1
+        result |= (<uint64_t>(b & 0x7F)) << shift
+        if b < 0x80:
+            out[0] = result
+            return 0
+        shift += 7
+
+
+cdef inline int length(Cur *c, Cur *sub) noexcept:
+    cdef uint64_t n
+    if varint(c, &n) < 0 or n > <uint64_t>(c.end - c.p):
+        return -1
+    sub.p = c.p
+    sub.end = c.p + n
+    c.p += n
+    return 0
+
+
+cdef inline int key_of(Cur *c, uint64_t *key) noexcept:
+    if varint(c, key) < 0:
+        return -1
+    if (key[0] >> 3) == 0 or (key[0] >> 3) > 536870911 or (key[0] & 7) == 4:
+        return -1
+    return 0
+
+
+cdef int skip(Cur *c, uint64_t key, int depth) noexcept:
+    cdef int wt = key & 7
+    cdef uint64_t inner
+    cdef Cur s
+    if wt == 0:
+        return varint(c, &inner)
+    if wt == 1:
+        if c.end - c.p < 8:
+            return -1
+        c.p += 8
+        return 0
+    if wt == 2:
+        return length(c, &s)
+    if wt == 5:
+        if c.end - c.p < 4:
+            return -1
+        c.p += 4
+        return 0
+    if wt == 3:
+        if depth > 64:
+            return -1
+        while True:
+            if varint(c, &inner) < 0:
+                return -1
+            if (inner & 7) == 4:
+                return 0 if (inner >> 3) == (key >> 3) else -1
+            if (inner >> 3) == 0:
+                return -1
+            if skip(c, inner, depth + 1) < 0:
+                return -1
+    return -1
+
+
+cdef inline bint ascii(Cur s) noexcept:
+    # The decoder refuses strings that are not UTF-8; this pass takes only ASCII (anything else: the engine).
+    cdef const uint8_t *p = s.p
+    while p < s.end:
+        if p[0] >= 0x80:
+            return False
+        p += 1
+    return True
+
+
+cdef struct Scan:
+    Cur method
+    Cur path
+    Cur auth
+    Cur source
+    bint has_auth
+    bint spoofable  # a header the engine would remove (x-authz-*, a method or URL override)
+
+
+cdef bint _lower_eq(const uint8_t *p, Py_ssize_t n, const char *want) noexcept:
+    # want is lower-case with '-'; the name matches as a CGI/WSGI app reads it: any case, '_' as '-'
+    cdef Py_ssize_t i
+    cdef uint8_t ch
+    for i in range(n):
+        ch = p[i]
+        if 65 <= ch <= 90:
+            ch += 32
+        elif ch == 95:
+            ch = 45
+        if ch != <uint8_t>want[i]:
+            return False
+    return True
+
+
+cdef class RecallTable  # forward
+
+
+cdef int header_entry(Cur c, Scan *sc, RecallTable t) noexcept:
+    cdef uint64_t key
+    cdef Cur k, v
+    cdef bint unknown = False
+    cdef bint has_k = False
+    cdef Py_ssize_t n, i
+    k.p = k.end = NULL
+    v.p = v.end = NULL
+    while c.p < c.end:
+        if key_of(&c, &key) < 0:
+            return -1
+        if key == (1 << 3 | 2):
+            if length(&c, &k) < 0 or not ascii(k):
+                return -1
+            has_k = True
+        elif key == (2 << 3 | 2):
+            if length(&c, &v) < 0 or not ascii(v):
+                return -1
+        else:
+            if skip(&c, key, 0) < 0:
+                return -1
+            unknown = True
+    if not has_k:
+        k.p = k.end = c.end
+    n = k.end - k.p
+    # Named like one the engine removes: it decides (whether or not protobuf keeps the entry).
+    if n >= t.prefix_n and _lower_eq(k.p, t.prefix_n, t.prefix):
+        sc.spoofable = True
+    else:
+        for i in range(t.n_names):
+            if n == t.name_lens[i] and _lower_eq(k.p, n, t.names[i]):
+                sc.spoofable = True
+    if unknown:
+        return 0  # upb keeps such an entry out of the map, as the decoder does
+    if n == 13 and memcmp(k.p, b"authorization", 13) == 0:
+        sc.auth = v
+        if not v.p:
+            sc.auth.p = sc.auth.end = c.end
+        sc.has_auth = True
+    return 0
+
+
+cdef int socket_address(Cur c, Scan *sc) noexcept:
+    cdef uint64_t key
+    cdef Cur s
+    while c.p < c.end:
+        if key_of(&c, &key) < 0:
+            return -1
+        if key == (2 << 3 | 2):
+            if length(&c, &s) < 0 or not ascii(s):
+                return -1
+            sc.source = s
+        elif skip(&c, key, 0) < 0:
+            return -1
+    return 0
+
+
+cdef int peer(Cur c, Scan *sc) noexcept:
+    cdef uint64_t key
+    cdef Cur a, s
+    while c.p < c.end:
+        if key_of(&c, &key) < 0:
+            return -1
+        if key == (1 << 3 | 2):
+            if length(&c, &a) < 0:
+                return -1
+            while a.p < a.end:
+                if key_of(&a, &key) < 0:
+                    return -1
+                if key == (1 << 3 | 2):
+                    if length(&a, &s) < 0 or socket_address(s, sc) < 0:
+                        return -1
+                elif key == (2 << 3 | 2) or key == (3 << 3 | 2):
+                    if length(&a, &s) < 0:
+                        return -1
+                    sc.source.p = sc.source.end = a.p  # a pipe or internal address: no source
+                elif skip(&a, key, 0) < 0:
+                    return -1
+        elif key == (5 << 3 | 2):
+            if length(&c, &s) < 0 or not ascii(s):
+                return -1
+        elif skip(&c, key, 0) < 0:
+            return -1
+    return 0
+
+
+cdef int http(Cur c, Scan *sc, RecallTable t) noexcept:
+    cdef uint64_t key
+    cdef Cur s
+    while c.p < c.end:
+        if key_of(&c, &key) < 0:
+            return -1
+        if key == (2 << 3 | 2):
+            if length(&c, &s) < 0 or not ascii(s):
+                return -1
+            sc.method = s
+        elif key == (3 << 3 | 2):
+            if length(&c, &s) < 0 or header_entry(s, sc, t) < 0:
+                return -1
+        elif key == (4 << 3 | 2):
+            if length(&c, &s) < 0 or not ascii(s):
+                return -1
+            sc.path = s
+        elif key == (5 << 3 | 2) or key == (6 << 3 | 2) or key == (11 << 3 | 2):  # host, scheme, body
+            if length(&c, &s) < 0 or not ascii(s):
+                return -1
+        elif key == (13 << 3 | 2):
+            return -1  # raw header_map: the engine joins repeated names
+        elif skip(&c, key, 0) < 0:
+            return -1
+    return 0
+
+
+cdef int scan(const uint8_t *data, Py_ssize_t n, Scan *sc, RecallTable t) noexcept:
+    cdef Cur c, attrs, req, s
+    cdef uint64_t key
+    c.p = data
+    c.end = data + n
+    memset(sc, 0, sizeof(Scan))
+    sc.method.p = sc.method.end = data
+    sc.path.p = sc.path.end = data
+    sc.source.p = sc.source.end = data
+    while c.p < c.end:
+        if key_of(&c, &key) < 0:
+            return -1
+        if key != (1 << 3 | 2):
+            if skip(&c, key, 0) < 0:
+                return -1
+            continue
+        if length(&c, &attrs) < 0:
+            return -1
+        while attrs.p < attrs.end:
+            if key_of(&attrs, &key) < 0:
+                return -1
+            if key == (1 << 3 | 2):
+                if length(&attrs, &s) < 0 or peer(s, sc) < 0:
+                    return -1
+            elif key == (4 << 3 | 2):
+                if length(&attrs, &req) < 0:
+                    return -1
+                while req.p < req.end:
+                    if key_of(&req, &key) < 0:
+                        return -1
+                    if key == (2 << 3 | 2):
+                        if length(&req, &s) < 0 or http(s, sc, t) < 0:
+                            return -1
+                    elif skip(&req, key, 0) < 0:
+                        return -1
+            elif skip(&attrs, key, 0) < 0:
+                return -1
+    return 0
+
+
+# ---- writing the CheckResponse --------------------------------------------------------------------
+
+cdef inline Py_ssize_t vlen(uint64_t v) noexcept:
+    cdef Py_ssize_t n = 1
+    while v >= 0x80:
+        v >>= 7
+        n += 1
+    return n
+
+
+cdef inline char *put_varint(char *p, uint64_t v) noexcept:
+    while v >= 0x80:
+        p[0] = <char>((v & 0x7F) | 0x80)
+        p += 1
+        v >>= 7
+    p[0] = <char>v
+    return p + 1
+
+
+cdef inline char *put_field(char *p, int field, const char *s, Py_ssize_t n) noexcept:
+    p = put_varint(p, (field << 3) | 2)
+    p = put_varint(p, n)
+    memcpy(p, s, n)
+    return p + n
+
+
+cdef inline Py_ssize_t field_len(Py_ssize_t n) noexcept:
+    return 1 + vlen(n) + n
+
+
+cdef inline Py_ssize_t option_len(Py_ssize_t klen, Py_ssize_t vlen_) noexcept:
+    # HeaderValueOption{header: HeaderValue{key, value}, append_action: OVERWRITE_IF_EXISTS_OR_ADD}, as a field
+    cdef Py_ssize_t hv = (field_len(klen) if klen else 0) + (field_len(vlen_) if vlen_ else 0)
+    return field_len(field_len(hv) + 2)
+
+
+cdef char *put_option(char *p, int field, const char *k, Py_ssize_t kn, const char *v, Py_ssize_t vn) noexcept:
+    cdef Py_ssize_t hv = (field_len(kn) if kn else 0) + (field_len(vn) if vn else 0)
+    p = put_varint(p, (field << 3) | 2)
+    p = put_varint(p, field_len(hv) + 2)
+    p = put_varint(p, (1 << 3) | 2)
+    p = put_varint(p, hv)
+    if kn:
+        p = put_field(p, 1, k, kn)
+    if vn:
+        p = put_field(p, 2, v, vn)
+    p[0] = 0x18  # append_action (3), varint
+    p[1] = 2
+    return p + 2
+
+
+cdef inline Py_ssize_t struct_len(Py_ssize_t kn, Py_ssize_t vn) noexcept:
+    # google.protobuf.Struct.fields entry {key = 1, value = Value{string_value = 3}}, as field 1 of the Struct
+    return field_len(field_len(kn) + field_len(field_len(vn)))
+
+
+cdef char *put_struct(char *p, const char *k, Py_ssize_t kn, const char *v, Py_ssize_t vn) noexcept:
+    p = put_varint(p, (1 << 3) | 2)
+    p = put_varint(p, field_len(kn) + field_len(field_len(vn)))
+    p = put_field(p, 1, k, kn)
+    p = put_varint(p, (2 << 3) | 2)
+    p = put_varint(p, field_len(vn))
+    return put_field(p, 3, v, vn)
+
+
+cdef bytes option(int field, str key, str value):
+    cdef bytes k = key.encode(), v = value.encode()
+    cdef Py_ssize_t n = option_len(len(k), len(v))
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, n)
+    put_option(PyBytes_AS_STRING(out), field, k, len(k), v, len(v))
+    return out
+
+
+cdef bytes struct_entry(str key, str value):
+    cdef bytes k = key.encode(), v = value.encode()
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, struct_len(len(k), len(v)))
+    put_struct(PyBytes_AS_STRING(out), k, len(k), v, len(v))
+    return out
+
+
+def recall_key(bytes header, bytes method, bytes path):
+    """SHA-256 over the three, each with its length: the table holds no token text."""
+    cdef unsigned char md[32]
+    digest3(<const uint8_t*>PyBytes_AS_STRING(header), len(header), <const uint8_t*>PyBytes_AS_STRING(method),
+            len(method), <const uint8_t*>PyBytes_AS_STRING(path), len(path), md)
+    return PyBytes_FromStringAndSize(<char*>md, 32)
+
+
+cdef EVP_MD_CTX *_ctx = NULL
+
+
+cdef int digest3(const uint8_t *a, Py_ssize_t an, const uint8_t *b, Py_ssize_t bn, const uint8_t *c,
+                 Py_ssize_t cn, unsigned char *md) noexcept:
+    global _ctx
+    cdef unsigned char lens[12]
+    cdef unsigned int n = 32
+    cdef int i
+    cdef Py_ssize_t parts[3]
+    parts[0] = an
+    parts[1] = bn
+    parts[2] = cn
+    for i in range(3):
+        lens[4 * i] = (parts[i] >> 24) & 0xFF
+        lens[4 * i + 1] = (parts[i] >> 16) & 0xFF
+        lens[4 * i + 2] = (parts[i] >> 8) & 0xFF
+        lens[4 * i + 3] = parts[i] & 0xFF
+    if _ctx == NULL:
+        _ctx = EVP_MD_CTX_new()
+        if _ctx == NULL:
+            return -1
+    if (EVP_DigestInit_ex(_ctx, EVP_sha256(), NULL) != 1
+            or EVP_DigestUpdate(_ctx, lens, 4) != 1 or EVP_DigestUpdate(_ctx, a, an) != 1
+            or EVP_DigestUpdate(_ctx, lens + 4, 4) != 1 or EVP_DigestUpdate(_ctx, b, bn) != 1
+            or EVP_DigestUpdate(_ctx, lens + 8, 4) != 1 or EVP_DigestUpdate(_ctx, c, cn) != 1
+            or EVP_DigestFinal_ex(_ctx, md, &n) != 1):
+        return -1
+    return 0
+
+
+# ---- the table ----------------------------------------------------------------------------------
+
+cdef class _Entry:
+    cdef double exp, leeway, nbf, observed_at, resync_s
+    cdef bint has_nbf
+    cdef object store, keys, revocations, revocation_state, spec
+    cdef bytes ok_head       # the x-authz-route option
+    cdef bytes ok_tail       # subject and client-id options, the authorization removal
+    cdef bytes meta_tail     # decision, reason and route metadata entries
+    cdef bytes source
+    cdef tuple audit         # five template parts, or None
+    cdef Py_ssize_t slot     # the route's counter
+    cdef object limit        # BucketTable or None
+    cdef object limit_key    # str, or None when it has the address in it (then limit_parts)
+    cdef tuple limit_parts
+    cdef bytes limit_policy_option
+    cdef bytes limit_name
+    cdef double limit_rate, limit_burst
+
+
+cdef struct Slot:
+    unsigned char digest[32]
+    PyObject *entry  # a strong reference, or NULL when empty
+
+
+cdef Py_ssize_t NBUCKETS = len(LATENCY_BOUNDS_US) + 1
+cdef long long[32] BOUNDS
+for _i, _b in enumerate(LATENCY_BOUNDS_US):
+    BOUNDS[_i] = _b
+
+
+cdef class RecallTable:
+    """Remembered allows by SHA-256 of (Authorization, method, path); at most `max_entries`, oldest out first."""
+
+    cdef readonly Py_ssize_t max_entries
+    cdef readonly Py_ssize_t hits
+    cdef Slot *slots
+    cdef Py_ssize_t cap, used
+    cdef unsigned char (*ring)[32]  # digests in insertion order: the oldest goes first when full
+    cdef Py_ssize_t ring_head, ring_len
+    cdef object audit
+    cdef recall_auditq_api *audit_api
+    cdef char *buf
+    cdef Py_ssize_t buf_cap
+    cdef bytes prefix_b
+    cdef const char *prefix
+    cdef Py_ssize_t prefix_n
+    cdef list names_b
+    cdef const char **names
+    cdef Py_ssize_t *name_lens
+    cdef Py_ssize_t n_names
+    cdef list routes        # slot -> route name
+    cdef dict route_slots   # route name -> slot
+    cdef long long *counts
+    cdef Py_ssize_t counts_cap
+    cdef long long buckets[32]
+    cdef long long latency_sum
+
+    def __cinit__(self, Py_ssize_t max_entries, object audit=None, str spoofable_prefix="x-authz-",
+                  frozenset spoofable_names=frozenset()):
+        cdef Py_ssize_t i
+        self.max_entries = max_entries if max_entries > 0 else 0
+        self.cap = 16
+        while self.cap < 2 * self.max_entries + 2:
+            self.cap *= 2
+        self.slots = <Slot*>calloc(self.cap, sizeof(Slot))
+        self.ring = <unsigned char (*)[32]>malloc((self.max_entries + 1) * 32)
+        self.buf_cap = 4096
+        self.buf = <char*>malloc(self.buf_cap)
+        self.counts_cap = 16
+        self.counts = <long long*>calloc(self.counts_cap, sizeof(long long))
+        if self.slots == NULL or self.ring == NULL or self.buf == NULL or self.counts == NULL:
+            raise MemoryError()
+        self.audit = audit
+        self.audit_api = NULL
+        if audit is not None and hasattr(audit, "capsule"):
+            cap = audit.capsule()
+            if PyCapsule_IsValid(cap, b"agent._auditq_c.api"):
+                self.audit_api = <recall_auditq_api*>PyCapsule_GetPointer(cap, b"agent._auditq_c.api")
+        self.prefix_b = spoofable_prefix.encode()
+        self.prefix = PyBytes_AS_STRING(self.prefix_b)
+        self.prefix_n = len(self.prefix_b)
+        self.names_b = [n.encode() for n in sorted(spoofable_names)]
+        self.n_names = len(self.names_b)
+        self.names = <const char**>malloc((self.n_names + 1) * sizeof(char*))
+        self.name_lens = <Py_ssize_t*>malloc((self.n_names + 1) * sizeof(Py_ssize_t))
+        if self.names == NULL or self.name_lens == NULL:
+            raise MemoryError()
+        for i in range(self.n_names):
+            self.names[i] = PyBytes_AS_STRING(self.names_b[i])
+            self.name_lens[i] = len(self.names_b[i])
+        self.routes = []
+        self.route_slots = {}
+
+    def __dealloc__(self):
+        cdef Py_ssize_t i
+        if self.slots != NULL:
+            for i in range(self.cap):
+                if self.slots[i].entry != NULL:
+                    Py_XDECREF(self.slots[i].entry)
+            free(self.slots)
+        free(self.ring)
+        free(self.buf)
+        free(self.counts)
+        free(self.names)
+        free(self.name_lens)
+
+    def __len__(self):
+        return self.used
+
+    # -- the hash table over digests (linear probing, backward-shift deletion) --
+
+    cdef inline Py_ssize_t home(self, const unsigned char *d) noexcept:
+        cdef uint64_t h
+        memcpy(&h, d, 8)
+        return <Py_ssize_t>(h & <uint64_t>(self.cap - 1))
+
+    cdef Py_ssize_t find(self, const unsigned char *d) noexcept:
+        cdef Py_ssize_t i = self.home(d)
+        while self.slots[i].entry != NULL:
+            if memcmp(self.slots[i].digest, d, 32) == 0:
+                return i
+            i = (i + 1) & (self.cap - 1)
+        return -1
+
+    cdef void remove_at(self, Py_ssize_t i):
+        cdef Py_ssize_t j, k, mask = self.cap - 1
+        Py_XDECREF(self.slots[i].entry)
+        self.slots[i].entry = NULL
+        self.used -= 1
+        j = i
+        while True:
+            j = (j + 1) & mask
+            if self.slots[j].entry == NULL:
+                return
+            k = self.home(self.slots[j].digest)
+            # move j back to i when its home is not in (i, j] (cyclically)
+            if (i <= j and (k <= i or k > j)) or (i > j and (k <= i and k > j)):
+                self.slots[i] = self.slots[j]
+                self.slots[j].entry = NULL
+                i = j
+
+    cdef void remove(self, const unsigned char *d):
+        cdef Py_ssize_t i = self.find(d)
+        if i >= 0:
+            self.remove_at(i)
+
+    def put(self, spec):
+        """Remember an allow (an agent.decision.Recall); replaces the entry of the same key."""
+        cdef unsigned char md[32]
+        cdef bytes header = spec.header.encode(), method = spec.method.encode(), path = spec.path.encode()
+        cdef Py_ssize_t i
+        cdef _Entry e
+        if self.max_entries == 0:
+            return
+        if digest3(<const uint8_t*>PyBytes_AS_STRING(header), len(header), <const uint8_t*>PyBytes_AS_STRING(method),
+                   len(method), <const uint8_t*>PyBytes_AS_STRING(path), len(path), md) < 0:
+            return
+        e = self.entry_of(spec)
+        i = self.find(md)
+        if i >= 0:
+            Py_INCREF(e)
+            Py_XDECREF(self.slots[i].entry)
+            self.slots[i].entry = <PyObject*>e
+            return
+        if self.ring_len >= self.max_entries:  # the oldest out
+            self.remove(self.ring[self.ring_head])
+            self.ring_head = (self.ring_head + 1) % self.max_entries
+            self.ring_len -= 1
+        memcpy(self.ring[(self.ring_head + self.ring_len) % self.max_entries], md, 32)
+        self.ring_len += 1
+        i = self.home(md)
+        while self.slots[i].entry != NULL:
+            i = (i + 1) & (self.cap - 1)
+        memcpy(self.slots[i].digest, md, 32)
+        Py_INCREF(e)
+        self.slots[i].entry = <PyObject*>e
+        self.used += 1
+
+    cdef _Entry entry_of(self, spec):
+        cdef _Entry e = _Entry.__new__(_Entry)
+        e.spec = spec
+        e.exp = spec.exp
+        e.leeway = spec.leeway
+        e.has_nbf = spec.nbf is not None
+        e.nbf = spec.nbf if e.has_nbf else 0.0
+        e.store = spec.store
+        e.keys = spec.keys
+        e.revocations = spec.revocations
+        e.revocation_state = spec.revocation_state
+        e.observed_at = spec.observed_at
+        e.resync_s = spec.resync_s
+        e.source = spec.source.encode()
+        e.ok_head = option(2, "x-authz-route", spec.route)
+        tail = option(2, "x-authz-subject", spec.subject)
+        if spec.client_id is not None:
+            tail += option(2, "x-authz-client-id", spec.client_id)
+        if spec.remove_authorization:
+            tail += b"\x2a\x0dauthorization"  # headers_to_remove (5)
+        e.ok_tail = tail
+        e.meta_tail = struct_entry("decision", "allow") + struct_entry("reason", "allowed") + struct_entry(
+            "route", spec.route)
+        e.audit = tuple(spec.audit) if spec.audit is not None else None
+        slot = self.route_slots.get(spec.route)
+        if slot is None:
+            slot = len(self.routes)
+            if slot >= self.counts_cap:
+                grown = <long long*>realloc(self.counts, 2 * self.counts_cap * sizeof(long long))
+                if grown == NULL:
+                    raise MemoryError()
+                memset(grown + self.counts_cap, 0, self.counts_cap * sizeof(long long))
+                self.counts = grown
+                self.counts_cap *= 2
+            self.routes.append(spec.route)
+            self.route_slots[spec.route] = slot
+        e.slot = slot
+        e.limit = spec.limit
+        if spec.limit is not None:
+            e.limit_parts = tuple(spec.limit_key)
+            e.limit_key = None if None in e.limit_parts else "\x1f".join(e.limit_parts)
+            e.limit_policy_option = option(6, "ratelimit-policy", spec.limit_policy)
+            e.limit_name = spec.limit_name.encode()
+            e.limit_rate = spec.limit.rate
+            e.limit_burst = spec.limit.burst
+        return e
+
+    def touch(self, str header, str method, str path, str source, double observed_at, object revocation_state):
+        """The engine has just seen this remembered caller (its address, the revocations in force): True when the
+        key was here and now carries them, False when it must be put whole."""
+        cdef unsigned char md[32]
+        cdef bytes h = header.encode(), m = method.encode(), p = path.encode()
+        cdef Py_ssize_t i
+        cdef _Entry e
+        if digest3(<const uint8_t*>PyBytes_AS_STRING(h), len(h), <const uint8_t*>PyBytes_AS_STRING(m), len(m),
+                   <const uint8_t*>PyBytes_AS_STRING(p), len(p), md) < 0:
+            return False
+        i = self.find(md)
+        if i < 0:
+            return False
+        e = <_Entry>self.slots[i].entry
+        e.source = source.encode()
+        e.observed_at = observed_at
+        e.revocation_state = revocation_state
+        return True
+
+    def discard(self, str header, str method, str path):
+        cdef unsigned char md[32]
+        cdef bytes h = header.encode(), m = method.encode(), p = path.encode()
+        if digest3(<const uint8_t*>PyBytes_AS_STRING(h), len(h), <const uint8_t*>PyBytes_AS_STRING(m), len(m),
+                   <const uint8_t*>PyBytes_AS_STRING(p), len(p), md) == 0:
+            self.remove(md)
+
+    def clear(self):
+        cdef Py_ssize_t i
+        for i in range(self.cap):
+            if self.slots[i].entry != NULL:
+                Py_XDECREF(self.slots[i].entry)
+                self.slots[i].entry = NULL
+        self.used = 0
+        self.ring_len = 0
+        self.ring_head = 0
+
+    def fold(self):
+        """The answers counted since the last fold, per route, and their latency histogram and sum; reset."""
+        cdef Py_ssize_t i
+        counts = {}
+        for i in range(len(self.routes)):
+            if self.counts[i]:
+                counts[self.routes[i]] = self.counts[i]
+                self.counts[i] = 0
+        buckets = [self.buckets[i] for i in range(NBUCKETS)]
+        memset(self.buckets, 0, sizeof(self.buckets))
+        total = self.latency_sum
+        self.latency_sum = 0
+        return counts, buckets, total
+
+    cdef int reserve(self, Py_ssize_t n) except -1:
+        cdef char *grown
+        if n <= self.buf_cap:
+            return 0
+        while self.buf_cap < n:
+            self.buf_cap *= 2
+        grown = <char*>realloc(self.buf, self.buf_cap)
+        if grown == NULL:
+            raise MemoryError()
+        self.buf = grown
+        return 0
+
+    cpdef object answer(self, bytes message, double now=-1.0):
+        """The CheckResponse for a remembered allow, or None: the engine decides."""
+        cdef long long start = mono_ns()
+        cdef Scan sc
+        cdef unsigned char md[32]
+        cdef Py_ssize_t i, n, did_n, rl_n, ok_n, meta_n, total, src_n
+        cdef _Entry e
+        cdef char did[48]
+        cdef char rl[96]
+        cdef const uint8_t *s
+        cdef double left, reset
+        cdef long long latency, rem
+        cdef char *p
+        if self.used == 0:
+            return None
+        if scan(<const uint8_t*>PyBytes_AS_STRING(message), PyBytes_GET_SIZE(message), &sc, self) < 0:
+            return None
+        if not sc.has_auth or sc.spoofable:
+            return None
+        if digest3(sc.auth.p, sc.auth.end - sc.auth.p, sc.method.p, sc.method.end - sc.method.p, sc.path.p,
+                   sc.path.end - sc.path.p, md) < 0:
+            return None
+        i = self.find(md)
+        if i < 0:
+            return None
+        e = <_Entry>self.slots[i].entry
+        if now < 0:
+            now = wall()
+        if (not now < e.exp + e.leeway or (e.has_nbf and not now + e.leeway >= e.nbf)
+                or e.store.keys is not e.keys or e.revocations.state is not e.revocation_state):
+            self.remove_at(i)  # never reusable again; the engine decides afresh
+            return None
+        src_n = sc.source.end - sc.source.p
+        if (src_n != PyBytes_GET_SIZE(e.source) or memcmp(sc.source.p, PyBytes_AS_STRING(e.source), src_n) != 0
+                or now - e.observed_at >= e.resync_s):
+            return None  # the listeners see this one
+        s = sc.source.p
+        while s < sc.source.end:
+            if s[0] < 0x20 or s[0] == 0x22 or s[0] == 0x5C or s[0] == 0x7F:
+                return None  # the audit record would escape it: the engine writes that one
+            s += 1
+        rl_n = 0
+        if e.limit is not None:
+            key = e.limit_key
+            if key is None:
+                source = (<const char*>sc.source.p)[:src_n].decode("ascii")
+                key = "\x1f".join([source if part is None else part for part in e.limit_parts])
+            left = e.limit.take(key, now)
+            if left < 0:
+                return None  # the engine refuses it with the 429's headers
+            reset = (e.limit_burst - left) / e.limit_rate
+            rem = <long long>left if left > 0 else 0
+            n = PyBytes_GET_SIZE(e.limit_name)
+            if n > 40:
+                return None
+            memcpy(rl, PyBytes_AS_STRING(e.limit_name), n)
+            rl_n = n + snprintf(rl + n, 96 - n, ";r=%lld;t=%lld", rem,
+                                <long long>ceil(reset) if reset > 0 else 0)
+        did_n = write_id(did)
+        ok_n = (PyBytes_GET_SIZE(e.ok_head) + option_len(19, did_n) + PyBytes_GET_SIZE(e.ok_tail))
+        if e.limit is not None:
+            ok_n += PyBytes_GET_SIZE(e.limit_policy_option) + option_len(9, rl_n)
+        meta_n = struct_len(11, did_n) + PyBytes_GET_SIZE(e.meta_tail)
+        total = 2 + field_len(ok_n) + field_len(meta_n)
+        out = PyBytes_FromStringAndSize(NULL, total)
+        p = PyBytes_AS_STRING(out)
+        p[0] = 0x0A  # status: OK (an empty google.rpc.Status)
+        p[1] = 0
+        p = put_varint(p + 2, (3 << 3) | 2)
+        p = put_varint(p, ok_n)
+        memcpy(p, PyBytes_AS_STRING(e.ok_head), PyBytes_GET_SIZE(e.ok_head))
+        p += PyBytes_GET_SIZE(e.ok_head)
+        p = put_option(p, 2, b"x-authz-decision-id", 19, did, did_n)
+        memcpy(p, PyBytes_AS_STRING(e.ok_tail), PyBytes_GET_SIZE(e.ok_tail))
+        p += PyBytes_GET_SIZE(e.ok_tail)
+        if e.limit is not None:
+            memcpy(p, PyBytes_AS_STRING(e.limit_policy_option), PyBytes_GET_SIZE(e.limit_policy_option))
+            p += PyBytes_GET_SIZE(e.limit_policy_option)
+            p = put_option(p, 6, b"ratelimit", 9, rl, rl_n)
+        p = put_varint(p, (4 << 3) | 2)
+        p = put_varint(p, meta_n)
+        p = put_struct(p, b"decision_id", 11, did, did_n)
+        memcpy(p, PyBytes_AS_STRING(e.meta_tail), PyBytes_GET_SIZE(e.meta_tail))
+        latency = (mono_ns() - start) // 1000
+        if e.audit is not None and self.audit is not None:
+            self.record(e, now, did, did_n, sc.source.p, src_n, latency)
+        self.hits += 1
+        self.counts[e.slot] += 1
+        for i in range(NBUCKETS - 1):
+            if latency <= BOUNDS[i]:
+                break
+        else:
+            i = NBUCKETS - 1
+        self.buckets[i] += 1
+        self.latency_sum += latency
+        return out
+
+    cdef int record(self, _Entry e, double now, const char *did, Py_ssize_t did_n, const uint8_t *src,
+                    Py_ssize_t src_n, long long latency) except -1:
+        """The audit record from the entry's template: time, decision_id, source and latency_us filled in."""
+        cdef tuple a = e.audit
+        cdef Py_ssize_t n = 0, k
+        cdef char *p
+        for part in a:
+            n += PyBytes_GET_SIZE(<bytes>part)
+        self.reserve(n + 24 + 2 + did_n + 2 + src_n + 2 + 24)
+        p = self.buf
+        k = PyBytes_GET_SIZE(<bytes>a[0])
+        memcpy(p, PyBytes_AS_STRING(<bytes>a[0]), k)
+        p += k
+        p[0] = 0x22
+        p += 1 + write_time(p + 1, now)
+        p[0] = 0x22
+        p += 1
+        k = PyBytes_GET_SIZE(<bytes>a[1])
+        memcpy(p, PyBytes_AS_STRING(<bytes>a[1]), k)
+        p += k
+        p[0] = 0x22
+        memcpy(p + 1, did, did_n)
+        p[1 + did_n] = 0x22
+        p += 2 + did_n
+        k = PyBytes_GET_SIZE(<bytes>a[2])
+        memcpy(p, PyBytes_AS_STRING(<bytes>a[2]), k)
+        p += k
+        p[0] = 0x22
+        memcpy(p + 1, src, src_n)
+        p[1 + src_n] = 0x22
+        p += 2 + src_n
+        k = PyBytes_GET_SIZE(<bytes>a[3])
+        memcpy(p, PyBytes_AS_STRING(<bytes>a[3]), k)
+        p += k
+        p += snprintf(p, 24, "%lld", latency)
+        k = PyBytes_GET_SIZE(<bytes>a[4])
+        memcpy(p, PyBytes_AS_STRING(<bytes>a[4]), k)
+        p += k
+        if self.audit_api != NULL:
+            self.audit_api.append(<PyObject*>self.audit, self.buf, p - self.buf)
+        else:
+            self.audit.append(PyBytes_FromStringAndSize(self.buf, p - self.buf))
+        return 0
+
