@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from agent import reasons as R
 from tests.e2e.conftest import Stack, free_port, request
@@ -215,3 +216,46 @@ def test_alerts_fire_through_envoy_and_reach_the_webhook(stack: Stack) -> None:
     audit = stack.agent.audit.read_text()
     assert '"type":"alert","time"' in audit and '"alert":"token_from_many_addresses"' in audit
     assert token.split(".")[2] not in json.dumps(stack.alerts) + audit
+
+
+def _metrics(stack: Stack) -> dict[str, float]:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{stack.agent.admin}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line[:1] != "#"}
+
+
+def test_repeated_requests_are_each_decided_counted_and_audited(stack: Stack, tmp_path: Path) -> None:
+    """Through Envoy, a token repeated on one route: after the first decision each is answered from memory (on the
+    native transport straight from the CheckRequest bytes), and each still gets its own decision id, upstream
+    headers, count and chained audit record."""
+    from agent.audit.chain import verify
+
+    token = stack.idp.mint(sub=f"repeat-{stack.port}", jti=f"repeat-{stack.port}")
+    allowed = 'authz_decisions_total{decision="allow",reason="allowed",route="list-orders"}'
+    before = _metrics(stack)
+    ids = []
+    for _ in range(40):
+        r = stack.get("/v1/orders", token, x_request_id="spoof-me-not")
+        assert r.status == 200
+        seen = r.json()
+        assert seen["from_agent"]["x-authz-subject"] == f"repeat-{stack.port}"
+        assert seen["from_agent"]["x-authz-route"] == "list-orders" and not seen["authorization_reached_app"]
+        ids.append(seen["from_agent"]["x-authz-decision-id"])
+    assert len(set(ids)) == 40
+    after = _metrics(stack)
+    assert after[allowed] - before[allowed] == 40
+    assert after["authz_remembered_allows_total"] - before["authz_remembered_allows_total"] >= 39
+    until(lambda: ids[-1] in stack.agent.audit.read_text(), "the last decision is audited")
+    data = stack.agent.audit.read_bytes()
+    whole = tmp_path / "audit.log"
+    whole.write_bytes(data[: data.rindex(b"\n") + 1])  # the writer may be mid-line
+    assert verify([whole]).problem is None
+    records = [json.loads(line) for line in whole.read_text().splitlines()]
+    mine = {r["decision_id"]: r for r in records if r.get("decision_id") in set(ids)}
+    assert len(mine) == 40
+    assert {(r["route"], r["decision"], r["subject"], r["source"], r["jti"]) for r in mine.values()} == {
+        ("list-orders", "allow", f"repeat-{stack.port}", "127.0.0.1", f"repeat-{stack.port}")
+    }
+    assert token not in whole.read_text()
