@@ -34,17 +34,17 @@ cdef extern from "time.h" nogil:
     tm *gmtime_r(const long *timep, tm *result)
     size_t strftime(char *s, size_t maxsize, const char *fmt, const tm *t)
 
-cdef extern from "openssl/evp.h" nogil:
-    ctypedef struct EVP_MD_CTX:
+cdef extern from *:
+    """
+    /* The one-shot SHA-256 functions: no EVP fetch or lock per digest (~0.4 us of a 1 us digest). */
+    #define OPENSSL_SUPPRESS_DEPRECATED
+    #include <openssl/sha.h>
+    """
+    ctypedef struct SHA256_CTX:
         pass
-    ctypedef struct EVP_MD:
-        pass
-    EVP_MD_CTX *EVP_MD_CTX_new()
-    void EVP_MD_CTX_free(EVP_MD_CTX *ctx)
-    const EVP_MD *EVP_sha256()
-    int EVP_DigestInit_ex(EVP_MD_CTX *ctx, const EVP_MD *t, void *impl)
-    int EVP_DigestUpdate(EVP_MD_CTX *ctx, const void *d, size_t cnt)
-    int EVP_DigestFinal_ex(EVP_MD_CTX *ctx, unsigned char *md, unsigned int *s)
+    int SHA256_Init(SHA256_CTX *c) nogil
+    int SHA256_Update(SHA256_CTX *c, const void *data, size_t n) nogil
+    int SHA256_Final(unsigned char *md, SHA256_CTX *c) nogil
 
 cdef extern from *:
     """
@@ -484,14 +484,10 @@ def recall_key(bytes header, bytes method, bytes path):
     return PyBytes_FromStringAndSize(<char*>md, 32)
 
 
-cdef EVP_MD_CTX *_ctx = NULL
-
-
 cdef int digest3(const uint8_t *a, Py_ssize_t an, const uint8_t *b, Py_ssize_t bn, const uint8_t *c,
                  Py_ssize_t cn, unsigned char *md) noexcept:
-    global _ctx
     cdef unsigned char lens[12]
-    cdef unsigned int n = 32
+    cdef SHA256_CTX ctx
     cdef int i
     cdef Py_ssize_t parts[3]
     parts[0] = an
@@ -502,15 +498,11 @@ cdef int digest3(const uint8_t *a, Py_ssize_t an, const uint8_t *b, Py_ssize_t b
         lens[4 * i + 1] = (parts[i] >> 16) & 0xFF
         lens[4 * i + 2] = (parts[i] >> 8) & 0xFF
         lens[4 * i + 3] = parts[i] & 0xFF
-    if _ctx == NULL:
-        _ctx = EVP_MD_CTX_new()
-        if _ctx == NULL:
-            return -1
-    if (EVP_DigestInit_ex(_ctx, EVP_sha256(), NULL) != 1
-            or EVP_DigestUpdate(_ctx, lens, 4) != 1 or EVP_DigestUpdate(_ctx, a, an) != 1
-            or EVP_DigestUpdate(_ctx, lens + 4, 4) != 1 or EVP_DigestUpdate(_ctx, b, bn) != 1
-            or EVP_DigestUpdate(_ctx, lens + 8, 4) != 1 or EVP_DigestUpdate(_ctx, c, cn) != 1
-            or EVP_DigestFinal_ex(_ctx, md, &n) != 1):
+    if (SHA256_Init(&ctx) != 1
+            or SHA256_Update(&ctx, lens, 4) != 1 or SHA256_Update(&ctx, a, an) != 1
+            or SHA256_Update(&ctx, lens + 4, 4) != 1 or SHA256_Update(&ctx, b, bn) != 1
+            or SHA256_Update(&ctx, lens + 8, 4) != 1 or SHA256_Update(&ctx, c, cn) != 1
+            or SHA256_Final(md, &ctx) != 1):
         return -1
     return 0
 

@@ -9,25 +9,21 @@ class RevocationSet:
     """The revocations in force. `replace` swaps them whole (one assignment), so a check never sees half
     of an update; the server shares one set with every engine it builds, across policy reloads."""
 
-    __slots__ = ("_state",)
+    __slots__ = ("state",)
 
     def __init__(self) -> None:
-        self._state: tuple[int, frozenset[str], dict[tuple[str, str], int]] = (0, frozenset(), {})
+        # What is in force, as one object: a new one on every `replace` (agent._recall compares identity). Read-only.
+        self.state: tuple[int, frozenset[str], dict[tuple[str, str], int]] = (0, frozenset(), {})
 
     @property
     def sequence(self) -> int:
-        return self._state[0]
-
-    @property
-    def state(self) -> object:
-        """What is in force now, as one object: a new one on every `replace` (agent._recall compares identity)."""
-        return self._state
+        return self.state[0]
 
     def replace(self, sequence: int, jti: frozenset[str], subjects: dict[tuple[str, str], int]) -> None:
-        self._state = (sequence, jti, dict(subjects))
+        self.state = (sequence, jti, dict(subjects))
 
     def revoked(self, who: Principal) -> bool:
-        _, jti, subjects = self._state
+        _, jti, subjects = self.state
         if who.jti is not None and who.jti in jti:
             return True
         if subjects:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -349,6 +350,14 @@ class ControlPlaneOptions:
     bundle_key: Path
 
 
+def settle_heap() -> None:
+    """What start-up made (modules, the compiled policy, protobuf descriptors: ~70k objects) lives as long as the
+    agent: out of the collector's sight. Else every full collection walks it all, a pause of ~20 ms in the middle of
+    some request's decision, and every middle one a fraction of a millisecond (the latency tail at low load)."""
+    gc.collect()
+    gc.freeze()
+
+
 async def serve(
     policy: Policy | None,
     listen: str,
@@ -399,6 +408,7 @@ async def serve(
             log.info("serving the last good bundle %s until the control plane answers", client.version)
         client_task = asyncio.get_running_loop().create_task(client.run(stop))
         shared_task = asyncio.get_running_loop().create_task(client.watch_shared(stop))
+    settle_heap()
     await stop.wait()
     log.info("stopping: draining in-flight checks")
     await asyncio.gather(*(t for t in (client_task, shared_task) if t is not None), return_exceptions=True)
