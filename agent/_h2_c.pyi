@@ -17,6 +17,8 @@ class Limits:
     timed_out_streams: int
     closed_idle: int
     closed_handshake: int
+    fast: Callable[[bytes], bytes | None] | None
+    fast_path: bytes
     def __init__(
         self,
         connection_buffer: int = ...,

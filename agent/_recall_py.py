@@ -98,6 +98,11 @@ class RecallTable:
     def clear(self) -> None:
         self._entries.clear()
 
+    def close(self) -> None:
+        """Forget everything and answer nothing from now on (the engine that filled it is retired)."""
+        self.max_entries = 0
+        self._entries.clear()
+
     def fold(self) -> tuple[dict[str, int], list[int], int]:
         """The answers counted since the last fold, per route, and their latency histogram and sum; reset."""
         out = (self._counts, self._buckets, self._latency_sum)

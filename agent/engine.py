@@ -257,6 +257,13 @@ class Engine:
         """Decisions answered from a remembered allow, by the engine or from wire bytes."""
         return self._recalled + (self.recall.hits if self.recall is not None else 0)
 
+    def retire(self) -> None:
+        """A newer engine decides from now on: this one's table answers nothing more (a transport still holding
+        it passes every Check on to the engine), and what it answered is counted."""
+        if self.recall is not None:
+            self.recall.close()
+            self.fold_recalled()
+
     def fold_recalled(self) -> None:
         """Hand the listeners the allows answered from wire bytes since the last fold (for /metrics)."""
         if self.recall is None:

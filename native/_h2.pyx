@@ -102,6 +102,10 @@ cdef class Limits:
     cdef readonly Py_ssize_t closed_idle
     cdef readonly Py_ssize_t closed_handshake
     cdef set connections                        # open GrpcProtocols: where to look for the one holding most
+    # A first answerer for one method, tried before the handler: fast(message) -> reply bytes, or None to let the
+    # handler answer (the transport's remembered-allow table, agent._recall; no Python frame on its hits).
+    cdef public object fast
+    cdef public bytes fast_path
 
     def __cinit__(self, Py_ssize_t connection_buffer=16 << 20, Py_ssize_t total_buffer=64 << 20,
                   double stream_timeout=10.0, double idle_timeout=300.0, double handshake_timeout=5.0):
@@ -118,6 +122,7 @@ cdef class Limits:
         self.idle_timeout = idle_timeout
         self.handshake_timeout = handshake_timeout
         self.connections = set()
+        self.fast_path = b""
 
     def trim(self):
         """Once the buffers have drained after holding a lot (an attack, a burst of large checks), give the
@@ -654,6 +659,15 @@ cdef class GrpcProtocol:
         self.release(st)
         limits.calls += 1
         self.last_call = limits.calls
+        if limits.fast is not None and st.path == limits.fast_path:
+            try:
+                result = limits.fast(message)
+            except Exception:
+                log.exception("native transport: the first answerer failed; the handler answers")
+                result = None
+            if isinstance(result, bytes):
+                self.respond_ok(st, <bytes>result)
+                return
         try:
             result = self.handler(st.path, message)
         except Exception:

@@ -769,6 +769,11 @@ cdef class RecallTable:
         self.ring_len = 0
         self.ring_head = 0
 
+    def close(self):
+        """Forget everything and answer nothing from now on (the engine that filled it is retired)."""
+        self.clear()
+        self.max_entries = 0
+
     def fold(self):
         """The answers counted since the last fold, per route, and their latency histogram and sum; reset."""
         cdef Py_ssize_t i

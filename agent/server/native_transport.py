@@ -74,15 +74,18 @@ class NativeTransport:
         self._connections: set[Any] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._ratelog = RateLimitedLog(log)
+        self.engine_changed()
+
+    def engine_changed(self) -> None:
+        """The server has a new engine: its remembered-allow table answers Checks first, in agent._h2_c (the old
+        table is closed by then, so a Check that raced the change goes to the handler, which reads the engine)."""
+        recall = self._engine().recall
+        self._shared.fast = recall.answer if recall is not None else None
+        self._shared.fast_path = CHECK
 
     def _handle(self, path: bytes, message: bytes) -> bytes | int | Awaitable[bytes | int]:
         if path == CHECK:
             engine = self._engine()
-            recall = engine.recall
-            if recall is not None:
-                answer = recall.answer(message)  # a remembered allow, answered from the bytes (agent._recall)
-                if answer is not None:
-                    return answer
             try:
                 view = decode_check_request(message)
             except WireError as e:

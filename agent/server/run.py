@@ -234,7 +234,9 @@ class AgentServer:
                 self._start_refresher(s)
             new.adopt_limits(old)
             self.engine = new
-            old.fold_recalled()  # what the old engine answered from wire bytes, counted before it goes
+            old.retire()  # its remembered allows answer nothing more, and what they answered is counted
+            if isinstance(self.transport, NativeTransport):
+                self.transport.engine_changed()
             self.policy_error = None
             retired = [s for s in old.stores.values() if s not in stores.values()]
             self._tasks.append(asyncio.get_running_loop().create_task(self._retire(retired, old)))

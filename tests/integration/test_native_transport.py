@@ -136,6 +136,28 @@ async def test_grpcio_client_check_health_and_unknown_methods(server: AgentServe
         assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
+async def test_remembered_allows_are_answered_first_and_end_with_their_policy(
+    server: AgentServer, write_policy: Callable[..., Path], keys: dict[str, SigningKey]
+) -> None:
+    """Repeated Checks are answered by the remembered-allow table inside the transport; a new policy is enforced
+    on the very next Check, never answered from what the old one remembered."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        stub = ext_grpc.AuthorizationStub(ch)
+        req = ext.CheckRequest.FromString(check_request(mint(keys["ES256"])))
+        for _ in range(5):
+            assert (await stub.Check(req, timeout=5)).status.code == 0
+        old = server.engine
+        assert old.recall is not None and old.recall.hits == 4
+        stricter = write_policy().read_text().replace("scopes_all: [orders:read]}", "scopes_all: [orders:admin]}", 1)
+        path = write_policy()
+        path.write_text(stricter)
+        assert await server.install(load_policy(path), "test") is None
+        assert server.engine is not old and old.recall.answer(req.SerializeToString()) is None
+        denied = await stub.Check(req, timeout=5)
+        assert denied.denied_response.status.code == 403
+        assert denied.dynamic_metadata["reason"] == "scope_missing"
+
+
 async def test_h2_client_gets_grpc_framing_and_trailers(server: AgentServer, keys: dict[str, SigningKey]) -> None:
     c = RawH2(server.port)
     try:
