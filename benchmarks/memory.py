@@ -18,6 +18,8 @@ from cryptography.hazmat.primitives import serialization as S
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
+from agent.audit.alerts import AlertMonitor
+from agent.audit.stats import DecisionStats
 from agent.audit.writer import JsonLinesAudit
 from agent.config import load_policy
 from agent.decision import RequestView
@@ -83,7 +85,11 @@ routes:
     allow: {{scopes_all: [orders:read]}}
 """)
     audit = JsonLinesAudit("/dev/null")
-    engine = Engine.for_policy(load_policy(work / "policy.yaml"), audit)
+    policy = load_policy(work / "policy.yaml")
+    # As `run --transport native` builds it: decision stats, the alert monitor, and the table that answers
+    # remembered allows from wire bytes (every allow below is remembered there too, up to its bound).
+    listeners = (DecisionStats(), AlertMonitor(policy.alerts, lambda kind, detail: None))
+    engine = Engine.for_policy(policy, audit, listeners=listeners, wire_recall=True)
     for st in engine.stores.values():
         await st.refresh()
     header = b64(json.dumps({"alg": "ES256", "kid": "m", "typ": "at+jwt"}).encode())
@@ -121,6 +127,7 @@ routes:
                 "rss_growth_mb": round(after - before, 1),
                 "seconds": round(seconds, 1),
                 "cache_entries": len(engine.jwt._cache),
+                "recall_entries": len(engine.recall) if engine.recall is not None else 0,
                 "audit_dropped": audit.dropped,
             }
         )
