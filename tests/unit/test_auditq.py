@@ -1,12 +1,15 @@
 """The audit record queue and JSON chain (both twins): the bytes Chain.link makes, in order, nothing accepted lost,
-woken per batch; and the C producers' capsule."""
+woken per batch; then the writer built on them (rotation, stdout) and the C producers' capsule."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import importlib
+import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,7 +22,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.audit.chain import GENESIS, Chain, line_hash, verify
+from agent.audit.writer import JsonLinesAudit
 from tests.conftest import native_module, twins
+from tests.wait import until
 
 MODULES = twins("agent.audit._auditq_py", "_auditq")
 
@@ -256,6 +261,53 @@ def test_a_slow_non_blocking_reader_gets_every_byte(auditq: Any) -> None:
         reader.join(30)
         os.close(r)
     assert bytes(got) == linked(records)
+
+
+@pytest.mark.parametrize("encoding", ["json", "msgpack"])
+def test_the_writer_rotates_and_the_chain_verifies_across_files(encoding: str, tmp_path: Path) -> None:
+    log = tmp_path / "audit.log"
+    audit = JsonLinesAudit(str(log), max_bytes=2_000, keep=1000, flush_interval_s=0.01, encoding=encoding)
+    for i in range(3000):
+        audit.alert("test", {"i": i})
+    audit.close(timeout=60)
+    files = [*sorted(tmp_path.glob("audit.log.*"), key=lambda p: -int(p.suffix[1:])), log]
+    verdict = verify(files)
+    assert verdict.problem is None and verdict.records == 3000 and audit.written == 3000
+    assert audit.rotations == len(files) - 1 > 50 and audit.dropped == 0
+    if encoding == "json":
+        assert all(f.stat().st_size < 2_000 + 200 for f in files)  # stops after the line that reaches the limit
+        alerts = [orjson.loads(line)["i"] for f in files for line in f.read_bytes().splitlines()]
+        assert alerts == list(range(3000))
+
+
+def test_records_a_full_disk_refuses_are_counted_as_dropped(caplog: pytest.LogCaptureFixture) -> None:
+    audit = JsonLinesAudit("/dev/full", flush_interval_s=0.01)  # every write: ENOSPC (JSON: msgpack reads the file)
+    for i in range(10):
+        audit.alert("test", {"i": i})
+    until(lambda: audit.dropped == 10, "the records the write lost are counted")
+    audit.alert("later", {})  # accepted, and counted once nothing can be written
+    until(lambda: audit.dropped == 11, "a record accepted after the failure is counted")
+    audit.close()
+    assert audit.written == 0 and "is not writable; records are being lost" in caplog.text
+
+
+def test_the_writer_on_stdout_writes_after_what_python_buffered(tmp_path: Path) -> None:
+    code = (
+        "import sys\n"
+        "from agent.audit.writer import JsonLinesAudit\n"
+        "print('before', end='\\n')\n"
+        "a = JsonLinesAudit(None, flush_interval_s=0.01)\n"
+        "for i in range(500): a.alert('test', {'i': i})\n"
+        "a.close(timeout=60)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120, env=env, check=True)
+    first, *rest = proc.stdout.split(b"\n", 1)
+    assert first == b"before"
+    (tmp_path / "stdout.log").write_bytes(rest[0])
+    verdict = verify([tmp_path / "stdout.log"])
+    assert verdict.problem is None and verdict.records == 500
+    assert [json.loads(line)["i"] for line in rest[0].splitlines()] == list(range(500))
 
 
 def test_the_capsule_appends_for_c_producers(tmp_path: Path) -> None:
