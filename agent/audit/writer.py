@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import sys
 import threading
 import time
@@ -63,6 +64,7 @@ class JsonLinesAudit:
         self.max_queue = max_queue
         self.queue = RecordQueue(max_queue, json_objects=encoding == "json")
         self._fd = -1  # the writer thread's
+        self._rotating = False  # a regular file: sized and rotated
         self._interval = flush_interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
@@ -100,15 +102,23 @@ class JsonLinesAudit:
                 fd = 1
             return fd, 0, Chain()
         path = Path(self.path)
-        chain, partial = Chain.resume(path) if self.encoding == "json" else Chain.resume_msgpack(path)
         fd = self._open_fd()
-        if partial:
-            # A crash mid-write (or an edit) left a partial record; `audit verify` names it. The chain goes on
-            # from the last complete record (JSON: on a fresh line).
-            if self.encoding == "json":
-                write_all(fd, b"\n")
-            self.queue.prepend(self._dumps(alert_dict("audit_tail_truncated", {"file": str(path)})))
-        return fd, os.fstat(fd).st_size, chain
+        try:
+            # Only a regular file is resumed, sized and rotated: rotating /dev/null would rename the device.
+            self._rotating = stat.S_ISREG(os.fstat(fd).st_mode)
+            if not self._rotating:
+                return fd, 0, Chain()
+            chain, partial = Chain.resume(path) if self.encoding == "json" else Chain.resume_msgpack(path)
+            if partial:
+                # A crash mid-write (or an edit) left a partial record; `audit verify` names it. The chain goes
+                # on from the last complete record (JSON: on a fresh line).
+                if self.encoding == "json":
+                    write_all(fd, b"\n")
+                self.queue.prepend(self._dumps(alert_dict("audit_tail_truncated", {"file": str(path)})))
+            return fd, os.fstat(fd).st_size, chain
+        except BaseException:
+            os.close(fd)
+            raise
 
     def _json_chain(self, chain: Chain) -> JsonChain:
         try:
@@ -144,7 +154,7 @@ class JsonLinesAudit:
                 self._report_drops()
                 if json_chain is not None:
                     for _ in range(ROUNDS):
-                        room = self.max_bytes - size if self.path else 1 << 62
+                        room = self.max_bytes - size if self._rotating else 1 << 62
                         n, nbytes = json_chain.drain(queue, self._fd, room)  # in C: with the GIL released
                         if not n:
                             break
@@ -176,8 +186,9 @@ class JsonLinesAudit:
 
     def _rotated(self, size: int) -> int:
         """The size of the file to go on with: a new one once this one reached max_bytes (the chain goes on)."""
-        if not self.path or size < self.max_bytes:
+        if not self._rotating or size < self.max_bytes:
             return size
+        assert self.path
         fd, self._fd = self._fd, -1
         os.close(fd)
         rotate(Path(self.path), self.keep)
@@ -190,7 +201,7 @@ class JsonLinesAudit:
         frames = [chain.link_msgpack(record) for record in self.queue.take()]
         while frames:
             # As many frames as fit before the size limit (at least one), then rotate.
-            take, room = 0, self.max_bytes - size if self.path else 1 << 62
+            take, room = 0, self.max_bytes - size if self._rotating else 1 << 62
             while take < len(frames) and (take == 0 or room > 0):
                 room -= len(frames[take])
                 take += 1

@@ -8,6 +8,7 @@ import ctypes
 import importlib
 import json
 import os
+import stat
 import subprocess
 import sys
 import threading
@@ -278,6 +279,30 @@ def test_the_writer_rotates_and_the_chain_verifies_across_files(encoding: str, t
         assert all(f.stat().st_size < 2_000 + 200 for f in files)  # stops after the line that reaches the limit
         alerts = [orjson.loads(line)["i"] for f in files for line in f.read_bytes().splitlines()]
         assert alerts == list(range(3000))
+
+
+@pytest.mark.parametrize("encoding", ["json", "msgpack"])
+def test_a_device_or_fifo_is_never_sized_rotated_or_read(encoding: str, tmp_path: Path) -> None:
+    fifo = tmp_path / "audit.fifo"  # as /dev/null: rotating it would rename the device
+    os.mkfifo(fifo)
+    got = bytearray()
+
+    def read() -> None:
+        with fifo.open("rb") as f:
+            while chunk := f.read(65536):
+                got.extend(chunk)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    audit = JsonLinesAudit(str(fifo), max_bytes=500, flush_interval_s=0.01, encoding=encoding)
+    for i in range(300):
+        audit.alert("test", {"i": i})
+    audit.close(timeout=60)
+    reader.join(60)
+    assert not reader.is_alive() and audit.rotations == 0 and audit.written == 300
+    assert stat.S_ISFIFO(fifo.stat().st_mode) and sorted(tmp_path.iterdir()) == [fifo]
+    (tmp_path / "copy.log").write_bytes(bytes(got))
+    assert verify([tmp_path / "copy.log"]).records == 300
 
 
 def test_records_a_full_disk_refuses_are_counted_as_dropped(caplog: pytest.LogCaptureFixture) -> None:
