@@ -156,10 +156,10 @@ class JsonLinesAudit:
                     for _ in range(ROUNDS):
                         room = self.max_bytes - size if self._rotating else 1 << 62
                         n, nbytes = json_chain.drain(queue, self._fd, room)  # in C: with the GIL released
-                        if not n:
-                            break
                         self.written += n
                         size = self._rotated(size + nbytes)
+                        if nbytes < room:  # all it found is out: what came since waits for a batch or the timer
+                            break
                 else:
                     size = self._write_msgpack(size, chain)
                 if stopping and not len(queue):
