@@ -7,11 +7,11 @@ under the same mutex (a pointer swap), then links, hashes (OpenSSL SHA-256) and 
 with the GIL released: the request threads never wait for the writer's GIL time. Native producers append
 through the capsule `agent._auditq_c.api` (native/includes/auditq_api.h) without making a bytes object.
 
-Locks: `mu` guards the producers' buffer and the counts; it is held for a few instructions (a copy,
-a swap), never while waiting for anything, so threads holding the GIL may take it. `cmu` is the
-consumer's: it guards the writer's buffer, is held for a whole drain, and is only ever waited for with
-the GIL released (take() holds it with the GIL, but nobody waits for the GIL holding `mu`). Order: cmu,
-then mu.
+Locks: `mu` guards the producers' buffer and the counts. It is held for a copy or a swap and never
+while waiting for anything else, so threads holding the GIL may wait for it. `cmu` is the consumer's:
+it guards the writer's buffer and is held for a whole drain, so it is only ever waited for with the GIL
+released (take() then takes the GIL while holding it, to make bytes objects: no one holding the GIL
+waits for cmu, so that cannot deadlock). Order: cmu, then mu.
 
 Same API and output as the twin; tests/unit/test_auditq.py runs both.
 """
