@@ -10,8 +10,13 @@ from setuptools.command.build_py import build_py
 
 # Each native/_x.pyx is built as agent._x_c beside its pure twin agent/_x_py.py. AGENT_NO_EXTENSIONS=1 at
 # build time skips them (the twins serve), as multidict and yarl do.
-NAMES = ["_wire", "_h2", "_b64", "_jsonobj", "_bucket", "_recall"]
-LIBRARIES = {"_h2": ["nghttp2"], "_recall": ["crypto"]}
+NAMES = ["_wire", "_h2", "_b64", "_jsonobj", "_bucket", "_auditq", "_recall"]
+LIBRARIES = {"_h2": ["nghttp2"], "_auditq": ["crypto"], "_recall": ["crypto"]}
+HEADERS = {  # else the twin serves
+    "_h2": "/usr/include/nghttp2/nghttp2.h",
+    "_auditq": "/usr/include/openssl/evp.h",
+    "_recall": "/usr/include/openssl/sha.h",
+}
 
 
 def extensions() -> list[Extension]:
@@ -19,10 +24,10 @@ def extensions() -> list[Extension]:
         return []
     from Cython.Build import cythonize
 
-    names = [n for n in NAMES if n != "_h2" or os.path.exists("/usr/include/nghttp2/nghttp2.h")]
+    names = [n for n in NAMES if n not in HEADERS or os.path.exists(HEADERS[n])]
     exts = [
         Extension(f"agent.{name}_c", [f"native/{name}.pyx"], libraries=LIBRARIES.get(name, []),
-                  extra_compile_args=["-O2"])
+                  include_dirs=["native/includes"], extra_compile_args=["-O2"])
         for name in names
     ]
     return cythonize(exts, language_level=3, include_path=["native"], compiler_directives={"embedsignature": True})

@@ -46,14 +46,9 @@ cdef extern from *:
     int SHA256_Update(SHA256_CTX *c, const void *data, size_t n) nogil
     int SHA256_Final(unsigned char *md, SHA256_CTX *c) nogil
 
-cdef extern from *:
-    """
-    /* The audit queue's entry for C producers (agent._auditq_c, capsule "agent._auditq_c.api"). */
-    typedef struct {
-        int (*append)(PyObject *queue, const char *data, Py_ssize_t n);
-    } recall_auditq_api;
-    """
-    ctypedef struct recall_auditq_api:
+cdef extern from "auditq_api.h":
+    # The audit queue's entry for C producers (agent._auditq_c): the record is copied, no bytes object made.
+    ctypedef struct agent_auditq_api:
         int (*append)(PyObject *queue, const char *data, Py_ssize_t n)
 
 __all__ = ["RecallTable", "new_decision_id", "recall_key"]
@@ -548,7 +543,7 @@ cdef class RecallTable:
     cdef unsigned char (*ring)[32]  # digests in insertion order: the oldest goes first when full
     cdef Py_ssize_t ring_head, ring_len
     cdef object audit
-    cdef recall_auditq_api *audit_api
+    cdef agent_auditq_api *audit_api
     cdef char *buf
     cdef Py_ssize_t buf_cap
     cdef bytes prefix_b
@@ -585,7 +580,7 @@ cdef class RecallTable:
         if audit is not None and hasattr(audit, "capsule"):
             cap = audit.capsule()
             if PyCapsule_IsValid(cap, b"agent._auditq_c.api"):
-                self.audit_api = <recall_auditq_api*>PyCapsule_GetPointer(cap, b"agent._auditq_c.api")
+                self.audit_api = <agent_auditq_api*>PyCapsule_GetPointer(cap, b"agent._auditq_c.api")
         self.prefix_b = spoofable_prefix.encode()
         self.prefix = PyBytes_AS_STRING(self.prefix_b)
         self.prefix_n = len(self.prefix_b)
@@ -936,7 +931,8 @@ cdef class RecallTable:
         memcpy(p, PyBytes_AS_STRING(<bytes>a[4]), k)
         p += k
         if self.audit_api != NULL:
-            self.audit_api.append(<PyObject*>self.audit, self.buf, p - self.buf)
+            if self.audit_api.append(<PyObject*>self.audit, self.buf, p - self.buf) < 0:
+                raise TypeError("the audit queue is not an agent._auditq_c.RecordQueue")
         else:
             self.audit.append(PyBytes_FromStringAndSize(self.buf, p - self.buf))
         return 0

@@ -16,6 +16,8 @@ from tests.conftest import native_module
         ("agent.authn._b64", "b64url_decode", "_b64"),
         ("agent.authn._jsonobj", "strict_json_object", "_jsonobj"),
         ("agent.ratelimit._bucket", "BucketTable", "_bucket"),
+        ("agent.audit._auditq", "RecordQueue", "_auditq"),
+        ("agent.audit._auditq", "JsonChain", "_auditq"),
     ],
 )
 def test_the_extension_is_loaded_unless_disabled(selector: str, name: str, native: str) -> None:
