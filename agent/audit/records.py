@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -67,18 +68,26 @@ def decision_record(view: RequestView, d: Decision, policy: Policy, now: float) 
 _HOLES = ("time", "decision_id", "source", "latency_us")
 
 
-def record_template(view: RequestView, d: Decision, policy: Policy) -> tuple[bytes, bytes, bytes, bytes, bytes]:
+def record_template(view: RequestView, d: Decision, policy: Policy) -> tuple[bytes, bytes, bytes, bytes, bytes] | None:
     """The JSON record of an allow split around its time, decision_id, source and latency_us: joined with
-    `"<time>"`, `"<id>"`, `"<source>"` and the latency's digits, it is what `decision_record` + orjson give."""
+    `"<time>"`, `"<id>"`, `"<source>"` and the latency's digits, it is what `decision_record` + orjson give.
+    None when it cannot be (a source that JSON would escape: those records are the engine's to write)."""
     record = decision_record(view, d, policy, 0.0)
+    # Marks no request can hold (a path or subject is the caller's text): a NUL and a fresh random tag.
+    tag = os.urandom(8).hex()
     for i, name in enumerate(_HOLES):
-        record[name] = f"\x00{i}"
+        record[name] = f"\x00{tag}{i}"
     text = orjson.dumps(record)
     parts = []
     for i in range(len(_HOLES)):
-        head, sep, text = text.partition(b'"\\u0000%d"' % i)
+        head, sep, text = text.partition(b'"\\u0000%s%d"' % (tag.encode(), i))
         if not sep:
-            raise ValueError(f"{_HOLES[i]} not found in the record")
+            return None
         parts.append(head)
     parts.append(text)
+    # Filled in as a recall fills it, it must be the record itself (else no template: the engine writes them all).
+    record.update(time=rfc3339_ms(0.0), decision_id="id", source=view.source, latency_us=7)
+    filled = (f'"{rfc3339_ms(0.0)}"', '"id"', f'"{view.source}"', "7")
+    if b"".join(p + f.encode() for p, f in zip(parts, (*filled, ""), strict=True)) != orjson.dumps(record):
+        return None
     return parts[0], parts[1], parts[2], parts[3], parts[4]
