@@ -8,13 +8,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from ipaddress import IPv4Address, IPv6Address, ip_address
-from typing import Any
+from typing import Any, Final
 from urllib.parse import parse_qsl
 
 from agent import reasons as R
 from agent.authn.principal import Principal, claim_at
 from agent.authn.strict import numeric_date
-from agent.config.model import Conditions
+from agent.config.model import ClaimRule, Conditions, HeaderRule
 from agent.decision import RequestView
 from agent.policy.paths import split_request_path
 
@@ -200,29 +200,108 @@ def grant_active(c: Conditions, now: float) -> bool:
     return not ((c.not_before is not None and t < c.not_before) or (c.not_after is not None and t >= c.not_after))
 
 
+# Which condition refused, as `failing` tells it: a small number, so that an alternative tried and dropped for a
+# later one costs no Refusal and no detail text; `refusal` builds the answer when one is given (or traced).
+HOLDS: Final = 0
+GRANT_INACTIVE: Final = 1
+NO_CREDENTIALS: Final = 2
+SCOPES_ALL: Final = 3
+SCOPES_ANY: Final = 4
+ROLES_ALL: Final = 5
+ROLES_ANY: Final = 6
+CLAIM: Final = 7
+NOT_AN_ADDRESS: Final = 8
+OUTSIDE_CIDRS: Final = 9
+HEADER: Final = 10
+WHEN_ERROR: Final = 11
+WHEN_FALSE: Final = 12
+STEP_UP: Final = 13
+
+
 def check(c: Conditions, f: Facts, errors_hold: bool = False) -> Refusal | None:
     """None when every condition holds; the first failing condition otherwise.
 
     `errors_hold`: a `when` that cannot be evaluated (a missing claim, a wrong type) and a source that is no
     address count as holding. Deny rules are judged so (fail closed); alternatives never (an error never allows).
     """
-    if not grant_active(c, f.now):
-        return Refusal(R.GRANT_NOT_ACTIVE, detail="outside the rule's not_before/not_after window")
+    failed = failing(c, f, errors_hold)
+    return refusal(c, f, failed, errors_hold) if failed else None
+
+
+def failing(c: Conditions, f: Facts, errors_hold: bool = False) -> int:
+    """`check` without the Refusal: HOLDS (0) when every condition holds, else which one failed first."""
+    if (c.not_before is not None or c.not_after is not None) and not grant_active(c, f.now):
+        return GRANT_INACTIVE
     who = f.who
-    if c.credentials and who is None:
-        return Refusal(R.CONDITION_FAILED, detail="the rule reads credentials and the request has none")
-    if who is not None:
-        refusal = _credentials(c, who, f.params)
-        if refusal is not None:
-            return refusal
+    if who is None:
+        if c.credentials:
+            return NO_CREDENTIALS
+    elif c.credentials:
+        failed = _credentials(c, who, f.params)
+        if failed:
+            return failed
     if c.source_cidrs:
         # Envoy sets the source, not the client: one that is no IP address (a unix socket, an internal
         # listener) is in no network, in an alternative and in a deny rule alike.
         a = f.address()
         if a is None:
-            return Refusal(R.CONDITION_FAILED, detail="the source is not an IP address")
+            return NOT_AN_ADDRESS
         if not c.networks.contains(a):
-            return Refusal(R.CONDITION_FAILED, detail="source address outside source_cidrs")
+            return OUTSIDE_CIDRS
+    if c.headers and _failing_header(c, f, errors_hold) is not None:
+        return HEADER
+    when = c.when
+    if when is not None:
+        result = when.result(f.variables(when.names))
+        if result is None:
+            if not errors_hold:
+                return WHEN_ERROR
+        elif not result:
+            return WHEN_FALSE
+    if who is not None and (c.acr_any or c.max_auth_age_s is not None) and _needs_step_up(c, who, f.now):
+        return STEP_UP
+    return HOLDS
+
+
+def refusal(c: Conditions, f: Facts, failed: int, errors_hold: bool = False) -> Refusal:
+    """The answer for the condition `failing` named (it judged `c` on the same facts)."""
+    if failed == GRANT_INACTIVE:
+        return Refusal(R.GRANT_NOT_ACTIVE, detail="outside the rule's not_before/not_after window")
+    if failed == NOT_AN_ADDRESS:
+        return Refusal(R.CONDITION_FAILED, detail="the source is not an IP address")
+    if failed == OUTSIDE_CIDRS:
+        return Refusal(R.CONDITION_FAILED, detail="source address outside source_cidrs")
+    if failed == HEADER:
+        h = _failing_header(c, f, errors_hold)
+        assert h is not None
+        return Refusal(R.CONDITION_FAILED, detail=f"header {h.name} does not match")
+    if failed == WHEN_ERROR:
+        return Refusal(R.CONDITION_FAILED, detail="`when` could not be evaluated (counts as false)")
+    if failed == WHEN_FALSE:
+        return Refusal(R.CONDITION_FAILED, detail="`when` is false")
+    who = f.who
+    if failed == NO_CREDENTIALS or who is None:
+        return Refusal(R.CONDITION_FAILED, detail="the rule reads credentials and the request has none")
+    if failed == SCOPES_ALL:
+        missing = tuple(sorted(c.scopes_all - who.scopes))
+        return Refusal(
+            R.SCOPE_MISSING, missing_scopes=tuple(sorted(c.scopes_all)), detail=f"missing scopes {' '.join(missing)}"
+        )
+    if failed == SCOPES_ANY:
+        return Refusal(R.SCOPE_MISSING, missing_scopes=tuple(sorted(c.scopes_any)), detail="none of scopes_any")
+    if failed == ROLES_ALL:
+        return Refusal(R.ROLE_MISSING, detail=f"missing roles {' '.join(sorted(c.roles_all - who.roles))}")
+    if failed == ROLES_ANY:
+        return Refusal(R.ROLE_MISSING, detail="none of roles_any")
+    if failed == CLAIM:
+        rule = next(r for r in c.claims if not _claim_holds(r, who, f.params))
+        return Refusal(R.CLAIM_MISMATCH, detail=f"claim {'.'.join(rule.path)} does not match")
+    assert failed == STEP_UP, failed
+    max_age = int(c.max_auth_age_s) if c.max_auth_age_s is not None else None
+    return Refusal(R.STEP_UP_REQUIRED, status=401, acr_values=c.acr_any, max_age=max_age)
+
+
+def _failing_header(c: Conditions, f: Facts, errors_hold: bool) -> HeaderRule | None:
     for h in c.headers:
         value = f.headers().get(h.name)
         if h.present is not None:
@@ -236,16 +315,7 @@ def check(c: Conditions, f: Facts, errors_hold: bool = False) -> Refusal | None:
                 # must not be slipped past so; it holds when any one of the joined values matches.
                 ok = any(_header_matches(h.prefix, h.equals, v.strip()) for v in value.split(","))
         if not ok:
-            return Refusal(R.CONDITION_FAILED, detail=f"header {h.name} does not match")
-    if c.when is not None:
-        result = c.when.result(f.variables(c.when.names))
-        if result is None:
-            if not errors_hold:
-                return Refusal(R.CONDITION_FAILED, detail="`when` could not be evaluated (counts as false)")
-        elif not result:
-            return Refusal(R.CONDITION_FAILED, detail="`when` is false")
-    if who is not None and (c.acr_any or c.max_auth_age_s is not None):
-        return _step_up(c, who, f.now)
+            return h
     return None
 
 
@@ -253,37 +323,36 @@ def _header_matches(prefix: str | None, equals: str | None, value: str) -> bool:
     return value.startswith(prefix) if prefix is not None else value == equals
 
 
-def _credentials(c: Conditions, who: Principal, params: Mapping[str, str]) -> Refusal | None:
+def _credentials(c: Conditions, who: Principal, params: Mapping[str, str]) -> int:
     if c.scopes_all and not c.scopes_all <= who.scopes:
-        missing = tuple(sorted(c.scopes_all - who.scopes))
-        return Refusal(
-            R.SCOPE_MISSING, missing_scopes=tuple(sorted(c.scopes_all)), detail=f"missing scopes {' '.join(missing)}"
-        )
+        return SCOPES_ALL
     if c.scopes_any and c.scopes_any.isdisjoint(who.scopes):
-        return Refusal(R.SCOPE_MISSING, missing_scopes=tuple(sorted(c.scopes_any)), detail="none of scopes_any")
+        return SCOPES_ANY
     if c.roles_all and not c.roles_all <= who.roles:
-        return Refusal(R.ROLE_MISSING, detail=f"missing roles {' '.join(sorted(c.roles_all - who.roles))}")
+        return ROLES_ALL
     if c.roles_any and c.roles_any.isdisjoint(who.roles):
-        return Refusal(R.ROLE_MISSING, detail="none of roles_any")
+        return ROLES_ANY
     for rule in c.claims:
-        expected: Any = params[rule.param] if rule.param is not None else rule.literal
-        if not _claim_matches(claim_at(who.claims, rule.path), expected):
-            return Refusal(R.CLAIM_MISMATCH, detail=f"claim {'.'.join(rule.path)} does not match")
-    return None
+        if not _claim_holds(rule, who, params):
+            return CLAIM
+    return HOLDS
 
 
-def _step_up(c: Conditions, who: Principal, now: float) -> Refusal | None:
-    max_age = int(c.max_auth_age_s) if c.max_auth_age_s is not None else None
-    step_up = Refusal(R.STEP_UP_REQUIRED, status=401, acr_values=c.acr_any, max_age=max_age)
+def _claim_holds(rule: ClaimRule, who: Principal, params: Mapping[str, str]) -> bool:
+    expected: Any = params[rule.param] if rule.param is not None else rule.literal
+    return _claim_matches(claim_at(who.claims, rule.path), expected)
+
+
+def _needs_step_up(c: Conditions, who: Principal, now: float) -> bool:
     if c.acr_any and who.claims.get("acr") not in c.acr_any:
-        return step_up
+        return True
     if c.max_auth_age_s is not None:
         # The verifiers refused an auth_time out of range or in the future; a value that is no time (absent, or
         # from a principal that never had one checked) never counts as a recent authentication.
         auth_time = numeric_date(who.claims.get("auth_time"))
         if auth_time is None or now - auth_time > c.max_auth_age_s:
-            return step_up
-    return None
+            return True
+    return False
 
 
 def _same(a: Any, b: Any) -> bool:
