@@ -47,7 +47,7 @@ class Refusal:
 class Facts:
     """One request's facts as conditions read them; the parsed address and CEL variables are built once."""
 
-    __slots__ = ("_address", "_headers", "_variables", "now", "params", "segments", "view", "who")
+    __slots__ = ("_address", "_headers", "_request_bounded", "_variables", "now", "params", "segments", "view", "who")
 
     def __init__(
         self,
@@ -65,6 +65,7 @@ class Facts:
         self._address: IPv4Address | IPv6Address | bool | None = False  # False: not parsed yet
         self._variables: dict[str, Any] | None = None
         self._headers: Mapping[str, str] | None = None
+        self._request_bounded: bool | None = None
 
     def headers(self) -> Mapping[str, str]:
         """The request's headers as an app behind a CGI/WSGI server reads them: `x_client` is `x-client` there
@@ -95,17 +96,52 @@ class Facts:
 
     def variables(self, names: tuple[str, ...] = VARIABLES) -> dict[str, Any]:
         """The variables a `when` names (docs/policy.md lists them), each built once per request and only when
-        named: parsing the source address or the query costs more than most expressions."""
+        named: parsing the source address or the query costs more than most expressions. A name such as
+        `request.method` or `claims.sub` (cel.When.names) builds that record or the claims with only the
+        fields and keys named: the runtime converts every entry it is handed."""
         built = self._variables
         if built is None:
             built = self._variables = {}
-        for name in names:
-            if name not in built:
-                built[name] = getattr(self, f"_{name}")()
-        return {name: built[name] for name in names}
+        out: dict[str, Any] = {}
+        for root, parts in _plan(names):
+            if parts is None:
+                value = built.get(root, _UNSET)
+                if value is _UNSET:
+                    value = built[root] = getattr(self, f"_{root}")()
+            elif root == "claims":
+                value = self._claims_read(parts)
+            else:
+                value = {}
+                for key, name in parts:
+                    part = built.get(name, _UNSET)
+                    if part is _UNSET:
+                        part = built[name] = self._field(root, key)
+                    value[key] = part
+            out[root] = value
+        return out
 
     def _claims(self) -> dict[str, Any]:
         return self.who.claims if self.who is not None else {}
+
+    def _claims_read(self, parts: tuple[tuple[str, str], ...]) -> dict[str, Any]:
+        """The claims with only the keys named, when that means what the whole claims would: the runtime turns
+        a map with one value it cannot convert into an error, read what may of it (cel.claims_convert)."""
+        who = self.who
+        if who is None:
+            return {}
+        claims = who.claims
+        convert = who.memo.get("cel")
+        if convert is None:
+            # A token's first `when` hands its claims over whole: a token seen once gains nothing from the probe.
+            who.memo["cel"] = _SEEN
+            return claims
+        if convert is _SEEN:
+            from agent.policy.cel import claims_convert  # here: the runtime loads only for a policy with a `when`
+
+            convert = who.memo["cel"] = claims_convert(claims)
+        if not convert:
+            return claims
+        return {key: claims[key] for key, _ in parts if key in claims}
 
     def _subject(self) -> str:
         return self.who.subject if self.who is not None else ""
@@ -123,31 +159,76 @@ class Facts:
         return dict(self.params)
 
     def _request(self) -> dict[str, Any]:
-        view = self.view
-        headers = self.headers()
-        size = len(view.path) + len(view.host) + sum(len(k) + len(v) for k, v in headers.items())
-        bounded = size <= MAX_WHEN_REQUEST_BYTES
-        return {
-            "method": view.method,
-            "path": (routed_path(view.path) if self.segments is None else "/" + "/".join(self.segments))
-            if bounded
-            else None,
-            "host": normal_host(view.host) if bounded else None,
-            "scheme": view.scheme,
-            "headers": dict(headers) if bounded else None,
-            "query": first_values(view.path) if bounded else None,
-        }
+        return {key: self._field("request", key) for key in _REQUEST_FIELDS}
 
     def _source(self) -> dict[str, Any]:
-        # The address as source_cidrs reads it (an IPv4-mapped IPv6 address as IPv4), else as sent.
-        a = self.address()
-        return {
-            "address": str(a) if a is not None else self.view.source,
-            "certificate_present": bool(self.view.certificate),
-        }
+        return {key: self._field("source", key) for key in _SOURCE_FIELDS}
+
+    def _field(self, record: str, key: str) -> Any:
+        """One field of `request` or `source`."""
+        view = self.view
+        if record == "source":
+            if key == "address":
+                # The address as source_cidrs reads it (an IPv4-mapped IPv6 address as IPv4), else as sent.
+                a = self.address()
+                return str(a) if a is not None else view.source
+            return bool(view.certificate)  # certificate_present
+        if key == "method":
+            return view.method
+        if key == "scheme":
+            return view.scheme
+        if not self._bounded():
+            return None
+        if key == "path":
+            return routed_path(view.path) if self.segments is None else "/" + "/".join(self.segments)
+        if key == "host":
+            return normal_host(view.host)
+        if key == "headers":
+            return dict(self.headers())
+        return first_values(view.path)  # query
+
+    def _bounded(self) -> bool:
+        """Whether path, host and headers together are within MAX_WHEN_REQUEST_BYTES (else those fields are null)."""
+        bounded = self._request_bounded
+        if bounded is None:
+            view = self.view
+            size = len(view.path) + len(view.host) + sum(len(k) + len(v) for k, v in self.headers().items())
+            bounded = self._request_bounded = size <= MAX_WHEN_REQUEST_BYTES
+        return bounded
 
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self.now, UTC)
+
+
+_UNSET: Any = object()
+_SEEN: Any = object()  # Principal.memo["cel"]: one `when` read these claims; the next probes them
+_REQUEST_FIELDS = ("method", "path", "host", "scheme", "headers", "query")  # cel.REQUEST_FIELDS, in this order
+_SOURCE_FIELDS = ("address", "certificate_present")
+_Plan = tuple[tuple[str, tuple[tuple[str, str], ...] | None], ...]
+_PLANS: dict[tuple[str, ...], _Plan] = {}
+_MAX_PLANS = 4096  # one per distinct `when.names` of the policies loaded since; past it they are made again
+
+
+def _plan(names: tuple[str, ...]) -> _Plan:
+    """`names` as (variable, None for all of it | ((key, name), ...) for the fields or keys named)."""
+    plan = _PLANS.get(names)
+    if plan is None:
+        grouped: dict[str, list[tuple[str, str]] | None] = {}
+        for name in names:
+            root, dot, key = name.partition(".")
+            if not dot:
+                grouped[root] = None
+            elif root not in grouped:
+                grouped[root] = [(key, name)]
+            else:
+                parts = grouped[root]
+                if parts is not None:
+                    parts.append((key, name))
+        plan = tuple((root, None if parts is None else tuple(parts)) for root, parts in grouped.items())
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        _PLANS[names] = plan
+    return plan
 
 
 def routed_path(raw: str) -> str:
