@@ -151,7 +151,7 @@ class When:
     def result(self, variables: Mapping[str, object]) -> bool | None:
         """True or False; None when it cannot be evaluated (an error, or a result that is not a bool)."""
         try:
-            value = self._expr.eval(data={n: variables[n] for n in self.roots}).value()
+            value = self._expr.eval(None, {n: variables[n] for n in self.roots}).value()
             # An error's value is its message (a str); the checker made every result a bool otherwise.
             return value if isinstance(value, bool) else None
         except Exception:  # noqa: BLE001 - the caller decides what an error means (never an allow)

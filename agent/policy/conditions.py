@@ -4,7 +4,7 @@ other condition held and the caller can pass by authenticating again (RFC 9470).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from ipaddress import IPv4Address, IPv6Address, ip_address
@@ -107,7 +107,7 @@ class Facts:
             if parts is None:
                 value = built.get(root, _UNSET)
                 if value is _UNSET:
-                    value = built[root] = getattr(self, f"_{root}")()
+                    value = built[root] = _WHOLE[root](self)
             elif root == "claims":
                 value = self._claims_read(parts)
             else:
@@ -156,7 +156,8 @@ class Facts:
         return sorted(self.who.roles) if self.who is not None else []
 
     def _params(self) -> dict[str, str]:
-        return dict(self.params)
+        params = self.params
+        return params if type(params) is dict else dict(params)  # the runtime takes a dict (it never changes one)
 
     def _request(self) -> dict[str, Any]:
         return {key: self._field("request", key) for key in _REQUEST_FIELDS}
@@ -200,6 +201,8 @@ class Facts:
         return datetime.fromtimestamp(self.now, UTC)
 
 
+# Each variable whole, by name (docs/policy.md lists them).
+_WHOLE: dict[str, Callable[[Facts], Any]] = {name: getattr(Facts, f"_{name}") for name in VARIABLES}
 _UNSET: Any = object()
 _SEEN: Any = object()  # Principal.memo["cel"]: one `when` read these claims; the next probes them
 _REQUEST_FIELDS = ("method", "path", "host", "scheme", "headers", "query")  # cel.REQUEST_FIELDS, in this order
