@@ -32,7 +32,7 @@ from agent.authn.revocation import RevocationSet
 from agent.config.model import DenyRule, Policy, RateLimit, Route, claim_path
 from agent.decision import AuditSink, Decision, DecisionListener, Recall, RequestView
 from agent.errors import AuthnError
-from agent.policy.conditions import Facts, Refusal, check
+from agent.policy.conditions import Facts, Refusal, failing
 from agent.policy.paths import (
     Matcher,
     Segment,
@@ -379,7 +379,7 @@ class Engine:
                 return self._denied_by(decision_id, rule, hit.route, principal)
             # The allow stands (its alternative reads nothing per request); an earlier one may hold this time,
             # and the decision names the first that holds, as the full path would.
-            allow_index = next((i for i in hit.earlier if check(hit.route.allow[i], facts) is None), allow_index)
+            allow_index = next((i for i in hit.earlier if not failing(hit.route.allow[i], facts)), allow_index)
         self._recalled += 1
         decision = self._allow(decision_id, hit.route, principal, view, R.ALLOWED, allow_index)
         recall = self.recall

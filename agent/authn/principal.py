@@ -23,6 +23,9 @@ class Principal:
     cnf_x5t: str | None = None
     # The verified claims, for claim rules. Never logged or audited whole.
     claims: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    # What conditions derive from the claims, kept for the next request with the same token (verified claims
+    # never change): agent.policy.conditions.Facts keeps a `when`'s views of them here. Never logged.
+    memo: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
 def claim_at(claims: dict[str, Any], path: tuple[str, ...]) -> Any:

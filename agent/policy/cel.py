@@ -31,10 +31,13 @@ A comprehension multiplies its condition by the length of its range (<= ~4K elem
     and Unicode classes make RE2 programs huge (`\\pL{16}` x 25 costs 0.5 s per call), so the pattern is also
     timed against the real RE2 at load and refused over 0.5 ms;
   - a time zone argument (`getHours("Europe/Berlin")`) must be a literal the runtime knows, checked at load.
-Measured (`holds()`, best of 3, development machine shared by 2 cores): the three-clause
-`claims.tenant == params.tenant && "support" in roles && now.getHours("Europe/Berlin") >= 9` costs 18-32 us
-with 0.5 KiB of claims and ~100-150 us with 8 KiB (the runtime converts the whole claims map; `true` alone
-costs 7-12 us). Worst cases the bounds allow with 8 KiB of claims: a 64-node condition over 4,000 list
+Measured (best of 3, development machine shared by 2 cores): the three-clause
+`claims.tenant == params.tenant && "support" in roles && now.getHours("Europe/Berlin") >= 9` costs ~9 us as
+the engine hands it its variables (agent.policy.conditions.Facts: only `claims.tenant` of the claims, once the
+token is seen again), with 0.5 KiB of claims as with 8 KiB; handed the claims whole it costs ~30 us and
+~200 us (the runtime converts every entry of a map it is handed; `true` alone costs ~3 us). An expression
+that reads the claims whole (`size(claims)`, a loop over them, a key computed at run time) is handed all.
+Worst cases the bounds allow with 8 KiB of claims: a 64-node condition over 4,000 list
 elements 4.9-6.7 ms; `in` an 8-entry literal over 4,000 elements 4-6 ms; 16 contains() on 8 KiB ~1 ms;
 8 matches() of 8 KiB ~0.4 ms (each pattern < 0.5 ms to compile by the load check, so <= 4 ms).
 """
@@ -57,6 +60,7 @@ __all__ = [
     "VARIABLES",
     "CelCompileError",
     "When",
+    "claims_convert",
     "compile_when",
 ]
 
@@ -97,6 +101,7 @@ _PATTERN_PROBE: Final = _PROBE_ENV.compile("s.matches(p)")
 _PATTERN_SAMPLE: Final = ("alice.smith-42@example.com/Ärger_ü€中文 " * 16)[:512]
 MAX_PATTERN_SECONDS: Final = 0.0005  # compile + match once; this runtime does both on every call
 _ZONE_PROBE: Final = _PROBE_ENV.compile("t.getHours(p) >= 0")
+_CLAIMS_PROBE: Final = _ENV.compile("size(claims) >= 0")  # converts every claim, reads none
 _EPOCH: Final = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 
 _ERROR_LINE: Final = re.compile(r"ERROR: <input>:(-?\d+):(-?\d+): (.*)")
@@ -135,14 +140,18 @@ class When:
     text: str
     references: frozenset[str]
     _expr: cel.Expression = field(repr=False, compare=False)
-    # The variables it names: only these are handed to the runtime, which converts every value it is given
-    # (8 KiB of claims cost ~40 us to convert, for an expression that may never read them).
+    # What it reads, as agent.policy.conditions.Facts.variables builds it: a variable ("params"), or only the
+    # fields of `request` / `source` and the keys of `claims` it selects by name ("request.method",
+    # "claims.sub"). The runtime converts every value it is handed, whole maps included (8 KiB of claims cost
+    # ~40 us, the request's headers carry the token), for an expression that may read one entry of them.
     names: tuple[str, ...] = field(default=(), repr=False, compare=False)
+    # The variables themselves ("claims", "params", "request"): the keys `result` hands the runtime.
+    roots: tuple[str, ...] = field(default=(), repr=False, compare=False)
 
     def result(self, variables: Mapping[str, object]) -> bool | None:
         """True or False; None when it cannot be evaluated (an error, or a result that is not a bool)."""
         try:
-            value = self._expr.eval(data={n: variables[n] for n in self.names}).value()
+            value = self._expr.eval(None, {n: variables[n] for n in self.roots}).value()
             # An error's value is its message (a str); the checker made every result a bool otherwise.
             return value if isinstance(value, bool) else None
         except Exception:  # noqa: BLE001 - the caller decides what an error means (never an allow)
@@ -151,6 +160,16 @@ class When:
     def holds(self, variables: Mapping[str, object]) -> bool:
         """True only if evaluation succeeds with the bool true; any error or other result is False."""
         return self.result(variables) is True
+
+
+def claims_convert(claims: Mapping[str, object]) -> bool:
+    """Whether the runtime takes these claims as a map. It does not when one value cannot be a CEL value (an
+    integer past 64 bits, at any depth): then `claims` is an error whatever the expression reads of it, so
+    a `when` may be handed only the keys it reads when this is true (agent.policy.conditions)."""
+    try:
+        return bool(_CLAIMS_PROBE.eval(data={"claims": claims}).value() is True)
+    except Exception:  # noqa: BLE001 - refused by the binding itself: hand the claims over whole, as before
+        return False
 
 
 def compile_when(text: str) -> When:
@@ -169,8 +188,22 @@ def compile_when(text: str) -> When:
     if result != _T.BOOL:
         raise CelCompileError(f"a `when` must be true or false, this is {result.name().lower()}")
     references = frozenset(checker.references)
-    names = tuple(sorted({r.split(".", 1)[0] for r in references}))
-    return When(text=text, references=references, _expr=expr, names=names)
+    roots = tuple(sorted({r.split(".", 1)[0] for r in references}))
+    return When(text=text, references=references, _expr=expr, names=_names(roots, checker), roots=roots)
+
+
+def _names(roots: tuple[str, ...], checker: _Checker) -> tuple[str, ...]:
+    """`When.names`: a record or the claims whole where the expression uses them whole (`size(claims)`,
+    `request.exists(...)`, a key computed at run time), else only the fields and keys it selects by name."""
+    names: list[str] = []
+    for root in roots:
+        if root in _RECORD_FIELDS and f"{root}.*" not in checker.references:
+            names += sorted(r for r in checker.references if r.startswith(f"{root}."))
+        elif root == "claims" and checker.claim_keys is not None:
+            names += [f"claims.{key}" for key in sorted(checker.claim_keys)]
+        else:
+            names.append(root)
+    return tuple(names)
 
 
 def _compile_error(raw: str) -> CelCompileError:
@@ -219,6 +252,7 @@ class _Checker:
         self.text = text
         self.checked = checked
         self.references: set[str] = set()
+        self.claim_keys: set[str] | None = set()  # the claims it selects by literal name; None: it uses them whole
         self.nodes = 0
         self.tainted: dict[int, bool] = {}  # id -> mentions a policy variable
         self.patterns = 0
@@ -318,6 +352,8 @@ class _Checker:
         fields = _RECORD_FIELDS.get(name)
         if fields is None:
             self.references.add(name)
+            if name == "claims":
+                self.claim(ident, parent)
             return
         selected = self.selected_field(ident, parent)
         if selected is None:
@@ -328,6 +364,25 @@ class _Checker:
             known = ", ".join(sorted(fields))
             raise self.fail(at, f"`{name}` has no field `{field_name}` (it has {known})")
         self.references.add(f"{name}.{field_name}")
+
+    def claim(self, ident: syntax_pb2.Expr, parent: syntax_pb2.Expr | None) -> None:
+        """Note the claim `parent` reads by a literal name (`claims.sub`, `claims["sub"]`, `has(claims.sub)`,
+        `"sub" in claims`); any other use of `claims` reads them whole."""
+        selected = self.selected_field(ident, parent)
+        key = selected[0] if selected is not None else None
+        if key is None and parent is not None and parent.WhichOneof("expr_kind") == "call_expr":
+            call = parent.call_expr
+            if (
+                call.function == "@in"
+                and len(call.args) == 2
+                and call.args[1].id == ident.id
+                and call.args[0].const_expr.WhichOneof("constant_kind") == "string_value"
+            ):
+                key = str(call.args[0].const_expr.string_value)
+        if key is None:
+            self.claim_keys = None
+        elif self.claim_keys is not None:
+            self.claim_keys.add(key)
 
     @staticmethod
     def selected_field(ident: syntax_pb2.Expr, parent: syntax_pb2.Expr | None) -> tuple[str, syntax_pb2.Expr] | None:

@@ -417,6 +417,31 @@ routes:
     assert (other.allowed, other.allow_index) == (True, 1)
 
 
+async def test_a_claim_past_64_bits_makes_every_read_of_claims_an_error_on_every_request(build: Build) -> None:
+    # The runtime cannot convert the claims at all; a `when` handed only the claims it reads (from a token's
+    # second request on) must not see them as fine.
+    agent = await build("""\
+routes:
+  - name: reports
+    match: {path: /v1/reports}
+    authn: [jwt]
+    allow:
+      - when: claims.sub == "alice"
+      - scopes_any: [reports:read]
+    deny:
+      - name: not-alice
+        when: claims.sub != "alice"
+""")
+    token = agent.token(big=2**70)
+    for _ in range(3):
+        d = agent.decide("/v1/reports", token)
+        assert (d.status, d.reason, d.deny_rule) == (403, R.DENIED_BY_RULE, "not-alice")
+    token = agent.token(big=2**63)  # an unsigned integer: converts
+    for _ in range(3):
+        d = agent.decide("/v1/reports", token)
+        assert (d.allowed, d.allow_index) == (True, 0)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # `now` under a frozen clock.
 
