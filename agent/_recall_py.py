@@ -20,9 +20,9 @@ from bisect import bisect_left
 from collections import OrderedDict
 from typing import Any
 
-from agent.audit.records import rfc3339_ms
 from agent.decision import LATENCY_BOUNDS_US, Decision, Recall
 from agent.errors import WireError
+from agent.timefmt import rfc3339_ms
 
 __all__ = ["RecallTable", "new_decision_id", "recall_key"]
 

@@ -3,26 +3,15 @@
 from __future__ import annotations
 
 import os
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import orjson
 
+from agent.timefmt import rfc3339_ms
+
 if TYPE_CHECKING:
     from agent.config.model import Policy
     from agent.decision import Decision, RequestView
-
-
-_second: list[object] = [None, ""]  # the last whole second formatted, and its text
-
-
-def rfc3339_ms(now: float) -> str:
-    """UTC time with milliseconds, e.g. 2026-11-23T00:57:02.410Z; the seconds part is formatted once a second."""
-    whole = int(now)
-    if _second[0] != whole:
-        _second[1] = datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-        _second[0] = whole
-    return f"{_second[1]}.{int((now - whole) * 1000):03d}Z"
 
 
 def _without_query(path: str) -> str:

@@ -18,7 +18,8 @@ import orjson
 from agent.audit._auditq import JsonChain, RecordQueue
 from agent.audit._auditq_py import write_all
 from agent.audit.chain import Chain, rotate
-from agent.audit.records import decision_record, record_template, rfc3339_ms
+from agent.audit.records import decision_record, record_template
+from agent.timefmt import rfc3339_ms
 
 if TYPE_CHECKING:
     from agent.config.model import Policy
