@@ -148,7 +148,10 @@ class JwtVerifier:
                 raise AuthnError(R.TOKEN_KEY_MISMATCH)
             raise UnknownKid(store)
         signing_input = token[: len(parts[0]) + 1 + len(parts[1])].encode("ascii")
-        if not any(verify_signature(k, alg, signing_input, signature) for k in candidates):
+        for k in candidates:
+            if verify_signature(k, alg, signing_input, signature):
+                break
+        else:
             raise AuthnError(R.TOKEN_SIGNATURE_INVALID)
         principal, nbf = self._check_claims(idp, claims)
         return principal, idp, store, nbf
