@@ -1,0 +1,21 @@
+"""Claim checks and the principal: the Cython ones when built, else the pure twin (AGENT_NO_EXTENSIONS=1)."""
+
+from __future__ import annotations
+
+import os
+
+if not os.environ.get("AGENT_NO_EXTENSIONS"):
+    try:
+        from agent._claims_c import check_audience, check_auth_time, check_claims, principal_from_claims, time_claim
+    except ImportError:  # not built here: the pure twin serves
+        from agent.authn._claims_py import (
+            check_audience,
+            check_auth_time,
+            check_claims,
+            principal_from_claims,
+            time_claim,
+        )
+else:
+    from agent.authn._claims_py import check_audience, check_auth_time, check_claims, principal_from_claims, time_claim
+
+__all__ = ["check_audience", "check_auth_time", "check_claims", "principal_from_claims", "time_claim"]

@@ -1,0 +1,126 @@
+"""Claim checks and the principal, in Python: the pure twin of native/_claims.pyx (agent._claims_c).
+
+The contract both keep: the same AuthnError (reason and detail) for the same claims, checked in the same order,
+and an equal Principal (the claims dict itself kept, not copied) when the claims pass.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agent import reasons as R
+from agent.authn.principal import Principal, claim_at, role_set, scope_set
+from agent.authn.strict import numeric_date
+from agent.config.model import IdentityProvider
+from agent.errors import AuthnError
+
+__all__ = ["check_audience", "check_auth_time", "check_claims", "principal_from_claims", "time_claim"]
+
+
+def check_claims(idp: IdentityProvider, claims: dict[str, Any], now: float) -> tuple[Principal, float | None]:
+    """A JWT's claims at `now`: times, lifetime, audience; the principal they name and `nbf` (for the cache)."""
+    leeway = idp.leeway_s
+    exp = time_claim(claims, "exp", required=True)
+    assert exp is not None
+    if now >= exp + leeway:
+        raise AuthnError(R.TOKEN_EXPIRED)
+    nbf = time_claim(claims, "nbf", required=False)
+    if nbf is not None and now + leeway < nbf:
+        raise AuthnError(R.TOKEN_NOT_YET_VALID)
+    iat = time_claim(claims, "iat", required=True)
+    assert iat is not None
+    if iat > now + leeway:
+        raise AuthnError(R.TOKEN_ISSUED_IN_FUTURE)
+    if exp - iat > idp.max_token_lifetime_s:
+        raise AuthnError(R.TOKEN_LIFETIME_TOO_LONG)
+    check_auth_time(claims, now, leeway)
+    check_audience(idp, claims.get("aud"), required=True)
+    return principal_from_claims(idp, claims, "jwt", exp), nbf
+
+
+def check_audience(idp: IdentityProvider, aud: Any, required: bool) -> None:
+    """`aud` (a string or a non-empty array of strings) must name one of the provider's audiences exactly."""
+    if aud is None:
+        if required:
+            raise AuthnError(R.TOKEN_CLAIM_MISSING, "aud")
+        return
+    if isinstance(aud, str):
+        auds: list[Any] = [aud]
+    elif isinstance(aud, list) and aud and all(isinstance(a, str) for a in aud):
+        auds = aud
+    else:
+        raise AuthnError(R.TOKEN_CLAIM_INVALID, "aud")
+    if idp.audiences.isdisjoint(auds):
+        raise AuthnError(R.TOKEN_AUDIENCE_MISMATCH)
+
+
+def check_auth_time(claims: dict[str, Any], now: float, leeway: float) -> None:
+    """`auth_time`, when present, is when the user authenticated: a time, and not one still to come. A future
+    one would pass any `max_auth_age_s` (its age is negative), so the token is refused on every route."""
+    auth_time = time_claim(claims, "auth_time", required=False)
+    if auth_time is not None and auth_time > now + leeway:
+        raise AuthnError(R.TOKEN_CLAIM_INVALID, "auth_time is in the future")
+
+
+def _header_safe(value: str) -> bool:
+    # These values become upstream request headers: no control characters (CR/LF would split headers), and
+    # no leading or trailing whitespace, which Envoy trims: " alice " would reach the app as "alice".
+    return value.isprintable() and value == value.strip()
+
+
+def principal_from_claims(idp: IdentityProvider, claims: dict[str, Any], method: str, exp: float | None) -> Principal:
+    """The caller that verified claims name; refuses a subject, client_id, scope, role, jti or cnf of the wrong
+    shape rather than dropping it."""
+    names = idp.claims
+    sub = claim_at(claims, names.subject_path)
+    if sub is None or sub == "":
+        raise AuthnError(R.TOKEN_CLAIM_MISSING, names.subject)
+    if not isinstance(sub, str) or not _header_safe(sub) or len(sub) > 1024:
+        raise AuthnError(R.TOKEN_CLAIM_INVALID, names.subject)
+    client_id = claim_at(claims, names.client_id_path)
+    if client_id is not None and (not isinstance(client_id, str) or not _header_safe(client_id)):
+        raise AuthnError(R.TOKEN_CLAIM_INVALID, names.client_id)
+    scopes = scope_set(claim_at(claims, names.scopes_path))
+    if scopes is None:
+        raise AuthnError(R.TOKEN_CLAIM_INVALID, names.scopes)
+    roles = role_set(claim_at(claims, names.roles_path))
+    if roles is None:
+        raise AuthnError(R.TOKEN_CLAIM_INVALID, names.roles)
+    jti = claims.get("jti")
+    if jti is not None and not isinstance(jti, str):
+        raise AuthnError(R.TOKEN_CLAIM_INVALID, "jti")
+    jkt = x5t = None
+    cnf = claims.get("cnf")
+    if cnf is not None:
+        # A confirmation method we cannot check must not turn a bound token into a bearer token.
+        if not isinstance(cnf, dict) or not cnf or set(cnf) - {"jkt", "x5t#S256"}:
+            raise AuthnError(R.TOKEN_CLAIM_INVALID, "cnf (only jkt and x5t#S256 are supported)")
+        jkt, x5t = cnf.get("jkt"), cnf.get("x5t#S256")
+        if (jkt is not None and not isinstance(jkt, str)) or (x5t is not None and not isinstance(x5t, str)):
+            raise AuthnError(R.TOKEN_CLAIM_INVALID, "cnf")
+    return Principal(
+        subject=sub,
+        issuer=idp.issuer,
+        method=method,
+        client_id=client_id,
+        jti=jti,
+        scopes=scopes,
+        roles=roles,
+        expires_at=exp,
+        cnf_jkt=jkt,
+        cnf_x5t=x5t,
+        claims=claims,
+    )
+
+
+def time_claim(claims: dict[str, Any], name: str, required: bool) -> float | None:
+    """A NumericDate claim as a float; out of range (negative, huge, not a number) is an invalid claim."""
+    v = claims.get(name)
+    if v is None:
+        if required:
+            raise AuthnError(R.TOKEN_CLAIM_MISSING, name)
+        return None
+    t = numeric_date(v)
+    if t is None:
+        raise AuthnError(R.TOKEN_CLAIM_INVALID, name)
+    return t

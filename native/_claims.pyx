@@ -1,0 +1,291 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""Claim checks and the principal in C: the same contract as agent/authn/_claims_py.py, its pure twin.
+
+The same AuthnError (reason and detail) for the same claims, in the same order, and an equal Principal. The
+character rules of agent/authn/principal.py (scope tokens, control characters) and str.isprintable/str.strip
+of _header_safe are scans here; NumericDate is compared in C for exact int and float values and left to
+agent.authn.strict.numeric_date for anything else. The frozen Principal is filled slot by slot, as its
+dataclass __init__ does (object.__setattr__), without the keyword call.
+"""
+
+from cpython.long cimport PyLong_AsLongLongAndOverflow
+from cpython.float cimport PyFloat_AS_DOUBLE
+from cpython.object cimport PyObject, PyObject_GenericSetAttr
+from cpython.set cimport PySet_Add
+from cpython.unicode cimport (
+    PyUnicode_DATA, PyUnicode_GET_LENGTH, PyUnicode_KIND, PyUnicode_READ, PyUnicode_Substring,
+    Py_UNICODE_ISPRINTABLE, Py_UNICODE_ISSPACE,
+)
+
+import dataclasses
+
+from agent import reasons as R
+from agent.authn.principal import Principal
+from agent.authn.strict import MAX_NUMERIC_DATE, numeric_date
+from agent.errors import AuthnError
+
+cdef extern from "Python.h":
+    object PyFrozenSet_New(PyObject *iterable)
+
+cdef long long MAX_DATE = MAX_NUMERIC_DATE
+cdef double MAX_DATE_F = <double>MAX_NUMERIC_DATE
+cdef object _new = object.__new__
+cdef tuple FIELDS = ("subject", "issuer", "method", "client_id", "jti", "scopes", "roles", "expires_at",
+                     "cnf_jkt", "cnf_x5t", "claims")
+# Filled slot by slot only while Principal has exactly these fields, all set by its __init__ without a
+# __post_init__; else (a field added) through its __init__, which sets defaults.
+cdef bint SLOT_FILL = (
+    tuple(f.name for f in dataclasses.fields(Principal)) == FIELDS
+    and not hasattr(Principal, "__post_init__")
+)
+cdef frozenset EMPTY = frozenset()
+cdef str JKT = "jkt"
+cdef str X5T = "x5t#S256"
+
+
+cdef inline int _date(object v, double *out) except -1:
+    """1 and the value for a NumericDate in range, 0 for anything else (numeric_date's None)."""
+    cdef int overflow = 0
+    cdef long long i
+    cdef double d
+    if type(v) is float:
+        d = PyFloat_AS_DOUBLE(v)
+        if 0.0 <= d <= MAX_DATE_F:  # NaN fails both
+            out[0] = d
+            return 1
+        return 0
+    if type(v) is int:
+        i = PyLong_AsLongLongAndOverflow(v, &overflow)
+        if overflow or not 0 <= i <= MAX_DATE:
+            return 0
+        out[0] = <double>i
+        return 1
+    t = numeric_date(v)  # bools, subclasses: the pure rule decides
+    if t is None:
+        return 0
+    out[0] = <double>t
+    return 1
+
+
+cdef inline int _time(dict claims, str name, bint required, double *out) except -1:
+    """1 and the value when the claim is a time, 0 when absent and optional; raises as time_claim does."""
+    v = claims.get(name)
+    if v is None:
+        if required:
+            raise AuthnError(R.TOKEN_CLAIM_MISSING, name)
+        return 0
+    if not _date(v, out):
+        raise AuthnError(R.TOKEN_CLAIM_INVALID, name)
+    return 1
+
+
+cpdef object time_claim(dict claims, str name, bint required):
+    cdef double t
+    if _time(claims, name, required, &t):
+        return t
+    return None
+
+
+cpdef tuple check_claims(object idp, dict claims, double now):
+    cdef double leeway = idp.leeway_s
+    cdef double exp, nbf = 0.0, iat
+    cdef int has_nbf
+    _time(claims, "exp", True, &exp)
+    if now >= exp + leeway:
+        raise AuthnError(R.TOKEN_EXPIRED)
+    has_nbf = _time(claims, "nbf", False, &nbf)
+    if has_nbf and now + leeway < nbf:
+        raise AuthnError(R.TOKEN_NOT_YET_VALID)
+    _time(claims, "iat", True, &iat)
+    if iat > now + leeway:
+        raise AuthnError(R.TOKEN_ISSUED_IN_FUTURE)
+    if exp - iat > <double>idp.max_token_lifetime_s:
+        raise AuthnError(R.TOKEN_LIFETIME_TOO_LONG)
+    check_auth_time(claims, now, leeway)
+    check_audience(idp, claims.get("aud"), True)
+    return principal_from_claims(idp, claims, "jwt", exp), (nbf if has_nbf else None)
+
+
+cpdef check_audience(object idp, object aud, bint required):
+    cdef bint found = False
+    if aud is None:
+        if required:
+            raise AuthnError(R.TOKEN_CLAIM_MISSING, "aud")
+        return
+    audiences = idp.audiences
+    if isinstance(aud, str):
+        found = aud in audiences
+    elif isinstance(aud, list) and len(<list>aud) > 0:
+        for a in <list>aud:
+            if not isinstance(a, str):
+                raise AuthnError(R.TOKEN_CLAIM_INVALID, "aud")
+        for a in <list>aud:
+            if a in audiences:
+                found = True
+                break
+    else:
+        raise AuthnError(R.TOKEN_CLAIM_INVALID, "aud")
+    if not found:
+        raise AuthnError(R.TOKEN_AUDIENCE_MISMATCH)
+
+
+cpdef check_auth_time(dict claims, double now, double leeway):
+    cdef double t
+    if _time(claims, "auth_time", False, &t) and t > now + leeway:
+        raise AuthnError(R.TOKEN_CLAIM_INVALID, "auth_time is in the future")
+
+
+cdef inline object _claim_at(dict claims, tuple path):
+    cdef object value = claims
+    for part in path:
+        if not isinstance(value, dict):
+            return None
+        value = (<dict>value).get(part)
+    return value
+
+
+cdef bint _header_safe(str s):
+    """str.isprintable() and no whitespace that str.strip() would remove."""
+    cdef Py_ssize_t i, n = PyUnicode_GET_LENGTH(s)
+    cdef int kind = PyUnicode_KIND(s)
+    cdef void *data = PyUnicode_DATA(s)
+    cdef Py_UCS4 c
+    if n == 0:
+        return True
+    for i in range(n):
+        c = PyUnicode_READ(kind, data, i)
+        if c < 0x80:
+            if c < 0x20 or c == 0x7F:
+                return False
+        elif not Py_UNICODE_ISPRINTABLE(c):
+            return False
+    return not (Py_UNICODE_ISSPACE(PyUnicode_READ(kind, data, 0)) or Py_UNICODE_ISSPACE(PyUnicode_READ(kind, data, n - 1)))
+
+
+cdef inline bint _scope_char(Py_UCS4 c):
+    # RFC 6749 §3.3 scope-token: %x21 / %x23-5B / %x5D-7E
+    return c == 0x21 or 0x23 <= c <= 0x5B or 0x5D <= c <= 0x7E
+
+
+cdef object _scope_set(object value):
+    """principal.scope_set: None when invalid."""
+    cdef Py_ssize_t i, start, n
+    cdef int kind
+    cdef void *data
+    cdef Py_UCS4 c
+    cdef object out
+    if value is None:
+        return EMPTY
+    if isinstance(value, str):
+        n = PyUnicode_GET_LENGTH(value)
+        kind = PyUnicode_KIND(value)
+        data = PyUnicode_DATA(value)
+        for i in range(n):
+            c = PyUnicode_READ(kind, data, i)
+            if c != 0x20 and not _scope_char(c):
+                return None
+        out = PyFrozenSet_New(NULL)
+        start = 0
+        for i in range(n + 1):
+            if i == n or PyUnicode_READ(kind, data, i) == 0x20:
+                if i > start:
+                    PySet_Add(out, PyUnicode_Substring(value, start, i))
+                start = i + 1
+        return out
+    if isinstance(value, list):
+        for v in <list>value:
+            if not isinstance(v, str):
+                return None
+            n = PyUnicode_GET_LENGTH(v)
+            if n == 0:
+                return None
+            kind = PyUnicode_KIND(v)
+            data = PyUnicode_DATA(v)
+            for i in range(n):
+                if not _scope_char(PyUnicode_READ(kind, data, i)):
+                    return None
+        return frozenset(value)
+    return None
+
+
+cdef bint _no_control(str s):
+    """No Unicode Cc character (C0, DEL, C1)."""
+    cdef Py_ssize_t i, n = PyUnicode_GET_LENGTH(s)
+    cdef int kind = PyUnicode_KIND(s)
+    cdef void *data = PyUnicode_DATA(s)
+    cdef Py_UCS4 c
+    for i in range(n):
+        c = PyUnicode_READ(kind, data, i)
+        if c <= 0x1F or 0x7F <= c <= 0x9F:
+            return False
+    return True
+
+
+cdef object _role_set(object value):
+    """principal.role_set: None when invalid."""
+    cdef object out
+    if value is None:
+        return EMPTY
+    if isinstance(value, str):
+        if not _no_control(value):
+            return None
+        out = PyFrozenSet_New(NULL)
+        PySet_Add(out, value)
+        return out
+    if isinstance(value, list):
+        for v in <list>value:
+            if not isinstance(v, str) or not _no_control(v):
+                return None
+        return frozenset(value)
+    return None
+
+
+cpdef principal_from_claims(object idp, dict claims, str method, object exp):
+    names = idp.claims
+    sub = _claim_at(claims, names.subject_path)
+    if sub is None or (isinstance(sub, str) and PyUnicode_GET_LENGTH(sub) == 0):
+        raise AuthnError(R.TOKEN_CLAIM_MISSING, names.subject)
+    if not isinstance(sub, str) or not _header_safe(sub) or PyUnicode_GET_LENGTH(sub) > 1024:
+        raise AuthnError(R.TOKEN_CLAIM_INVALID, names.subject)
+    client_id = _claim_at(claims, names.client_id_path)
+    if client_id is not None and (not isinstance(client_id, str) or not _header_safe(client_id)):
+        raise AuthnError(R.TOKEN_CLAIM_INVALID, names.client_id)
+    scopes = _scope_set(_claim_at(claims, names.scopes_path))
+    if scopes is None:
+        raise AuthnError(R.TOKEN_CLAIM_INVALID, names.scopes)
+    roles = _role_set(_claim_at(claims, names.roles_path))
+    if roles is None:
+        raise AuthnError(R.TOKEN_CLAIM_INVALID, names.roles)
+    jti = claims.get("jti")
+    if jti is not None and not isinstance(jti, str):
+        raise AuthnError(R.TOKEN_CLAIM_INVALID, "jti")
+    jkt = x5t = None
+    cnf = claims.get("cnf")
+    if cnf is not None:
+        # A confirmation method we cannot check must not turn a bound token into a bearer token.
+        if not isinstance(cnf, dict) or len(<dict>cnf) == 0:
+            raise AuthnError(R.TOKEN_CLAIM_INVALID, "cnf (only jkt and x5t#S256 are supported)")
+        for k in <dict>cnf:
+            if not (k == JKT or k == X5T):
+                raise AuthnError(R.TOKEN_CLAIM_INVALID, "cnf (only jkt and x5t#S256 are supported)")
+        jkt, x5t = (<dict>cnf).get(JKT), (<dict>cnf).get(X5T)
+        if (jkt is not None and not isinstance(jkt, str)) or (x5t is not None and not isinstance(x5t, str)):
+            raise AuthnError(R.TOKEN_CLAIM_INVALID, "cnf")
+    if not SLOT_FILL:
+        return Principal(
+            subject=sub, issuer=idp.issuer, method=method, client_id=client_id, jti=jti, scopes=scopes,
+            roles=roles, expires_at=exp, cnf_jkt=jkt, cnf_x5t=x5t, claims=claims,
+        )
+    p = _new(Principal)
+    PyObject_GenericSetAttr(p, "subject", sub)
+    PyObject_GenericSetAttr(p, "issuer", idp.issuer)
+    PyObject_GenericSetAttr(p, "method", method)
+    PyObject_GenericSetAttr(p, "client_id", client_id)
+    PyObject_GenericSetAttr(p, "jti", jti)
+    PyObject_GenericSetAttr(p, "scopes", scopes)
+    PyObject_GenericSetAttr(p, "roles", roles)
+    PyObject_GenericSetAttr(p, "expires_at", exp)
+    PyObject_GenericSetAttr(p, "cnf_jkt", jkt)
+    PyObject_GenericSetAttr(p, "cnf_x5t", x5t)
+    PyObject_GenericSetAttr(p, "claims", claims)
+    return p

@@ -1,0 +1,377 @@
+"""Claim checks and the principal: the Cython twin and the pure twin accept, refuse (same reason and detail) and
+build the same principal for the same claims, hostile ones included."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent import reasons as R
+from agent.authn.principal import Principal
+from agent.authn.strict import MAX_NUMERIC_DATE
+from agent.config.model import ClaimNames, IdentityProvider
+from agent.errors import AuthnError
+from tests.conftest import native_module, twins
+
+MODULES = twins("agent.authn._claims_py", "_claims")
+NOW = 1_700_000_000.0
+ISS = "https://idp.example.test"
+
+
+def provider(names: ClaimNames | None = None) -> IdentityProvider:
+    return IdentityProvider(
+        name="corp",
+        issuer=ISS,
+        audiences=frozenset({"orders-api", "other-api"}),
+        algorithms=frozenset({"RS256"}),
+        leeway_s=30.0,
+        max_token_lifetime_s=3600.0,
+        claims=names or ClaimNames(),
+    )
+
+
+FLAT = provider()
+NESTED = provider(ClaimNames(subject="user.id", roles="realm_access.roles", scopes="scp", client_id="azp"))
+
+
+def base(**overrides: Any) -> dict[str, Any]:
+    claims: dict[str, Any] = {
+        "iss": ISS,
+        "sub": "alice",
+        "aud": "orders-api",
+        "iat": int(NOW),
+        "exp": int(NOW) + 300,
+        "jti": "j-1",
+        "client_id": "web-app",
+        "scope": "orders:read",
+    }
+    for k, v in overrides.items():
+        if v is DROP:
+            claims.pop(k, None)
+        else:
+            claims[k] = v
+    return claims
+
+
+DROP = object()
+
+
+@pytest.fixture(params=MODULES, scope="module")
+def mod(request: pytest.FixtureRequest) -> Any:
+    return importlib.import_module(request.param)
+
+
+def shape(p: Principal) -> tuple[Any, ...]:
+    return tuple((f.name, getattr(p, f.name)) for f in dataclasses.fields(Principal))
+
+
+def outcome(fn: Any, *args: Any) -> tuple[Any, ...]:
+    """What a call gives: the principal's every field (claims by identity too) and nbf, or the refusal."""
+    try:
+        r = fn(*args)
+    except AuthnError as e:
+        return ("refused", e.reason, e.detail)
+    if isinstance(r, tuple):
+        p, nbf = r
+        assert p.claims is args[1]  # kept, not copied: claim rules read it
+        return ("ok", shape(p), nbf, type(nbf))
+    if isinstance(r, Principal):
+        return ("ok", shape(r))
+    return ("ok", r, type(r))
+
+
+HUGE = 10**400
+NAN, INF = float("nan"), float("inf")
+
+# (name, provider, claims): every case is judged by both twins; the expected outcome of some is pinned below.
+HOSTILE: list[tuple[str, IdentityProvider, dict[str, Any]]] = [
+    ("valid", FLAT, base()),
+    ("valid floats", FLAT, base(iat=NOW - 0.5, exp=NOW + 0.25, nbf=NOW - 1.5)),
+    ("valid at the leeway edges", FLAT, base(exp=NOW - 29.0, nbf=NOW + 30, iat=NOW + 30)),
+    ("expired at the leeway", FLAT, base(exp=NOW - 30)),
+    ("exp missing", FLAT, base(exp=DROP)),
+    ("exp null", FLAT, base(exp=None)),
+    ("exp true", FLAT, base(exp=True)),
+    ("exp false", FLAT, base(exp=False)),
+    ("exp string", FLAT, base(exp=str(int(NOW) + 300))),
+    ("exp negative", FLAT, base(exp=-1)),
+    ("exp nan", FLAT, base(exp=NAN)),
+    ("exp inf", FLAT, base(exp=INF)),
+    ("exp huge int", FLAT, base(exp=HUGE)),
+    ("exp 2^63", FLAT, base(exp=2**63)),
+    ("exp -2^63-1", FLAT, base(exp=-(2**63) - 1)),
+    ("exp max", FLAT, base(exp=MAX_NUMERIC_DATE, iat=MAX_NUMERIC_DATE - 10)),
+    ("exp max+1", FLAT, base(exp=MAX_NUMERIC_DATE + 1)),
+    ("exp max float+", FLAT, base(exp=MAX_NUMERIC_DATE + 0.5)),
+    ("exp list", FLAT, base(exp=[int(NOW) + 300])),
+    ("nbf future", FLAT, base(nbf=NOW + 31)),
+    ("nbf true", FLAT, base(nbf=True)),
+    ("nbf nan", FLAT, base(nbf=NAN)),
+    ("nbf null", FLAT, base(nbf=None)),
+    ("nbf huge", FLAT, base(nbf=HUGE)),
+    ("iat missing", FLAT, base(iat=DROP)),
+    ("iat future", FLAT, base(iat=NOW + 31)),
+    ("iat bool", FLAT, base(iat=False)),
+    ("iat dict", FLAT, base(iat={})),
+    ("lifetime too long", FLAT, base(iat=NOW - 3400, exp=NOW + 201)),
+    ("lifetime exactly max", FLAT, base(iat=NOW - 3400, exp=NOW + 200)),
+    ("auth_time future", FLAT, base(auth_time=NOW + 31)),
+    ("auth_time bool", FLAT, base(auth_time=True)),
+    ("auth_time string", FLAT, base(auth_time="yesterday")),
+    ("auth_time past", FLAT, base(auth_time=NOW - 100)),
+    ("aud missing", FLAT, base(aud=DROP)),
+    ("aud null", FLAT, base(aud=None)),
+    ("aud empty string", FLAT, base(aud="")),
+    ("aud empty list", FLAT, base(aud=[])),
+    ("aud other", FLAT, base(aud=["x"])),
+    ("aud one of two", FLAT, base(aud=["x", "other-api"])),
+    ("aud with a number", FLAT, base(aud=["orders-api", 1])),
+    ("aud with a bool", FLAT, base(aud=[True])),
+    ("aud number", FLAT, base(aud=5)),
+    ("aud object", FLAT, base(aud={"orders-api": 1})),
+    ("aud case", FLAT, base(aud="ORDERS-API")),
+    ("aud nested list", FLAT, base(aud=[["orders-api"]])),
+    ("sub missing", FLAT, base(sub=DROP)),
+    ("sub null", FLAT, base(sub=None)),
+    ("sub empty", FLAT, base(sub="")),
+    ("sub number", FLAT, base(sub=5)),
+    ("sub zero", FLAT, base(sub=0)),
+    ("sub false", FLAT, base(sub=False)),
+    ("sub list", FLAT, base(sub=["alice"])),
+    ("sub object", FLAT, base(sub={"id": "alice"})),
+    ("sub leading space", FLAT, base(sub=" alice")),
+    ("sub trailing space", FLAT, base(sub="alice ")),
+    ("sub inner space", FLAT, base(sub="al ice")),
+    ("sub only space", FLAT, base(sub=" ")),
+    ("sub newline", FLAT, base(sub="al\nice")),
+    ("sub crlf", FLAT, base(sub="alice\r\nx-admin: 1")),
+    ("sub nul", FLAT, base(sub="al\x00ice")),
+    ("sub del", FLAT, base(sub="al\x7fice")),
+    ("sub c1", FLAT, base(sub="al\x85ice")),
+    ("sub nbsp", FLAT, base(sub="\u00a0alice")),
+    ("sub zero width", FLAT, base(sub="ali\u200bce")),
+    ("sub line separator", FLAT, base(sub="alice\u2028")),
+    ("sub ideographic space", FLAT, base(sub="alice\u3000")),
+    ("sub lone surrogate", FLAT, base(sub="al\ud800ice")),
+    ("sub private use", FLAT, base(sub="al\ue000ice")),
+    ("sub accents", FLAT, base(sub="élise")),
+    ("sub cjk", FLAT, base(sub="田中")),
+    ("sub emoji", FLAT, base(sub="al\U0001f600")),
+    ("sub 1024", FLAT, base(sub="a" * 1024)),
+    ("sub 1025", FLAT, base(sub="a" * 1025)),
+    ("sub 1025 wide", FLAT, base(sub="é" * 1025)),
+    ("client_id number", FLAT, base(client_id=5)),
+    ("client_id empty", FLAT, base(client_id="")),
+    ("client_id null", FLAT, base(client_id=None)),
+    ("client_id missing", FLAT, base(client_id=DROP)),
+    ("client_id space", FLAT, base(client_id=" web")),
+    ("client_id cr", FLAT, base(client_id="web\r")),
+    ("client_id tab", FLAT, base(client_id="web\tapp")),
+    ("client_id c1", FLAT, base(client_id="\x85")),
+    ("client_id list", FLAT, base(client_id=["web"])),
+    ("scope empty", FLAT, base(scope="")),
+    ("scope spaces", FLAT, base(scope="   ")),
+    ("scope many", FLAT, base(scope=" a  b c a ")),
+    ("scope tab", FLAT, base(scope="a\tb")),
+    ("scope nbsp", FLAT, base(scope="a\u00a0b")),
+    ("scope quote", FLAT, base(scope='a"b')),
+    ("scope backslash", FLAT, base(scope="a\\b")),
+    ("scope del", FLAT, base(scope="a\x7f")),
+    ("scope non-ascii", FLAT, base(scope="ordérs")),
+    ("scope list", FLAT, base(scope=["a", "b", "a"])),
+    ("scope list with space", FLAT, base(scope=["a b"])),
+    ("scope list empty item", FLAT, base(scope=[""])),
+    ("scope list number", FLAT, base(scope=["a", 1])),
+    ("scope empty list", FLAT, base(scope=[])),
+    ("scope number", FLAT, base(scope=5)),
+    ("scope bool", FLAT, base(scope=True)),
+    ("scope object", FLAT, base(scope={"a": 1})),
+    ("scope null", FLAT, base(scope=None)),
+    ("roles string", FLAT, base(roles="admin")),
+    ("roles list", FLAT, base(roles=["a", "b", "a", "with space", "ü"])),
+    ("roles empty string", FLAT, base(roles="")),
+    ("roles del", FLAT, base(roles=["a\x7f"])),
+    ("roles c1", FLAT, base(roles=["a\x9f"])),
+    ("roles just past c1", FLAT, base(roles=["a\xa0"])),
+    ("roles newline", FLAT, base(roles="a\nb")),
+    ("roles zero width", FLAT, base(roles="a\u200b")),
+    ("roles number", FLAT, base(roles=[1])),
+    ("roles nested list", FLAT, base(roles=[["a"]])),
+    ("roles object", FLAT, base(roles={})),
+    ("roles bool", FLAT, base(roles=False)),
+    ("roles empty list", FLAT, base(roles=[])),
+    ("jti number", FLAT, base(jti=5)),
+    ("jti bool", FLAT, base(jti=True)),
+    ("jti list", FLAT, base(jti=[])),
+    ("jti null", FLAT, base(jti=None)),
+    ("cnf jkt", FLAT, base(cnf={"jkt": "thumb"})),
+    ("cnf x5t", FLAT, base(cnf={"x5t#S256": "thumb"})),
+    ("cnf both", FLAT, base(cnf={"jkt": "a", "x5t#S256": "b"})),
+    ("cnf empty", FLAT, base(cnf={})),
+    ("cnf unknown method", FLAT, base(cnf={"jwk": {"kty": "EC"}})),
+    ("cnf known and unknown", FLAT, base(cnf={"jkt": "a", "x5t": "b"})),
+    ("cnf jkt number", FLAT, base(cnf={"jkt": 1})),
+    ("cnf x5t list", FLAT, base(cnf={"x5t#S256": ["b"]})),
+    ("cnf jkt null", FLAT, base(cnf={"jkt": None})),
+    ("cnf list", FLAT, base(cnf=["jkt"])),
+    ("cnf string", FLAT, base(cnf="jkt")),
+    ("cnf null", FLAT, base(cnf=None)),
+    ("nested valid", NESTED, base(sub=DROP, user={"id": "bob"}, realm_access={"roles": ["r"]}, scp="a b", azp="c")),
+    ("nested sub missing", NESTED, base(user={})),
+    ("nested sub not an object", NESTED, base(user="bob")),
+    ("nested sub under a list", NESTED, base(user=[{"id": "bob"}])),
+    ("nested sub null", NESTED, base(user=None)),
+    ("nested sub number", NESTED, base(user={"id": 7})),
+    ("nested roles under a string", NESTED, base(user={"id": "bob"}, realm_access="admin")),
+    ("nested roles bad", NESTED, base(user={"id": "bob"}, realm_access={"roles": [1]})),
+    ("nested client_id bad", NESTED, base(user={"id": "bob"}, azp=["c"])),
+    ("nested scope bad", NESTED, base(user={"id": "bob"}, scp="a\nb")),
+    ("nested flat names ignored", NESTED, base(user={"id": "bob"}, scope=5, client_id=5, roles=5)),
+]
+
+
+@pytest.mark.parametrize(("name", "idp", "claims"), HOSTILE, ids=[c[0] for c in HOSTILE])
+def test_twins_judge_hostile_claims_alike(name: str, idp: IdentityProvider, claims: dict[str, Any]) -> None:
+    from agent.authn import _claims_py
+
+    native = native_module("_claims")
+    if native is None:
+        pytest.skip("no extension")
+    for now in (NOW, int(NOW)):
+        assert outcome(native.check_claims, idp, claims, now) == outcome(_claims_py.check_claims, idp, claims, now)
+    for method, exp in (("introspection", None), ("jwt", 123.0)):
+        assert outcome(native.principal_from_claims, idp, claims, method, exp) == outcome(
+            _claims_py.principal_from_claims, idp, claims, method, exp
+        )
+
+
+PINNED = {
+    "valid": "ok",
+    "expired at the leeway": (R.TOKEN_EXPIRED, ""),
+    "exp missing": (R.TOKEN_CLAIM_MISSING, "exp"),
+    "exp null": (R.TOKEN_CLAIM_MISSING, "exp"),
+    "exp true": (R.TOKEN_CLAIM_INVALID, "exp"),
+    "exp nan": (R.TOKEN_CLAIM_INVALID, "exp"),
+    "exp huge int": (R.TOKEN_CLAIM_INVALID, "exp"),
+    "exp max": (R.TOKEN_ISSUED_IN_FUTURE, ""),
+    "exp max+1": (R.TOKEN_CLAIM_INVALID, "exp"),
+    "nbf future": (R.TOKEN_NOT_YET_VALID, ""),
+    "iat future": (R.TOKEN_ISSUED_IN_FUTURE, ""),
+    "lifetime too long": (R.TOKEN_LIFETIME_TOO_LONG, ""),
+    "lifetime exactly max": "ok",
+    "auth_time future": (R.TOKEN_CLAIM_INVALID, "auth_time is in the future"),
+    "aud missing": (R.TOKEN_CLAIM_MISSING, "aud"),
+    "aud empty list": (R.TOKEN_CLAIM_INVALID, "aud"),
+    "aud other": (R.TOKEN_AUDIENCE_MISMATCH, ""),
+    "aud one of two": "ok",
+    "sub empty": (R.TOKEN_CLAIM_MISSING, "sub"),
+    "sub zero": (R.TOKEN_CLAIM_INVALID, "sub"),
+    "sub crlf": (R.TOKEN_CLAIM_INVALID, "sub"),
+    "sub nbsp": (R.TOKEN_CLAIM_INVALID, "sub"),
+    "sub zero width": (R.TOKEN_CLAIM_INVALID, "sub"),
+    "sub lone surrogate": (R.TOKEN_CLAIM_INVALID, "sub"),
+    "sub emoji": "ok",
+    "sub 1024": "ok",
+    "sub 1025": (R.TOKEN_CLAIM_INVALID, "sub"),
+    "client_id empty": "ok",
+    "client_id tab": (R.TOKEN_CLAIM_INVALID, "client_id"),
+    "scope tab": (R.TOKEN_CLAIM_INVALID, "scope"),
+    "roles zero width": "ok",
+    "roles c1": (R.TOKEN_CLAIM_INVALID, "roles"),
+    "cnf known and unknown": (R.TOKEN_CLAIM_INVALID, "cnf (only jkt and x5t#S256 are supported)"),
+    "cnf jkt number": (R.TOKEN_CLAIM_INVALID, "cnf"),
+    "cnf jkt null": "ok",
+    "nested valid": "ok",
+    "nested sub under a list": (R.TOKEN_CLAIM_MISSING, "user.id"),
+    "nested sub number": (R.TOKEN_CLAIM_INVALID, "user.id"),
+    "nested roles bad": (R.TOKEN_CLAIM_INVALID, "realm_access.roles"),
+    "nested client_id bad": (R.TOKEN_CLAIM_INVALID, "azp"),
+    "nested scope bad": (R.TOKEN_CLAIM_INVALID, "scp"),
+    "nested flat names ignored": "ok",
+}
+
+
+@pytest.mark.parametrize("name", sorted(PINNED))
+def test_each_twin_gives_the_pinned_outcome(mod: Any, name: str) -> None:
+    _, idp, claims = next(c for c in HOSTILE if c[0] == name)
+    got = outcome(mod.check_claims, idp, claims, NOW)
+    assert (got[0] if got[0] == "ok" else got[1:]) == PINNED[name]
+
+
+def test_the_principal_names_what_the_claims_say(mod: Any) -> None:
+    claims = base(scope=" b a  b", roles=["r"], cnf={"jkt": "t"}, nbf=int(NOW) - 5)
+    who, nbf = mod.check_claims(FLAT, claims, NOW)
+    assert who == Principal(
+        subject="alice", issuer=ISS, method="jwt", client_id="web-app", jti="j-1", scopes=frozenset({"a", "b"}),
+        roles=frozenset({"r"}), expires_at=NOW + 300, cnf_jkt="t", cnf_x5t=None, claims=claims,
+    )  # fmt: skip
+    assert who.claims is claims and nbf == NOW - 5 and type(nbf) is float and type(who.expires_at) is float
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        who.subject = "mallory"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(None, None), (5, 5.0), (5.5, 5.5), (True, "invalid"), (-1, "invalid"), (HUGE, "invalid"), (NAN, "invalid"),
+     ("5", "invalid"), (MAX_NUMERIC_DATE, float(MAX_NUMERIC_DATE)), (MAX_NUMERIC_DATE + 1, "invalid")],
+)  # fmt: skip
+def test_time_claim_is_a_numeric_date_or_refused(mod: Any, value: Any, expected: Any) -> None:
+    claims = {} if value is None else {"t": value}
+    if expected == "invalid":
+        with pytest.raises(AuthnError) as e:
+            mod.time_claim(claims, "t", False)
+        assert (e.value.reason, e.value.detail) == (R.TOKEN_CLAIM_INVALID, "t")
+        return
+    got = mod.time_claim(claims, "t", False)
+    assert got == expected and type(got) is type(expected)
+    if value is None:
+        with pytest.raises(AuthnError) as e:
+            mod.time_claim(claims, "t", True)
+        assert (e.value.reason, e.value.detail) == (R.TOKEN_CLAIM_MISSING, "t")
+
+
+def test_audience_may_be_optional_and_auth_time_is_checked_alone(mod: Any) -> None:
+    mod.check_audience(FLAT, None, False)
+    with pytest.raises(AuthnError, match=R.TOKEN_CLAIM_MISSING):
+        mod.check_audience(FLAT, None, True)
+    mod.check_auth_time({"auth_time": NOW + 30}, NOW, 30.0)
+    with pytest.raises(AuthnError, match="auth_time is in the future"):
+        mod.check_auth_time({"auth_time": NOW + 30.5}, NOW, 30.0)
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.sampled_from([0, int(NOW), int(NOW) + 100, int(NOW) - 100, MAX_NUMERIC_DATE, MAX_NUMERIC_DATE + 1])
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(alphabet=st.sampled_from('ab :-"\\\t\n\x00\x7f\x85\xa0\u200b\u2028é\ud800orders-api'), max_size=6),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(["id", "roles", "jkt"]), inner),
+    max_leaves=8,
+)
+claim_sets = st.dictionaries(
+    st.sampled_from(
+        ["exp", "nbf", "iat", "auth_time", "aud", "sub", "client_id", "scope", "roles", "jti", "cnf", "user", "scp"]
+    ),
+    json_values,
+    max_size=13,
+).map(lambda d: {**base(), **d})
+
+
+@settings(max_examples=1500, deadline=None)
+@given(claim_sets, st.sampled_from([FLAT, NESTED]))
+def test_twins_agree_on_any_claim_set(claims: dict[str, Any], idp: IdentityProvider) -> None:
+    from agent.authn import _claims_py
+
+    native = native_module("_claims")
+    if native is None:
+        pytest.skip("no extension")
+    assert outcome(native.check_claims, idp, claims, NOW) == outcome(_claims_py.check_claims, idp, claims, NOW)
+    assert outcome(native.principal_from_claims, idp, claims, "introspection", None) == outcome(
+        _claims_py.principal_from_claims, idp, claims, "introspection", None
+    )
