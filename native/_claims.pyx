@@ -1,25 +1,33 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
-"""Claim checks and the principal in C: the same contract as agent/authn/_claims_py.py, its pure twin.
+"""A JWT's parts, header and claim checks and its principal in C: the same contract as
+agent/authn/_claims_py.py, its pure twin.
 
-The same AuthnError (reason and detail) for the same claims, in the same order, and an equal Principal. The
+The same AuthnError (reason and detail) for the same token, header or claims, in the same order, and equal
+results. The three parts are found and decoded straight from the token's text (native/b64url.pxd, the decoder
+of agent._b64_c) and parsed by agent._jsonobj_c's strict_json_object. The
 character rules of agent/authn/principal.py (scope tokens, control characters) and str.isprintable/str.strip
 of _header_safe are scans here; NumericDate is compared in C for exact int and float values and left to
 agent.authn.strict.numeric_date for anything else. The frozen Principal is filled slot by slot, as its
 dataclass __init__ does (object.__setattr__), without the keyword call.
 """
 
+from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.long cimport PyLong_AsLongLongAndOverflow
 from cpython.float cimport PyFloat_AS_DOUBLE
 from cpython.object cimport PyObject, PyObject_GenericSetAttr
 from cpython.set cimport PySet_Add
 from cpython.unicode cimport (
-    PyUnicode_DATA, PyUnicode_GET_LENGTH, PyUnicode_KIND, PyUnicode_READ, PyUnicode_Substring,
-    Py_UNICODE_ISPRINTABLE, Py_UNICODE_ISSPACE,
+    PyUnicode_1BYTE_DATA, PyUnicode_1BYTE_KIND, PyUnicode_DATA, PyUnicode_GET_LENGTH, PyUnicode_KIND,
+    PyUnicode_READ, PyUnicode_Substring, Py_UNICODE_ISPRINTABLE, Py_UNICODE_ISSPACE,
 )
+
+from b64url cimport b64url_decode_latin1
 
 import dataclasses
 
 from agent import reasons as R
+from agent._jsonobj_c import strict_json_object
+from agent.authn._claims_py import split_token as _split_token_py
 from agent.authn.principal import Principal
 from agent.authn.strict import MAX_NUMERIC_DATE, numeric_date
 from agent.errors import AuthnError
@@ -41,6 +49,52 @@ cdef bint SLOT_FILL = (
 cdef frozenset EMPTY = frozenset()
 cdef str JKT = "jkt"
 cdef str X5T = "x5t#S256"
+
+
+cpdef tuple split_token(str token):
+    cdef Py_ssize_t n, i, d1 = -1, d2 = -1
+    cdef const unsigned char *p
+    if PyUnicode_KIND(token) != PyUnicode_1BYTE_KIND:
+        return _split_token_py(token)  # not base64url anywhere: the twin finds which error comes first
+    n = PyUnicode_GET_LENGTH(token)
+    p = PyUnicode_1BYTE_DATA(token)
+    for i in range(n):
+        if p[i] == 46:  # '.'
+            if d1 < 0:
+                d1 = i
+            elif d2 < 0:
+                d2 = i
+            else:
+                d2 = -1
+                break
+    if d2 < 0:
+        raise AuthnError(R.TOKEN_MALFORMED, "not three dot-separated parts")
+    try:
+        header = strict_json_object(b64url_decode_latin1(p, d1))
+        claims = strict_json_object(b64url_decode_latin1(p + d1 + 1, d2 - d1 - 1))
+        signature = b64url_decode_latin1(p + d2 + 1, n - d2 - 1)
+    except ValueError as e:
+        raise AuthnError(R.TOKEN_MALFORMED, str(e)) from None
+    return header, claims, signature, PyBytes_FromStringAndSize(<const char*>p, d2)
+
+
+cpdef tuple check_header(object idp, dict header):
+    alg = header.get("alg")
+    if not isinstance(alg, str) or alg not in idp.algorithms:
+        raise AuthnError(R.TOKEN_ALG_NOT_ALLOWED)
+    if "crit" in header:
+        # RFC 7515 §4.1.11: extensions we do not understand must fail; we understand none.
+        raise AuthnError(R.TOKEN_CRIT_UNSUPPORTED)
+    typ = header.get("typ")
+    if typ is None:
+        if idp.require_typ:
+            raise AuthnError(R.TOKEN_TYP_NOT_ALLOWED, "typ required")
+    elif not isinstance(typ, str) or typ.lower() not in idp.token_types:
+        raise AuthnError(R.TOKEN_TYP_NOT_ALLOWED)
+    kid = header.get("kid")
+    if kid is not None and not isinstance(kid, str):
+        raise AuthnError(R.TOKEN_MALFORMED, "kid is not a string")
+    return alg, kid
 
 
 cdef inline int _date(object v, double *out) except -1:

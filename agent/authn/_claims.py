@@ -1,4 +1,5 @@
-"""Claim checks and the principal: the Cython ones when built, else the pure twin (AGENT_NO_EXTENSIONS=1)."""
+"""A JWT's parts, header and claim checks and its principal: the Cython ones when built, else the pure twin
+(AGENT_NO_EXTENSIONS=1)."""
 
 from __future__ import annotations
 
@@ -6,16 +7,42 @@ import os
 
 if not os.environ.get("AGENT_NO_EXTENSIONS"):
     try:
-        from agent._claims_c import check_audience, check_auth_time, check_claims, principal_from_claims, time_claim
+        from agent._claims_c import (
+            check_audience,
+            check_auth_time,
+            check_claims,
+            check_header,
+            principal_from_claims,
+            split_token,
+            time_claim,
+        )
     except ImportError:  # not built here: the pure twin serves
         from agent.authn._claims_py import (
             check_audience,
             check_auth_time,
             check_claims,
+            check_header,
             principal_from_claims,
+            split_token,
             time_claim,
         )
 else:
-    from agent.authn._claims_py import check_audience, check_auth_time, check_claims, principal_from_claims, time_claim
+    from agent.authn._claims_py import (
+        check_audience,
+        check_auth_time,
+        check_claims,
+        check_header,
+        principal_from_claims,
+        split_token,
+        time_claim,
+    )
 
-__all__ = ["check_audience", "check_auth_time", "check_claims", "principal_from_claims", "time_claim"]
+__all__ = [
+    "check_audience",
+    "check_auth_time",
+    "check_claims",
+    "check_header",
+    "principal_from_claims",
+    "split_token",
+    "time_claim",
+]

@@ -1,7 +1,8 @@
-"""Claim checks and the principal, in Python: the pure twin of native/_claims.pyx (agent._claims_c).
+"""A JWT's parts, header and claim checks and its principal, in Python: the pure twin of native/_claims.pyx
+(agent._claims_c).
 
-The contract both keep: the same AuthnError (reason and detail) for the same claims, checked in the same order,
-and an equal Principal (the claims dict itself kept, not copied) when the claims pass.
+The contract both keep: the same AuthnError (reason and detail) for the same token, header or claims, checked
+in the same order, and equal results (the claims dict itself kept in the Principal, not copied) when they pass.
 """
 
 from __future__ import annotations
@@ -10,11 +11,55 @@ from typing import Any
 
 from agent import reasons as R
 from agent.authn.principal import Principal, claim_at, role_set, scope_set
-from agent.authn.strict import numeric_date
+from agent.authn.strict import b64url_decode, numeric_date, strict_json_object
 from agent.config.model import IdentityProvider
 from agent.errors import AuthnError
 
-__all__ = ["check_audience", "check_auth_time", "check_claims", "principal_from_claims", "time_claim"]
+__all__ = [
+    "check_audience",
+    "check_auth_time",
+    "check_claims",
+    "check_header",
+    "principal_from_claims",
+    "split_token",
+    "time_claim",
+]
+
+
+def split_token(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes, bytes]:
+    """A compact JWS as its header, claims, signature and signing input; anything else is a malformed token."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise AuthnError(R.TOKEN_MALFORMED, "not three dot-separated parts")
+    try:
+        header = strict_json_object(b64url_decode(parts[0]))
+        claims = strict_json_object(b64url_decode(parts[1]))
+        signature = b64url_decode(parts[2])
+    except ValueError as e:
+        raise AuthnError(R.TOKEN_MALFORMED, str(e)) from None
+    # The first two parts decoded, so they are base64url: ASCII.
+    return header, claims, signature, token[: len(parts[0]) + 1 + len(parts[1])].encode("ascii")
+
+
+def check_header(idp: IdentityProvider, header: dict[str, Any]) -> tuple[str, str | None]:
+    """The JOSE header's alg (one the provider allows) and kid, once typ and crit are acceptable."""
+    alg = header.get("alg")
+    if not isinstance(alg, str) or alg not in idp.algorithms:
+        raise AuthnError(R.TOKEN_ALG_NOT_ALLOWED)
+    if "crit" in header:
+        # RFC 7515 §4.1.11: extensions we do not understand must fail; we understand none.
+        raise AuthnError(R.TOKEN_CRIT_UNSUPPORTED)
+    typ = header.get("typ")
+    if typ is None:
+        if idp.require_typ:
+            raise AuthnError(R.TOKEN_TYP_NOT_ALLOWED, "typ required")
+    elif not isinstance(typ, str) or typ.lower() not in idp.token_types:
+        raise AuthnError(R.TOKEN_TYP_NOT_ALLOWED)
+    kid = header.get("kid")
+    if kid is not None and not isinstance(kid, str):
+        raise AuthnError(R.TOKEN_MALFORMED, "kid is not a string")
+    # `jku`, `x5u`, `jwk` and `x5c` are never read: keys come from configuration only.
+    return alg, kid
 
 
 def check_claims(idp: IdentityProvider, claims: dict[str, Any], now: float) -> tuple[Principal, float | None]:

@@ -9,13 +9,20 @@ from collections.abc import Callable
 
 from agent import reasons as R
 
-# Cython when built; the contract is in agent/authn/_claims_py.py. The four besides check_claims are public
-# here: introspection checks an answer's claims and builds its principal with them.
-from agent.authn._claims import check_audience, check_auth_time, check_claims, principal_from_claims, time_claim
+# Cython when built; the contract is in agent/authn/_claims_py.py. check_audience, check_auth_time,
+# principal_from_claims and time_claim are public here: introspection checks an answer's claims with them.
+from agent.authn._claims import (
+    check_audience,
+    check_auth_time,
+    check_claims,
+    check_header,
+    principal_from_claims,
+    split_token,
+    time_claim,
+)
 from agent.authn.jwk import verify_signature
 from agent.authn.jwks import KeyStore
 from agent.authn.principal import Principal
-from agent.authn.strict import b64url_decode, strict_json_object
 from agent.config.model import IdentityProvider
 from agent.errors import AuthnError
 
@@ -122,15 +129,7 @@ class JwtVerifier:
         return self._cache.get(hashlib.sha256(token.encode()).digest())
 
     def _verify_full(self, token: str) -> tuple[Principal, IdentityProvider, KeyStore, float | None]:
-        parts = token.split(".")
-        if len(parts) != 3:
-            raise AuthnError(R.TOKEN_MALFORMED, "not three dot-separated parts")
-        try:
-            header = strict_json_object(b64url_decode(parts[0]))
-            claims = strict_json_object(b64url_decode(parts[1]))
-            signature = b64url_decode(parts[2])
-        except ValueError as e:
-            raise AuthnError(R.TOKEN_MALFORMED, str(e)) from None
+        header, claims, signature, signing_input = split_token(token)
         iss = claims.get("iss")
         found = self._by_issuer.get(iss) if isinstance(iss, str) else None
         if found is None:
@@ -138,22 +137,7 @@ class JwtVerifier:
         idp, store = found
         if len(token) > idp.max_token_bytes:
             raise AuthnError(R.TOKEN_TOO_LARGE)
-        alg = header.get("alg")
-        if not isinstance(alg, str) or alg not in idp.algorithms:
-            raise AuthnError(R.TOKEN_ALG_NOT_ALLOWED)
-        if "crit" in header:
-            # RFC 7515 §4.1.11: extensions we do not understand must fail; we understand none.
-            raise AuthnError(R.TOKEN_CRIT_UNSUPPORTED)
-        typ = header.get("typ")
-        if typ is None:
-            if idp.require_typ:
-                raise AuthnError(R.TOKEN_TYP_NOT_ALLOWED, "typ required")
-        elif not isinstance(typ, str) or typ.lower() not in idp.token_types:
-            raise AuthnError(R.TOKEN_TYP_NOT_ALLOWED)
-        kid = header.get("kid")
-        if kid is not None and not isinstance(kid, str):
-            raise AuthnError(R.TOKEN_MALFORMED, "kid is not a string")
-        # `jku`, `x5u`, `jwk` and `x5c` are never read: keys come from configuration only.
+        alg, kid = check_header(idp, header)
         keys = store.keys
         if keys is None:
             raise AuthnError(R.KEYS_UNAVAILABLE)
@@ -162,7 +146,6 @@ class JwtVerifier:
             if kid_known:
                 raise AuthnError(R.TOKEN_KEY_MISMATCH)
             raise UnknownKid(store)
-        signing_input = token[: len(parts[0]) + 1 + len(parts[1])].encode("ascii")
         for k in candidates:
             if verify_signature(k, alg, signing_input, signature):
                 break

@@ -1,10 +1,12 @@
-"""Claim checks and the principal: the Cython twin and the pure twin accept, refuse (same reason and detail) and
-build the same principal for the same claims, hostile ones included."""
+"""A JWT's parts, header and claims: the Cython twin and the pure twin accept, refuse (same reason and detail)
+and return the same (the same principal) for the same token, header or claims, hostile ones included."""
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import importlib
+import json
 from typing import Any
 
 import pytest
@@ -23,8 +25,9 @@ NOW = 1_700_000_000.0
 ISS = "https://idp.example.test"
 
 
-def provider(names: ClaimNames | None = None) -> IdentityProvider:
+def provider(names: ClaimNames | None = None, require_typ: bool = False) -> IdentityProvider:
     return IdentityProvider(
+        require_typ=require_typ,
         name="corp",
         issuer=ISS,
         audiences=frozenset({"orders-api", "other-api"}),
@@ -36,6 +39,7 @@ def provider(names: ClaimNames | None = None) -> IdentityProvider:
 
 
 FLAT = provider()
+TYPED = provider(require_typ=True)
 NESTED = provider(ClaimNames(subject="user.id", roles="realm_access.roles", scopes="scp", client_id="azp"))
 
 
@@ -76,12 +80,14 @@ def outcome(fn: Any, *args: Any) -> tuple[Any, ...]:
         r = fn(*args)
     except AuthnError as e:
         return ("refused", e.reason, e.detail)
-    if isinstance(r, tuple):
+    if isinstance(r, tuple) and isinstance(r[0], Principal):
         p, nbf = r
         assert p.claims is args[1]  # kept, not copied: claim rules read it
         return ("ok", shape(p), nbf, type(nbf))
     if isinstance(r, Principal):
         return ("ok", shape(r))
+    if isinstance(r, tuple):
+        return ("ok", r, tuple(type(v) for v in r))
     return ("ok", r, type(r))
 
 
@@ -375,3 +381,146 @@ def test_twins_agree_on_any_claim_set(claims: dict[str, Any], idp: IdentityProvi
     assert outcome(native.principal_from_claims, idp, claims, "introspection", None) == outcome(
         _claims_py.principal_from_claims, idp, claims, "introspection", None
     )
+
+
+def b64(raw: bytes | str) -> str:
+    return base64.urlsafe_b64encode(raw.encode() if isinstance(raw, str) else raw).rstrip(b"=").decode()
+
+
+def jose(header: Any, claims: Any = None, sig: bytes = b"\x01\x02\x03") -> str:
+    def part(v: Any) -> str:
+        return v if isinstance(v, str) else b64(json.dumps(v))
+
+    return f"{part(header)}.{part(base() if claims is None else claims)}.{b64(sig)}"
+
+
+GOOD_HEADER = {"alg": "RS256", "typ": "at+jwt", "kid": "k1"}
+TOKENS = [
+    jose(GOOD_HEADER),
+    jose(GOOD_HEADER, sig=b""),
+    "",
+    ".",
+    "..",
+    "a.b",
+    "a.b.c.d",
+    jose(GOOD_HEADER) + ".",
+    "." + jose(GOOD_HEADER),
+    jose(GOOD_HEADER).replace(".", "..", 1),
+    jose(GOOD_HEADER) + "=",
+    jose(GOOD_HEADER) + "A",  # a length of 1 mod 4
+    jose(GOOD_HEADER)[:-1] + "B",  # spare bits set
+    jose(GOOD_HEADER).replace("e", "+", 1),
+    jose(GOOD_HEADER).replace("e", " ", 1),
+    jose(GOOD_HEADER) + "é",
+    jose(GOOD_HEADER) + "\u20ac",
+    "é" + jose(GOOD_HEADER),
+    "\U0001f600.a.b",
+    jose(GOOD_HEADER).replace(".", "\u2024", 1),
+    jose(b64('{"alg":"RS256","alg":"none"}')),
+    jose(b64("[1]")),
+    jose(b64('"s"')),
+    jose(b64("{")),
+    jose(b64(b"\xef\xbb\xbf{}")),
+    jose(b64(b"\xff{}")),
+    jose(GOOD_HEADER, b64('{"exp":1e400}')),
+    jose(GOOD_HEADER, b64('{"exp":NaN}')),
+    jose(GOOD_HEADER, b64('{"sub":"a","sub":"b"}')),
+    jose(GOOD_HEADER, b64('{"a":{"b":1,"b":2}}')),
+    jose(GOOD_HEADER, b64('{"n":123456789012345678901234567890}')),
+    jose(GOOD_HEADER, b64('{"s":"\\ud800"}')),
+    jose(GOOD_HEADER, b64("[" * 40 + "]" * 40)),
+]
+
+
+@pytest.mark.parametrize("token", TOKENS)
+def test_twins_split_hostile_tokens_alike(token: str) -> None:
+    from agent.authn import _claims_py
+
+    native = native_module("_claims")
+    if native is None:
+        pytest.skip("no extension")
+    assert outcome(native.split_token, token) == outcome(_claims_py.split_token, token)
+
+
+def test_a_token_splits_into_its_header_claims_signature_and_signing_input(mod: Any) -> None:
+    token = jose(GOOD_HEADER, sig=b"sig")
+    assert mod.split_token(token) == (GOOD_HEADER, base(), b"sig", token.rsplit(".", 1)[0].encode())
+    with pytest.raises(AuthnError) as e:
+        mod.split_token(token + ".x")
+    assert (e.value.reason, e.value.detail) == (R.TOKEN_MALFORMED, "not three dot-separated parts")
+    with pytest.raises(AuthnError) as e:
+        mod.split_token(jose(GOOD_HEADER, b64('{"a":1,"a":2}')))
+    assert e.value.reason == R.TOKEN_MALFORMED  # the detail is the JSON twin's own word
+
+
+HEADERS: list[dict[str, Any]] = [
+    GOOD_HEADER,
+    {"alg": "RS256"},
+    {"alg": "none"},
+    {"alg": "HS256", "typ": "JWT"},
+    {"alg": "rs256"},
+    {"alg": ["RS256"]},
+    {"alg": None},
+    {},
+    {"alg": "RS256", "crit": []},
+    {"alg": "RS256", "crit": ["exp"], "typ": 5},
+    {"alg": "RS256", "typ": "AT+JWT"},
+    {"alg": "RS256", "typ": "application/at+jwt"},
+    {"alg": "RS256", "typ": "JWT"},
+    {"alg": "RS256", "typ": "dpop+jwt"},
+    {"alg": "RS256", "typ": ""},
+    {"alg": "RS256", "typ": None},
+    {"alg": "RS256", "typ": ["jwt"]},
+    {"alg": "RS256", "typ": "JWT", "kid": 5},
+    {"alg": "RS256", "kid": None},
+    {"alg": "RS256", "kid": ""},
+    {"alg": "RS256", "kid": {"k": 1}},
+    {"alg": "RS256", "jku": "https://evil.example", "jwk": {"kty": "RSA"}, "x5u": 1, "x5c": []},
+    {"alg": "RS256", "typ": "AT+JWT\u0130"},
+]
+
+
+@pytest.mark.parametrize("idp", [FLAT, TYPED], ids=["typ optional", "typ required"])
+@pytest.mark.parametrize("header", HEADERS)
+def test_twins_judge_hostile_headers_alike(header: dict[str, Any], idp: IdentityProvider) -> None:
+    from agent.authn import _claims_py
+
+    native = native_module("_claims")
+    if native is None:
+        pytest.skip("no extension")
+    assert outcome(native.check_header, idp, header) == outcome(_claims_py.check_header, idp, header)
+
+
+@pytest.mark.parametrize(
+    ("header", "idp", "expected"),
+    [
+        (GOOD_HEADER, TYPED, ("RS256", "k1")),
+        ({"alg": "RS256"}, FLAT, ("RS256", None)),
+        ({"alg": "RS256"}, TYPED, (R.TOKEN_TYP_NOT_ALLOWED, "typ required")),
+        ({"alg": "ES256"}, FLAT, (R.TOKEN_ALG_NOT_ALLOWED, "")),
+        ({"alg": "RS256", "crit": []}, FLAT, (R.TOKEN_CRIT_UNSUPPORTED, "")),
+        ({"alg": "RS256", "typ": "JWT"}, FLAT, ("RS256", None)),
+        ({"alg": "RS256", "typ": "dpop+jwt"}, FLAT, (R.TOKEN_TYP_NOT_ALLOWED, "")),
+        ({"alg": "RS256", "kid": 5}, FLAT, (R.TOKEN_MALFORMED, "kid is not a string")),
+    ],
+)
+def test_each_twin_reads_the_header_so(mod: Any, header: dict[str, Any], idp: IdentityProvider, expected: Any) -> None:
+    got = outcome(mod.check_header, idp, header)
+    assert (got[1] if got[0] == "ok" else got[1:]) == expected
+
+
+token_text = st.lists(
+    st.sampled_from(["eyJ", "e30", "A", "B", "_", "-", "=", ".", "+", " ", "é", "\u20ac", jose(GOOD_HEADER)]),
+    max_size=12,
+).map("".join)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(token_text)
+def test_twins_split_any_text_alike(token: str) -> None:
+    from agent.authn import _claims_py
+
+    native = native_module("_claims")
+    if native is None:
+        pytest.skip("no extension")
+    assert outcome(native.split_token, token) == outcome(_claims_py.split_token, token)
