@@ -7,14 +7,15 @@ results. The three parts are found and decoded straight from the token's text (n
 of agent._b64_c) and parsed by agent._jsonobj_c's strict_json_object. The
 character rules of agent/authn/principal.py (scope tokens, control characters) and str.isprintable/str.strip
 of _header_safe are scans here; NumericDate is compared in C for exact int and float values and left to
-agent.authn.strict.numeric_date for anything else. The frozen Principal is filled slot by slot, as its
-dataclass __init__ does (object.__setattr__), without the keyword call.
+agent.authn.strict.numeric_date for anything else. The frozen Principal is filled slot by slot through its
+members' setters, which is what its dataclass __init__ does (object.__setattr__), without the keyword call.
 """
 
 from cpython.bytes cimport PyBytes_FromStringAndSize
+from libc.string cimport memchr
 from cpython.long cimport PyLong_AsLongLongAndOverflow
 from cpython.float cimport PyFloat_AS_DOUBLE
-from cpython.object cimport PyObject, PyObject_GenericSetAttr
+from cpython.object cimport PyObject, PyTypeObject
 from cpython.set cimport PySet_Add
 from cpython.unicode cimport (
     PyUnicode_1BYTE_DATA, PyUnicode_1BYTE_KIND, PyUnicode_DATA, PyUnicode_GET_LENGTH, PyUnicode_KIND,
@@ -34,41 +35,64 @@ from agent.errors import AuthnError
 
 cdef extern from "Python.h":
     object PyFrozenSet_New(PyObject *iterable)
+    ctypedef struct PyMemberDescrObject:
+        PyMemberDef *d_member
+
+cdef extern from "structmember.h":
+    ctypedef struct PyMemberDef:
+        int type
+        int flags
+    int PyMember_SetOne(char *addr, PyMemberDef *member, object value) except -1
+    int T_OBJECT_EX
+    int READONLY
 
 cdef long long MAX_DATE = MAX_NUMERIC_DATE
 cdef double MAX_DATE_F = <double>MAX_NUMERIC_DATE
-cdef object _new = object.__new__
 cdef tuple FIELDS = ("subject", "issuer", "method", "client_id", "jti", "scopes", "roles", "expires_at",
                      "cnf_jkt", "cnf_x5t", "claims")
-# Filled slot by slot only while Principal has exactly these fields, all set by its __init__ without a
-# __post_init__; else (a field added) through its __init__, which sets defaults.
-cdef bint SLOT_FILL = (
-    tuple(f.name for f in dataclasses.fields(Principal)) == FIELDS
-    and not hasattr(Principal, "__post_init__")
-)
+# Principal's slots in FIELDS order, set as its dataclass __init__ sets them (object.__setattr__ goes to these
+# very member setters) without a keyword call and eleven attribute lookups. Used only while Principal has
+# exactly these fields, as plain object slots, and no __post_init__; else its __init__ builds it.
+cdef PyMemberDef *MEMBERS[11]
+cdef tuple NO_ARGS = ()
+
+
+cdef bint _find_members() except -1:
+    import types
+    if tuple(f.name for f in dataclasses.fields(Principal)) != FIELDS or hasattr(Principal, "__post_init__"):
+        return False
+    for i, name in enumerate(FIELDS):
+        d = Principal.__dict__.get(name)
+        if type(d) is not types.MemberDescriptorType:
+            return False
+        MEMBERS[i] = (<PyMemberDescrObject*>d).d_member
+        if MEMBERS[i].type != T_OBJECT_EX or MEMBERS[i].flags & READONLY:
+            return False
+    return True
+
+
+cdef bint SLOT_FILL = _find_members()
+FILLS_SLOTS = SLOT_FILL  # for the test that this fast path is the one in use
 cdef frozenset EMPTY = frozenset()
 cdef str JKT = "jkt"
 cdef str X5T = "x5t#S256"
 
 
 cpdef tuple split_token(str token):
-    cdef Py_ssize_t n, i, d1 = -1, d2 = -1
+    cdef Py_ssize_t n, d1, d2
     cdef const unsigned char *p
+    cdef const unsigned char *dot1
+    cdef const unsigned char *dot2 = NULL
     if PyUnicode_KIND(token) != PyUnicode_1BYTE_KIND:
         return _split_token_py(token)  # not base64url anywhere: the twin finds which error comes first
     n = PyUnicode_GET_LENGTH(token)
     p = PyUnicode_1BYTE_DATA(token)
-    for i in range(n):
-        if p[i] == 46:  # '.'
-            if d1 < 0:
-                d1 = i
-            elif d2 < 0:
-                d2 = i
-            else:
-                d2 = -1
-                break
-    if d2 < 0:
+    dot1 = <const unsigned char*>memchr(p, 46, n)  # '.'
+    if dot1 != NULL:
+        dot2 = <const unsigned char*>memchr(dot1 + 1, 46, n - (dot1 - p) - 1)
+    if dot2 == NULL or memchr(dot2 + 1, 46, n - (dot2 - p) - 1) != NULL:
         raise AuthnError(R.TOKEN_MALFORMED, "not three dot-separated parts")
+    d1, d2 = dot1 - p, dot2 - p
     try:
         header = strict_json_object(b64url_decode_latin1(p, d1))
         claims = strict_json_object(b64url_decode_latin1(p + d1 + 1, d2 - d1 - 1))
@@ -295,6 +319,7 @@ cdef object _role_set(object value):
 
 
 cpdef principal_from_claims(object idp, dict claims, str method, object exp):
+    cdef char *addr
     names = idp.claims
     sub = _claim_at(claims, names.subject_path)
     if sub is None or (isinstance(sub, str) and PyUnicode_GET_LENGTH(sub) == 0):
@@ -330,16 +355,17 @@ cpdef principal_from_claims(object idp, dict claims, str method, object exp):
             subject=sub, issuer=idp.issuer, method=method, client_id=client_id, jti=jti, scopes=scopes,
             roles=roles, expires_at=exp, cnf_jkt=jkt, cnf_x5t=x5t, claims=claims,
         )
-    p = _new(Principal)
-    PyObject_GenericSetAttr(p, "subject", sub)
-    PyObject_GenericSetAttr(p, "issuer", idp.issuer)
-    PyObject_GenericSetAttr(p, "method", method)
-    PyObject_GenericSetAttr(p, "client_id", client_id)
-    PyObject_GenericSetAttr(p, "jti", jti)
-    PyObject_GenericSetAttr(p, "scopes", scopes)
-    PyObject_GenericSetAttr(p, "roles", roles)
-    PyObject_GenericSetAttr(p, "expires_at", exp)
-    PyObject_GenericSetAttr(p, "cnf_jkt", jkt)
-    PyObject_GenericSetAttr(p, "cnf_x5t", x5t)
-    PyObject_GenericSetAttr(p, "claims", claims)
+    p = (<PyTypeObject*>Principal).tp_new(Principal, <PyObject*>NO_ARGS, NULL)  # object.__new__: slots unset
+    addr = <char*><PyObject*>p
+    PyMember_SetOne(addr, MEMBERS[0], sub)
+    PyMember_SetOne(addr, MEMBERS[1], idp.issuer)
+    PyMember_SetOne(addr, MEMBERS[2], method)
+    PyMember_SetOne(addr, MEMBERS[3], client_id)
+    PyMember_SetOne(addr, MEMBERS[4], jti)
+    PyMember_SetOne(addr, MEMBERS[5], scopes)
+    PyMember_SetOne(addr, MEMBERS[6], roles)
+    PyMember_SetOne(addr, MEMBERS[7], exp)
+    PyMember_SetOne(addr, MEMBERS[8], jkt)
+    PyMember_SetOne(addr, MEMBERS[9], x5t)
+    PyMember_SetOne(addr, MEMBERS[10], claims)
     return p

@@ -321,6 +321,15 @@ def test_the_principal_names_what_the_claims_say(mod: Any) -> None:
         who.subject = "mallory"  # type: ignore[misc]
 
 
+def test_the_native_twin_fills_the_principals_slots_itself() -> None:
+    # The fast path, not the fallback through Principal(...): a field added to Principal turns it off (and the
+    # twin tests above still hold); this says when that happens.
+    native = native_module("_claims")
+    if native is None:
+        pytest.skip("no extension")
+    assert native.FILLS_SLOTS is True
+
+
 @pytest.mark.parametrize(
     ("value", "expected"),
     [(None, None), (5, 5.0), (5.5, 5.5), (True, "invalid"), (-1, "invalid"), (HUGE, "invalid"), (NAN, "invalid"),
