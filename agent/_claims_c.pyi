@@ -1,5 +1,8 @@
+from collections.abc import Callable
 from typing import Any
 
+from agent.authn.jwk import Jwk
+from agent.authn.jwks import KeyStore
 from agent.authn.principal import Principal
 from agent.config.model import IdentityProvider
 
@@ -14,3 +17,7 @@ def principal_from_claims(
 def time_claim(claims: dict[str, Any], name: str, required: bool) -> float | None: ...
 def split_token(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes, bytes]: ...
 def check_header(idp: IdentityProvider, header: dict[str, Any]) -> tuple[str, str | None]: ...
+def verify_signature(jwk: Jwk, alg: str, signing_input: bytes, signature: bytes) -> bool: ...
+def verify_token(
+    token: str, by_issuer: dict[str, tuple[IdentityProvider, KeyStore]], clock: Callable[[], float]
+) -> tuple[Principal, IdentityProvider, KeyStore, float | None]: ...

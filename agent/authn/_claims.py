@@ -1,5 +1,4 @@
-"""A JWT's parts, header and claim checks and its principal: the Cython ones when built, else the pure twin
-(AGENT_NO_EXTENSIONS=1)."""
+"""A JWT verified: the Cython checks when built, else the pure twin (AGENT_NO_EXTENSIONS=1)."""
 
 from __future__ import annotations
 
@@ -15,6 +14,8 @@ if not os.environ.get("AGENT_NO_EXTENSIONS"):
             principal_from_claims,
             split_token,
             time_claim,
+            verify_signature,
+            verify_token,
         )
     except ImportError:  # not built here: the pure twin serves
         from agent.authn._claims_py import (
@@ -25,6 +26,8 @@ if not os.environ.get("AGENT_NO_EXTENSIONS"):
             principal_from_claims,
             split_token,
             time_claim,
+            verify_signature,
+            verify_token,
         )
 else:
     from agent.authn._claims_py import (
@@ -35,6 +38,8 @@ else:
         principal_from_claims,
         split_token,
         time_claim,
+        verify_signature,
+        verify_token,
     )
 
 __all__ = [
@@ -45,4 +50,6 @@ __all__ = [
     "principal_from_claims",
     "split_token",
     "time_claim",
+    "verify_signature",
+    "verify_token",
 ]

@@ -1,5 +1,5 @@
-"""A JWT's parts, header and claim checks and its principal, in Python: the pure twin of native/_claims.pyx
-(agent._claims_c).
+"""A JWT verified, in Python: the pure twin of native/_claims.pyx (agent._claims_c). Its parts, header, key,
+signature and claims are checked in that order, and the principal built.
 
 The contract both keep: the same AuthnError (reason and detail) for the same token, header or claims, checked
 in the same order, and equal results (the claims dict itself kept in the Principal, not copied) when they pass.
@@ -7,15 +7,19 @@ in the same order, and equal results (the claims dict itself kept in the Princip
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from agent import reasons as R
+from agent.authn.jwk import verify_signature
+from agent.authn.jwks import KeyStore
 from agent.authn.principal import Principal, claim_at, role_set, scope_set
 from agent.authn.strict import b64url_decode, numeric_date, strict_json_object
 from agent.config.model import IdentityProvider
 from agent.errors import AuthnError
 
 __all__ = [
+    "UnknownKid",
     "check_audience",
     "check_auth_time",
     "check_claims",
@@ -23,7 +27,51 @@ __all__ = [
     "principal_from_claims",
     "split_token",
     "time_claim",
+    "verify_signature",
+    "verify_token",
 ]
+
+
+class UnknownKid(AuthnError):
+    """The issuer's key set lacks the token's kid: the caller may refetch once and retry."""
+
+    def __init__(self, store: KeyStore) -> None:
+        super().__init__(R.TOKEN_KID_UNKNOWN)
+        self.store = store
+
+
+def verify_token(
+    token: str, by_issuer: dict[str, tuple[IdentityProvider, KeyStore]], clock: Callable[[], float]
+) -> tuple[Principal, IdentityProvider, KeyStore, float | None]:
+    """A JWT, every check in order: its parts, issuer (by exact `iss`), size, header, key, signature, claims.
+
+    Returns the principal, the provider and key store that vouched for it, and `nbf`; raises AuthnError, or
+    UnknownKid when the issuer's key set lacks the kid (a refetch might help).
+    """
+    header, claims, signature, signing_input = split_token(token)
+    iss = claims.get("iss")
+    found = by_issuer.get(iss) if isinstance(iss, str) else None
+    if found is None:
+        raise AuthnError(R.TOKEN_ISSUER_UNKNOWN)
+    idp, store = found
+    if len(token) > idp.max_token_bytes:
+        raise AuthnError(R.TOKEN_TOO_LARGE)
+    alg, kid = check_header(idp, header)
+    keys = store.keys
+    if keys is None:
+        raise AuthnError(R.KEYS_UNAVAILABLE)
+    candidates, kid_known = keys.candidates(kid, alg)
+    if not candidates:
+        if kid_known:
+            raise AuthnError(R.TOKEN_KEY_MISMATCH)
+        raise UnknownKid(store)
+    for k in candidates:
+        if verify_signature(k, alg, signing_input, signature):
+            break
+    else:
+        raise AuthnError(R.TOKEN_SIGNATURE_INVALID)
+    principal, nbf = check_claims(idp, claims, clock())
+    return principal, idp, store, nbf
 
 
 def split_token(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes, bytes]:

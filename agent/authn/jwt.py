@@ -9,18 +9,11 @@ from collections.abc import Callable
 
 from agent import reasons as R
 
-# Cython when built; the contract is in agent/authn/_claims_py.py. check_audience, check_auth_time,
-# principal_from_claims and time_claim are public here: introspection checks an answer's claims with them.
-from agent.authn._claims import (
-    check_audience,
-    check_auth_time,
-    check_claims,
-    check_header,
-    principal_from_claims,
-    split_token,
-    time_claim,
-)
-from agent.authn.jwk import verify_signature
+# The checks themselves are Cython when built; their contract is agent/authn/_claims_py.py, which also defines
+# UnknownKid (so both twins raise the one class). check_audience, check_auth_time, principal_from_claims and
+# time_claim are public here: introspection checks an answer's claims with them.
+from agent.authn._claims import check_audience, check_auth_time, principal_from_claims, time_claim, verify_token
+from agent.authn._claims_py import UnknownKid
 from agent.authn.jwks import KeyStore
 from agent.authn.principal import Principal
 from agent.config.model import IdentityProvider
@@ -35,14 +28,6 @@ __all__ = [
     "principal_from_claims",
     "time_claim",
 ]
-
-
-class UnknownKid(AuthnError):
-    """The issuer's key set lacks the token's kid: the caller may refetch once and retry."""
-
-    def __init__(self, store: KeyStore) -> None:
-        super().__init__(R.TOKEN_KID_UNKNOWN)
-        self.store = store
 
 
 class Verified:
@@ -129,27 +114,4 @@ class JwtVerifier:
         return self._cache.get(hashlib.sha256(token.encode()).digest())
 
     def _verify_full(self, token: str) -> tuple[Principal, IdentityProvider, KeyStore, float | None]:
-        header, claims, signature, signing_input = split_token(token)
-        iss = claims.get("iss")
-        found = self._by_issuer.get(iss) if isinstance(iss, str) else None
-        if found is None:
-            raise AuthnError(R.TOKEN_ISSUER_UNKNOWN)
-        idp, store = found
-        if len(token) > idp.max_token_bytes:
-            raise AuthnError(R.TOKEN_TOO_LARGE)
-        alg, kid = check_header(idp, header)
-        keys = store.keys
-        if keys is None:
-            raise AuthnError(R.KEYS_UNAVAILABLE)
-        candidates, kid_known = keys.candidates(kid, alg)
-        if not candidates:
-            if kid_known:
-                raise AuthnError(R.TOKEN_KEY_MISMATCH)
-            raise UnknownKid(store)
-        for k in candidates:
-            if verify_signature(k, alg, signing_input, signature):
-                break
-        else:
-            raise AuthnError(R.TOKEN_SIGNATURE_INVALID)
-        principal, nbf = check_claims(idp, claims, self._clock())
-        return principal, idp, store, nbf
+        return verify_token(token, self._by_issuer, self._clock)

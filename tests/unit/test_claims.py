@@ -7,6 +7,7 @@ import base64
 import dataclasses
 import importlib
 import json
+import time
 from typing import Any
 
 import pytest
@@ -14,11 +15,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent import reasons as R
+from agent.authn.jwk import parse_jwk, parse_jwks
+from agent.authn.jwks import KeyStore
 from agent.authn.principal import Principal
-from agent.authn.strict import MAX_NUMERIC_DATE
+from agent.authn.strict import MAX_NUMERIC_DATE, b64url_decode
 from agent.config.model import ClaimNames, IdentityProvider
 from agent.errors import AuthnError
 from tests.conftest import native_module, twins
+from tests.keys import AUDIENCE, SigningKey, claims, craft, make_key, mint
+from tests.keys import ISSUER as ISSUER_T
 
 MODULES = twins("agent.authn._claims_py", "_claims")
 NOW = 1_700_000_000.0
@@ -533,3 +538,130 @@ def test_twins_split_any_text_alike(token: str) -> None:
     if native is None:
         pytest.skip("no extension")
     assert outcome(native.split_token, token) == outcome(_claims_py.split_token, token)
+
+
+@pytest.fixture(scope="module")
+def lone() -> SigningKey:
+    """A key its issuer publishes without a kid."""
+    return make_key("ES512", "lone")
+
+
+@pytest.fixture(scope="module")
+def issuers(keys: dict[str, SigningKey], lone: SigningKey) -> dict[str, tuple[IdentityProvider, KeyStore]]:
+    """Three issuers: one with every kind of key (two sharing a kid, one without), one whose keys never
+    arrived, and one that takes only small tokens."""
+    algs = frozenset({"ES256", "RS256", "PS256", "EdDSA", "ES384", "ES512"})
+    full = dataclasses.replace(FLAT, issuer=ISSUER_T, audiences=frozenset({AUDIENCE}), algorithms=algs)
+    store = KeyStore(full)
+    members = [k.public_jwk for k in keys.values()]
+    members.append({**keys["ES256"].public_jwk, "kid": "shared"})
+    members.append({**keys["RS256"].public_jwk, "kid": "shared"})
+    members.append({**lone.public_jwk, "kid": None})
+    store.keys, _ = parse_jwks({"keys": members})
+    empty = dataclasses.replace(full, issuer="https://empty.example.test")
+    small = dataclasses.replace(full, issuer="https://small.example.test", max_token_bytes=300)
+    small_store = KeyStore(small)
+    small_store.keys = store.keys
+    return {i.issuer: (i, s) for i, s in ((full, store), (empty, KeyStore(empty)), (small, small_store))}
+
+
+def verdict(fn: Any, token: str, by_issuer: dict[str, tuple[IdentityProvider, KeyStore]]) -> tuple[Any, ...]:
+    try:
+        who, idp, store, nbf = fn(token, by_issuer, lambda: NOW_T)
+    except AuthnError as e:
+        where = getattr(e, "store", None)
+        return ("refused", type(e).__name__, e.reason, e.detail, where.idp.issuer if where else None)
+    return ("ok", shape(who), idp.issuer, store is by_issuer[idp.issuer][1], nbf)
+
+
+NOW_T = float(int(time.time()))
+
+
+def hostile_tokens(keys: dict[str, SigningKey], lone: SigningKey) -> dict[str, str]:
+    es, rs = keys["ES256"], keys["RS256"]
+    good = mint(es, t_claims())
+    head, body, sig = good.split(".")
+    raw = b64url_decode(sig)
+    out = {f"valid {alg}": mint(keys[alg], t_claims()) for alg in keys}
+    out |= {
+        "valid, nbf": mint(rs, t_claims(nbf=int(NOW_T) - 1)),
+        "shared kid, RSA": mint(rs, t_claims(), kid="shared"),
+        "shared kid, EC": mint(es, t_claims(), kid="shared"),
+        "no kid, one key fits": mint(lone, t_claims(), kid=None),
+        "a kid for a key published without one": craft(lone, {"alg": "ES512", "kid": "lone"}, t_claims()),
+        "no kid, several RS256 keys fit": mint(rs, t_claims(), kid=None),
+        "signature flipped": f"{head}.{body}.{t_b64(raw[:-1] + bytes([raw[-1] ^ 1]))}",
+        "ECDSA signature short": f"{head}.{body}.{t_b64(raw[:-1])}",
+        "signature empty": f"{head}.{body}.",
+        "signature of another token": f"{head}.{mint(es, t_claims(sub='bob')).split('.')[1]}.{sig}",
+        "RS256 signature under PS256": craft(rs, {"alg": "PS256", "kid": rs.kid, "typ": "at+jwt"}, t_claims()),
+        "unknown kid": mint(es, t_claims(), kid="nope"),
+        "kid of another key type": craft(rs, {"alg": "RS256", "kid": es.kid}, t_claims()),
+        "alg not allowed": craft(rs, {"alg": "RS512", "kid": rs.kid}, t_claims()),
+        "alg none": t_b64(b'{"alg":"none"}') + f".{body}.",
+        "issuer unknown": mint(es, t_claims(iss="https://other.example.test")),
+        "issuer not a string": mint(es, t_claims(iss=["x"])),
+        "issuer missing": mint(es, {k: v for k, v in t_claims().items() if k != "iss"}),
+        "keys never arrived": mint(es, t_claims(iss="https://empty.example.test")),
+        "too large for its issuer": mint(es, t_claims(iss="https://small.example.test", pad="x" * 300)),
+        "small enough for its issuer": mint(es, {"iss": "https://small.example.test", "sub": "a",
+                                                  "aud": AUDIENCE, "iat": int(NOW_T), "exp": int(NOW_T) + 60}),
+        "crit": craft(es, {"alg": "ES256", "kid": es.kid, "crit": ["b64"]}, t_claims()),
+        "kid a number": craft(es, {"alg": "ES256", "kid": 7}, t_claims()),
+        "expired but well signed": mint(es, t_claims(exp=int(NOW_T) - 100, iat=int(NOW_T) - 200)),
+        "bad sub but well signed": mint(es, t_claims(sub="a\nb")),
+        "claims a list": craft(es, {"alg": "ES256", "kid": es.kid}, "[1]"),
+        "duplicate claim": craft(es, {"alg": "ES256", "kid": es.kid}, '{"iss":"x","iss":"y"}'),
+        "four parts": good + ".x",
+        "non-latin-1": good + "\u20ac",
+    }  # fmt: skip
+    return out
+
+
+def t_claims(**overrides: Any) -> dict[str, Any]:
+    return {**claims(iat=int(NOW_T), exp=int(NOW_T) + 300), **overrides}
+
+
+def t_b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def test_twins_verify_hostile_tokens_alike(
+    keys: dict[str, SigningKey], lone: SigningKey, issuers: dict[str, tuple[IdentityProvider, KeyStore]]
+) -> None:
+    from agent.authn import _claims_py
+
+    native = native_module("_claims")
+    if native is None:
+        pytest.skip("no extension")
+    seen = {}
+    for name, token in hostile_tokens(keys, lone).items():
+        got = verdict(native.verify_token, token, issuers)
+        assert got == verdict(_claims_py.verify_token, token, issuers), name
+        seen[name] = got[0] if got[0] == "ok" else got[1:4]
+    assert seen["valid RS256"] == seen["shared kid, EC"] == seen["no kid, one key fits"] == "ok"
+    assert seen["signature flipped"] == ("AuthnError", R.TOKEN_SIGNATURE_INVALID, "")
+    assert seen["ECDSA signature short"] == seen["RS256 signature under PS256"] == seen["signature flipped"]
+    assert seen["unknown kid"] == ("UnknownKid", R.TOKEN_KID_UNKNOWN, "")
+    assert seen["no kid, several RS256 keys fit"] == ("AuthnError", R.TOKEN_KEY_MISMATCH, "")
+    assert seen["keys never arrived"] == ("AuthnError", R.KEYS_UNAVAILABLE, "")
+    assert seen["too large for its issuer"] == ("AuthnError", R.TOKEN_TOO_LARGE, "")
+    assert seen["small enough for its issuer"] == "ok"
+    assert seen["expired but well signed"] == ("AuthnError", R.TOKEN_EXPIRED, "")
+
+
+@pytest.mark.parametrize("alg", ["ES256", "RS256", "PS256", "EdDSA", "ES384"])
+def test_twins_check_signatures_alike(keys: dict[str, SigningKey], alg: str) -> None:
+    from agent.authn import _claims_py
+
+    native = native_module("_claims")
+    if native is None:
+        pytest.skip("no extension")
+    data = b"head.body"
+    sig = keys[alg].sign(data)
+    for jwk in (parse_jwk(keys[alg].public_jwk), parse_jwk({**keys[alg].public_jwk, "alg": alg})):
+        for a in ("ES256", "ES384", "RS256", "PS256", "RS512", "EdDSA", "none"):
+            for s in (sig, sig[:-1], sig + b"\0", sig[:-1] + bytes([sig[-1] ^ 1]), b""):
+                for d in (data, data + b"x"):
+                    assert native.verify_signature(jwk, a, d, s) == _claims_py.verify_signature(jwk, a, d, s)
+        assert native.verify_signature(jwk, alg, data, sig) is True
