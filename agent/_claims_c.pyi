@@ -7,6 +7,7 @@ from agent.authn.principal import Principal
 from agent.config.model import IdentityProvider
 
 FILLS_SLOTS: bool
+HEADER_CACHE: dict[str, dict[str, Any]]
 
 def check_claims(idp: IdentityProvider, claims: dict[str, Any], now: float) -> tuple[Principal, float | None]: ...
 def check_audience(idp: IdentityProvider, aud: Any, required: bool) -> None: ...

@@ -82,7 +82,7 @@ cdef str X5T = "x5t#S256"
 
 
 cpdef tuple verify_token(str token, dict by_issuer, object clock):
-    header, claims, signature, signing_input = split_token(token)
+    header, claims, signature, signing_input = _split(token, True)
     iss = (<dict>claims).get("iss")
     found = by_issuer.get(iss) if isinstance(iss, str) else None
     if found is None:
@@ -130,7 +130,20 @@ cpdef bint verify_signature(object jwk, str alg, bytes signing_input, bytes sign
     return True
 
 
+# An issuer's tokens share their header's text (alg, kid, typ), so a miss reuses that header's parsed JSON:
+# header text -> the object it parsed to, never handed out of this module and only read. Bounded in entries and
+# text length (emptied when full: an attacker's flood of headers costs what parsing them costs anyway).
+HEADER_CACHE = {}  # a module attribute so tests can see it stays bounded
+cdef dict HEADERS = HEADER_CACHE
+cdef Py_ssize_t HEADERS_MAX = 64
+cdef Py_ssize_t HEADER_TEXT_MAX = 512
+
+
 cpdef tuple split_token(str token):
+    return _split(token, False)
+
+
+cdef tuple _split(str token, bint reuse_header):
     cdef Py_ssize_t n, d1, d2
     cdef const unsigned char *p
     cdef const unsigned char *dot1
@@ -145,8 +158,17 @@ cpdef tuple split_token(str token):
     if dot2 == NULL or memchr(dot2 + 1, 46, n - (dot2 - p) - 1) != NULL:
         raise AuthnError(R.TOKEN_MALFORMED, "not three dot-separated parts")
     d1, d2 = dot1 - p, dot2 - p
+    header = text = None
+    if reuse_header and d1 <= HEADER_TEXT_MAX:
+        text = PyUnicode_Substring(token, 0, d1)
+        header = HEADERS.get(text)
     try:
-        header = strict_json_object(b64url_decode_latin1(p, d1))
+        if header is None:
+            header = strict_json_object(b64url_decode_latin1(p, d1))
+            if text is not None:
+                if len(HEADERS) >= HEADERS_MAX:
+                    HEADERS.clear()
+                HEADERS[text] = header
         claims = strict_json_object(b64url_decode_latin1(p + d1 + 1, d2 - d1 - 1))
         signature = b64url_decode_latin1(p + d2 + 1, n - d2 - 1)
     except ValueError as e:

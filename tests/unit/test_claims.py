@@ -648,6 +648,25 @@ def test_twins_verify_hostile_tokens_alike(
     assert seen["too large for its issuer"] == ("AuthnError", R.TOKEN_TOO_LARGE, "")
     assert seen["small enough for its issuer"] == "ok"
     assert seen["expired but well signed"] == ("AuthnError", R.TOKEN_EXPIRED, "")
+    # Again, with every header the first pass parsed now reused: the same verdicts.
+    for name, token in hostile_tokens(keys, lone).items():
+        assert verdict(native.verify_token, token, issuers) == verdict(_claims_py.verify_token, token, issuers), name
+
+
+def test_reused_headers_stay_few_and_short(keys: dict[str, SigningKey]) -> None:
+    native = native_module("_claims")
+    if native is None:
+        pytest.skip("no extension")
+    es = keys["ES256"]
+    for i in range(300):
+        token = craft(es, {"alg": "ES256", "kid": es.kid, "n": i}, t_claims())
+        with pytest.raises(AuthnError):
+            native.verify_token(token, {}, time.time)  # refused (no issuer), its header kept all the same
+        assert 0 < len(native.HEADER_CACHE) <= 64
+    long_header = craft(es, {"alg": "ES256", "x": "y" * 600}, t_claims())
+    with pytest.raises(AuthnError):
+        native.verify_token(long_header, {}, time.time)
+    assert long_header.split(".")[0] not in native.HEADER_CACHE
 
 
 @pytest.mark.parametrize("alg", ["ES256", "RS256", "PS256", "EdDSA", "ES384"])
