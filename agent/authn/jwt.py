@@ -82,7 +82,7 @@ class JwtVerifier:
             raise AuthnError(R.TOKEN_TOO_LARGE)
         if self.cache_entries <= 0:  # nothing is kept, so nothing to look up: no hash of the token (~0.6 us)
             self.misses += 1
-            return self._verify_full(token)[0]
+            return verify_token(token, self._by_issuer, self._clock)[0]
         key = hashlib.sha256(token.encode()).digest()
         hit = self._cache.get(key)
         if hit is not None:
@@ -91,7 +91,7 @@ class JwtVerifier:
                 return hit.principal
             del self._cache[key]
         self.misses += 1
-        principal, idp, store, nbf = self._verify_full(token)
+        principal, idp, store, nbf = verify_token(token, self._by_issuer, self._clock)
         cache = self._cache
         if len(cache) >= self.cache_entries:
             cache.popitem(last=False)  # oldest first
@@ -112,6 +112,3 @@ class JwtVerifier:
     def entry(self, token: str) -> Verified | None:
         """The cache entry of a token verified just now (None when the cache is off or it was evicted)."""
         return self._cache.get(hashlib.sha256(token.encode()).digest())
-
-    def _verify_full(self, token: str) -> tuple[Principal, IdentityProvider, KeyStore, float | None]:
-        return verify_token(token, self._by_issuer, self._clock)
