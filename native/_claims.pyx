@@ -4,34 +4,37 @@ signature and claims are checked in that order, and the principal built.
 
 The same AuthnError (reason and detail) for the same token, header or claims, in the same order, and equal
 results. The three parts are found and decoded straight from the token's text (native/b64url.pxd, the decoder
-of agent._b64_c) and parsed by agent._jsonobj_c's strict_json_object. The
-character rules of agent/authn/principal.py (scope tokens, control characters) and str.isprintable/str.strip
-of _header_safe are scans here; NumericDate is compared in C for exact int and float values and left to
-agent.authn.strict.numeric_date for anything else. The frozen Principal is filled slot by slot through its
-members' setters, which is what its dataclass __init__ does (object.__setattr__), without the keyword call.
+of agent._b64_c) and parsed by agent._jsonobj_c's strict_json_object; a header text seen before is not parsed
+again. The character rules of agent/authn/principal.py (scope tokens, control characters) and the
+str.isprintable/str.strip of _header_safe are scans here; NumericDate is compared in C for exact int and float
+values and left to agent.authn.strict.numeric_date for anything else. The frozen Principal is filled slot by
+slot through its members' setters, which is what its dataclass __init__ does (object.__setattr__), without the
+keyword call. The signature check is agent.authn.jwk.verify_signature's, without its Python frame.
 """
 
 from cpython.bytes cimport PyBytes_FromStringAndSize
-from libc.string cimport memchr
-from cpython.long cimport PyLong_AsLongLongAndOverflow
 from cpython.float cimport PyFloat_AS_DOUBLE
+from cpython.long cimport PyLong_AsLongLongAndOverflow
 from cpython.object cimport PyObject, PyTypeObject
 from cpython.set cimport PySet_Add
 from cpython.unicode cimport (
     PyUnicode_1BYTE_DATA, PyUnicode_1BYTE_KIND, PyUnicode_DATA, PyUnicode_GET_LENGTH, PyUnicode_KIND,
     PyUnicode_READ, PyUnicode_Substring, Py_UNICODE_ISPRINTABLE, Py_UNICODE_ISSPACE,
 )
+from libc.string cimport memchr
 
 from b64url cimport b64url_decode_latin1
 
 import dataclasses
+import types
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from agent import reasons as R
 from agent._jsonobj_c import strict_json_object
 from agent.authn._claims_py import UnknownKid
 from agent.authn._claims_py import split_token as _split_token_py
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from agent.authn.principal import Principal
 from agent.authn.strict import MAX_NUMERIC_DATE, numeric_date
 from agent.errors import AuthnError
@@ -61,7 +64,6 @@ cdef tuple NO_ARGS = ()
 
 
 cdef bint _find_members() except -1:
-    import types
     if tuple(f.name for f in dataclasses.fields(Principal)) != FIELDS or hasattr(Principal, "__post_init__"):
         return False
     for i, name in enumerate(FIELDS):
@@ -87,7 +89,7 @@ cpdef tuple verify_token(str token, dict by_issuer, object clock):
     found = by_issuer.get(iss) if isinstance(iss, str) else None
     if found is None:
         raise AuthnError(R.TOKEN_ISSUER_UNKNOWN)
-    idp, store = <tuple>found
+    idp, store = found
     if PyUnicode_GET_LENGTH(token) > idp.max_token_bytes:
         raise AuthnError(R.TOKEN_TOO_LARGE)
     alg, kid = check_header(idp, header)
@@ -111,7 +113,7 @@ cpdef tuple verify_token(str token, dict by_issuer, object clock):
 cpdef bint verify_signature(object jwk, str alg, bytes signing_input, bytes signature) except -1:
     """agent.authn.jwk.verify_signature without a Python frame (which cost ~5k instructions a token)."""
     cdef Py_ssize_t n
-    args = (<dict>jwk.verify_args).get(alg)
+    args = (<dict?>jwk.verify_args).get(alg)
     if args is None:
         return False
     try:
