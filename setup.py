@@ -10,7 +10,7 @@ from setuptools.command.build_py import build_py
 
 # Each native/_x.pyx is built as agent._x_c beside its pure twin agent/_x_py.py. AGENT_NO_EXTENSIONS=1 at
 # build time skips them (the twins serve), as multidict and yarl do.
-NAMES = ["_wire", "_h2", "_b64", "_jsonobj", "_bucket", "_auditq", "_recall"]
+NAMES = ["_wire", "_h2", "_b64", "_jsonobj", "_bucket", "_claims", "_auditq", "_recall"]
 LIBRARIES = {"_h2": ["nghttp2"], "_auditq": ["crypto"], "_recall": ["crypto"]}
 HEADERS = {  # else the twin serves
     "_h2": "/usr/include/nghttp2/nghttp2.h",

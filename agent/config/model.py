@@ -37,23 +37,15 @@ class ClaimNames:
     roles: str = "roles"
     scopes: str = "scope"
     client_id: str = "client_id"
+    # The same names split once into paths when the policy loads, so no request splits strings or calls.
+    subject_path: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    roles_path: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    scopes_path: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    client_id_path: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
-    # The same names split once into paths, so no request splits strings.
-    @property
-    def subject_path(self) -> tuple[str, ...]:
-        return claim_path(self.subject)
-
-    @property
-    def roles_path(self) -> tuple[str, ...]:
-        return claim_path(self.roles)
-
-    @property
-    def scopes_path(self) -> tuple[str, ...]:
-        return claim_path(self.scopes)
-
-    @property
-    def client_id_path(self) -> tuple[str, ...]:
-        return claim_path(self.client_id)
+    def __post_init__(self) -> None:
+        for name in ("subject", "roles", "scopes", "client_id"):
+            object.__setattr__(self, f"{name}_path", claim_path(getattr(self, name)))
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,7 @@ from tests.conftest import native_module
         ("agent._wire", "decode_check_request", "_wire"),
         ("agent.authn._b64", "b64url_decode", "_b64"),
         ("agent.authn._jsonobj", "strict_json_object", "_jsonobj"),
+        ("agent.authn._claims", "check_claims", "_claims"),
         ("agent.ratelimit._bucket", "BucketTable", "_bucket"),
         ("agent.audit._auditq", "RecordQueue", "_auditq"),
         ("agent.audit._auditq", "JsonChain", "_auditq"),

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from agent.authn.jwk import parse_jwk, parse_jwks
+from agent.authn.jwk import parse_jwk, parse_jwks, verify_signature
 from agent.authn.strict import b64url_decode, is_number, strict_json_object
 from agent.config import load_policy
 from agent.decision import Decision, RequestView
@@ -60,6 +60,29 @@ def test_a_jwks_with_no_usable_key_is_an_error_so_the_last_good_set_stays(keys: 
         parse_jwks({"keys": "nope"})
     ks, skipped = parse_jwks({"keys": [keys["ES256"].public_jwk, {"kty": "oct", "k": "AAAA"}, 5]})
     assert (ks.size, len(skipped)) == (1, 2)
+
+
+def test_key_set_answers_from_its_table_as_it_would_work_them_out(keys: dict[str, SigningKey]) -> None:
+    # Two keys share a kid and one has none: every kid/alg pair, known or not, gets the answer of a fresh lookup.
+    members = [{**k.public_jwk, "kid": "shared"} for k in (keys["RS256"], keys["ES256"])]
+    ks, _ = parse_jwks({"keys": [*members, {**keys["EdDSA"].public_jwk, "kid": None}, keys["ES384"].public_jwk]})
+    for kid in (None, "shared", "kid-ES384", "unknown"):
+        for alg in ("RS256", "PS512", "ES256", "ES384", "EdDSA", "HS256"):
+            assert ks.candidates(kid, alg) == ks._candidates(kid, alg), (kid, alg)
+    assert ks.candidates("shared", "ES256")[0] == (ks.by_kid["shared"][1],)
+    assert ks.candidates(None, "EdDSA")[0] == (ks.by_kid[None][0],)
+    assert ks.candidates("unknown", "ES256") == ((), False)
+
+
+@pytest.mark.parametrize("alg", ["ES256", "RS256", "PS256", "EdDSA", "ES384"])
+def test_a_signature_verifies_only_under_an_alg_its_key_takes(keys: dict[str, SigningKey], alg: str) -> None:
+    key = parse_jwk({**keys[alg].public_jwk, "alg": alg})
+    sig = keys[alg].sign(b"a.b")
+    assert verify_signature(key, alg, b"a.b", sig)
+    assert not verify_signature(key, alg, b"a.c", sig)
+    # Under an alg outside key.algs (here pinned to one) the check refuses rather than trusting its caller.
+    other = "PS256" if alg == "RS256" else "RS256"
+    assert not verify_signature(key, other, b"a.b", sig)
 
 
 def rsa_jwk(n: int, e: int) -> dict[str, str]:
