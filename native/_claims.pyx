@@ -55,11 +55,11 @@ cdef extern from "structmember.h":
 cdef long long MAX_DATE = MAX_NUMERIC_DATE
 cdef double MAX_DATE_F = <double>MAX_NUMERIC_DATE
 cdef tuple FIELDS = ("subject", "issuer", "method", "client_id", "jti", "scopes", "roles", "expires_at",
-                     "cnf_jkt", "cnf_x5t", "claims")
+                     "cnf_jkt", "cnf_x5t", "claims", "memo")
 # Principal's slots in FIELDS order, set as its dataclass __init__ sets them (object.__setattr__ goes to these
-# very member setters) without a keyword call and eleven attribute lookups. Used only while Principal has
+# very member setters) without a keyword call and twelve attribute lookups. Used only while Principal has
 # exactly these fields, as plain object slots, and no __post_init__; else its __init__ builds it.
-cdef PyMemberDef *MEMBERS[11]
+cdef PyMemberDef *MEMBERS[12]
 cdef tuple NO_ARGS = ()
 
 
@@ -444,4 +444,5 @@ cpdef principal_from_claims(object idp, dict claims, str method, object exp):
     PyMember_SetOne(addr, MEMBERS[8], jkt)
     PyMember_SetOne(addr, MEMBERS[9], x5t)
     PyMember_SetOne(addr, MEMBERS[10], claims)
+    PyMember_SetOne(addr, MEMBERS[11], {})  # memo: what conditions derive from these claims, per token
     return p

@@ -322,6 +322,7 @@ def test_the_principal_names_what_the_claims_say(mod: Any) -> None:
         roles=frozenset({"r"}), expires_at=NOW + 300, cnf_jkt="t", cnf_x5t=None, claims=claims,
     )  # fmt: skip
     assert who.claims is claims and nbf == NOW - 5 and type(nbf) is float and type(who.expires_at) is float
+    assert who.memo == {} and who.memo is not mod.check_claims(FLAT, claims, NOW)[0].memo  # one per token
     with pytest.raises(dataclasses.FrozenInstanceError):
         who.subject = "mallory"  # type: ignore[misc]
 
