@@ -24,7 +24,7 @@ from agent.decision import LATENCY_BOUNDS_US, Decision, Recall
 from agent.errors import WireError
 from agent.timefmt import rfc3339_ms
 
-__all__ = ["RecallTable", "new_decision_id", "recall_key"]
+__all__ = ["RecallTable", "new_decision_id", "recall_key", "text_digest"]
 
 # A random prefix per process and a counter: unique across agents and restarts without a getrandom()
 # per request (measured at ~27 us in sandboxed kernels, a third of a whole decision).
@@ -34,6 +34,11 @@ _id_counter = itertools.count(1)
 
 def new_decision_id() -> str:
     return f"{_ID_PREFIX}{next(_id_counter):x}"
+
+
+def text_digest(text: str) -> bytes:
+    """SHA-256 of a str's UTF-8: the verified-token cache's key."""
+    return hashlib.sha256(text.encode()).digest()
 
 
 def recall_key(header: bytes, method: bytes, path: bytes) -> bytes:

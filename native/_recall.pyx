@@ -51,7 +51,7 @@ cdef extern from "auditq_api.h":
     ctypedef struct agent_auditq_api:
         int (*append)(PyObject *queue, const char *data, Py_ssize_t n)
 
-__all__ = ["RecallTable", "new_decision_id", "recall_key"]
+__all__ = ["RecallTable", "new_decision_id", "recall_key", "text_digest"]
 
 
 # ---- decision ids -------------------------------------------------------------------------------
@@ -469,6 +469,21 @@ cdef bytes struct_entry(str key, str value):
     cdef bytes out = PyBytes_FromStringAndSize(NULL, struct_len(len(k), len(v)))
     put_struct(PyBytes_AS_STRING(out), k, len(k), v, len(v))
     return out
+
+
+cdef extern from "Python.h":
+    const char *PyUnicode_AsUTF8AndSize(object s, Py_ssize_t *size) except NULL
+
+
+def text_digest(str text):
+    """SHA-256 of a str's UTF-8 (an ASCII str is hashed in place, no bytes made): the verified-token cache's key."""
+    cdef Py_ssize_t n
+    cdef const char *p = PyUnicode_AsUTF8AndSize(text, &n)
+    cdef unsigned char md[32]
+    cdef SHA256_CTX ctx
+    if SHA256_Init(&ctx) != 1 or SHA256_Update(&ctx, p, n) != 1 or SHA256_Final(md, &ctx) != 1:
+        raise MemoryError()
+    return PyBytes_FromStringAndSize(<char*>md, 32)
 
 
 def recall_key(bytes header, bytes method, bytes path):

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 
 from agent import reasons as R
+from agent._recall import text_digest
 
 # The checks themselves are Cython when built; their contract is agent/authn/_claims_py.py, which also defines
 # UnknownKid (so both twins raise the one class). check_audience, check_auth_time, principal_from_claims and
@@ -83,7 +83,7 @@ class JwtVerifier:
         if self.cache_entries <= 0:  # nothing is kept, so nothing to look up: no hash of the token (~0.6 us)
             self.misses += 1
             return verify_token(token, self._by_issuer, self._clock)[0]
-        key = hashlib.sha256(token.encode()).digest()
+        key = text_digest(token)
         hit = self._cache.get(key)
         if hit is not None:
             if self.reusable(hit):
@@ -111,4 +111,4 @@ class JwtVerifier:
 
     def entry(self, token: str) -> Verified | None:
         """The cache entry of a token verified just now (None when the cache is off or it was evicted)."""
-        return self._cache.get(hashlib.sha256(token.encode()).digest())
+        return self._cache.get(text_digest(token))
