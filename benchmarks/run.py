@@ -813,6 +813,14 @@ def memory_row() -> dict[str, Any]:
     return row
 
 
+def micros(text: str) -> float:
+    """h2load's time ("195us", "1.29ms", "2s") in microseconds."""
+    for unit, scale in (("us", 1.0), ("ms", 1e3), ("s", 1e6)):
+        if text.endswith(unit):
+            return float(text[: -len(unit)]) * scale
+    return float(text)
+
+
 def ratio(rows: list[dict[str, Any]], a: tuple[str, ...], b: tuple[str, ...]) -> float | None:
     def find(key: tuple[str, ...]) -> dict[str, Any] | None:
         return next(
@@ -867,6 +875,18 @@ def main() -> int:
             rows, ("envoy", "Envoy + agent grpcio"), ("envoy", "Envoy + ideal ext_authz (nghttpd)")
         ),
     }
+    ratios["native/nghttpd repeated"] = ratio(
+        rows, ("direct", "agent native", "repeated"), ("direct", "nghttpd canned OK (limit)", "repeated")
+    )
+    lat = {r["server"]: r for r in rows if r["group"] == "latency@1k"}
+    if "agent native" in lat and "nghttpd canned OK (limit)" in lat:
+        mine, ideal = lat["agent native"], lat["nghttpd canned OK (limit)"]
+        if mine["latency_mean"] and ideal["latency_mean"]:
+            ratios["latency@1k native mean/nghttpd mean"] = round(
+                micros(mine["latency_mean"]) / micros(ideal["latency_mean"]), 2
+            )
+        if mine["latency_max"]:
+            ratios["latency@1k native max (ms)"] = round(micros(mine["latency_max"]) / 1000, 2)
     for t in ("native", "grpcio"):
         rep = ("direct", f"agent {t}", "repeated")
         for w in ("alternatives repeated", "alternatives distinct"):
