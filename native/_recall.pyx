@@ -853,6 +853,8 @@ cdef class RecallTable:
             s += 1
         rl_n = 0
         if e.limit is not None:
+            if PyBytes_GET_SIZE(e.limit_name) > 40:
+                return None  # its RateLimit header is longer than this pass writes: the engine answers (untaken)
             key = e.limit_key
             if key is None:
                 source = (<const char*>sc.source.p)[:src_n].decode("ascii")
@@ -863,8 +865,6 @@ cdef class RecallTable:
             reset = (e.limit_burst - left) / e.limit_rate
             rem = <long long>left if left > 0 else 0
             n = PyBytes_GET_SIZE(e.limit_name)
-            if n > 40:
-                return None
             memcpy(rl, PyBytes_AS_STRING(e.limit_name), n)
             rl_n = n + snprintf(rl + n, 96 - n, ";r=%lld;t=%lld", rem,
                                 <long long>ceil(reset) if reset > 0 else 0)

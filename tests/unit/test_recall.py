@@ -438,3 +438,16 @@ def test_without_summaries_from_every_listener_nothing_is_answered_from_bytes(
         assert Engine.for_policy(policy, msgpack, listeners=(DecisionStats(),), wire_recall=True).recall is None
     finally:
         msgpack.close()
+
+
+async def test_a_limit_whose_headers_this_pass_does_not_write_takes_each_token_once(
+    build: Callable[..., Agent], keys: dict[str, SigningKey]
+) -> None:
+    name = "list-orders-with-a-name-much-longer-than-forty-bytes"
+    agent = await ready(build(LIMITED.replace("name: list-orders", f"name: {name}", 1)))
+    message = request(mint(keys["ES256"]))
+    outcomes = []
+    for _ in range(4):
+        assert agent.answer(message) is None  # left to the engine, which takes the token
+        outcomes.append(agent.decide(message).status)
+    assert outcomes == [200, 200, 200, 429]  # the burst of 3, each token taken once
