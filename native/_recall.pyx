@@ -456,6 +456,20 @@ cdef char *put_struct(char *p, const char *k, Py_ssize_t kn, const char *v, Py_s
     return put_field(p, 3, v, vn)
 
 
+cdef inline char *put_bytes(char *p, bytes b) noexcept:
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(b)
+    memcpy(p, PyBytes_AS_STRING(b), n)
+    return p + n
+
+
+cdef inline char *put_quoted(char *p, const char *s, Py_ssize_t n) noexcept:
+    # a JSON string whose text needs no escaping (checked before)
+    p[0] = 0x22
+    memcpy(p + 1, s, n)
+    p[1 + n] = 0x22
+    return p + 2 + n
+
+
 cdef bytes option(int field, str key, str value):
     cdef bytes k = key.encode(), v = value.encode()
     cdef Py_ssize_t n = option_len(len(k), len(v))
@@ -911,40 +925,20 @@ cdef class RecallTable:
                     Py_ssize_t src_n, long long latency) except -1:
         """The audit record from the entry's template: time, decision_id, source and latency_us filled in."""
         cdef tuple a = e.audit
-        cdef Py_ssize_t n = 0, k
+        cdef Py_ssize_t n = 0
         cdef char *p
         for part in a:
             n += PyBytes_GET_SIZE(<bytes>part)
         self.reserve(n + 24 + 2 + did_n + 2 + src_n + 2 + 24)
-        p = self.buf
-        k = PyBytes_GET_SIZE(<bytes>a[0])
-        memcpy(p, PyBytes_AS_STRING(<bytes>a[0]), k)
-        p += k
+        p = put_bytes(self.buf, <bytes>a[0])
         p[0] = 0x22
         p += 1 + write_time(p + 1, now)
         p[0] = 0x22
-        p += 1
-        k = PyBytes_GET_SIZE(<bytes>a[1])
-        memcpy(p, PyBytes_AS_STRING(<bytes>a[1]), k)
-        p += k
-        p[0] = 0x22
-        memcpy(p + 1, did, did_n)
-        p[1 + did_n] = 0x22
-        p += 2 + did_n
-        k = PyBytes_GET_SIZE(<bytes>a[2])
-        memcpy(p, PyBytes_AS_STRING(<bytes>a[2]), k)
-        p += k
-        p[0] = 0x22
-        memcpy(p + 1, src, src_n)
-        p[1 + src_n] = 0x22
-        p += 2 + src_n
-        k = PyBytes_GET_SIZE(<bytes>a[3])
-        memcpy(p, PyBytes_AS_STRING(<bytes>a[3]), k)
-        p += k
+        p = put_quoted(put_bytes(p + 1, <bytes>a[1]), did, did_n)
+        p = put_quoted(put_bytes(p, <bytes>a[2]), <const char*>src, src_n)
+        p = put_bytes(p, <bytes>a[3])
         p += snprintf(p, 24, "%lld", latency)
-        k = PyBytes_GET_SIZE(<bytes>a[4])
-        memcpy(p, PyBytes_AS_STRING(<bytes>a[4]), k)
-        p += k
+        p = put_bytes(p, <bytes>a[4])
         if self.audit_api != NULL:
             if self.audit_api.append(<PyObject*>self.audit, self.buf, p - self.buf) < 0:
                 raise TypeError("the audit queue is not an agent._auditq_c.RecordQueue")
