@@ -41,9 +41,14 @@ def text_digest(text: str) -> bytes:
     return hashlib.sha256(text.encode()).digest()
 
 
+# A secret per process hashed first (the C table's slots are the digest's bits; this twin's dict hashes keys with
+# its own secret anyway): digests a caller cannot predict.
+_SALT = os.urandom(16)
+
+
 def recall_key(header: bytes, method: bytes, path: bytes) -> bytes:
-    """SHA-256 over the three, each with its length: the table holds no token text."""
-    h = hashlib.sha256()
+    """SHA-256 over a per-process secret and the three, each with its length: the table holds no token text."""
+    h = hashlib.sha256(_SALT)
     for part in (header, method, path):
         h.update(len(part).to_bytes(4, "big"))
         h.update(part)

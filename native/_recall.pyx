@@ -501,11 +501,16 @@ def text_digest(str text):
 
 
 def recall_key(bytes header, bytes method, bytes path):
-    """SHA-256 over the three, each with its length: the table holds no token text."""
+    """SHA-256 over a per-process secret and the three, each with its length: the table holds no token text."""
     cdef unsigned char md[32]
     digest3(<const uint8_t*>PyBytes_AS_STRING(header), len(header), <const uint8_t*>PyBytes_AS_STRING(method),
             len(method), <const uint8_t*>PyBytes_AS_STRING(path), len(path), md)
     return PyBytes_FromStringAndSize(<char*>md, 32)
+
+
+# A secret per process hashed first: the table's slot is the digest's low bits, and a caller who could predict
+# digests of its own requests (a query string per try) could make them share slots and slow every lookup.
+cdef bytes _SALT = os.urandom(16)
 
 
 cdef int digest3(const uint8_t *a, Py_ssize_t an, const uint8_t *b, Py_ssize_t bn, const uint8_t *c,
@@ -522,7 +527,7 @@ cdef int digest3(const uint8_t *a, Py_ssize_t an, const uint8_t *b, Py_ssize_t b
         lens[4 * i + 1] = (parts[i] >> 16) & 0xFF
         lens[4 * i + 2] = (parts[i] >> 8) & 0xFF
         lens[4 * i + 3] = parts[i] & 0xFF
-    if (SHA256_Init(&ctx) != 1
+    if (SHA256_Init(&ctx) != 1 or SHA256_Update(&ctx, PyBytes_AS_STRING(_SALT), 16) != 1
             or SHA256_Update(&ctx, lens, 4) != 1 or SHA256_Update(&ctx, a, an) != 1
             or SHA256_Update(&ctx, lens + 4, 4) != 1 or SHA256_Update(&ctx, b, bn) != 1
             or SHA256_Update(&ctx, lens + 8, 4) != 1 or SHA256_Update(&ctx, c, cn) != 1

@@ -168,8 +168,9 @@ class Conditions:
     # headers, or a `when` reading more than the token, path parameters and request line).
     credentials: bool = field(init=False, compare=False, repr=False)
     per_request: bool = field(init=False, compare=False, repr=False)
-    # ... and whether it changes only with the caller's address (source_cidrs, a `when` reading `source`): the same
-    # on every request from one address (agent._recall answers per address).
+    # ... and whether it changes only with the caller's address (source_cidrs, a `when` reading `source.address`):
+    # the same on every request from one address (agent._recall answers per address). Not `source` whole or
+    # `source.certificate_present`: one address may send with and without a client certificate.
     per_source: bool = field(init=False, compare=False, repr=False)
     networks: Networks = field(init=False, compare=False, repr=False)  # source_cidrs, for lookups
 
@@ -201,7 +202,7 @@ class Conditions:
             and self.not_after is None
             and self.max_auth_age_s is None
             and not self.headers
-            and all(r in STATIC_REFERENCES or r == "source" or r.startswith("source.") for r in refs)
+            and all(r in STATIC_REFERENCES or r == "source.address" for r in refs)
         )
         object.__setattr__(self, "per_source", per_request and source_only)
 

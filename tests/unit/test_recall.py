@@ -451,3 +451,79 @@ async def test_a_limit_whose_headers_this_pass_does_not_write_takes_each_token_o
         out = agent.answer(message)
         outcomes.append(200 if out is not None else agent.decide(message).status)
     assert outcomes == [200, 200, 200, 429]  # the burst of 3, each token taken once
+
+
+CERT_DENY = """\
+routes:
+  - name: list-orders
+    match: {methods: [GET], path: /v1/orders}
+    authn: [jwt]
+    allow: {scopes_all: [orders:read]}
+    deny:
+      - {name: needs-client-cert, when: '!source.certificate_present'}
+default: deny
+"""
+
+
+def with_certificate(message: bytes, certificate: str) -> bytes:
+    req = ext.CheckRequest.FromString(message)
+    req.attributes.source.certificate = certificate
+    return req.SerializeToString()
+
+
+async def test_a_deny_rule_on_the_client_certificate_keeps_the_route_in_the_engine(
+    build: Callable[..., Agent], keys: dict[str, SigningKey]
+) -> None:
+    """The table compares the address only: a rule reading whether a client certificate came (one address may send
+    with and without one) is judged by the engine on every request (found by the issue 14 review)."""
+    agent = await ready(build(CERT_DENY))
+    token = mint(keys["ES256"])
+    certified = with_certificate(request(token), "-----BEGIN%20CERTIFICATE-----%0Axyz")
+    assert agent.decide(certified).allowed
+    bare = request(token)  # same token, method, path and address; no client certificate
+    engine = agent.decide(bare)
+    assert (engine.allowed, engine.deny_rule) == (False, "needs-client-cert")
+    assert agent.answer(bare) is None, "the table allowed what the engine denies (deny rule skipped)"
+
+
+CERT_EARLIER = """\
+routes:
+  - name: list-orders
+    match: {methods: [GET], path: /v1/orders}
+    authn: [jwt]
+    allow:
+      - {when: 'source.certificate_present == true'}
+      - {scopes_all: [orders:read]}
+default: deny
+"""
+
+
+async def test_an_earlier_alternative_on_the_certificate_keeps_the_route_in_the_engine(
+    build: Callable[..., Agent], keys: dict[str, SigningKey]
+) -> None:
+    """The same on `allow`: a certified request's alternative (0) must not be named in a bare request's record."""
+    agent = await ready(build(CERT_EARLIER))
+    token = mint(keys["ES256"])
+    bare = request(token)
+    certified = with_certificate(request(token), "-----BEGIN%20CERTIFICATE-----%0Axyz")
+    assert agent.decide(bare).allow_index == 1  # remembered: alternative 0 judged again on each recall
+    assert agent.decide(certified).allow_index == 0  # the engine's recall hands the table this one
+    answered = agent.answer(bare)
+    engine = agent.decide(bare)
+    assert engine.allow_index == 1
+    table_record = next(r for r in agent.records() if r["decision_id"] == did_of(answered)) if answered else None
+    assert table_record is None or table_record["allow_index"] == 1, "the table's record names alternative 0"
+
+
+def test_the_tables_digests_are_secret_per_process() -> None:
+    """The slot is the digest's low bits: a caller who could predict the digests of its own requests (a query string
+    per try) could make them share slots and slow every lookup (found by the issue 14 review). A per-process
+    secret goes into each digest."""
+    import subprocess
+    import sys
+
+    code = "from agent._recall import recall_key; print(recall_key(b'Bearer t', b'GET', b'/v1/orders').hex())"
+    runs = {
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout for _ in "ab"
+    }
+    assert len(runs) == 2
