@@ -20,6 +20,7 @@ from bisect import bisect_left
 from collections import OrderedDict
 from typing import Any
 
+from agent.correlation import request_id, trace_id
 from agent.decision import LATENCY_BOUNDS_US, Decision, Recall
 from agent.errors import WireError
 from agent.timefmt import rfc3339_ms
@@ -185,20 +186,17 @@ class RecallTable:
         latency = (time.perf_counter_ns() - start) // 1000
         if r.audit is not None and self._audit is not None:
             a = r.audit
-            record = b"".join(
-                (
-                    a[0],
-                    b'"' + rfc3339_ms(now).encode() + b'"',
-                    a[1],
-                    b'"' + did.encode() + b'"',
-                    a[2],
-                    b'"' + source.encode() + b'"',
-                    a[3],
-                    str(latency).encode(),
-                    a[4],
-                )
+            rid, tid = request_id(view.headers), trace_id(view.headers)
+            holes = (
+                f'"{rfc3339_ms(now)}"',
+                f'"{did}"',
+                f'"{rid}"' if rid is not None else "null",
+                f'"{tid}"' if tid is not None else "null",
+                f'"{source}"',
+                str(latency),
+                "",
             )
-            self._audit.append(record)
+            self._audit.append(b"".join(part + hole.encode() for part, hole in zip(a, holes, strict=True)))
         self.hits += 1
         self._counts[r.route] = self._counts.get(r.route, 0) + 1
         self._buckets[bisect_left(LATENCY_BOUNDS_US, latency)] += 1

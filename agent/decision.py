@@ -44,6 +44,8 @@ class Decision:
     allow_index: int | None = None  # which alternative of the route's `allow` let the request pass (0-based)
     deny_rule: str | None = None  # the name of the deny rule that refused it
     deny_line: int = 0  # and its line: a route's rule and a top-level one may share a name
+    params: dict[str, str] | None = None  # the route's path parameters, less those it keeps out of audit records
+    audit_path: str | None = None  # the path with those parameters' segments as `{name}`, when the route omits any
 
 
 # Upper bounds in microseconds of the decision-latency histogram (authz_decision_latency_seconds).
@@ -74,9 +76,9 @@ class Recall:
     client_id: str | None
     allow_index: int
     remove_authorization: bool  # the route does not forward the token
-    # The audit record split around its time, decision_id, source and latency_us (agent.audit), or None
-    # when decisions are not audited.
-    audit: tuple[bytes, bytes, bytes, bytes, bytes] | None
+    # The audit record split around its time, decision_id, request_id, trace_id, source and latency_us
+    # (agent.audit), or None when decisions are not audited.
+    audit: tuple[bytes, ...] | None
     source: str  # the caller's address when remembered: another one goes to the engine (the alerts see it)
     observed_at: float  # when the engine last saw this caller; after resync_s it sees the next request again
     resync_s: float

@@ -34,6 +34,7 @@ from agent.decision import AuditSink, Decision, DecisionListener, Recall, Reques
 from agent.errors import AuthnError
 from agent.policy.conditions import Facts, Refusal, failing
 from agent.policy.paths import (
+    PARAM,
     Matcher,
     Segment,
     bind,
@@ -226,6 +227,9 @@ class Engine:
             self._deny_after.append(tuple(r for r in rules if r.conditions.credentials))
             self._deny_recheck.append(tuple(r for r in rules if r.conditions.per_request))
         self._provider_of = {i.issuer: i.name for i in policy.identity_providers}
+        # Routes by name, and whether their path binds parameters: the audit record names them (less the omitted).
+        self._route_index = {r.name: i for i, r in enumerate(policy.routes)}
+        self._has_params = tuple(any(s.kind == PARAM for s in segs) for segs in self._segments)
         self.recall, self._recall_routes, self._resync_s = self._wire_recall(wire_recall)
 
     def _wire_recall(self, wanted: bool) -> tuple[RecallTable | None, tuple[bool, ...], float]:
@@ -434,6 +438,7 @@ class Engine:
         if self.audit is not None:
             sample = Decision("", True, 200, R.ALLOWED, "allow", route.name, who)
             sample.allow_index = allow_index
+            self.audit_params(sample, view.path)
             template = self.audit.recall_template(view, sample, self.policy)  # type: ignore[attr-defined]
             if template is None:
                 return  # an audited decision is never answered without its record
@@ -477,7 +482,31 @@ class Engine:
             trace.append(f"internal error: {type(e).__name__}")
         return self._deny(decision_id, 500, R.INTERNAL_ERROR, None, None)
 
+    def audit_params(self, decision: Decision, path: str) -> None:
+        """The decision's path parameters for its audit record, less those its route keeps out, whose segments the
+        recorded path shows as `{name}` instead."""
+        index = self._route_index.get(decision.route) if decision.route is not None else None
+        if index is None:
+            return
+        if not self._has_params[index]:
+            decision.params = {}
+            return
+        segs = split_request_path(path)
+        if segs is None:
+            decision.params = {}
+            return
+        template = self._segments[index]
+        omit = self.policy.routes[index].audit_omit_params
+        decision.params = {k: v for k, v in bind(template, segs).items() if k not in omit}
+        if omit:
+            raw = path.split("?", 1)[0].split("#", 1)[0].split("/")[1:]
+            for i, seg in enumerate(template):
+                if seg.kind == PARAM and seg.value in omit and i < len(raw):
+                    raw[i] = "{" + seg.value + "}"
+            decision.audit_path = "/" + "/".join(raw)
+
     def _finish(self, view: RequestView, decision: Decision, start: int) -> Decision:
+        self.audit_params(decision, view.path)
         decision.latency_us = (time.perf_counter_ns() - start) // 1000
         now = self._clock()
         if self.audit is not None:

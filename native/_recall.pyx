@@ -216,7 +216,15 @@ cdef struct Scan:
     Cur path
     Cur auth
     Cur source
+    Cur request_id   # x-request-id, traceparent, x-b3-traceid, b3: for the audit record (agent/correlation.py)
+    Cur traceparent
+    Cur b3_traceid
+    Cur b3
     bint has_auth
+    bint has_request_id
+    bint has_traceparent
+    bint has_b3_traceid
+    bint has_b3
     bint spoofable  # a header the engine would remove (x-authz-*, a method or URL override)
 
 
@@ -272,12 +280,89 @@ cdef int header_entry(Cur c, Scan *sc, RecallTable t) noexcept:
                 sc.spoofable = True
     if unknown:
         return 0  # upb keeps such an entry out of the map, as the decoder does
+    if not v.p:
+        v.p = v.end = c.end
     if n == 13 and memcmp(k.p, b"authorization", 13) == 0:
         sc.auth = v
-        if not v.p:
-            sc.auth.p = sc.auth.end = c.end
         sc.has_auth = True
+    elif n == 12 and memcmp(k.p, b"x-request-id", 12) == 0:
+        sc.request_id = v
+        sc.has_request_id = True
+    elif n == 11 and memcmp(k.p, b"traceparent", 11) == 0:
+        sc.traceparent = v
+        sc.has_traceparent = True
+    elif n == 12 and memcmp(k.p, b"x-b3-traceid", 12) == 0:
+        sc.b3_traceid = v
+        sc.has_b3_traceid = True
+    elif n == 2 and memcmp(k.p, b"b3", 2) == 0:
+        sc.b3 = v
+        sc.has_b3 = True
     return 0
+
+
+# ---- correlation: the same rules as agent/correlation.py ----------------------------------------------
+
+cdef inline bint id_char(uint8_t ch) noexcept:
+    # [A-Za-z0-9._~:+/=-]
+    return ((48 <= ch <= 57) or (65 <= ch <= 90) or (97 <= ch <= 122) or ch == 46 or ch == 95 or ch == 126
+            or ch == 58 or ch == 43 or ch == 47 or ch == 61 or ch == 45)
+
+
+cdef inline bint lower_hex(const uint8_t *p, Py_ssize_t n) noexcept:
+    cdef Py_ssize_t i
+    for i in range(n):
+        if not ((48 <= p[i] <= 57) or (97 <= p[i] <= 102)):
+            return False
+    return True
+
+
+cdef char *put_request_id(char *p, Scan *sc) noexcept:
+    """The request id as a JSON value: the header's text when it is a plain token of 1..128 characters, else null."""
+    cdef Py_ssize_t n = sc.request_id.end - sc.request_id.p, i
+    if sc.has_request_id and 1 <= n <= 128:
+        for i in range(n):
+            if not id_char(sc.request_id.p[i]):
+                break
+        else:
+            return put_quoted(p, <const char*>sc.request_id.p, n)
+    memcpy(p, b"null", 4)
+    return p + 4
+
+
+cdef char *put_trace_id(char *p, Scan *sc) noexcept:
+    """The caller's trace id (32 lower-case hex) as a JSON value: W3C traceparent, else B3; else null."""
+    cdef const uint8_t *t = NULL
+    cdef Py_ssize_t n, tn = 0, i
+    cdef const uint8_t *v
+    cdef char out[32]
+    if sc.has_traceparent:
+        v = sc.traceparent.p
+        n = sc.traceparent.end - v
+        if (n >= 55 and lower_hex(v, 2) and v[2] == 45 and lower_hex(v + 3, 32) and v[35] == 45
+                and lower_hex(v + 36, 16) and v[52] == 45 and lower_hex(v + 53, 2)
+                and not (v[0] == 102 and v[1] == 102)
+                and (n == 55 or (not (v[0] == 48 and v[1] == 48) and v[55] == 45))):
+            t, tn = v + 3, 32
+    elif sc.has_b3_traceid:
+        t, tn = sc.b3_traceid.p, sc.b3_traceid.end - sc.b3_traceid.p
+    elif sc.has_b3:
+        v = sc.b3.p
+        n = sc.b3.end - v
+        tn = 0
+        for i in range(n):
+            if v[i] == 45:
+                t, tn = v, i
+                break
+    if t == NULL or not (tn == 16 or tn == 32) or not lower_hex(t, tn):
+        memcpy(p, b"null", 4)
+        return p + 4
+    memset(out, 48, 32)
+    memcpy(out + 32 - tn, t, tn)
+    for i in range(32):
+        if out[i] != 48:
+            return put_quoted(p, out, 32)
+    memcpy(p, b"null", 4)  # all zeros: no trace
+    return p + 4
 
 
 cdef int socket_address(Cur c, Scan *sc) noexcept:
@@ -739,6 +824,8 @@ cdef class RecallTable:
         e.meta_tail = struct_entry("decision", "allow") + struct_entry("reason", "allowed") + struct_entry(
             "route", spec.route)
         e.audit = tuple(spec.audit) if spec.audit is not None else None
+        if e.audit is not None and (len(e.audit) != 7 or not all(isinstance(part, bytes) for part in e.audit)):
+            raise ValueError("an audit template is seven byte strings (agent.audit.records.record_template)")
         slot = self.route_slots.get(spec.route)
         if slot is None:
             slot = len(self.routes)
@@ -914,7 +1001,7 @@ cdef class RecallTable:
         memcpy(p, PyBytes_AS_STRING(e.meta_tail), PyBytes_GET_SIZE(e.meta_tail))
         latency = (mono_ns() - start) // 1000
         if e.audit is not None and self.audit is not None:
-            self.record(e, now, did, did_n, sc.source.p, src_n, latency)
+            self.record(e, now, did, did_n, sc.source.p, src_n, latency, &sc)
         self.hits += 1
         self.counts[e.slot] += 1
         for i in range(NBUCKETS - 1):
@@ -927,23 +1014,25 @@ cdef class RecallTable:
         return out
 
     cdef int record(self, _Entry e, double now, const char *did, Py_ssize_t did_n, const uint8_t *src,
-                    Py_ssize_t src_n, long long latency) except -1:
+                    Py_ssize_t src_n, long long latency, Scan *sc) except -1:
         """The audit record from the entry's template: time, decision_id, source and latency_us filled in."""
         cdef tuple a = e.audit
         cdef Py_ssize_t n = 0
         cdef char *p
         for part in a:
             n += PyBytes_GET_SIZE(<bytes>part)
-        self.reserve(n + 24 + 2 + did_n + 2 + src_n + 2 + 24)
+        self.reserve(n + 24 + 2 + did_n + 2 + 130 + 34 + src_n + 2 + 24)
         p = put_bytes(self.buf, <bytes>a[0])
         p[0] = 0x22
         p += 1 + write_time(p + 1, now)
         p[0] = 0x22
         p = put_quoted(put_bytes(p + 1, <bytes>a[1]), did, did_n)
-        p = put_quoted(put_bytes(p, <bytes>a[2]), <const char*>src, src_n)
-        p = put_bytes(p, <bytes>a[3])
+        p = put_request_id(put_bytes(p, <bytes>a[2]), sc)
+        p = put_trace_id(put_bytes(p, <bytes>a[3]), sc)
+        p = put_quoted(put_bytes(p, <bytes>a[4]), <const char*>src, src_n)
+        p = put_bytes(p, <bytes>a[5])
         p += snprintf(p, 24, "%lld", latency)
-        p = put_bytes(p, <bytes>a[4])
+        p = put_bytes(p, <bytes>a[6])
         if self.audit_api != NULL:
             if self.audit_api.append(<PyObject*>self.audit, self.buf, p - self.buf) < 0:
                 raise TypeError("the audit queue is not an agent._auditq_c.RecordQueue")

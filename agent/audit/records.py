@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
+from agent.correlation import request_id, trace_id
 from agent.timefmt import rfc3339_ms
 
 if TYPE_CHECKING:
@@ -28,11 +29,14 @@ def decision_record(view: RequestView, d: Decision, policy: Policy, now: float) 
         "type": "decision",
         "time": rfc3339_ms(now),
         "decision_id": d.decision_id,
+        "request_id": request_id(view.headers),  # Envoy's x-request-id: joins Envoy's and the app's logs
+        "trace_id": trace_id(view.headers),  # the caller's W3C/B3 trace
         "service": policy.service,
         "policy_version": policy.version,
         "route": d.route,
         "method": view.method,
-        "path": _without_query(view.path),
+        "path": d.audit_path if d.audit_path is not None else _without_query(view.path),
+        "params": d.params,
         "source": view.source,
         "subject": who.subject if who else None,
         "client_id": who.client_id if who else None,
@@ -54,13 +58,14 @@ def decision_record(view: RequestView, d: Decision, policy: Policy, now: float) 
 
 
 # What a recalled allow fills in (agent._recall): everything else of its record is the same on every recall.
-_HOLES = ("time", "decision_id", "source", "latency_us")
+_HOLES = ("time", "decision_id", "request_id", "trace_id", "source", "latency_us")
 
 
-def record_template(view: RequestView, d: Decision, policy: Policy) -> tuple[bytes, bytes, bytes, bytes, bytes] | None:
-    """The JSON record of an allow split around its time, decision_id, source and latency_us: joined with
-    `"<time>"`, `"<id>"`, `"<source>"` and the latency's digits, it is what `decision_record` + orjson give.
-    None when it cannot be (a source that JSON would escape: those records are the engine's to write)."""
+def record_template(view: RequestView, d: Decision, policy: Policy) -> tuple[bytes, ...] | None:
+    """The JSON record of an allow split around its time, decision_id, request_id, trace_id, source and latency_us
+    (seven parts): joined with `"<time>"`, `"<id>"`, the request and trace ids (`"<id>"` or `null`), `"<source>"`
+    and the latency's digits, it is what `decision_record` + orjson give. None when it cannot be (a source that
+    JSON would escape: those records are the engine's to write)."""
     record = decision_record(view, d, policy, 0.0)
     # Marks no request can hold (a path or subject is the caller's text): a NUL and a fresh random tag.
     tag = os.urandom(8).hex()
@@ -75,8 +80,9 @@ def record_template(view: RequestView, d: Decision, policy: Policy) -> tuple[byt
         parts.append(head)
     parts.append(text)
     # Filled in as a recall fills it, it must be the record itself (else no template: the engine writes them all).
-    record.update(time=rfc3339_ms(0.0), decision_id="id", source=view.source, latency_us=7)
-    filled = (f'"{rfc3339_ms(0.0)}"', '"id"', f'"{view.source}"', "7")
+    record.update(time=rfc3339_ms(0.0), decision_id="id", request_id="r", trace_id=None, source=view.source)
+    record["latency_us"] = 7
+    filled = (f'"{rfc3339_ms(0.0)}"', '"id"', '"r"', "null", f'"{view.source}"', "7")
     if b"".join(p + f.encode() for p, f in zip(parts, (*filled, ""), strict=True)) != orjson.dumps(record):
         return None
-    return parts[0], parts[1], parts[2], parts[3], parts[4]
+    return tuple(parts)

@@ -84,9 +84,7 @@ class JsonLinesAudit:
         """Where agent._recall puts the records of the allows it answers (JSON lines only: msgpack has none)."""
         return self.queue if self.encoding == "json" else None
 
-    def recall_template(
-        self, view: RequestView, decision: Decision, policy: Policy
-    ) -> tuple[bytes, bytes, bytes, bytes, bytes] | None:
+    def recall_template(self, view: RequestView, decision: Decision, policy: Policy) -> tuple[bytes, ...] | None:
         """The record of a remembered allow, split where each recall fills it in; None: not in this encoding."""
         return record_template(view, decision, policy) if self.encoding == "json" else None
 

@@ -275,6 +275,7 @@ class Route:
     deny: tuple[DenyRule, ...] = ()
     providers: frozenset[str] | None = None  # identity providers whose tokens the route takes; None: any
     forward_token: bool = False
+    audit_omit_params: frozenset[str] = frozenset()  # path parameters kept out of audit records (sensitive ones)
     bind: str | None = None  # "dpop" or "mtls": the token must be bound to the caller's key or certificate
     rate_limit: RateLimit | None = None
     mode: str = "enforce"  # "shadow": the allow rules are evaluated and audited, never enforced

@@ -30,7 +30,9 @@ ROUTE_KEYS = {
     "allow_double_encoded_path",
     "deny",
     "providers",
+    "audit",
 }
+AUDIT_KEYS = {"omit_params"}
 RATE_LIMIT_KEYS = {"key", "per_second", "per_minute", "burst", "shared"}
 RATE_LIMIT_PARTS = ("subject", "client_id", "source_ip", "route")
 MATCH_KEYS = {"methods", "path"}
@@ -145,6 +147,19 @@ def route(
     rm = mapping(ctx, d, "rate_limit", where)
     if rm is not None:
         limit = rate_limit(ctx, rm, f"{where}.rate_limit", public)
+    omit: frozenset[str] = frozenset()
+    am = mapping(ctx, d, "audit", where)
+    if am is not None:
+        ctx.keys(am, AUDIT_KEYS, f"{where}.audit")
+        names = str_list(ctx, am, "omit_params", f"{where}.audit") or []
+        for n in names:
+            if n not in params:
+                ctx.err(
+                    am.lines.get("omit_params", am.line),
+                    f"{where}.audit.omit_params: {n!r} is not a parameter of the path "
+                    f"({', '.join(sorted(params)) or 'it has none'})",
+                )
+        omit = frozenset(names)
     route = Route(
         name=name,
         path=path or "",
@@ -155,6 +170,7 @@ def route(
         deny=deny,
         providers=accepted if "jwt" in authn else None,
         forward_token=bool(get(ctx, d, "forward_token", bool, where, False)),
+        audit_omit_params=omit,
         bind=bind,
         rate_limit=limit,
         mode=mode if mode in ("enforce", "shadow") else "enforce",

@@ -218,6 +218,9 @@ def test_alerts_fire_through_envoy_and_reach_the_webhook(stack: Stack) -> None:
     assert token.split(".")[2] not in json.dumps(stack.alerts) + audit
 
 
+TRACEPARENT = "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"
+
+
 def _metrics(stack: Stack) -> dict[str, float]:
     import urllib.request
 
@@ -237,7 +240,7 @@ def test_repeated_requests_are_each_decided_counted_and_audited(stack: Stack, tm
     before = _metrics(stack)
     ids = []
     for _ in range(40):
-        r = stack.get("/v1/orders", token, x_request_id="spoof-me-not")
+        r = stack.get("/v1/orders", token, x_request_id="spoof-me-not", traceparent=TRACEPARENT)
         assert r.status == 200
         seen = r.json()
         assert seen["from_agent"]["x-authz-subject"] == f"repeat-{stack.port}"
@@ -245,7 +248,7 @@ def test_repeated_requests_are_each_decided_counted_and_audited(stack: Stack, tm
         ids.append(seen["from_agent"]["x-authz-decision-id"])
     assert len(set(ids)) == 40
     after = _metrics(stack)
-    assert after[allowed] - before[allowed] == 40
+    assert after[allowed] - before.get(allowed, 0.0) == 40
     assert after["authz_remembered_allows_total"] - before["authz_remembered_allows_total"] >= 39
     until(lambda: ids[-1] in stack.agent.audit.read_text(), "the last decision is audited")
     data = stack.agent.audit.read_bytes()
@@ -258,4 +261,9 @@ def test_repeated_requests_are_each_decided_counted_and_audited(stack: Stack, tm
     assert {(r["route"], r["decision"], r["subject"], r["source"], r["jti"]) for r in mine.values()} == {
         ("list-orders", "allow", f"repeat-{stack.port}", "127.0.0.1", f"repeat-{stack.port}")
     }
+    # Joined with Envoy's log (its own fresh x-request-id each time, not the client's) and the caller's trace.
+    request_ids = {r["request_id"] for r in mine.values()}
+    assert len(request_ids) == 40 and "spoof-me-not" not in request_ids and None not in request_ids
+    assert {r["trace_id"] for r in mine.values()} == {TRACEPARENT.split("-")[1]}
+    assert {json.dumps(r["params"]) for r in mine.values()} == {"{}"}
     assert token not in whole.read_text()

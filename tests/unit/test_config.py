@@ -324,3 +324,13 @@ def test_shared_state_mistakes_are_refused(tmp_path: Path) -> None:
     assert any("'shared: true' needs shared_state: {redis: URL}" in msg for _, msg in got)
     got = pop_errors(tmp_path, body.replace("redis://:hunter2@10.0.0.5:6379/0", "http://10.0.0.5"))
     assert any("shared_state.redis must be a redis://, rediss:// or unix:// URL" in msg for _, msg in got)
+
+
+def test_audit_omit_params_names_parameters_of_the_path() -> None:
+    route = "routes:\n  - {name: r, match: {path: '/t/{tenant}/x/{id}'}, authn: [jwt], allow: {}, audit: %s}\n"
+    line, msg = only_error(IDP + route % "{omit_params: [ssn]}")
+    assert line == 10 and "'ssn' is not a parameter of the path (id, tenant)" in msg
+    _, msg = only_error(IDP + route % "{omit: [id]}")
+    assert "omit" in msg
+    policy = load_policy_text(IDP + route % "{omit_params: [id]}")
+    assert policy.routes[0].audit_omit_params == frozenset({"id"})

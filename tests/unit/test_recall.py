@@ -5,6 +5,7 @@ byte: the same CheckResponse, the same audit record, the same counts; anything t
 from __future__ import annotations
 
 import importlib
+import json
 import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -527,3 +528,60 @@ def test_the_tables_digests_are_secret_per_process() -> None:
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout for _ in "ab"
     }
     assert len(runs) == 2
+
+
+CORRELATED = """\
+routes:
+  - name: read-order
+    match: {methods: [GET], path: "/v1/tenants/{tenant}/orders/{id}"}
+    authn: [jwt]
+    allow: {scopes_all: [orders:read]}
+    audit: {omit_params: [id]}
+default: deny
+"""
+TRACE = "ab" * 15 + "12"  # a trace id (hex of low entropy: not a secret to the scanner)
+
+
+@pytest.mark.parametrize(
+    ("headers", "request_id", "trace_id"),
+    [
+        ({"x-request-id": "0f5c-11ee:a/b+c=="}, "0f5c-11ee:a/b+c==", None),
+        ({"x-request-id": 'a"b'}, None, None),
+        ({"x-request-id": "x" * 129}, None, None),
+        ({"x-request-id": ""}, None, None),
+        ({"traceparent": f"00-{TRACE}-ef01ef01ef01ef01-01"}, "r-1", TRACE),
+        ({"traceparent": f"01-{TRACE}-ef01ef01ef01ef01-01-future"}, "r-1", TRACE),
+        ({"traceparent": f"00-{TRACE}-ef01ef01ef01ef01-01-x"}, "r-1", None),  # version 00 has no more fields
+        ({"traceparent": f"ff-{TRACE}-ef01ef01ef01ef01-01"}, "r-1", None),
+        ({"traceparent": f"00-{TRACE.upper()}-ef01ef01ef01ef01-01"}, "r-1", None),
+        ({"traceparent": f"00-{'0' * 32}-ef01ef01ef01ef01-01"}, "r-1", None),
+        ({"traceparent": "garbage", "x-b3-traceid": TRACE}, "r-1", None),  # an invalid traceparent wins
+        ({"x-b3-traceid": "cd" * 8}, "r-1", "0" * 16 + "cd" * 8),
+        ({"x-b3-traceid": TRACE}, "r-1", TRACE),
+        ({"x-b3-traceid": "cd" * 7 + "c"}, "r-1", None),
+        ({"b3": f"{TRACE}-ef01ef01ef01ef01-1"}, "r-1", TRACE),
+        ({"b3": "1"}, "r-1", None),
+    ],
+)
+async def test_records_carry_the_request_and_trace_ids_and_path_parameters(
+    build: Callable[..., Agent],
+    keys: dict[str, SigningKey],
+    headers: dict[str, str],
+    request_id: str | None,
+    trace_id: str | None,
+) -> None:
+    """Each record joins Envoy's log and the caller's trace, on the table's answers as on the engine's; a parameter
+    the route keeps out of audit records is not there."""
+    agent = await ready(build(CORRELATED))
+    token = mint(keys["ES256"])
+    message = request(token, "/v1/tenants/acme/orders/secret-42", headers=headers)
+    agent.decide(message)
+    answered = agent.answer(message)
+    assert answered is not None
+    records = agent.records()
+    assert len(records) == 2
+    for record in records:
+        assert (record["request_id"], record["trace_id"]) == (request_id, trace_id)
+        assert record["params"] == {"tenant": "acme"}
+        assert record["path"] == "/v1/tenants/acme/orders/{id}"
+    assert "secret-42" not in json.dumps(records)
