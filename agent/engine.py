@@ -8,7 +8,6 @@ Every decision is finished in one place (`_finish`): audited, then shown to the 
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import logging
 import math
@@ -19,7 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 
 from agent import reasons as R
-from agent._recall import RecallTable, new_decision_id
+from agent._recall import RecallTable, new_decision_id, text_digest
 from agent.authn.dpop import DpopVerifier, NonceRequired, normal_uri
 from agent.authn.httpsig import HmacVerifier
 from agent.authn.introspection import Introspector
@@ -367,7 +366,7 @@ class Engine:
         header = view.headers.get("authorization")
         if header is None or not self._remembered:
             return None
-        key = (hashlib.sha256(header.encode()).digest(), view.method, view.path)
+        key = (text_digest(header), view.method, view.path)
         hit = self._remembered.get(key)
         if hit is None:
             return None
@@ -421,7 +420,7 @@ class Engine:
         memo = self._remembered
         if len(memo) >= self._remember_max:
             memo.popitem(last=False)  # oldest first
-        key = (hashlib.sha256(header.encode()).digest(), view.method, view.path)
+        key = (text_digest(header), view.method, view.path)
         earlier = tuple(i for i in range(allow_index) if route.allow[i].per_request)
         per_source = all(route.allow[i].per_source for i in earlier)
         memo[key] = _Remembered(

@@ -23,11 +23,12 @@ def _without_query(path: str) -> str:
     return path
 
 
-def decision_record(view: RequestView, d: Decision, policy: Policy, now: float) -> dict[str, object]:
+def decision_record(view: RequestView, d: Decision, policy: Policy, now: float | None) -> dict[str, object]:
+    """The record; `now` None leaves its time empty (a template's: the one-second format cache is not touched)."""
     who = d.principal
     record: dict[str, object] = {
         "type": "decision",
-        "time": rfc3339_ms(now),
+        "time": rfc3339_ms(now) if now is not None else "",
         "decision_id": d.decision_id,
         "request_id": request_id(view.headers),  # Envoy's x-request-id: joins Envoy's and the app's logs
         "trace_id": trace_id(view.headers),  # the caller's W3C/B3 trace
@@ -59,6 +60,11 @@ def decision_record(view: RequestView, d: Decision, policy: Policy, now: float) 
 
 # What a recalled allow fills in (agent._recall): everything else of its record is the same on every recall.
 _HOLES = ("time", "decision_id", "request_id", "trace_id", "source", "latency_us")
+# Marks no request can hold (a path or subject is the caller's text): a NUL and a secret tag of this process (made
+# once: getrandom() costs ~27 us in sandboxed kernels, and every new remembered allow makes a template).
+_TAG = os.urandom(8).hex()
+_MARKS = tuple(f"\x00{_TAG}{i}" for i in range(len(_HOLES)))
+_NEEDLES = tuple(b'"\\u0000%s%d"' % (_TAG.encode(), i) for i in range(len(_HOLES)))
 
 
 def record_template(view: RequestView, d: Decision, policy: Policy) -> tuple[bytes, ...] | None:
@@ -66,23 +72,16 @@ def record_template(view: RequestView, d: Decision, policy: Policy) -> tuple[byt
     (seven parts): joined with `"<time>"`, `"<id>"`, the request and trace ids (`"<id>"` or `null`), `"<source>"`
     and the latency's digits, it is what `decision_record` + orjson give. None when it cannot be (a source that
     JSON would escape: those records are the engine's to write)."""
-    record = decision_record(view, d, policy, 0.0)
-    # Marks no request can hold (a path or subject is the caller's text): a NUL and a fresh random tag.
-    tag = os.urandom(8).hex()
-    for i, name in enumerate(_HOLES):
-        record[name] = f"\x00{tag}{i}"
+    if orjson.dumps(view.source) != b'"%s"' % view.source.encode():
+        return None  # a recall writes the address as it comes: one JSON would escape is the engine's to write
+    record = decision_record(view, d, policy, None)
+    record.update(zip(_HOLES, _MARKS, strict=True))
     text = orjson.dumps(record)
     parts = []
-    for i in range(len(_HOLES)):
-        head, sep, text = text.partition(b'"\\u0000%s%d"' % (tag.encode(), i))
+    for needle in _NEEDLES:
+        head, sep, text = text.partition(needle)
         if not sep:
             return None
         parts.append(head)
     parts.append(text)
-    # Filled in as a recall fills it, it must be the record itself (else no template: the engine writes them all).
-    record.update(time=rfc3339_ms(0.0), decision_id="id", request_id="r", trace_id=None, source=view.source)
-    record["latency_us"] = 7
-    filled = (f'"{rfc3339_ms(0.0)}"', '"id"', '"r"', "null", f'"{view.source}"', "7")
-    if b"".join(p + f.encode() for p, f in zip(parts, (*filled, ""), strict=True)) != orjson.dumps(record):
-        return None
     return tuple(parts)
