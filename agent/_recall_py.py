@@ -103,9 +103,6 @@ class RecallTable:
         r.source, r.observed_at, r.revocation_state = source, observed_at, revocation_state
         return True
 
-    def discard(self, header: str, method: str, path: str) -> None:
-        self._entries.pop(recall_key(header.encode(), method.encode(), path.encode()), None)
-
     def clear(self) -> None:
         self._entries.clear()
 

@@ -74,7 +74,6 @@ class Recall:
     route: str
     subject: str
     client_id: str | None
-    allow_index: int
     remove_authorization: bool  # the route does not forward the token
     # The audit record split around its time, decision_id, request_id, trace_id, source and latency_us
     # (agent.audit), or None when decisions are not audited.

@@ -456,7 +456,6 @@ class Engine:
             route=route.name,
             subject=who.subject,
             client_id=who.client_id,
-            allow_index=allow_index,
             remove_authorization=not route.forward_token,
             audit=template,
             source=view.source,

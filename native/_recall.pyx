@@ -626,7 +626,7 @@ cdef int digest3(const uint8_t *a, Py_ssize_t an, const uint8_t *b, Py_ssize_t b
 cdef class _Entry:
     cdef double exp, leeway, nbf, observed_at, resync_s
     cdef bint has_nbf
-    cdef object store, keys, revocations, revocation_state, spec
+    cdef object store, keys, revocations, revocation_state
     cdef bytes ok_head       # the x-authz-route option
     cdef bytes ok_tail       # subject and client-id options, the authorization removal
     cdef bytes meta_tail     # decision, reason and route metadata entries
@@ -802,7 +802,6 @@ cdef class RecallTable:
 
     cdef _Entry entry_of(self, spec):
         cdef _Entry e = _Entry.__new__(_Entry)
-        e.spec = spec
         e.exp = spec.exp
         e.leeway = spec.leeway
         e.has_nbf = spec.nbf is not None
@@ -867,13 +866,6 @@ cdef class RecallTable:
         e.observed_at = observed_at
         e.revocation_state = revocation_state
         return True
-
-    def discard(self, str header, str method, str path):
-        cdef unsigned char md[32]
-        cdef bytes h = header.encode(), m = method.encode(), p = path.encode()
-        if digest3(<const uint8_t*>PyBytes_AS_STRING(h), len(h), <const uint8_t*>PyBytes_AS_STRING(m), len(m),
-                   <const uint8_t*>PyBytes_AS_STRING(p), len(p), md) == 0:
-            self.remove(md)
 
     def clear(self):
         cdef Py_ssize_t i
