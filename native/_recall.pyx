@@ -116,8 +116,10 @@ cdef Py_ssize_t write_time(char *out, double now) noexcept:
     cdef long whole = <long>now
     cdef tm t
     if whole != _second:
-        gmtime_r(&whole, &t)
-        strftime(_second_text, 32, "%Y-%m-%dT%H:%M:%S", &t)
+        # A clock gmtime cannot read, or a year of more than four digits: a fixed text of the same width, never
+        # memory strftime did not write (a real clock never gets here).
+        if gmtime_r(&whole, &t) == NULL or strftime(_second_text, 32, "%Y-%m-%dT%H:%M:%S", &t) != 19:
+            memcpy(_second_text, b"0000-00-00T00:00:00", 20)
         _second = whole
     memcpy(out, _second_text, 19)
     return 19 + snprintf(out + 19, 8, ".%03dZ", <int>((now - whole) * 1000))
