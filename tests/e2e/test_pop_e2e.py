@@ -27,6 +27,7 @@ from agent.demo.app import demo_app, start_site
 from agent.demo.idp import LocalIdP
 from agent.envoyconf import EnvoyProcess, ListenerTls, bootstrap
 from tests.e2e.conftest import AgentProcess, LoopThread, Response, free_port, idp_yaml
+from tests.wait import until
 
 pytestmark = pytest.mark.e2e
 
@@ -224,6 +225,7 @@ def test_signed_request_through_envoy(tls_stack: TlsStack) -> None:
 
 
 def test_no_proof_signature_or_key_in_the_logs(tls_stack: TlsStack) -> None:
+    records = tls_stack.agent.audit.read_text().count("\n") if tls_stack.agent.audit.exists() else 0
     body = b'{"run": "logs"}'
     headers = signed_headers(tls_stack, "/v1/billing/runs", body)
     assert tls_stack.call("POST", "/v1/billing/runs", headers, body).status == 200
@@ -231,7 +233,8 @@ def test_no_proof_signature_or_key_in_the_logs(tls_stack: TlsStack) -> None:
     token = tls_stack.idp.mint(cnf={"jkt": client.jkt})
     proof = client.proof("GET", tls_stack.origin + "/v1/orders", token)
     assert tls_stack.call("GET", "/v1/orders", {"authorization": f"DPoP {token}", "dpop": proof}).status == 200
-    time.sleep(0.5)
+    # Both decisions' records written (the writer thread flushes them): the logs then hold all they ever will.
+    until(lambda: tls_stack.agent.audit.read_text().count("\n") >= records + 2, "both decisions audited")
     logs = tls_stack.agent.logs()
     signature = headers["Signature"].split("=", 1)[1].strip(":")
     for secret in (*token.split("."), *proof.split("."), signature, base64.b64encode(HMAC_KEY).decode()):
