@@ -224,6 +224,9 @@ class AlertMonitor:
                 self._clients.popitem(last=False)
             nets = self._clients[client] = OrderedDict()
         else:
+            entry = nets.get(net)
+            if entry is not None and 0.0 <= now - entry[0] < 1.0:
+                return  # seen within the second (the usual case): last-seen times are kept to the second
             self._clients.move_to_end(client)
         horizon = now - self._remember_s
         entry = nets.get(net)

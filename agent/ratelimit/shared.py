@@ -1,4 +1,5 @@
-"""State shared by every replica through Redis: quotas leased in small batches, and replay caches.
+"""State shared by every replica through Redis: quotas leased in small batches, replay caches, and the networks
+each client was seen from (the new_source_network alert).
 
 Nothing here is waited on for longer than `timeout_s`. When Redis is down or slow the callers go on with
 local state (each replica's own buckets and replay cache) and Redis is probed again with backoff; each
