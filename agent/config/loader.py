@@ -15,7 +15,7 @@ from agent.config.conditions import ALLOW_KEYS, DENY_KEYS, deny_rules
 from agent.config.model import AlertSettings, DenyRule, Dpop, HmacClient, IdentityProvider, Policy, Route
 from agent.config.providers import CLAIM_KEYS, IDP_KEYS
 from agent.config.routes import MATCH_KEYS, RATE_LIMIT_KEYS, ROUTE_KEYS
-from agent.config.sections import ALERT_KEYS, DPOP_KEYS, SHARED_STATE_KEYS
+from agent.config.sections import ALERT_KEYS, DPOP_KEYS, NEW_SOURCE_NETWORK_KEYS, SHARED_STATE_KEYS
 from agent.config.yamlsrc import LDict, LList, line_of, load_yaml
 from agent.errors import ConfigError, ConfigErrors
 
@@ -29,6 +29,7 @@ __all__ = [
     "HMAC_KEY_KEYS",
     "IDP_KEYS",
     "MATCH_KEYS",
+    "NEW_SOURCE_NETWORK_KEYS",
     "RATE_LIMIT_KEYS",
     "ROUTE_KEYS",
     "SHARED_STATE_KEYS",

@@ -305,6 +305,12 @@ class AlertSettings:
     signature_failures_window_s: float = 60.0
     rate_limited: int = 50  # 429s for one client, subject or address
     rate_limited_window_s: float = 60.0
+    authorization_failures: int = 20  # 403s for one authenticated client (else subject) within the window
+    authorization_failures_window_s: float = 60.0
+    new_source_network: bool = True  # a client id seen from a network it has not used in `days`
+    new_source_network_days: float = 7.0  # how long a client's network is remembered after it was last seen
+    new_source_network_ipv4_prefix: int = 24  # what one network is: the source masked to this many bits
+    new_source_network_ipv6_prefix: int = 48
     cooldown_s: float = 300.0  # the same alert for the same key at most once in this time
     webhook: str | None = None  # POSTed each alert as JSON (https://, or http:// to loopback)
     webhook_timeout_s: float = 2.0

@@ -17,11 +17,14 @@ DPOP_KEYS = {
     "replay_cache_entries",
 }
 SHARED_STATE_KEYS = {"redis", "password_file", "timeout_ms"}
+NEW_SOURCE_NETWORK_KEYS = {"enabled", "days", "ipv4_prefix", "ipv6_prefix"}
 ALERT_KEYS = {
     "failed_authentication",
     "token_from_many_addresses",
     "signature_failures",
     "rate_limit_abuse",
+    "authorization_failures",
+    "new_source_network",
     "cooldown_s",
     "webhook",
     "webhook_timeout_s",
@@ -98,8 +101,11 @@ def alerts(ctx: Ctx, d: LDict) -> AlertSettings:
     ts, tsw = pair("token_from_many_addresses", "addresses", base.token_spread_addresses, base.token_spread_window_s)
     sf, sfw = pair("signature_failures", "count", base.signature_failures, base.signature_failures_window_s)
     rl, rlw = pair("rate_limit_abuse", "count", base.rate_limited, base.rate_limited_window_s)
+    af, afw = pair("authorization_failures", "count", base.authorization_failures,
+                   base.authorization_failures_window_s)  # fmt: skip
     if ts < 2:
         ctx.err(d.line, f"{where}.token_from_many_addresses.addresses must be at least 2")
+    net = new_source_network(ctx, d, base)
     return AlertSettings(
         failed_authn=fa,
         failed_authn_window_s=faw,
@@ -109,7 +115,39 @@ def alerts(ctx: Ctx, d: LDict) -> AlertSettings:
         signature_failures_window_s=sfw,
         rate_limited=rl,
         rate_limited_window_s=rlw,
+        authorization_failures=af,
+        authorization_failures_window_s=afw,
+        new_source_network=net[0],
+        new_source_network_days=net[1],
+        new_source_network_ipv4_prefix=net[2],
+        new_source_network_ipv6_prefix=net[3],
         cooldown_s=number(ctx, d, "cooldown_s", where, base.cooldown_s),
         webhook=url(ctx, d, "webhook", where),
         webhook_timeout_s=number(ctx, d, "webhook_timeout_s", where, base.webhook_timeout_s, minimum=0.1),
     )
+
+
+def new_source_network(ctx: Ctx, d: LDict, base: AlertSettings) -> tuple[bool, float, int, int]:
+    """`new_source_network: true | false`, or a mapping of `enabled`, `days` and the two prefix lengths."""
+    where = "alerts.new_source_network"
+    off = (base.new_source_network, base.new_source_network_days, base.new_source_network_ipv4_prefix,
+           base.new_source_network_ipv6_prefix)  # fmt: skip
+    if "new_source_network" not in d:
+        return off
+    v = d["new_source_network"]
+    if isinstance(v, bool):
+        return (v, *off[1:])
+    if not isinstance(v, LDict):
+        ctx.err(d.lines["new_source_network"], f"{where} must be true, false or a mapping, got {v!r}")
+        return off
+    ctx.keys(v, NEW_SOURCE_NETWORK_KEYS, where)
+    enabled = bool(get(ctx, v, "enabled", bool, where, True))
+    days = number(ctx, v, "days", where, base.new_source_network_days, minimum=1)
+    prefixes = []
+    for key, default, low, high in (("ipv4_prefix", off[2], 8, 32), ("ipv6_prefix", off[3], 16, 128)):
+        n = get(ctx, v, key, int, where, default)
+        if not low <= n <= high:
+            ctx.err(v.lines[key], f"{where}.{key} must be an integer from {low} to {high}, got {n}")
+            n = default
+        prefixes.append(int(n))
+    return enabled, days, prefixes[0], prefixes[1]

@@ -1,4 +1,5 @@
-"""State shared by every replica through Redis: quotas leased in small batches, and replay caches.
+"""State shared by every replica through Redis: quotas leased in small batches, replay caches, and the networks
+each client was seen from (the new_source_network alert).
 
 Nothing here is waited on for longer than `timeout_s`. When Redis is down or slow the callers go on with
 local state (each replica's own buckets and replay cache) and Redis is probed again with backoff; each
@@ -52,6 +53,36 @@ if grant == 0 then wait = (1 - tokens) / rate end
 return {grant, tostring(tokens), tostring(wait)}
 """
 
+# KEYS[1]: one client's networks (a hash: network -> last seen, seconds); ARGV: network, now, horizon (networks
+# last seen at or before it are forgotten), the key's TTL in ms, the most networks kept. Returns -1 when the
+# network is known, else how many other networks the client has (0: its first, learned silently). One script,
+# so two replicas that see the same new network at once are told "new" once between them.
+NETWORK_SCRIPT = """
+local net, now, horizon = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local seen = tonumber(redis.call('HGET', KEYS[1], net))
+local result = -1
+if seen == nil or seen <= horizon then
+  local all = redis.call('HGETALL', KEYS[1])
+  local live, oldest, oldest_at = 0, nil, nil
+  for i = 1, #all, 2 do
+    if all[i] ~= net then
+      local t = tonumber(all[i + 1])
+      if t == nil or t <= horizon then
+        redis.call('HDEL', KEYS[1], all[i])
+      else
+        live = live + 1
+        if oldest_at == nil or t < oldest_at then oldest, oldest_at = all[i], t end
+      end
+    end
+  end
+  if live >= tonumber(ARGV[5]) and oldest ~= nil then redis.call('HDEL', KEYS[1], oldest) end
+  result = live
+end
+if seen == nil or now > seen then redis.call('HSET', KEYS[1], net, ARGV[2]) end
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return result
+"""
+
 
 class Unavailable(Exception):
     """Redis could not answer in time (down, slow, or in backoff after a failure)."""
@@ -77,10 +108,11 @@ class SharedState:
             url, socket_timeout=timeout_s * 4, socket_connect_timeout=timeout_s * 4, retry_on_timeout=False
         )
         self._script_sha: str | None = None
+        self._network_sha: str | None = None
         self.up = True
         self._retry_at = 0.0
         self._backoff = 0.1
-        self.fallbacks: dict[str, int] = {"replay": 0, "quota": 0}
+        self.fallbacks: dict[str, int] = {"replay": 0, "quota": 0, "alerts": 0}
         self.errors = 0
 
     # -- health -------------------------------------------------------------------------------------
@@ -152,6 +184,23 @@ class SharedState:
 
         granted, left, wait = await self.call(run)
         return int(granted), float(left), float(wait)
+
+    async def note_network(self, client: str, network: str, now: float, remember_s: float, most: int) -> int:
+        """Record that `client` was seen from `network` at `now` (wall clock, seconds): -1 when the network was
+        already known to any replica within `remember_s`, else how many other networks the client has there."""
+        key = self.prefix + "nets:" + hashlib.sha256(client.encode()).hexdigest()
+        args = (network, repr(now), repr(now - remember_s), str(max(1000, math.ceil(remember_s * 1000))), str(most))
+
+        async def run(r: Any) -> Any:
+            if self._network_sha is None:
+                self._network_sha = await r.script_load(NETWORK_SCRIPT)
+            try:
+                return await r.evalsha(self._network_sha, 1, key, *args)
+            except NoScriptError:  # Redis restarted and lost its scripts
+                self._network_sha = await r.script_load(NETWORK_SCRIPT)
+                return await r.evalsha(self._network_sha, 1, key, *args)
+
+        return int(await self.call(run))
 
     # -- revocations --------------------------------------------------------------------------------
     # The newest signed revocation list is kept under one key (replaced only by a higher sequence) and

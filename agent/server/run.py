@@ -96,9 +96,13 @@ class AgentServer:
             self.transport = GrpcTransport(lambda: self.engine, listen, limits=limits)
 
     def _alerts_for(self, policy: Policy) -> AlertMonitor:
-        """The alert monitor for the policy's thresholds; its windows carry over reloads that keep them."""
+        """The alert monitor for the policy's thresholds; its windows carry over reloads that keep them. Called
+        after _shared_for, so it remembers networks in the Redis the policy names (if any)."""
         if self._alert_monitor is None or self._alert_monitor.settings != policy.alerts:
-            self._alert_monitor = AlertMonitor(policy.alerts, self.raise_alert)
+            if self._alert_monitor is not None:
+                self._alert_monitor.retire()
+            self._alert_monitor = AlertMonitor(policy.alerts, self.raise_alert, self.shared)
+        self._alert_monitor.shared = self.shared
         webhook = policy.alerts.webhook
         if webhook is None:
             self.webhook = None
@@ -329,6 +333,8 @@ class AgentServer:
         if self._admin is not None:
             await self._admin.cleanup()
         await self.engine.close()
+        if self._alert_monitor is not None:
+            await self._alert_monitor.close()
         for shared in [*self._old_shared, *([self.shared] if self.shared else [])]:
             await shared.close()
         if self.webhook is not None:

@@ -90,6 +90,8 @@ service: orders
 alerts:
   failed_authentication: {{count: 5, window_s: 60}}
   token_from_many_addresses: {{addresses: 2, window_s: 60}}
+  authorization_failures: {{count: 3, window_s: 60}}
+  new_source_network: {{days: 7}}
   webhook: {webhook}
 routes:
   - name: list-orders

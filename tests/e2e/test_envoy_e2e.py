@@ -116,7 +116,7 @@ def test_audit_log_has_every_decision_and_no_token(stack: Stack) -> None:
     until(audited, "both decisions are audited")
     logs = stack.agent.logs()
     records = [json.loads(line) for line in stack.agent.audit.read_text().splitlines()]
-    mine = [r for r in records if r["jti"] == "audit-jti"]
+    mine = [r for r in records if r.get("jti") == "audit-jti"]  # alert records (no jti) are in the stream too
     assert mine and mine[0]["path"] == "/v1/orders" and mine[0]["decision"] == "allow"
     assert mine[0]["source"] == "127.0.0.1"
     assert {"decision", "reason", "route", "subject", "decision_id", "time", "latency_us"} <= set(mine[0])
@@ -267,3 +267,72 @@ def test_repeated_requests_are_each_decided_counted_and_audited(stack: Stack, tm
     assert {r["trace_id"] for r in mine.values()} == {TRACEPARENT.split("-")[1]}
     assert {json.dumps(r["params"]) for r in mine.values()} == {"{}"}
     assert token not in whole.read_text()
+
+
+def _get_from(stack: Stack, source: str, path: str, token: str) -> int:
+    """A request from another loopback address: Envoy sees it as the connection's peer."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=10, source_address=(source, 0))
+    try:
+        conn.request("GET", path, headers={"authorization": f"Bearer {token}"})
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+def _audited_alerts(stack: Stack, kind: str) -> list[dict[str, object]]:
+    text = stack.agent.audit.read_text() if stack.agent.audit.exists() else ""
+    lines = [line for line in text.splitlines() if f'"alert":"{kind}"' in line]
+    return [json.loads(line) for line in lines]
+
+
+def test_authorization_failures_raised_at_the_threshold_not_below(stack: Stack) -> None:
+    """403s of one authenticated client (threshold 3 a minute): two do not raise it, three do, in all three places."""
+    metric = 'authz_alerts_total{alert="authorization_failures"}'
+    before = _metrics(stack).get(metric, 0.0)
+    below = stack.idp.mint(client_id=f"below-{stack.port}", scope="profile")
+    for _ in range(2):
+        assert stack.get("/v1/orders", below).status == 403
+    prober = stack.idp.mint(client_id=f"prober-{stack.port}", sub="mallory", scope="profile")
+    assert stack.get("/v1/orders", prober).status == 403  # scope_missing
+    assert stack.get("/v1/tenants/t1/orders/1", prober).status == 403
+    assert stack.get("/v1/orders", prober).status == 403
+    mine = f"prober-{stack.port}"
+    until(lambda: any(a.get("client_id") == mine for a in stack.alerts), "the webhook receives the alert")
+    hooked = [a for a in stack.alerts if a["alert"] == "authorization_failures" and a["client_id"] == mine]
+    assert len(hooked) == 1
+    assert hooked[0]["service"] == "orders" and hooked[0]["subject"] == "mallory" and hooked[0]["count"] == 3
+    assert hooked[0]["routes"] == ["list-orders", "read-order"] and hooked[0]["reasons"] == [R.SCOPE_MISSING]
+    until(lambda: any(r["client_id"] == mine for r in _audited_alerts(stack, "authorization_failures")), "audited")
+    # The two below the threshold were decided before the three (and the alert) and raised nothing.
+    below_id = f"below-{stack.port}"
+    assert not any(a.get("client_id") == below_id for a in stack.alerts)
+    assert not any(r["client_id"] == below_id for r in _audited_alerts(stack, "authorization_failures"))
+    assert _metrics(stack)[metric] - before == 1
+    text = json.dumps(stack.alerts) + stack.agent.audit.read_text()
+    assert prober.split(".")[2] not in text and below.split(".")[2] not in text
+
+
+def test_new_source_network_raised_from_a_new_24_not_from_the_same_one(stack: Stack) -> None:
+    """A client's first network is learned; another host of that /24 raises nothing, another /24 raises the alert
+    (127.0.0.0/8 is all loopback: 127.0.1.1 is another /24)."""
+    metric = 'authz_alerts_total{alert="new_source_network"}'
+    before = _metrics(stack).get(metric, 0.0)
+    client = f"roamer-{stack.port}"
+    token = stack.idp.mint(client_id=client, sub="svc-roamer")
+    assert _get_from(stack, "127.0.0.1", "/v1/orders", token) == 200  # learned silently
+    assert _get_from(stack, "127.0.0.1", "/v1/orders", token) == 200  # a remembered allow, on native
+    assert _get_from(stack, "127.0.0.2", "/v1/orders", token) == 200  # the same /24
+    assert _get_from(stack, "127.0.1.1", "/v1/orders", token) == 200
+    until(lambda: any(a.get("client_id") == client for a in stack.alerts), "the webhook receives the alert")
+    # One alert for the client, and it names 127.0.1.0/24: had 127.0.0.2 raised one, the client's cooldown would
+    # have held this one back.
+    hooked = [a for a in stack.alerts if a["alert"] == "new_source_network" and a["client_id"] == client]
+    assert hooked == [
+        {"alert": "new_source_network", "service": "orders", "client_id": client, "subject": "svc-roamer",
+         "network": "127.0.1.0/24", "known_networks": 1, "source": "127.0.1.1"}
+    ]  # fmt: skip
+    until(lambda: any(r["client_id"] == client for r in _audited_alerts(stack, "new_source_network")), "audited")
+    assert _metrics(stack)[metric] - before == 1
+    assert token.split(".")[2] not in json.dumps(stack.alerts) + stack.agent.audit.read_text()

@@ -28,7 +28,13 @@ def test_every_reason_code_is_documented() -> None:
 def test_every_policy_key_is_documented() -> None:
     keys = loader.TOP_KEYS | loader.IDP_KEYS | loader.ROUTE_KEYS | loader.ALLOW_KEYS | loader.MATCH_KEYS
     keys |= loader.DPOP_KEYS | loader.HMAC_CLIENT_KEYS | loader.RATE_LIMIT_KEYS | loader.SHARED_STATE_KEYS
-    keys |= loader.ALERT_KEYS | loader.DENY_KEYS | loader.HMAC_KEY_KEYS | conditions.HEADER_MATCH_KEYS
+    keys |= (
+        loader.ALERT_KEYS
+        | loader.NEW_SOURCE_NETWORK_KEYS
+        | loader.DENY_KEYS
+        | loader.HMAC_KEY_KEYS
+        | conditions.HEADER_MATCH_KEYS
+    )
     keys |= set(routes.RATE_LIMIT_PARTS) | {"header:NAME", "claim:PATH"}
     assert {k for k in keys if f"`{k}" not in DOC and f"{k}`" not in DOC} == set()
 

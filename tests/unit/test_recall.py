@@ -275,6 +275,21 @@ async def test_another_address_or_a_stale_sighting_goes_to_the_listeners(
     assert agent.answer(request(token, source="10.1.2.3")) is not None
 
 
+async def test_a_client_from_a_new_network_reaches_the_alerts_though_its_allow_is_remembered(
+    build: Callable[..., Agent], keys: dict[str, SigningKey]
+) -> None:
+    agent = await ready(build())
+    token = mint(keys["ES256"], claims(client_id="roamer"))
+    assert agent.decide(request(token, source="10.1.2.3")).allowed  # its first network: learned silently
+    assert agent.answer(request(token, source="10.1.2.3")) is not None
+    for source in ("10.1.2.9", "10.1.9.9"):  # another host of the same /24, then another /24
+        assert agent.answer(request(token, source=source)) is None
+        assert agent.decide(request(token, source=source)).allowed
+        assert agent.answer(request(token, source=source)) is not None
+    networks = [d["network"] for kind, d in agent.alerts if kind == "new_source_network"]
+    assert networks == ["10.1.9.0/24"]
+
+
 @pytest.mark.parametrize(
     "headers",
     [
