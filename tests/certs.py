@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import ipaddress
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,3 +74,64 @@ def issue(ca: trustme.CA, *identities: str, not_after_days: int = 30, expired: b
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     return Leaf(cert.public_bytes(serialization.Encoding.PEM), key_pem, serial)
+
+
+ORDERS_ID = "spiffe://example.org/ns/shop/sa/orders"
+BILLING_ID = "spiffe://example.org/ns/shop/sa/billing"
+ADMIN_ID = "spiffe://example.org/ns/ops/sa/operator"
+AGENTS_YAML = f"""agents:
+  - identity: {ORDERS_ID}
+    services: [orders]
+  - identity: {BILLING_ID}
+    services: [billing]
+admins:
+  - {ADMIN_ID}
+"""
+
+
+class Pki:
+    """A CA with the control plane's server certificate (127.0.0.1, localhost), an admin and any agent leaves, as
+    files in `work/pki`, and agents.yaml beside them."""
+
+    def __init__(self, work: Path) -> None:
+        self.dir = work / "pki"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.ca = trustme.CA()
+        self.ca_path = self.dir / "ca.pem"
+        self.ca_path.write_bytes(self.ca.cert_pem.bytes())
+        self.server = self.leaf("server", "127.0.0.1", "localhost")
+        self.admin = self.leaf("admin", ADMIN_ID)
+        self.agents = self.dir / "agents.yaml"
+        self.agents.write_text(AGENTS_YAML)
+
+    def paths(self, name: str) -> tuple[Path, Path]:
+        return self.dir / f"{name}.pem", self.dir / f"{name}.key"
+
+    def leaf(self, name: str, *identities: str, ca: trustme.CA | None = None) -> Leaf:
+        leaf = issue(ca or self.ca, *identities)
+        leaf.write(*self.paths(name))
+        return leaf
+
+    def server_args(self) -> list[str]:
+        cert, key = self.paths("server")
+        return ["--tls-cert", str(cert), "--tls-key", str(key), "--client-ca", str(self.ca_path),
+                "--agents", str(self.agents)]  # fmt: skip
+
+    def agent_args(self, name: str) -> list[str]:
+        cert, key = self.paths(name)
+        return ["--control-plane-ca", str(self.ca_path), "--tls-cert", str(cert), "--tls-key", str(key)]
+
+    def client_context(self, name: str | None) -> ssl.SSLContext:
+        """What a test client (an admin's curl) uses: trusts the CA, presents `name`'s certificate if given."""
+        ctx = ssl.create_default_context(cafile=str(self.ca_path))
+        if name is not None:
+            ctx.load_cert_chain(*self.paths(name))
+        return ctx
+
+    def key_material(self) -> list[str]:
+        """A line of every private key's PEM body: none may appear in any log or /status."""
+        lines = []
+        for key in self.dir.glob("*.key"):
+            body = [ln for ln in key.read_text().splitlines() if ln and not ln.startswith("-----")]
+            lines.extend(body)
+        return lines

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.config.loader import read_bounded
-from agent.config.yamlsrc import LDict, LList, line_of, load_yaml
+from agent.config.yamlsrc import LDict, line_of, load_yaml
 from agent.errors import ConfigError
 
 MAX_AGENTS_BYTES = 8 << 20  # the bound a policy file is held to
@@ -69,7 +69,7 @@ def parse_agents(text: str, file: str) -> AgentsFile:
         raise ConfigError("agents.yaml must be a mapping: 'agents: [{identity, services}]', 'admins: [...]'", file, 1)
     _no_unknown(doc, _TOP_KEYS, "agents.yaml", file)
     entries = doc.get("agents", [])
-    if not isinstance(entries, LList):
+    if not isinstance(entries, list):
         raise ConfigError("'agents' must be a list of {identity, services}", file, line_of(doc, "agents", 1))
     services: dict[str, frozenset[str]] = {}
     seen: dict[str, int] = {}
@@ -94,7 +94,7 @@ def parse_agents(text: str, file: str) -> AgentsFile:
             raise ConfigError(f"agents[{i}].services names a service twice", file, where)
         services[identity] = frozenset(listed)
     admins_list = doc.get("admins", [])
-    if not isinstance(admins_list, LList):
+    if not isinstance(admins_list, list):
         raise ConfigError("'admins' must be a list of identities", file, line_of(doc, "admins", 1))
     admins: dict[str, int] = {}
     for i, item in enumerate(admins_list):

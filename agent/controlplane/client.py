@@ -41,6 +41,9 @@ from agent.ratelimit.shared import SharedState, Unavailable
 log = logging.getLogger("agent.controlplane")
 
 STATE_FILE = "last-good.msgpack"
+# The channel's own connection dies with it: from the global pool it would go on reconnecting (and being refused)
+# between our attempts, outside the backoff.
+_TLS_CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1), ("grpc.enable_retries", 0)]
 
 
 class PolicyClient:
@@ -255,7 +258,7 @@ class PolicyClient:
         ca, cert, key = self._tls_pems
         # The control plane's certificate is checked against the host in --control-plane (a name or an IP SAN).
         creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
-        return grpc.aio.secure_channel(self.address, creds)
+        return grpc.aio.secure_channel(self.address, creds, options=_TLS_CHANNEL_OPTIONS)
 
     async def _session(self, stop: asyncio.Event) -> None:
         outbox: asyncio.Queue[pb.AgentMessage] = asyncio.Queue()
@@ -334,6 +337,9 @@ def _cause(e: grpc.aio.AioRpcError | OSError) -> str:
     if e.code() == grpc.StatusCode.UNAVAILABLE:
         # "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:9300: Ssl handshake failed ..."
         details = details.rpartition("last error: ")[2] or details
+        if "Socket closed" in details or "Connection reset" in details:
+            # With TLS 1.3 a refused client certificate looks like this to the client: one cause, logged once.
+            details = "the connection was closed (a refused client certificate? the control plane's /status says)"
     return f"{e.code().name}: {details[:300]}"
 
 
