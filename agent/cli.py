@@ -14,6 +14,7 @@ from agent.errors import ConfigErrors
 
 if TYPE_CHECKING:
     from agent.config import Policy
+    from agent.controlplane.tls import ClientTlsFiles, ServerTlsFiles
 
 
 def _load(path: str) -> Policy:
@@ -112,12 +113,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     from agent.server.run import ControlPlaneOptions, serve
 
     control = None
+    tls_flags = [f for f, v in (("--control-plane-ca", args.control_plane_ca), ("--tls-cert", args.tls_cert),
+                                ("--tls-key", args.tls_key)) if v]  # fmt: skip
+    if (tls_flags or args.insecure) and not args.control_plane:
+        print(f"{(tls_flags or ['--insecure'])[0]} goes with --control-plane", file=sys.stderr)
+        return 2
     if args.control_plane:
         missing = [f"--{n.replace('_', '-')}" for n in ("service", "state_dir", "bundle_key") if not getattr(args, n)]
         if missing or args.policy:
             print("--control-plane needs " + ", ".join(missing or ["no --policy"]), file=sys.stderr)
             return 2
-        control = ControlPlaneOptions(args.control_plane, args.service, Path(args.state_dir), Path(args.bundle_key))
+        tls, problem = _agent_tls(args, tls_flags)
+        if problem:
+            print(f"authz-agent run: {problem}", file=sys.stderr)
+            return 2
+        control = ControlPlaneOptions(args.control_plane, args.service, Path(args.state_dir), Path(args.bundle_key),
+                                      tls)  # fmt: skip
     elif not args.policy:
         print("give --policy FILE, or --control-plane ADDR with --service, --state-dir, --bundle-key", file=sys.stderr)
         return 2
@@ -160,6 +171,57 @@ def cmd_run(args: argparse.Namespace) -> int:
     asyncio.run(serve(policy, args.listen, args.admin, args.audit_log, args.policy, transport,
                       args.token_cache_entries, control, args.audit_format, limits))  # fmt: skip
     return 0
+
+
+def _agent_tls(args: argparse.Namespace, given: list[str]) -> tuple[ClientTlsFiles | None, str]:
+    """The agent's channel to the control plane: TLS with all three files, or plain text with --insecure to a
+    loopback control plane; (files or None, a problem to print)."""
+    from pathlib import Path
+
+    from agent.controlplane.tls import ClientTlsFiles, check_client_files, host_of, is_loopback
+
+    if args.insecure:
+        if given:
+            return None, f"--insecure contradicts {', '.join(given)}: plain text or TLS, not both"
+        if not is_loopback(host_of(args.control_plane)):
+            return None, (f"--insecure is allowed only with a loopback control plane (127.0.0.0/8, ::1, localhost), "
+                          f"not {args.control_plane}: give --control-plane-ca, --tls-cert and --tls-key")  # fmt: skip
+        return None, ""
+    if len(given) < 3:
+        needed = [f for f in ("--control-plane-ca", "--tls-cert", "--tls-key") if f not in given]
+        return None, (f"--control-plane needs {', '.join(needed)} (TLS with a client certificate); plain text only "
+                      "with --insecure and a loopback control plane")  # fmt: skip
+    files = ClientTlsFiles(Path(args.control_plane_ca), Path(args.tls_cert), Path(args.tls_key))
+    try:
+        check_client_files(files.ca, files.cert, files.key)
+    except ValueError as e:
+        return None, str(e)
+    return files, ""
+
+
+def _control_plane_tls(args: argparse.Namespace) -> tuple[ServerTlsFiles | None, str]:
+    """The control plane's channel: TLS with --tls-cert, --tls-key, --client-ca and --agents, or plain text with
+    --insecure when both ports listen on loopback; (files or None, a problem to print)."""
+    from pathlib import Path
+
+    from agent.controlplane.tls import ServerTlsFiles, host_of, is_loopback
+
+    flags = (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key), ("--client-ca", args.client_ca),
+             ("--agents", args.agents))  # fmt: skip
+    given = [name for name, value in flags if value]
+    if args.insecure:
+        if given:
+            return None, f"--insecure contradicts {', '.join(given)}: plain text or TLS, not both"
+        outside = [a for a in (args.listen, args.admin) if a and not is_loopback(host_of(a))]
+        if outside:
+            return None, (f"--insecure is allowed only on loopback (127.0.0.0/8, ::1, localhost), not "
+                          f"{', '.join(outside)}: give --tls-cert, --tls-key, --client-ca and --agents")  # fmt: skip
+        return None, ""
+    if len(given) < len(flags):
+        needed = [name for name, value in flags if not value]
+        return None, (f"control-plane needs {', '.join(needed)} (TLS 1.3 with client certificates); plain text "
+                      "only with --insecure, on loopback")  # fmt: skip
+    return ServerTlsFiles(Path(args.tls_cert), Path(args.tls_key), Path(args.client_ca), Path(args.agents)), ""
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -333,10 +395,21 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
     if not directory.is_dir():
         print(f"{directory}: not a directory", file=sys.stderr)
         return 2
+    tls, problem = _control_plane_tls(args)
+    if problem:
+        print(f"authz-agent control-plane: {problem}", file=sys.stderr)
+        return 2
     try:
         key = load_signing_key(args.signing_key)
     except (BundleError, OSError, ValueError) as e:
         print(f"{args.signing_key}: {e}", file=sys.stderr)
+        return 2
+    from agent.controlplane.tls import ServerChannel
+
+    try:
+        channel = ServerChannel(tls) if tls is not None else None
+    except ValueError as e:  # a ConfigError says file:line
+        print(f"authz-agent control-plane: {e}", file=sys.stderr)
         return 2
 
     async def main() -> None:
@@ -346,7 +419,7 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
 
         budget = DEFAULT_TEST_BUDGET_S if args.test_budget is None else args.test_budget
         cp = ControlPlane(directory, key, args.listen, args.admin, require_tests=args.require_tests,
-                          test_budget_s=budget)  # fmt: skip
+                          test_budget_s=budget, channel=channel)  # fmt: skip
         await cp.start()
         done = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -383,6 +456,11 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--service", help="with --control-plane: the service whose policy this agent enforces")
     r.add_argument("--state-dir", help="with --control-plane: where the last good bundle is kept")
     r.add_argument("--bundle-key", help="with --control-plane: PEM Ed25519 public key(s) bundles must be signed by")
+    r.add_argument("--control-plane-ca", help="with --control-plane: PEM CA the control plane's certificate chains to")
+    r.add_argument("--tls-cert", help="with --control-plane: this agent's PEM client certificate (re-read on change)")
+    r.add_argument("--tls-key", help="with --control-plane: its PEM private key")
+    r.add_argument("--insecure", action="store_true",
+                   help="with --control-plane: plain text instead of TLS (a loopback control plane only)")  # fmt: skip
     r.add_argument("--listen", default="127.0.0.1:9191", help="HOST:PORT or unix:PATH")
     r.add_argument("--admin", default="127.0.0.1:9192", help="HOST:PORT for /healthz and /readyz")
     r.add_argument(
@@ -513,6 +591,13 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--admin", default="127.0.0.1:9301", help="HOST:PORT for /status (versions, agents, errors)")
     c.add_argument("--signing-key", help="PEM Ed25519 private key bundles are signed with")
     c.add_argument("--keygen", metavar="DIR", help="write a new signing key pair into DIR and exit")
+    c.add_argument("--tls-cert", help="PEM server certificate (chain) of both ports, TLS 1.3; re-read on change")
+    c.add_argument("--tls-key", help="its PEM private key")
+    c.add_argument("--client-ca", help="PEM CA bundle that agents' and admins' client certificates must chain to")
+    c.add_argument("--agents", metavar="agents.yaml",
+                   help="which certificate identity may fetch which services, and who may read /status")  # fmt: skip
+    c.add_argument("--insecure", action="store_true",
+                   help="plain text instead of TLS: only with --listen and --admin on loopback")  # fmt: skip
     c.add_argument("--require-tests", action="store_true",
                    help="publish a SERVICE.yaml only with a SERVICE.test.yaml beside it that passes")  # fmt: skip
     c.add_argument("--test-budget", type=float, metavar="SECONDS",

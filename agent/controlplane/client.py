@@ -34,12 +34,16 @@ from agent.controlplane.bundle import (
     verified_payload,
 )
 from agent.controlplane.server import SYNC_METHOD
+from agent.controlplane.tls import CLIENT_POLL_S, ClientTlsFiles, cert_summary, check_client_files
 from agent.errors import ConfigErrors
 from agent.ratelimit.shared import SharedState, Unavailable
 
 log = logging.getLogger("agent.controlplane")
 
 STATE_FILE = "last-good.msgpack"
+# The channel's own connection dies with it: from the global pool it would go on reconnecting (and being refused)
+# between our attempts, outside the backoff.
+_TLS_CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1), ("grpc.enable_retries", 0)]
 
 
 class PolicyClient:
@@ -52,6 +56,7 @@ class PolicyClient:
         install: Callable[[Policy, str], Awaitable[str | None]],
         revoke: Callable[[Revocations], None],
         shared: Callable[[], SharedState | None] = lambda: None,
+        tls: ClientTlsFiles | None = None,
     ) -> None:
         self.address = address
         self.service = service
@@ -68,6 +73,13 @@ class PolicyClient:
         self._saved: dict[str, Any] = {}
         self._outbox: asyncio.Queue[pb.AgentMessage] | None = None
         self._sharing: set[asyncio.Task[None]] = set()
+        # TLS: the files as last loaded (raises ValueError at start when they do not load together)
+        self.tls = tls
+        self._tls_stamps = tls.stamps() if tls is not None else ()
+        self._tls_pems = check_client_files(tls.ca, tls.cert, tls.key) if tls is not None else None
+        self.tls_error: str | None = None  # new files that did not load: the previous ones stay in use
+        self.connection_error: str | None = None  # why the stream is not up (a handshake failure, PERMISSION_DENIED)
+        self._rotated = asyncio.Event()
 
     # -- last good on disk --------------------------------------------------------------------------
 
@@ -180,24 +192,73 @@ class PolicyClient:
     # -- the stream ---------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Keep a stream open until `stop`; reconnect with backoff (0.2 s doubling to 10 s)."""
+        """Keep a stream open until `stop`; reconnect with backoff (0.2 s doubling to 10 s), at once with new TLS
+        files. Each cause of failure is logged once, not at every attempt, and shown in /readyz."""
         backoff = 0.2
+        logged: str | None = None
         while not stop.is_set():
             started = time.monotonic()
+            self._rotated.clear()
             try:
                 await self._session(stop)
             except (grpc.aio.AioRpcError, OSError) as e:
-                code = e.code().name if isinstance(e, grpc.aio.AioRpcError) else type(e).__name__
-                if self.connected or backoff == 0.2:
-                    log.warning("control plane %s unreachable (%s); enforcing %r", self.address, code, self.version)
+                cause = _cause(e)
+                self.connection_error = cause
+                if cause != logged:
+                    log.warning("control plane %s: %s; enforcing %r", self.address, cause, self.version or None)
+                    logged = cause
             finally:
+                if self.connected:
+                    logged = None  # it was up: the next failure is news again
                 self.connected = False
+            if self._rotated.is_set() and not stop.is_set():
+                backoff = 0.2
+                continue  # new certificate files: reconnect with them now
             if time.monotonic() - started > 10:
                 backoff = 0.2  # it had been up for a while: start the backoff over
+            # Jittered, so the agents of a restarted control plane do not all come back at once; new TLS files
+            # end the wait (a refused agent whose certificate was just fixed need not sit out its backoff).
+            wake = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._rotated.wait())]
+            await asyncio.wait(wake, timeout=backoff * random.uniform(0.5, 1.0), return_when=asyncio.FIRST_COMPLETED)  # noqa: S311
+            for w in wake:
+                w.cancel()
+            backoff = 0.2 if self._rotated.is_set() else min(backoff * 2, 10.0)
+
+    async def watch_tls(self, stop: asyncio.Event) -> None:
+        """Look at the TLS files every CLIENT_POLL_S; when they change and load together, reconnect with them."""
+        tls = self.tls
+        if tls is None:
+            return
+        while not stop.is_set():
             with contextlib.suppress(TimeoutError):
-                # Jittered, so the agents of a restarted control plane do not all come back at once.
-                await asyncio.wait_for(stop.wait(), backoff * random.uniform(0.5, 1.0))  # noqa: S311
-            backoff = min(backoff * 2, 10.0)
+                await asyncio.wait_for(stop.wait(), CLIENT_POLL_S)
+            stamps = tls.stamps()
+            if stamps == self._tls_stamps:
+                continue
+            self._tls_stamps = stamps
+            try:
+                pems = check_client_files(tls.ca, tls.cert, tls.key)
+            except ValueError as e:
+                error = f"{e}; the previous files stay in use"
+                if error != self.tls_error:
+                    log.error("control-plane TLS files refused: %s", error)
+                self.tls_error = error
+                continue
+            self.tls_error = None
+            if pems == self._tls_pems:
+                continue
+            self._tls_pems = pems
+            log.info("control-plane TLS files changed: reconnecting with certificate %s",
+                     cert_summary(pems[1])["fingerprint"])  # fmt: skip
+            self._rotated.set()
+
+    def _channel(self) -> grpc.aio.Channel:
+        if self._tls_pems is None:
+            return grpc.aio.insecure_channel(self.address)
+        ca, cert, key = self._tls_pems
+        # The control plane's certificate is checked against the host in --control-plane (a name or an IP SAN).
+        creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+        return grpc.aio.secure_channel(self.address, creds, options=_TLS_CHANNEL_OPTIONS)
 
     async def _session(self, stop: asyncio.Event) -> None:
         outbox: asyncio.Queue[pb.AgentMessage] = asyncio.Queue()
@@ -211,18 +272,19 @@ class PolicyClient:
             while True:
                 yield await outbox.get()
 
-        async with grpc.aio.insecure_channel(self.address) as channel:
+        async with self._channel() as channel:
             call = channel.stream_stream(
                 SYNC_METHOD,
                 request_serializer=pb.AgentMessage.SerializeToString,
                 response_deserializer=pb.ControlMessage.FromString,
             )(requests())
             stopping = asyncio.ensure_future(stop.wait())
+            rotated = asyncio.ensure_future(self._rotated.wait())
             try:
                 while True:
                     read = asyncio.ensure_future(call.read())
-                    done, _ = await asyncio.wait({read, stopping}, return_when=asyncio.FIRST_COMPLETED)
-                    if stopping in done:
+                    done, _ = await asyncio.wait({read, stopping, rotated}, return_when=asyncio.FIRST_COMPLETED)
+                    if read not in done:
                         read.cancel()
                         call.cancel()
                         return
@@ -231,10 +293,12 @@ class PolicyClient:
                         return
                     if not self.connected:
                         self.connected = True
+                        self.connection_error = None
                         log.info("connected to the control plane %s as %s", self.address, self.agent_id)
                     await self._handle(msg, outbox)
             finally:
                 stopping.cancel()
+                rotated.cancel()
 
     async def _handle(self, msg: pb.ControlMessage, outbox: asyncio.Queue[pb.AgentMessage]) -> None:
         kind = msg.WhichOneof("kind")
@@ -254,8 +318,29 @@ class PolicyClient:
                 "version": self.version or None,
                 "revocations_sequence": self.revocations_seq,
                 "last_error": self.last_error,
+                "connection_error": None if self.connected else self.connection_error,
+                "tls": self._tls_status(),
             }
         }
+
+    def _tls_status(self) -> dict[str, object] | None:
+        if self.tls is None or self._tls_pems is None:
+            return None
+        return {"certificate": cert_summary(self._tls_pems[1]), "error": self.tls_error}
+
+
+def _cause(e: grpc.aio.AioRpcError | OSError) -> str:
+    """One line per cause of a failed stream: a refusal says why, a handshake failure names OpenSSL's reason."""
+    if not isinstance(e, grpc.aio.AioRpcError):
+        return type(e).__name__
+    details = (e.details() or "").replace("\n", " ")
+    if e.code() == grpc.StatusCode.UNAVAILABLE:
+        # "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:9300: Ssl handshake failed ..."
+        details = details.rpartition("last error: ")[2] or details
+        if "Socket closed" in details or "Connection reset" in details:
+            # With TLS 1.3 a refused client certificate looks like this to the client: one cause, logged once.
+            details = "the connection was closed (a refused client certificate? the control plane's /status says)"
+    return f"{e.code().name}: {details[:300]}"
 
 
 def _signed(d: dict[str, Any]) -> pb.SignedBundle:

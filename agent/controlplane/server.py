@@ -36,6 +36,15 @@ from agent.config.loader import MAX_POLICY_BYTES, read_bounded
 from agent.config.yamlsrc import line_of, load_yaml
 from agent.controlplane._proto.authz.controlplane.v1 import policy_sync_pb2 as pb
 from agent.controlplane.bundle import Revocations, policy_payload, revocations_payload, sign
+from agent.controlplane.tls import (
+    IDENTITY_UNKNOWN,
+    NO_CERTIFICATE,
+    NOT_ADMIN,
+    SERVICE_NOT_ALLOWED,
+    Forwarded,
+    ServerChannel,
+    TlsFront,
+)
 from agent.errors import ConfigErrors
 from agent.policytest import FileResult, run_file
 from agent.policytest.report import printable
@@ -119,6 +128,9 @@ class AgentInfo:
     agent_id: str
     service: str
     peer: str
+    identity: str | None = None  # the client certificate's URI (or DNS) SAN; None on a plain-text channel
+    cert_serial: str | None = None
+    cert_fingerprint: str | None = None  # SHA-256 of the certificate: shows which one a rotated agent uses
     connected: bool = True
     version: str = ""
     error: str = ""
@@ -485,7 +497,19 @@ def _parse_revocations(doc: Any, path: Path) -> tuple[frozenset[str], tuple[tupl
     return frozenset(jti), tuple(sorted(subjects))
 
 
+@dataclass(eq=False)  # each stream is its own, kept in a set
+class _Stream:
+    """An open Sync stream on an authenticated channel: ended when agents.yaml no longer grants its service."""
+
+    peer: Forwarded
+    service: str
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+
+
 class ControlPlane:
+    """PolicySync and /status. With a `channel` (TLS, client certificates, agents.yaml) both ports are behind a TLS
+    front and every peer is checked; without one they are plain text (the CLI allows that on loopback only)."""
+
     def __init__(
         self,
         directory: Path,
@@ -496,29 +520,69 @@ class ControlPlane:
         *,
         require_tests: bool = False,
         test_budget_s: float = DEFAULT_TEST_BUDGET_S,
+        channel: ServerChannel | None = None,
     ) -> None:
         self.publisher = Publisher(directory, key, require_tests=require_tests, test_budget_s=test_budget_s)
         self.listen = listen
         self.admin_listen = admin
         self.poll_s = poll_s
         self.port = 0
+        self.admin_port = 0
+        self.channel = channel
+        self._front: TlsFront | None = None
+        self._admin_front: TlsFront | None = None
+        self._streams: set[_Stream] = set()
         self._server: Any = None
         self._admin: web.AppRunner | None = None
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
+    def _refusal(self, peer: Forwarded, service: str) -> tuple[str, str] | None:
+        """Why `peer` may not fetch or report for `service` (reason, detail), or None when it may."""
+        assert self.channel is not None
+        granted = self.channel.agents.services_of(peer.identity)
+        if granted is None:
+            names = ", ".join([*peer.identity.uris, *peer.identity.dns]) or "a certificate without SANs"
+            return IDENTITY_UNKNOWN, f"no entry in the agents file for {names}"
+        if service not in granted:
+            return SERVICE_NOT_ALLOWED, f"{peer.identity.name} may fetch {', '.join(sorted(granted))}, not {service}"
+        return None
+
     async def _sync(self, requests: AsyncIterator[pb.AgentMessage], context: Any) -> AsyncIterator[pb.ControlMessage]:
+        forwarded: Forwarded | None = None
+        if self._front is not None:
+            forwarded = self._front.peer_of(context.peer())
+            if forwarded is None:  # on the internal port, not through the TLS front
+                self._front.refuse(NO_CERTIFICATE, context.peer(), None, None, "not connected through TLS")
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, "connect with TLS and a client certificate")
+                return
         first = await anext(aiter(requests), None)
         if first is None or first.WhichOneof("kind") != "hello" or not first.hello.service:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be Hello with a service")
             return
         hello = first.hello
+        stream: _Stream | None = None
+        if forwarded is not None:
+            assert self._front is not None
+            refusal = self._refusal(forwarded, hello.service)
+            if refusal is not None:
+                self._front.refuse(refusal[0], forwarded.address, forwarded.identity.name, hello.service, refusal[1])
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{refusal[0]}: {refusal[1]}")
+                return
+            stream = _Stream(forwarded, hello.service)
+            self._streams.add(stream)
         pub = self.publisher
-        info = AgentInfo(hello.agent_id or context.peer(), hello.service, context.peer(), version=hello.version,
-                         revocations_sequence=hello.revocations_seq)  # fmt: skip
-        pub.agents[info.agent_id] = info
+        agent_id = hello.agent_id or context.peer()
+        info = AgentInfo(agent_id, hello.service, forwarded.address if forwarded else context.peer(),
+                         version=hello.version, revocations_sequence=hello.revocations_seq)  # fmt: skip
+        if forwarded is not None:
+            info.identity = forwarded.identity.name
+            info.cert_serial, info.cert_fingerprint = forwarded.identity.serial, forwarded.identity.fingerprint
+        # Keyed by service too: an agent's Hello cannot overwrite what an agent of another service reported.
+        pub.agents[f"{hello.service}/{agent_id}"] = info
         queue = pub.subscribe(hello.service)
-        log.info("agent %s (%s) connected, holding %r", info.agent_id, hello.service, hello.version or None)
+        log.info("agent %s (%s%s) connected, holding %r", info.agent_id, hello.service,
+                 f", {info.identity}" if info.identity else "", hello.version or None)  # fmt: skip
 
         async def read_status() -> None:
             async for msg in requests:
@@ -529,7 +593,9 @@ class ControlPlane:
                     if info.error:
                         log.error("agent %s refused a bundle: %s", info.agent_id, info.error)
 
-        reader = asyncio.get_running_loop().create_task(read_status())
+        loop = asyncio.get_running_loop()
+        reader = loop.create_task(read_status())
+        ended = loop.create_task(stream.ended.wait()) if stream is not None else loop.create_future()
         try:
             current = pub.published.get(hello.service)
             if current is not None and current.version != hello.version:
@@ -538,16 +604,31 @@ class ControlPlane:
                 yield pb.ControlMessage(revocations=pub.revocations_bundle)
             while not self._stop.is_set():
                 get = asyncio.ensure_future(queue.get())
-                done, _ = await asyncio.wait({get, reader}, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait({get, reader, ended}, return_when=asyncio.FIRST_COMPLETED)
                 if get not in done:
                     get.cancel()
+                    if ended in done:
+                        await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                            "the agents file no longer allows this service")  # fmt: skip
                     break  # the agent went away
                 yield get.result()
         finally:
             reader.cancel()
+            ended.cancel()
+            if stream is not None:
+                self._streams.discard(stream)
             pub.unsubscribe(hello.service, queue)
             info.connected = False
             log.info("agent %s disconnected", info.agent_id)
+
+    def _recheck_streams(self) -> None:
+        """agents.yaml changed: end every open stream whose identity no longer has its service."""
+        for stream in list(self._streams):
+            refusal = self._refusal(stream.peer, stream.service)
+            if refusal is not None and not stream.ended.is_set() and self._front is not None:
+                self._front.refuse(refusal[0], stream.peer.address, stream.peer.identity.name, stream.service,
+                                   f"open stream ended: {refusal[1]}")  # fmt: skip
+                stream.ended.set()
 
     async def start(self) -> None:
         """Serve at once: revocations are read before the first agent can connect; each policy is published when
@@ -565,19 +646,55 @@ class ControlPlane:
         )
         self._server = grpc.aio.server()
         self._server.add_generic_rpc_handlers((handler,))
-        self.port = self._server.add_insecure_port(self.listen)
-        await self._server.start()
+        channel = self.channel
+        if channel is None:
+            self.port = self._server.add_insecure_port(self.listen)
+            await self._server.start()
+        else:
+            internal = self._server.add_insecure_port("127.0.0.1:0")
+            await self._server.start()
+            self._front = TlsFront(self.listen, lambda: channel.grpc_context, channel.refusals, "sync")
+            await self._front.start(internal)
+            self.port = self._front.port
         self._tasks.append(asyncio.get_running_loop().create_task(self._poll()))
         if self.admin_listen:
             from agent.server.admin import start_admin
 
             app = web.Application()
             app.router.add_get("/status", self._status)
-            self._admin = await start_admin(app, self.admin_listen)
-        log.info("control plane serving %s on %s", self.publisher.directory, self.listen)
+            if channel is None:
+                self._admin = await start_admin(app, self.admin_listen)
+                self.admin_port = _bound_port(self._admin)
+            else:
+                self._admin = await start_admin(app, "127.0.0.1:0")
+                self._admin_front = TlsFront(self.admin_listen, lambda: channel.admin_context, channel.refusals,
+                                             "admin")  # fmt: skip
+                await self._admin_front.start(_bound_port(self._admin))
+                self.admin_port = self._admin_front.port
+        secured = "TLS 1.3 with client certificates" if channel is not None else "plain text (--insecure)"
+        log.info("control plane serving %s on %s (%s)", self.publisher.directory, self.listen, secured)
 
-    async def _status(self, _: web.Request) -> web.Response:
-        return web.json_response(self.publisher.status())
+    async def _status(self, request: web.Request) -> web.Response:
+        if self._admin_front is not None and self.channel is not None:
+            peername = request.transport.get_extra_info("peername") if request.transport is not None else None
+            forwarded = self._admin_front.peer_of(peername)
+            if forwarded is None:
+                self._admin_front.refuse(NO_CERTIFICATE, str(peername), None, None, "not connected through TLS")
+                return web.json_response({"error": "connect with TLS and a client certificate"}, status=403)
+            if not self.channel.agents.is_admin(forwarded.identity):
+                self._admin_front.refuse(NOT_ADMIN, forwarded.address, forwarded.identity.name, None,
+                                         "not listed under admins in the agents file")  # fmt: skip
+                return web.json_response({"error": "this certificate's identity is not an admin"}, status=403)
+        return web.json_response(self.status())
+
+    def status(self) -> dict[str, Any]:
+        out = self.publisher.status()
+        if self.channel is None:
+            out["channel"] = {"insecure": True}
+        else:
+            out["channel"] = {"insecure": False, **self.channel.status()}
+            out["refusals"] = self.channel.refusals.status()
+        return out
 
     async def _poll(self) -> None:
         while not self._stop.is_set():
@@ -591,14 +708,29 @@ class ControlPlane:
             self.publisher.poll()
         except Exception:  # nothing in the directory may end the polling (no revocation would get out again)
             log.exception("reading %s failed; the next poll tries again", self.publisher.directory)
+        if self.channel is not None:
+            try:
+                if self.channel.poll():
+                    self._recheck_streams()
+            except Exception:  # a file no check foresaw: the last good certificates and mapping stay
+                log.exception("reading the TLS files or the agents file failed; the next poll tries again")
 
     async def stop(self) -> None:
         """Stop serving; a running test file is stopped after the case it is running (see Publisher.close)."""
         self._stop.set()
         for t in self._tasks:
             t.cancel()
+        for front in (self._front, self._admin_front):
+            if front is not None:
+                await front.stop()
         if self._server is not None:
             await self._server.stop(0.5)
         if self._admin is not None:
             await self._admin.cleanup()
         await self.publisher.close()
+
+
+def _bound_port(runner: web.AppRunner) -> int:
+    """The port an admin site listens on (the internal one is chosen by the system)."""
+    address = runner.addresses[0]
+    return int(address[1])

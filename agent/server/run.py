@@ -25,6 +25,7 @@ from agent.authn.revocation import RevocationSet
 from agent.config import load_policy
 from agent.config.model import Policy, SharedStateConfig
 from agent.controlplane.bundle import Revocations
+from agent.controlplane.tls import ClientTlsFiles
 from agent.engine import Engine
 from agent.errors import ConfigErrors
 from agent.ratelimit.shared import SharedState
@@ -356,6 +357,7 @@ class ControlPlaneOptions:
     service: str
     state_dir: Path
     bundle_key: Path
+    tls: ClientTlsFiles | None = None  # None: plain text (--insecure, loopback only)
 
 
 def settle_heap() -> None:
@@ -398,6 +400,7 @@ async def serve(
     await server.start()
     client_task: asyncio.Task[None] | None = None
     shared_task: asyncio.Task[None] | None = None
+    tls_task: asyncio.Task[None] | None = None
     if control is not None:
         from agent.controlplane.bundle import load_verify_keys
         from agent.controlplane.client import PolicyClient
@@ -410,14 +413,16 @@ async def serve(
             server.install,
             server.apply_revocations,
             lambda: server.shared,
+            control.tls,
         )
         server.status_sources.append(client.status)
         if await client.load_last_good():
             log.info("serving the last good bundle %s until the control plane answers", client.version)
         client_task = asyncio.get_running_loop().create_task(client.run(stop))
         shared_task = asyncio.get_running_loop().create_task(client.watch_shared(stop))
+        tls_task = asyncio.get_running_loop().create_task(client.watch_tls(stop))
     settle_heap()
     await stop.wait()
     log.info("stopping: draining in-flight checks")
-    await asyncio.gather(*(t for t in (client_task, shared_task) if t is not None), return_exceptions=True)
+    await asyncio.gather(*(t for t in (client_task, shared_task, tls_task) if t is not None), return_exceptions=True)
     await server.stop()

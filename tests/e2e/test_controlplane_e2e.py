@@ -1,4 +1,5 @@
-"""Real processes: `authz-agent control-plane` + two agents (`run --control-plane`) each behind an Envoy.
+"""Real processes: `authz-agent control-plane` + two agents (`run --control-plane`) each behind an Envoy, over
+TLS 1.3 with client certificates (the channel's own refusals: test_controlplane_tls_e2e.py).
 
 Propagation times are measured and printed (bounded waits, generous limits): shared machines are noisy,
 so the 2 s goal is reported by the run, not asserted to the millisecond.
@@ -10,6 +11,7 @@ import json
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,6 +24,7 @@ from agent import reasons as R
 from agent.demo.app import demo_app, start_site
 from agent.demo.idp import LocalIdP
 from agent.envoyconf import EnvoyProcess, bootstrap, http_ok
+from tests.certs import ORDERS_ID, Pki
 from tests.e2e.conftest import AgentProcess, LoopThread, free_port, idp_yaml, request
 
 pytestmark = pytest.mark.e2e
@@ -39,26 +42,55 @@ WAIT_S = 15.0  # the bound of every wait; the measured times are printed
 
 
 class ControlPlaneProcess:
+    """`authz-agent control-plane`: TLS with client certificates when given a Pki, else plain text (--insecure)."""
+
     def __init__(
-        self, policies: Path, key: Path, workdir: Path, port: int | None = None, extra: tuple[str, ...] = ()
+        self,
+        policies: Path,
+        key: Path,
+        workdir: Path,
+        port: int | None = None,
+        extra: tuple[str, ...] = (),
+        pki: Pki | None = None,
     ) -> None:
         self.port = port or free_port()
         self.admin = f"127.0.0.1:{free_port()}"
-        self.log = (workdir / "control-plane.log").open("a")
+        self.pki = pki
+        self.log_path = workdir / "control-plane.log"
+        self.log = self.log_path.open("a")
+        channel = pki.server_args() if pki is not None else ["--insecure"]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "agent", "control-plane", "--policies", str(policies), "--signing-key", str(key),
-             "--listen", f"127.0.0.1:{self.port}", "--admin", self.admin, *extra],
+             "--listen", f"127.0.0.1:{self.port}", "--admin", self.admin, *channel, *extra],
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )  # fmt: skip
         deadline = time.monotonic() + 20
-        while not http_ok(f"http://{self.admin}/status"):
+        while not self._up():
             assert self.proc.poll() is None and time.monotonic() < deadline, "control plane did not start"
             time.sleep(0.05)
 
+    def _up(self) -> bool:
+        try:
+            self.status()
+        except OSError:
+            return False
+        return True
+
+    def get(self, path: str, cert: str | None = "admin") -> tuple[int, Any]:
+        """GET on the admin port: over HTTPS with `cert`'s client certificate (the admin's by default)."""
+        scheme = "https" if self.pki is not None else "http"
+        context = self.pki.client_context(cert) if self.pki is not None else None
+        try:
+            with urllib.request.urlopen(f"{scheme}://{self.admin}{path}", timeout=2, context=context) as r:
+                return r.status, json.load(r)
+        except urllib.error.HTTPError as e:
+            return e.code, json.load(e)
+
     def status(self) -> dict[str, Any]:
-        with urllib.request.urlopen(f"http://{self.admin}/status", timeout=2) as r:
-            return dict(json.load(r))
+        code, body = self.get("/status")
+        assert code == 200, body
+        return dict(body)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -75,6 +107,7 @@ class Fleet:
     key: Path
     verify: Path
     cp: ControlPlaneProcess
+    pki: Pki
     agents: list[AgentProcess]
     envoy_ports: list[int]
     transport: str
@@ -86,7 +119,13 @@ class Fleet:
 
     def agent_args(self, i: int) -> list[str]:
         return ["--control-plane", f"127.0.0.1:{self.cp.port}", "--service", "orders",
-                "--state-dir", str(self.work / f"state-{i}"), "--bundle-key", str(self.verify)]  # fmt: skip
+                "--state-dir", str(self.work / f"state-{i}"), "--bundle-key", str(self.verify),
+                *self.pki.agent_args("orders")]  # fmt: skip
+
+    def pki_orders_serial(self) -> int:
+        from cryptography import x509
+
+        return int(x509.load_pem_x509_certificate(self.pki.paths("orders")[0].read_bytes()).serial_number)
 
     def statuses(self, token: str) -> list[int]:
         return [request(p, "GET", "/v1/orders", {"authorization": f"Bearer {token}"}).status for p in self.envoy_ports]
@@ -113,8 +152,10 @@ def fleet(transport: str, loop_thread: LoopThread, tmp_path_factory: pytest.Temp
     policies.mkdir()
     (policies / "orders.yaml").write_text(POLICY.format(idp=idp_yaml(idp.issuer), scope="orders:read"))
     key, verify = work / "keys" / "bundle-signing.pem", work / "keys" / "bundle-verify.pem"
-    cp = ControlPlaneProcess(policies, key, work)
-    f = Fleet(work, idp, policies, key, verify, cp, [], [], transport)
+    pki = Pki(work)
+    pki.leaf("orders", ORDERS_ID)
+    cp = ControlPlaneProcess(policies, key, work, pki=pki)
+    f = Fleet(work, idp, policies, key, verify, cp, pki, [], [], transport)
     envoys: list[EnvoyProcess] = []
     try:
         for i in range(2):
@@ -144,6 +185,11 @@ def test_agents_enforce_the_control_planes_policy_and_report_it(fleet: Fleet) ->
     service = status["services"]["orders"]
     assert service["agents"] == 2 and service["agents_on_version"] == 2
     assert {a["version"] for a in status["agents"] if a["connected"]} == {service["version"]}
+    # Over TLS, as the orders certificate's identity.
+    assert status["channel"]["insecure"] is False
+    assert {(a["identity"], a["cert_serial"]) for a in status["agents"] if a["connected"]} == {
+        (ORDERS_ID, format(fleet.pki_orders_serial(), "X"))
+    }
 
 
 def test_a_change_is_enforced_everywhere_and_a_broken_file_changes_nothing(fleet: Fleet) -> None:
@@ -247,7 +293,7 @@ def test_control_plane_down_agents_go_on_and_a_restarted_agent_serves_the_last_g
     until(lambda: fleet.statuses(reader) == [200, 200], "restarted agent serving the last good bundle")
     revoked = fleet.idp.mint(scope="orders:read", jti="stolen-e2e")
     assert fleet.statuses(revoked) == [401, 401]  # the revocations were kept on disk too
-    fleet.cp = ControlPlaneProcess(fleet.policies, fleet.key, fleet.work, port)
+    fleet.cp = ControlPlaneProcess(fleet.policies, fleet.key, fleet.work, port, pki=fleet.pki)
     until(lambda: fleet.cp.status()["services"]["orders"]["agents"] == 2, "agents reconnected")
 
 
@@ -255,7 +301,8 @@ def test_an_agent_without_a_bundle_and_no_control_plane_is_not_ready_and_refuses
     work = fleet.work / "agent-lonely"
     work.mkdir()
     args = ["--control-plane", f"127.0.0.1:{free_port()}", "--service", "orders",
-            "--state-dir", str(work / "state"), "--bundle-key", str(fleet.verify)]  # fmt: skip
+            "--state-dir", str(work / "state"), "--bundle-key", str(fleet.verify),
+            *fleet.pki.agent_args("orders")]  # fmt: skip
     agent = AgentProcess(args, f"127.0.0.1:{free_port()}", work, fleet.transport, wait_ready=False)
     try:
         # Alive (the admin port answers /healthz) but never ready: no bundle, no control plane. A fixed sleep
