@@ -38,6 +38,8 @@ log = logging.getLogger("agent.controlplane")
 HANDSHAKE_TIMEOUT_S = 10.0  # a peer that opens a connection and says nothing is dropped after this
 MAX_PEM_BYTES = 1 << 20  # a certificate chain, key or CA bundle larger than this is refused, not read
 REFUSALS_KEPT = 50  # the last refusals /status lists (each reason is counted without bound)
+REFUSAL_LOG_S = 60.0  # one log line per (reason, peer host) in this time; the rest are counted, then summed up
+REFUSAL_LOG_KEYS = 4096  # (reason, peer host) pairs remembered for that; the oldest out first
 CLIENT_POLL_S = 1.0  # how often an agent looks at its certificate files
 PIPE_CHUNK = 1 << 16
 
@@ -181,13 +183,27 @@ class Refusals:
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
         self.last: deque[dict[str, Any]] = deque(maxlen=REFUSALS_KEPT)
+        # (reason, peer host) -> [when last logged, refusals since, not logged]: a port scan, a TCP health probe or
+        # a refused agent retrying cannot flood the log, and every refusal is still counted and listed.
+        self._logged: dict[tuple[str, str], list[float]] = {}
 
     def add(self, reason: str, peer: str, identity: str | None, service: str | None, detail: str, port: str) -> None:
+        service = None if service is None else _printable(service)  # from the peer's first message: any text
         self.counts[reason] += 1
+        now = time.monotonic()
         self.last.append({"time": time.time(), "port": port, "peer": peer, "identity": identity,
                           "service": service, "reason": reason, "detail": detail})  # fmt: skip
-        log.warning("refused %s on the %s port (identity %s, service %s): %s: %s",
-                    peer, port, identity, service, reason, detail)  # fmt: skip
+        key = (reason, peer.rsplit(":", 1)[0])
+        seen = self._logged.get(key)
+        if seen is not None and now - seen[0] < REFUSAL_LOG_S:
+            seen[1] += 1
+            return
+        more = f" ({int(seen[1])} more from there in the last minute, not logged)" if seen and seen[1] else ""
+        if seen is None and len(self._logged) >= REFUSAL_LOG_KEYS:
+            del self._logged[next(iter(self._logged))]
+        self._logged[key] = [now, 0.0]
+        log.warning("refused %s on the %s port (identity %s, service %s): %s: %s%s",
+                    peer, port, identity, service, reason, detail, more)  # fmt: skip
 
     def status(self) -> dict[str, Any]:
         return {"counts": dict(self.counts), "last": list(self.last)}
@@ -459,3 +475,9 @@ async def _splice(
         await asyncio.gather(*tasks, return_exceptions=True)
         for w in (a_writer, b_writer):
             w.transport.abort()
+
+
+def _printable(text: str, limit: int = 128) -> str:
+    """What a peer sent, safe to log and show: control characters escaped (no forged log lines), bounded."""
+    out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:limit])
+    return out + "..." if len(text) > limit else out
