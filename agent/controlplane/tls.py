@@ -473,6 +473,7 @@ async def _splice(
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        # Both ends closed now, not when collected: the internal connection must not outlive its peer's mapping.
         for w in (a_writer, b_writer):
             w.transport.abort()
 
