@@ -15,17 +15,25 @@ import hashlib
 import itertools
 import math
 import os
+import random
 import time
 from bisect import bisect_left
 from collections import OrderedDict
 from typing import Any
 
-from agent.correlation import request_id, trace_id
-from agent.decision import LATENCY_BOUNDS_US, Decision, Recall
+from agent.correlation import parent, request_id, trace_id
+from agent.decision import LATENCY_BOUNDS_US, Decision, Recall, RequestView
 from agent.errors import WireError
 from agent.timefmt import rfc3339_ms
 
-__all__ = ["RecallTable", "new_decision_id", "recall_key", "text_digest"]
+__all__ = ["TRACE_BUFFER", "RecallTable", "TraceRecord", "new_decision_id", "recall_key", "text_digest"]
+
+# A span the table recorded for an answer it sampled (agent.tracing makes it): trace id (16 bytes: the caller's,
+# or a new one for a root), the caller's span id (8 bytes; None for a root), trace flags, route, decision id,
+# start (wall clock, ns), latency (ns), method, path (the audit record's).
+TraceRecord = tuple[bytes, bytes | None, int, str, str, int, int, str, str]
+TRACE_BUFFER = 4096  # spans held between two drains; past it they are counted in trace_dropped
+_ID_LIMIT = (1 << 64) - 1
 
 # A random prefix per process and a counter: unique across agents and restarts without a getrandom()
 # per request (measured at ~27 us in sandboxed kernels, a third of a whole decision).
@@ -79,9 +87,16 @@ class RecallTable:
         self._counts: dict[str, int] = {}
         self._buckets = [0] * (len(LATENCY_BOUNDS_US) + 1)
         self._latency_sum = 0
+        self._trace_bound: int | None = None  # tracing off
+        self._traces: list[TraceRecord] = []
+        self.trace_dropped = 0
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    @property
+    def tracing(self) -> bool:
+        return self._trace_bound is not None
 
     def put(self, r: Recall) -> None:
         if self.max_entries <= 0:
@@ -110,6 +125,39 @@ class RecallTable:
         """Forget everything and answer nothing from now on (the engine that filled it is retired)."""
         self.max_entries = 0
         self._entries.clear()
+
+    def trace(self, ratio: float | None) -> None:
+        """Record a span for the answers that are sampled (agent.tracing), as ParentBased(TraceIdRatioBased(ratio))
+        decides: the caller's sampled flag when it sent a parent, else a new trace id below ratio * 2^64. None: off.
+        """
+        if ratio is None:
+            self._trace_bound = None
+            return
+        if not 0.0 <= ratio <= 1.0:
+            raise ValueError("a sampling ratio is between 0 and 1")
+        self._trace_bound = round(ratio * (_ID_LIMIT + 1))
+
+    def traces(self) -> list[TraceRecord]:
+        """The spans recorded since the last call, oldest first; reset."""
+        out, self._traces = self._traces, []
+        return out
+
+    def _record_span(self, view: RequestView, r: Recall, did: str, now: float, start: int, bound: int) -> None:
+        found = parent(view.headers)
+        if found is None:
+            tid = random.getrandbits(128) or 1 << 64
+            if tid & _ID_LIMIT >= bound:
+                return
+            trace_id, span_id, flags = tid.to_bytes(16, "big"), None, 1
+        elif found[2] & 1:
+            trace_id, span_id, flags = bytes.fromhex(found[0]), bytes.fromhex(found[1]), found[2]
+        else:
+            return  # the caller's trace is not sampled
+        if len(self._traces) >= TRACE_BUFFER:
+            self.trace_dropped += 1
+            return
+        latency = time.perf_counter_ns() - start
+        self._traces.append((trace_id, span_id, flags, r.route, did, int(now * 1e9), latency, r.method, r.trace_path))
 
     def fold(self) -> tuple[dict[str, int], list[int], int]:
         """The answers counted since the last fold, per route, and their latency histogram and sum; reset."""
@@ -198,4 +246,6 @@ class RecallTable:
         self._counts[r.route] = self._counts.get(r.route, 0) + 1
         self._buckets[bisect_left(LATENCY_BOUNDS_US, latency)] += 1
         self._latency_sum += latency
+        if self._trace_bound is not None:
+            self._record_span(view, r, did, now, start, self._trace_bound)
         return out

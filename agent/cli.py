@@ -16,6 +16,8 @@ if TYPE_CHECKING:
     from agent.config import Policy
     from agent.controlplane.tls import ClientTlsFiles, ServerTlsFiles
 
+DEFAULT_TRACE_SAMPLE = 0.01  # agent.tracing.DEFAULT_RATIO (not imported: tracing off imports nothing of it)
+
 
 def _load(path: str) -> Policy:
     from agent.config import load_policy
@@ -154,6 +156,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"authz-agent run: {e}", file=sys.stderr)
         return 2
+    tracing = None
+    if args.otlp_endpoint is not None:
+        from agent.tracing import check_ratio, parse_endpoint
+
+        try:
+            ratio = DEFAULT_TRACE_SAMPLE if args.trace_sample is None else args.trace_sample
+            tracing = (parse_endpoint(args.otlp_endpoint), check_ratio(ratio))
+        except ValueError as e:
+            print(f"authz-agent run: {e}", file=sys.stderr)
+            return 2
+    elif args.trace_sample is not None:
+        print("authz-agent run: --trace-sample needs --otlp-endpoint (tracing is off without it)", file=sys.stderr)
+        return 2
     transport = args.transport or ("native" if available() else "grpcio")
     if transport == "native":
         if not available():
@@ -166,10 +181,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         import uvloop
 
         uvloop.run(serve(policy, args.listen, args.admin, args.audit_log, args.policy, transport,
-                         args.token_cache_entries, control, args.audit_format, limits))  # fmt: skip
+                         args.token_cache_entries, control, args.audit_format, limits, tracing))  # fmt: skip
         return 0
     asyncio.run(serve(policy, args.listen, args.admin, args.audit_log, args.policy, transport,
-                      args.token_cache_entries, control, args.audit_format, limits))  # fmt: skip
+                      args.token_cache_entries, control, args.audit_format, limits, tracing))  # fmt: skip
     return 0
 
 
@@ -476,6 +491,21 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=10_000,
         help="verified tokens kept (keyed by hash, never past exp); 0 disables the cache",
+    )
+    tr = r.add_argument_group("tracing (see docs/operations.md, Tracing): off unless --otlp-endpoint")
+    tr.add_argument(
+        "--otlp-endpoint",
+        metavar="URL",
+        help="send a span per decision by OTLP: http(s)://HOST:4318[/v1/traces] (HTTP), grpc://HOST:4317 "
+        "(gRPC, plaintext) or grpcs://HOST:4317 (gRPC, TLS)",
+    )
+    tr.add_argument(
+        "--trace-sample",
+        type=float,
+        default=None,
+        metavar="RATIO",
+        help=f"share of new traces sampled, 0..1 (default {DEFAULT_TRACE_SAMPLE}); a caller's traceparent or B3 "
+        "sampled flag decides for its own trace",
     )
     lim = r.add_argument_group("limits on what peers of the gRPC port may hold (see docs/limits.md)")
     lim.add_argument(

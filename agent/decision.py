@@ -46,6 +46,7 @@ class Decision:
     deny_line: int = 0  # and its line: a route's rule and a top-level one may share a name
     params: dict[str, str] | None = None  # the route's path parameters, less those it keeps out of audit records
     audit_path: str | None = None  # the path with those parameters' segments as `{name}`, when the route omits any
+    cache_hit: bool = False  # answered from a remembered allow (the engine's memo; agent._recall's are never here)
 
 
 # Upper bounds in microseconds of the decision-latency histogram (authz_decision_latency_seconds).
@@ -85,6 +86,7 @@ class Recall:
     limit_key: tuple[str | None, ...] = ()  # the bucket key's parts; None: the request's source address
     limit_name: str = ""  # the RateLimit headers' policy name (a structured-field string)
     limit_policy: str = ""  # the RateLimit-Policy value
+    trace_path: str = ""  # the span's url.path: the audit record's path (no query, omitted parameters as `{name}`)
 
 
 class AuditSink(Protocol):
@@ -106,3 +108,10 @@ class RecallListener(DecisionListener, Protocol):
     recall_resync_s: float
 
     def recalled(self, counts: dict[str, int], buckets: list[int], latency_sum_us: int) -> None: ...
+
+
+class WireTraceListener(RecallListener, Protocol):
+    """A listener that also wants spans for allows agent._recall answers: the engine hands it each table it makes
+    (`wire`), and the listener turns the table's tracing on and drains what it records (agent.tracing)."""
+
+    def wire(self, table: Any) -> None: ...

@@ -253,6 +253,10 @@ class Engine:
             local = limit is None or (not limit.shared and all(k in _RECALL_KEYS or k[:6] == "claim:" for k in keys))
             routes.append(local and all(r.conditions.per_source for r in self._deny_recheck[i]))
         table = RecallTable(self._remember_max, queue, "x-authz-", OVERRIDE_HEADERS)
+        for x in listeners:
+            wire = getattr(x, "wire", None)
+            if wire is not None:
+                wire(table)  # a tracer: the table records the spans it answers (agent.tracing)
         return table, tuple(routes), resync
 
     @property
@@ -385,6 +389,7 @@ class Engine:
             allow_index = next((i for i in hit.earlier if not failing(hit.route.allow[i], facts)), allow_index)
         self._recalled += 1
         decision = self._allow(decision_id, hit.route, principal, view, R.ALLOWED, allow_index)
+        decision.cache_hit = True
         recall = self.recall
         if recall is not None and decision.allowed and hit.per_source and self._recall_routes[hit.index]:
             # Seen here (another address, a new revocation list, the listeners' resync): the table answers it again,
@@ -434,10 +439,10 @@ class Engine:
         assert self.recall is not None
         who = verified.principal
         template = None
+        sample = Decision("", True, 200, R.ALLOWED, "allow", route.name, who)
+        sample.allow_index = allow_index
+        self.audit_params(sample, view.path)  # the recorded path, the span's too
         if self.audit is not None:
-            sample = Decision("", True, 200, R.ALLOWED, "allow", route.name, who)
-            sample.allow_index = allow_index
-            self.audit_params(sample, view.path)
             template = self.audit.recall_template(view, sample, self.policy)  # type: ignore[attr-defined]
             if template is None:
                 return  # an audited decision is never answered without its record
@@ -461,6 +466,7 @@ class Engine:
             source=view.source,
             observed_at=self._clock(),
             resync_s=self._resync_s,
+            trace_path=sample.audit_path or view.path.split("?", 1)[0].split("#", 1)[0],
         )
         limited = self.limiters.get(route.name) if route.rate_limit is not None else None
         if limited is not None:

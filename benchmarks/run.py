@@ -209,7 +209,13 @@ def wrk(port: int, token: str | None) -> dict[str, Any]:
 
 
 def agent_cmd(
-    fx: Fixture, transport: str, port: int, admin: int, cache: int = 10_000, policy: Path | None = None
+    fx: Fixture,
+    transport: str,
+    port: int,
+    admin: int,
+    cache: int = 10_000,
+    policy: Path | None = None,
+    extra: tuple[str, ...] = (),
 ) -> list[str]:
     return [
         str(BIN / "authz-agent"),
@@ -226,6 +232,7 @@ def agent_cmd(
         str(fx.work / f"audit-{transport}-{port}.log"),
         "--token-cache-entries",
         str(cache),
+        *extra,
     ]
 
 
@@ -511,6 +518,60 @@ def envoy_rows(fx: Fixture) -> list[dict[str, Any]]:
             agent_cmd(fx, transport, p, a), p, fx.work / f"envoy-agent-{transport}.log", f"http://127.0.0.1:{a}/readyz"
         ):
             run(f"Envoy + agent {transport}", envoy_config(free_port(), p), fx.token)
+    return rows
+
+
+def trace_spans(admin: int) -> dict[str, int]:
+    """The agent's count of spans exported, failed and dropped (its /metrics)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as page:
+        found = re.findall(r'^authz_trace_spans(?:_total)?\{result="(\w+)"\} (\S+)$', page.read().decode(), re.M)
+    return {k: int(float(v)) for k, v in found}
+
+
+def tracing_rows(fx: Fixture) -> list[dict[str, Any]]:
+    """A span per decision (--otlp-endpoint) beside the same load without it: the native agent on the direct
+    repeated load (new traces sampled at the default 0.01, and every one at 1.0: the worst case) and through Envoy
+    (0.01), exporting by OTLP/gRPC to a loopback collector that discards (benchmarks/otlp_sink.py, on CPU 1).
+    h2load and wrk send no traceparent, so every decision is a new trace, sampled at the ratio."""
+    rows: list[dict[str, Any]] = []
+    sink = free_port()
+    sink_cmd = ["taskset", "-c", LOAD_CPU, sys.executable, "-m", "benchmarks.otlp_sink", "--port", str(sink)]
+    with (fx.work / "otlp-sink.log").open("wb") as out:
+        collector = subprocess.Popen(sink_cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        wait_port(sink)
+        for ratio in (None, "0.01", "1.0"):
+            extra = () if ratio is None else ("--otlp-endpoint", f"grpc://127.0.0.1:{sink}", "--trace-sample", ratio)
+            p, a = free_port(), free_port()
+            cmd = agent_cmd(fx, "native", p, a, extra=extra)
+            with server(cmd, p, fx.work / f"trace-{ratio}.log", f"http://127.0.0.1:{a}/readyz"):
+                r = h2load(p, fx.allow_body)
+                spans = {f"spans_{k}": v for k, v in trace_spans(a).items()} if ratio else {}
+            name = "tracing off" if ratio is None else f"tracing {ratio}"
+            rows.append({"group": "tracing", "server": "agent native", "workload": f"repeated, {name}", **r, **spans})
+            print(f"  tracing direct {name:<13} {r['rps']:>10.0f} req/s  mean {r['latency_mean']}  spans {spans}")
+        for ratio in (None, "0.01"):
+            extra = () if ratio is None else ("--otlp-endpoint", f"grpc://127.0.0.1:{sink}", "--trace-sample", ratio)
+            p, a = free_port(), free_port()
+            cmd = agent_cmd(fx, "native", p, a, extra=extra)
+            with server(cmd, p, fx.work / f"trace-envoy-{ratio}.log", f"http://127.0.0.1:{a}/readyz"):
+                listen = free_port()
+                env = EnvoyProcess(envoy_config(listen, p), fx.work / f"envoy-trace-{ratio}")
+                env.start()
+                subprocess.run(["taskset", "-pc", SERVER_CPU, str(env.proc.pid)], capture_output=True, check=False)
+                try:
+                    r = wrk(listen, fx.token)
+                finally:
+                    env.stop()
+                spans = {f"spans_{k}": v for k, v in trace_spans(a).items()} if ratio else {}
+            name = "tracing off" if ratio is None else f"tracing {ratio}"
+            rows.append({"group": "tracing", "server": "Envoy + agent native", "workload": name, **r, **spans})
+            print(f"  tracing envoy  {name:<13} {r['rps']:>10.0f} req/s  mean {r['latency_mean']}  spans {spans}")
+    finally:
+        collector.terminate()
+        collector.wait(10)
     return rows
 
 
@@ -848,6 +909,7 @@ def main() -> int:
         ("alternatives", lambda fx: alternatives_rows(fx, rows)),
         ("latency", latency_rows),
         ("envoy", envoy_rows),
+        ("tracing", tracing_rows),
         ("verify", verify_rows),
         ("pop", pop_rows),
     ]
@@ -902,6 +964,14 @@ def main() -> int:
         ratios["`when` reads now/old shape judged"] = round(
             alt["3 alternatives, `when` reads now"] / alt["one alternative (old shape), judged"], 2
         )
+    for name, a, b in (
+        ("tracing 0.01/off direct repeated", "repeated, tracing 0.01", "repeated, tracing off"),
+        ("tracing 1.0/off direct repeated", "repeated, tracing 1.0", "repeated, tracing off"),
+    ):
+        ratios[name] = ratio(rows, ("tracing", "agent native", a), ("tracing", "agent native", b))
+    ratios["envoy tracing 0.01/off"] = ratio(
+        rows, ("tracing", "Envoy + agent native", "tracing 0.01"), ("tracing", "Envoy + agent native", "tracing off")
+    )
     verify = {r["server"]: r["us"] for r in rows if r["group"] == "verify"}
     if verify:
         ratios["agent miss/OpenSSL floor"] = round(

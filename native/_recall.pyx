@@ -222,6 +222,9 @@ cdef struct Scan:
     Cur traceparent
     Cur b3_traceid
     Cur b3
+    Cur b3_spanid    # x-b3-spanid, x-b3-sampled, x-b3-flags: read only while the table traces
+    Cur b3_sampled
+    Cur b3_flags
     bint has_auth
     bint has_request_id
     bint has_traceparent
@@ -299,6 +302,13 @@ cdef int header_entry(Cur c, Scan *sc, RecallTable t) noexcept:
     elif n == 2 and memcmp(k.p, b"b3", 2) == 0:
         sc.b3 = v
         sc.has_b3 = True
+    elif t.tracing:
+        if n == 11 and memcmp(k.p, b"x-b3-spanid", 11) == 0:
+            sc.b3_spanid = v
+        elif n == 12 and memcmp(k.p, b"x-b3-sampled", 12) == 0:
+            sc.b3_sampled = v
+        elif n == 10 and memcmp(k.p, b"x-b3-flags", 10) == 0:
+            sc.b3_flags = v
     return 0
 
 
@@ -365,6 +375,92 @@ cdef char *put_trace_id(char *p, Scan *sc) noexcept:
             return put_quoted(p, out, 32)
     memcpy(p, b"null", 4)  # all zeros: no trace
     return p + 4
+
+
+cdef inline int hexval(uint8_t ch) noexcept:
+    return ch - 48 if ch <= 57 else ch - 87  # a lower-case hex digit (checked before)
+
+
+cdef bint unhex(const uint8_t *p, Py_ssize_t n, unsigned char *out) noexcept:
+    """n lower-case hex digits (even n) into n/2 bytes; False when they are all zero."""
+    cdef Py_ssize_t i
+    cdef unsigned char any_set = 0
+    for i in range(n // 2):
+        out[i] = <unsigned char>(hexval(p[2 * i]) << 4 | hexval(p[2 * i + 1]))
+        any_set |= out[i]
+    return any_set != 0
+
+
+cdef inline bint b3_sampled(const uint8_t *p, Py_ssize_t n) noexcept:
+    # "1", "d", "true", "True": the values the SDK's B3 propagator takes as sampled
+    return ((n == 1 and (p[0] == 49 or p[0] == 100))
+            or (n == 4 and (p[0] == 116 or p[0] == 84) and memcmp(p + 1, b"rue", 3) == 0))
+
+
+cdef int trace_parent(Scan *sc, unsigned char *tid, unsigned char *sid, int *flags) noexcept:
+    """The caller's span (agent.correlation.parent): 1 with its trace id, span id and flags, else 0 (no parent, or
+    a malformed one: the span is then a root)."""
+    cdef const uint8_t *v
+    cdef const uint8_t *t
+    cdef const uint8_t *s
+    cdef Py_ssize_t n, tn, sn, i, dashes
+    cdef bint sampled
+    cdef unsigned char wide[16]
+    if sc.has_traceparent:
+        v = sc.traceparent.p
+        n = sc.traceparent.end - v
+        if not (n >= 55 and lower_hex(v, 2) and v[2] == 45 and lower_hex(v + 3, 32) and v[35] == 45
+                and lower_hex(v + 36, 16) and v[52] == 45 and lower_hex(v + 53, 2)
+                and not (v[0] == 102 and v[1] == 102)
+                and (n == 55 or (not (v[0] == 48 and v[1] == 48) and v[55] == 45))):
+            return 0
+        if not unhex(v + 3, 32, tid) or not unhex(v + 36, 16, sid):
+            return 0
+        flags[0] = hexval(v[53]) << 4 | hexval(v[54])
+        return 1
+    if sc.has_b3_traceid:
+        t, tn = sc.b3_traceid.p, sc.b3_traceid.end - sc.b3_traceid.p
+        s, sn = sc.b3_spanid.p, sc.b3_spanid.end - sc.b3_spanid.p
+        sampled = (b3_sampled(sc.b3_sampled.p, sc.b3_sampled.end - sc.b3_sampled.p)
+                   or (sc.b3_flags.end - sc.b3_flags.p == 1 and sc.b3_flags.p[0] == 49))
+    elif sc.has_b3 and sc.b3.end > sc.b3.p:
+        v = sc.b3.p
+        n = sc.b3.end - v
+        dashes = 0
+        t = v
+        tn = sn = 0
+        s = v
+        for i in range(n):
+            if v[i] == 45:
+                dashes += 1
+                if dashes == 1:
+                    tn = i
+                    s = v + i + 1
+                elif dashes == 2:
+                    sn = v + i - s
+        if dashes < 1 or dashes > 3:
+            return 0  # split("-", 4): one field, or five
+        if dashes == 1:
+            sn = v + n - s
+            sampled = True  # the decision deferred: the SDK takes it as sampled
+        else:
+            # the third field: up to the next '-' or the end
+            t = s + sn + 1
+            i = 0
+            while t + i < v + n and t[i] != 45:
+                i += 1
+            sampled = b3_sampled(t, i)
+            t = v
+    else:
+        return 0
+    if not (tn == 16 or tn == 32) or not lower_hex(t, tn) or sn != 16 or not lower_hex(s, 16):
+        return 0
+    memset(wide, 0, 16)
+    if not unhex(t, tn, wide + 16 - tn // 2) or not unhex(s, 16, sid):
+        return 0
+    memcpy(tid, wide, 16)
+    flags[0] = 1 if sampled else 0
+    return 1
 
 
 cdef int socket_address(Cur c, Scan *sc) noexcept:
@@ -641,6 +737,25 @@ cdef class _Entry:
     cdef bytes limit_policy_option
     cdef bytes limit_name
     cdef double limit_rate, limit_burst
+    cdef str route, method, trace_path  # for the spans of the answers (agent.tracing)
+
+
+cdef struct TraceRec:
+    # A sampled answer's span, for agent.tracing (RecallTable.traces): agent._recall_py.TraceRecord in C.
+    unsigned char trace_id[16]
+    unsigned char span_id[8]
+    int has_parent
+    int flags
+    PyObject *entry   # a strong reference: route, method and path
+    char did[48]
+    Py_ssize_t did_n
+    long long start_ns
+    long long latency_ns
+
+
+cdef enum:
+    TRACE_BUFFER = 4096  # spans held between two drains; past it they are counted in trace_dropped
+TRACE_ID_LIMIT = (1 << 64) - 1
 
 
 cdef struct Slot:
@@ -680,6 +795,16 @@ cdef class RecallTable:
     cdef Py_ssize_t counts_cap
     cdef long long buckets[32]
     cdef long long latency_sum
+    cdef readonly bint tracing
+    cdef readonly long long trace_dropped
+    cdef bint trace_all       # ratio 1: every root sampled
+    cdef uint64_t trace_bound  # else a root is sampled when its trace id's low 64 bits are below this
+    cdef uint64_t rng          # splitmix64 state for new trace ids
+    cdef TraceRec *traces_buf
+    cdef TraceRec *traces_spare
+    cdef Py_ssize_t traces_n
+    cdef bint draining
+    cdef object __weakref__  # the tracer holds tables weakly: an engine built and never served is not kept
 
     def __cinit__(self, Py_ssize_t max_entries, object audit=None, str spoofable_prefix="x-authz-",
                   frozenset spoofable_names=frozenset()):
@@ -716,9 +841,17 @@ cdef class RecallTable:
             self.name_lens[i] = len(self.names_b[i])
         self.routes = []
         self.route_slots = {}
+        self.tracing = False
+        self.traces_buf = NULL
+        self.traces_spare = NULL
 
     def __dealloc__(self):
         cdef Py_ssize_t i
+        if self.traces_buf != NULL:
+            for i in range(self.traces_n):
+                Py_XDECREF(self.traces_buf[i].entry)
+        free(self.traces_buf)
+        free(self.traces_spare)
         if self.slots != NULL:
             for i in range(self.cap):
                 if self.slots[i].entry != NULL:
@@ -840,6 +973,9 @@ cdef class RecallTable:
             self.routes.append(spec.route)
             self.route_slots[spec.route] = slot
         e.slot = slot
+        e.route = spec.route
+        e.method = spec.method
+        e.trace_path = spec.trace_path
         e.limit = spec.limit
         if spec.limit is not None:
             e.limit_parts = tuple(spec.limit_key)
@@ -897,6 +1033,119 @@ cdef class RecallTable:
         total = self.latency_sum
         self.latency_sum = 0
         return counts, buckets, total
+
+    def trace(self, ratio):
+        """Record a span for the answers that are sampled (agent.tracing), as ParentBased(TraceIdRatioBased(ratio))
+        decides: the caller's sampled flag when it sent a parent, else a new trace id below ratio * 2^64. None: off.
+        """
+        cdef object bound
+        if ratio is None:
+            self.tracing = False
+            return
+        if not 0.0 <= ratio <= 1.0:
+            raise ValueError("a sampling ratio is between 0 and 1")
+        if self.traces_buf == NULL:
+            self.traces_buf = <TraceRec*>calloc(TRACE_BUFFER, sizeof(TraceRec))
+            self.traces_spare = <TraceRec*>calloc(TRACE_BUFFER, sizeof(TraceRec))
+            if self.traces_buf == NULL or self.traces_spare == NULL:
+                raise MemoryError()
+            self.rng = int.from_bytes(os.urandom(8), "big")
+        bound = round(ratio * (TRACE_ID_LIMIT + 1))
+        self.trace_all = bound > TRACE_ID_LIMIT
+        self.trace_bound = 0 if self.trace_all else bound
+        self.tracing = True
+
+    def traces(self):
+        """The spans recorded since the last call, oldest first; reset. One drain at a time: a call while another
+        is under way (another thread) returns nothing."""
+        cdef TraceRec *recs
+        cdef TraceRec *r
+        cdef Py_ssize_t n, i = 0
+        cdef _Entry e
+        out = []
+        if self.draining or self.traces_buf == NULL:
+            return out
+        self.draining = True
+        # Swapped before any object is made: an answer on another thread meanwhile writes into the other buffer.
+        recs = self.traces_buf
+        n = self.traces_n
+        self.traces_buf = self.traces_spare
+        self.traces_spare = recs
+        self.traces_n = 0
+        try:
+            while i < n:
+                r = &recs[i]
+                e = <_Entry>r.entry
+                out.append((
+                    PyBytes_FromStringAndSize(<char*>r.trace_id, 16),
+                    PyBytes_FromStringAndSize(<char*>r.span_id, 8) if r.has_parent else None,
+                    r.flags,
+                    e.route,
+                    r.did[:r.did_n].decode("ascii"),
+                    r.start_ns,
+                    r.latency_ns,
+                    e.method,
+                    e.trace_path,
+                ))
+                Py_XDECREF(r.entry)
+                r.entry = NULL
+                i += 1
+        finally:
+            while i < n:  # only on an error making them: never a reference left behind
+                Py_XDECREF(recs[i].entry)
+                recs[i].entry = NULL
+                i += 1
+            self.draining = False
+        return out
+
+    cdef inline uint64_t random64(self) noexcept:
+        # splitmix64: new trace ids need to be unique and uniform, not secret
+        cdef uint64_t z
+        self.rng += 0x9E3779B97F4A7C15ULL
+        z = self.rng
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL
+        return z ^ (z >> 31)
+
+    cdef void record_span(self, _Entry e, Scan *sc, const char *did, Py_ssize_t did_n, double now,
+                          long long start) noexcept:
+        """The span of a sampled answer into the buffer (no Python object made); else nothing."""
+        cdef TraceRec *r
+        cdef unsigned char tid[16]
+        cdef unsigned char sid[8]
+        cdef int flags = 1, k
+        cdef uint64_t low, high
+        cdef bint has_parent = trace_parent(sc, tid, sid, &flags) == 1
+        if has_parent:
+            if not (flags & 1):
+                return  # the caller's trace is not sampled
+        else:
+            low = self.random64()
+            if not self.trace_all and low >= self.trace_bound:
+                return
+            high = self.random64()
+            if high == 0 and low == 0:
+                high = 1
+            for k in range(8):
+                tid[k] = (high >> (56 - 8 * k)) & 0xFF
+                tid[8 + k] = (low >> (56 - 8 * k)) & 0xFF
+            flags = 1
+        if self.traces_n >= TRACE_BUFFER:
+            self.trace_dropped += 1
+            return
+        r = &self.traces_buf[self.traces_n]
+        memcpy(r.trace_id, tid, 16)
+        if has_parent:
+            memcpy(r.span_id, sid, 8)
+        r.has_parent = has_parent
+        r.flags = flags
+        Py_INCREF(e)
+        r.entry = <PyObject*>e
+        memcpy(r.did, did, did_n)
+        r.did_n = did_n
+        r.start_ns = <long long>(now * 1e9)
+        r.latency_ns = mono_ns() - start
+        self.traces_n += 1
 
     cdef int reserve(self, Py_ssize_t n) except -1:
         cdef char *grown
@@ -1005,6 +1254,8 @@ cdef class RecallTable:
             i = NBUCKETS - 1
         self.buckets[i] += 1
         self.latency_sum += latency
+        if self.tracing:
+            self.record_span(e, &sc, did, did_n, now, start)
         return out
 
     cdef int record(self, _Entry e, double now, const char *did, Py_ssize_t did_n, const uint8_t *src,

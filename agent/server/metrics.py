@@ -98,6 +98,17 @@ class AgentCollector:
             "authz_revocations_sequence", "The revocation list in force", value=float(server.revocations.sequence)
         )
 
+        tracer = server.tracer
+        if tracer is not None:  # --otlp-endpoint: what became of the sampled decisions' spans
+            spans = CounterMetricFamily(
+                "authz_trace_spans", "Sampled decisions' spans: exported, failed (the collector refused or was not "
+                "reached), dropped (buffers full: the exporter behind)", labels=["result"],
+            )  # fmt: skip
+            spans.add_metric(["exported"], tracer.exported)
+            spans.add_metric(["failed"], tracer.failed)
+            spans.add_metric(["dropped"], tracer.dropped)
+            yield spans
+
         transport_stats = getattr(server.transport, "stats", None)
         if transport_stats is not None:  # the native transport's limits (docs/limits.md)
             t = transport_stats()

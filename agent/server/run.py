@@ -11,6 +11,7 @@ from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 from aiohttp import web
@@ -34,6 +35,10 @@ from agent.server.grpc_transport import GrpcTransport
 from agent.server.limits import TransportLimits
 from agent.server.native_transport import NativeTransport
 
+if TYPE_CHECKING:
+    from agent.decision import DecisionListener
+    from agent.tracing import Endpoint, Tracer
+
 log = logging.getLogger("agent")
 
 
@@ -52,8 +57,10 @@ class AgentServer:
         token_cache_entries: int = 10_000,
         audit_format: str = "json",
         limits: TransportLimits | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self.audit = JsonLinesAudit(audit_log, encoding=audit_format)
+        self.tracer = tracer  # spans per decision (--otlp-endpoint); None: no listener, nothing paid
         # Without a policy yet (a control plane not reached, no last good bundle) every check is refused
         # with 503 policy_unavailable and the agent is not ready.
         self.policy_loaded = policy is not None
@@ -77,7 +84,7 @@ class AgentServer:
             replay=self.replay,
             shared=self._shared_for(policy),
             revocations=self.revocations,
-            listeners=(self.stats, self._alerts_for(policy)),
+            listeners=self._listeners_for(policy),
             wire_recall=transport == "native",
         )
         self.listen = listen
@@ -95,6 +102,13 @@ class AgentServer:
             self.transport = NativeTransport(lambda: self.engine, listen, limits=limits)
         else:
             self.transport = GrpcTransport(lambda: self.engine, listen, limits=limits)
+
+    def _listeners_for(self, policy: Policy) -> tuple[DecisionListener, ...]:
+        """Who watches an engine's decisions: the counts, the alerts, and the spans when tracing is on."""
+        listeners: tuple[DecisionListener, ...] = (self.stats, self._alerts_for(policy))
+        if self.tracer is not None:
+            listeners += (self.tracer.listener(policy),)
+        return listeners
 
     def _alerts_for(self, policy: Policy) -> AlertMonitor:
         """The alert monitor for the policy's thresholds; its windows carry over reloads that keep them. Called
@@ -159,6 +173,8 @@ class AgentServer:
         loop = asyncio.get_running_loop()
         for store in self.engine.stores.values():
             self._start_refresher(store)
+        if self.tracer is not None:
+            self.tracer.start()
         await self.transport.start()
         if self.admin_listen:
             from agent.server.metrics import metrics_text
@@ -220,7 +236,7 @@ class AgentServer:
                 replay=self.replay,
                 shared=self._shared_for(policy),
                 revocations=self.revocations,
-                listeners=(self.stats, self._alerts_for(policy)),
+                listeners=self._listeners_for(policy),
                 wire_recall=isinstance(self.transport, NativeTransport),
             )
             await asyncio.gather(*(s.refresh() for s in fresh))
@@ -340,6 +356,8 @@ class AgentServer:
             await shared.close()
         if self.webhook is not None:
             await self.webhook.close()
+        if self.tracer is not None:
+            await asyncio.to_thread(self.tracer.close, 5.0)  # the last spans flushed, bounded
         await asyncio.to_thread(self.audit.close)
 
 
@@ -379,8 +397,16 @@ async def serve(
     control: ControlPlaneOptions | None = None,
     audit_format: str = "json",
     limits: TransportLimits | None = None,
+    tracing: tuple[Endpoint, float] | None = None,
 ) -> None:
     """Run until SIGTERM or SIGINT, then drain in-flight checks and stop."""
+    tracer = None
+    if tracing is not None:
+        from agent.tracing import Tracer
+
+        tracer = Tracer(*tracing)
+        log.info("tracing: spans to %s (OTLP/%s), new traces sampled at %g", tracing[0].url,
+                 "gRPC" if tracing[0].transport == "grpc" else "HTTP", tracing[1])  # fmt: skip
     server = AgentServer(
         policy,
         listen,
@@ -391,6 +417,7 @@ async def serve(
         token_cache_entries=token_cache_entries,
         audit_format=audit_format,
         limits=limits,
+        tracer=tracer,
     )
     # Signals first: a SIGTERM that comes while the port is already open must drain, not kill.
     stop = asyncio.Event()

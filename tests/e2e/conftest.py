@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,7 +125,13 @@ class AgentProcess:
     """`authz-agent run` with a policy file, or with other source arguments (e.g. --control-plane ...)."""
 
     def __init__(
-        self, policy: Path | list[str], listen: str, workdir: Path, transport: str = "grpcio", wait_ready: bool = True
+        self,
+        policy: Path | list[str],
+        listen: str,
+        workdir: Path,
+        transport: str = "grpcio",
+        wait_ready: bool = True,
+        extra: Sequence[str] = (),
     ) -> None:
         self.admin = f"127.0.0.1:{free_port()}"
         self.listen = listen
@@ -148,6 +154,7 @@ class AgentProcess:
                 str(self.audit),
                 "--transport",
                 transport,
+                *extra,
             ],
             stdout=self._err,
             stderr=subprocess.STDOUT,
@@ -214,7 +221,7 @@ def make_stack(loop_thread: LoopThread, tmp_path_factory: pytest.TempPathFactory
     stacks: list[Stack] = []
     cleanups: list[Callable[[], None]] = []
 
-    def make(listen_unix: bool = False, transport: str = "grpcio") -> Stack:
+    def make(listen_unix: bool = False, transport: str = "grpcio", agent_args: Sequence[str] = ()) -> Stack:
         work = tmp_path_factory.mktemp("stack")
         idp = LocalIdP()
         loop_thread.run(idp.start())
@@ -227,7 +234,7 @@ def make_stack(loop_thread: LoopThread, tmp_path_factory: pytest.TempPathFactory
         cleanups.append(lambda: loop_thread.run(hook_runner.cleanup()))
         policy.write_text(POLICY.format(idp=idp_yaml(idp.issuer), webhook=f"http://127.0.0.1:{hook_port}/hook"))
         listen = f"unix:{work / 'agent.sock'}" if listen_unix else f"127.0.0.1:{free_port()}"
-        agent = AgentProcess(policy, listen, work, transport)
+        agent = AgentProcess(policy, listen, work, transport, extra=agent_args)
         port = free_port()
         envoy = EnvoyProcess(bootstrap(f"127.0.0.1:{port}", f"127.0.0.1:{app_port}", listen), work)
         envoy.start()

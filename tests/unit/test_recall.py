@@ -600,3 +600,103 @@ async def test_records_carry_the_request_and_trace_ids_and_path_parameters(
         assert record["params"] == {"tenant": "acme"}
         assert record["path"] == "/v1/tenants/acme/orders/{id}"
     assert "secret-42" not in json.dumps(records)
+
+
+# ---- spans for the answers (agent.tracing): the same records from both twins, as agent.correlation decides ----
+
+TID, SID = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"  # pragma: allowlist secret (W3C example ids)
+ROOT = "root"  # a new trace: recorded at ratio 1, never at ratio 0
+PARENTS: list[tuple[dict[str, str], object]] = [
+    ({"traceparent": f"00-{TID}-{SID}-01"}, (TID, SID, 1)),
+    ({"traceparent": f"00-{TID}-{SID}-03"}, (TID, SID, 3)),
+    ({"traceparent": f"00-{TID}-{SID}-00"}, None),  # the caller's trace is not sampled: no span
+    ({"traceparent": f"01-{TID}-{SID}-01-later"}, (TID, SID, 1)),
+    ({"traceparent": f"00-{TID}-{SID}-01-later"}, ROOT),  # malformed (version 00 has no more fields): no parent
+    ({"traceparent": f"ff-{TID}-{SID}-01"}, ROOT),
+    ({"traceparent": f"00-{'0' * 32}-{SID}-01"}, ROOT),
+    ({"traceparent": f"00-{TID}-{'0' * 16}-01"}, ROOT),
+    ({"traceparent": f"00-{TID.upper()}-{SID}-01"}, ROOT),
+    ({"traceparent": "00-xyz", "b3": f"{TID}-{SID}-1"}, ROOT),  # traceparent first, as the audit's trace_id
+    ({"x-b3-traceid": TID, "x-b3-spanid": SID, "x-b3-sampled": "1"}, (TID, SID, 1)),
+    ({"x-b3-traceid": TID[16:], "x-b3-spanid": SID, "x-b3-sampled": "true"}, ("0" * 16 + TID[16:], SID, 1)),
+    ({"x-b3-traceid": TID, "x-b3-spanid": SID, "x-b3-flags": "1"}, (TID, SID, 1)),
+    ({"x-b3-traceid": TID, "x-b3-spanid": SID}, None),  # no sampling state: the SDK's propagator says unsampled
+    ({"x-b3-traceid": TID, "x-b3-spanid": SID, "x-b3-sampled": "0"}, None),
+    ({"x-b3-traceid": TID}, ROOT),
+    ({"b3": f"{TID}-{SID}"}, (TID, SID, 1)),  # deferred: the SDK's propagator takes it as sampled
+    ({"b3": f"{TID}-{SID}-d"}, (TID, SID, 1)),
+    ({"b3": f"{TID}-{SID}-True-{SID}"}, (TID, SID, 1)),
+    ({"b3": f"{TID}-{SID}-0"}, None),
+    ({"b3": f"{TID}-{SID}-1-{SID}-x"}, ROOT),  # five fields
+    ({"b3": "1"}, ROOT),
+    ({"b3": f"{TID}-{SID[:15]}-1"}, ROOT),
+    ({}, ROOT),
+]
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.0])
+async def test_sampled_answers_record_their_spans_as_the_parent_decides(
+    build: Callable[..., Agent], keys: dict[str, SigningKey], ratio: float
+) -> None:
+    agent = await ready(build())
+    token = mint(keys["ES256"])
+    agent.decide(request(token, "/v1/orders?page=2"))
+    table = agent.table
+    assert not table.tracing and table.traces() == []
+    table.trace(ratio)
+    assert table.tracing
+    for headers, expected in PARENTS:
+        answered = agent.answer(request(token, "/v1/orders?page=2", headers=headers))
+        assert answered is not None, headers
+        got = table.traces()
+        if expected is None or (expected == ROOT and ratio == 0.0):
+            assert got == [], headers
+            continue
+        assert len(got) == 1, headers
+        tid, sid, flags, route, did, start_ns, latency_ns, method, path = got[0]
+        assert (route, did, method, path) == ("list-orders", did_of(answered), "GET", "/v1/orders")
+        assert start_ns == int(agent.clock.now * 1e9) and 0 < latency_ns < 10**9
+        if expected == ROOT:
+            assert len(tid) == 16 and tid != bytes(16) and sid is None and flags == 1, headers
+        else:
+            assert (tid.hex(), sid.hex() if sid else None, flags) == expected, headers
+    assert table.trace_dropped == 0
+
+
+async def test_tracing_off_records_nothing_and_a_full_buffer_counts_drops(
+    build: Callable[..., Agent], keys: dict[str, SigningKey], module: Any
+) -> None:
+    agent = await ready(build())
+    token = mint(keys["ES256"])
+    message = request(token, headers={"traceparent": f"00-{TID}-{SID}-01"})
+    agent.decide(message)
+    assert agent.answer(message) is not None and agent.table.traces() == []
+    with pytest.raises(ValueError):
+        agent.table.trace(1.5)
+    agent.table.trace(0.5)
+    n = module.TRACE_BUFFER if hasattr(module, "TRACE_BUFFER") else 4096
+    for _ in range(n + 3):
+        assert agent.answer(message) is not None
+    assert agent.table.trace_dropped == 3
+    got = agent.table.traces()
+    assert len(got) == n and len({r[4] for r in got}) == n  # one per answer, each its own decision
+    agent.table.trace(None)
+    assert agent.answer(message) is not None and agent.table.traces() == []
+    agent.table.close()  # a retired table keeps what it recorded until it is drained
+    assert agent.table.traces() == []
+
+
+async def test_root_sampling_follows_the_ratio(build: Callable[..., Agent], keys: dict[str, SigningKey]) -> None:
+    """A root is sampled when its new trace id's low 64 bits are below ratio * 2^64 (TraceIdRatioBased)."""
+    agent = await ready(build())
+    token = mint(keys["ES256"])
+    message = request(token)
+    agent.decide(message)
+    agent.table.trace(0.25)
+    n = 2000
+    for _ in range(n):
+        agent.answer(message)
+    got = agent.table.traces()
+    assert 0.25 * n * 0.8 < len(got) < 0.25 * n * 1.2
+    assert all(int.from_bytes(r[0][8:], "big") < (1 << 62) for r in got)
+    assert len({r[0] for r in got}) == len(got)
