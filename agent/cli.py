@@ -158,16 +158,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     tracing = None
     if args.otlp_endpoint is not None:
-        from agent.tracing import check_ratio, parse_endpoint
+        from agent.tracing import DEFAULT_MAX_RATE, check_max_rate, check_ratio, parse_endpoint
 
         try:
             ratio = DEFAULT_TRACE_SAMPLE if args.trace_sample is None else args.trace_sample
-            tracing = (parse_endpoint(args.otlp_endpoint), check_ratio(ratio))
+            rate = DEFAULT_MAX_RATE if args.trace_max_rate is None else args.trace_max_rate
+            tracing = (parse_endpoint(args.otlp_endpoint), check_ratio(ratio), check_max_rate(rate))
         except ValueError as e:
             print(f"authz-agent run: {e}", file=sys.stderr)
             return 2
-    elif args.trace_sample is not None:
-        print("authz-agent run: --trace-sample needs --otlp-endpoint (tracing is off without it)", file=sys.stderr)
+    elif args.trace_sample is not None or args.trace_max_rate is not None:
+        flag = "--trace-sample" if args.trace_sample is not None else "--trace-max-rate"
+        print(f"authz-agent run: {flag} needs --otlp-endpoint (tracing is off without it)", file=sys.stderr)
         return 2
     transport = args.transport or ("native" if available() else "grpcio")
     if transport == "native":
@@ -506,6 +508,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar="RATIO",
         help=f"share of new traces sampled, 0..1 (default {DEFAULT_TRACE_SAMPLE}); a caller's traceparent or B3 "
         "sampled flag decides for its own trace",
+    )
+    tr.add_argument(
+        "--trace-max-rate",
+        type=float,
+        default=None,
+        metavar="SPANS",
+        help="spans made per second at most (default 1000); past it they are dropped and counted, so callers "
+        "that set the sampled flag on every request cannot take the agent's CPU",
     )
     lim = r.add_argument_group("limits on what peers of the gRPC port may hold (see docs/limits.md)")
     lim.add_argument(

@@ -37,6 +37,10 @@ __all__ = ["DEFAULT_RATIO", "Endpoint", "SpanListener", "Tracer", "authn_method"
 log = logging.getLogger("agent.tracing")
 
 DEFAULT_RATIO = 0.01
+# Spans made per second at most (--trace-max-rate). A caller sets the sampled flag of its own traceparent, and a
+# proxy in front that passes it on unchanged lets a hostile client ask for a span on every request: each costs the
+# agent ~25 us of Python on its one core to make and more to export, so past this budget they are dropped, counted.
+DEFAULT_MAX_RATE = 1000.0
 _ID_LIMIT = (1 << 64) - 1
 PENDING_MAX = 4096  # engine decisions' spans waiting for the tracer's thread; past it they are dropped, counted
 SPAN_NAME = "authz.check"
@@ -80,6 +84,12 @@ def parse_endpoint(url: str) -> Endpoint:
         return Endpoint("grpc", ("http" if scheme == "grpc" else "https") + "://" + netloc, scheme == "grpc")
     path = u.path if u.path not in ("", "/") else "/v1/traces"
     return Endpoint("http", f"{scheme}://{netloc}{path}", scheme == "http")
+
+
+def check_max_rate(rate: float) -> float:
+    if not (rate >= 1.0 and rate < float("inf")):
+        raise ValueError(f"--trace-max-rate must be at least 1 span a second, got {rate}")
+    return rate
 
 
 def check_ratio(ratio: float) -> float:
@@ -179,6 +189,7 @@ class Tracer:
         schedule_delay_ms: float = 1000.0,
         max_queue_size: int = 2048,
         export_timeout_s: float = 5.0,
+        max_rate: float = DEFAULT_MAX_RATE,
     ) -> None:
         from opentelemetry import trace as api
         from opentelemetry.context import Context
@@ -253,6 +264,9 @@ class Tracer:
         self._lock = threading.Lock()  # one drain at a time (the thread's, close's)
         self._thread = threading.Thread(target=self._run, name="authz-tracing", daemon=True)
         self.ended = 0  # spans handed to the batch processor
+        self.max_rate = max_rate
+        self._budget = max_rate  # a token bucket refilled by max_rate a second, holding a second's worth at most
+        self._budget_at = time.monotonic()
         self._dropped = 0  # dropped here: the pending queue full, or the exporter's backlog at the queue's size
         self._dropped_tables = 0  # counts of tables no longer drained
 
@@ -326,6 +340,13 @@ class Tracer:
         (service, version, trace_id, span_id, flags, route, did, start, latency, method, path, outcome, reason,
          authn, cache_hit) = p  # fmt: skip
         exporter = self._exporter
+        now = time.monotonic()
+        self._budget = min(self.max_rate, self._budget + (now - self._budget_at) * self.max_rate)
+        self._budget_at = now
+        if self._budget < 1.0:
+            self._dropped += 1  # over --trace-max-rate (a flood of sampled parents): the agent's CPU comes first
+            return 0
+        self._budget -= 1.0
         if self.ended - exporter.exported - exporter.failed >= self._max_queue:
             self._dropped += 1  # the exporter is behind by a whole queue (a collector slow or down)
             return 0

@@ -397,16 +397,17 @@ async def serve(
     control: ControlPlaneOptions | None = None,
     audit_format: str = "json",
     limits: TransportLimits | None = None,
-    tracing: tuple[Endpoint, float] | None = None,
+    tracing: tuple[Endpoint, float, float] | None = None,
 ) -> None:
     """Run until SIGTERM or SIGINT, then drain in-flight checks and stop."""
     tracer = None
     if tracing is not None:
         from agent.tracing import Tracer
 
-        tracer = Tracer(*tracing)
-        log.info("tracing: spans to %s (OTLP/%s), new traces sampled at %g", tracing[0].url,
-                 "gRPC" if tracing[0].transport == "grpc" else "HTTP", tracing[1])  # fmt: skip
+        endpoint, ratio, max_rate = tracing
+        tracer = Tracer(endpoint, ratio, max_rate=max_rate)
+        log.info("tracing: spans to %s (OTLP/%s), new traces sampled at %g, at most %g spans a second", endpoint.url,
+                 "gRPC" if endpoint.transport == "grpc" else "HTTP", ratio, max_rate)  # fmt: skip
     server = AgentServer(
         policy,
         listen,
