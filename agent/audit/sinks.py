@@ -274,6 +274,8 @@ class Sink:
                 self.connects += 1
                 position = spool.cursor  # from the first record not delivered
             live: Connection = conn
+            lines: list[bytes] = []
+            after = position
             try:
                 self._confirm(pending, time.monotonic() - live.settle_s)
                 lines, after = spool.read(position, BATCH_BYTES)
@@ -292,7 +294,11 @@ class Sink:
                 spool.wait(position, min(IDLE_S, conn.settle_s or IDLE_S))
                 conn.check()
             except PeerClosed as e:
-                self._confirm(pending, float("inf"))  # it read what it acknowledged
+                self._confirm(pending, float("inf"))  # it read what it acknowledged, of this batch too
+                if e.acked and lines:
+                    rest = sum(len(line) + 1 for line in lines[e.acked :])
+                    spool.commit(Position(after.segment, after.offset - rest))
+                    self.sent += e.acked
                 self._down(e)
                 live.close()
                 conn = None

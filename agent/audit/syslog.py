@@ -17,6 +17,7 @@ again from the first batch not delivered: at least once, in order; `seq` tells a
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import re
@@ -37,13 +38,20 @@ SEVERITY_WARNING = 4
 ENTERPRISE = 32473  # RFC 5612: the documentation enterprise number
 APP_NAME = b"authz-agent"
 SETTLE_S = 1.0  # an acknowledged batch is delivered once the connection stayed up this long after it
+_BYTES_ACKED = 120  # offset of tcpi_bytes_acked (u64) in Linux's struct tcp_info
+RESET_GRACE_S = 0.05  # after an end of stream, how long a reset that follows it is waited for
 ACK_TIMEOUT_S = 30.0  # a receiver that acknowledges nothing for this long is dropped (and sent to again)
 _TIME = re.compile(rb"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,6})?(Z|[+-]\d\d:\d\d)")
 _PRINTUS = re.compile(rb"[^\x21-\x7e]")
 
 
 class PeerClosed(ConnectionError):
-    """The receiver closed the connection cleanly: what it acknowledged before, it read."""
+    """The receiver closed the connection cleanly (a FIN): what it acknowledged before, it read. `acked` is how
+    many lines of the batch being sent were acknowledged before the close (they count as delivered too)."""
+
+    def __init__(self, acked: int = 0) -> None:
+        super().__init__("the receiver closed the connection")
+        self.acked = acked
 
 
 def pri(severity: int, facility: int = FACILITY_AUDIT) -> int:
@@ -113,6 +121,24 @@ def unsent_bytes(sock: socket.socket) -> int:
     return int(struct.unpack("i", buf)[0])
 
 
+def acked_bytes(sock: socket.socket) -> int:
+    """Bytes of this connection the peer acknowledged (tcp_info.tcpi_bytes_acked, Linux 4.2+); kept after a reset."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    if len(info) < _BYTES_ACKED + 8:
+        raise OSError("the kernel's tcp_info has no bytes_acked (Linux 4.2 or later is needed)")
+    return int(struct.unpack_from("=Q", info, _BYTES_ACKED)[0])
+
+
+def handed_bytes(sock: socket.socket) -> int:
+    """Bytes written to this connection so far (acknowledged + still queued), from a consistent pair of reads."""
+    for _ in range(100):
+        before = unsent_bytes(sock)
+        acked = acked_bytes(sock)
+        if unsent_bytes(sock) == before:  # no acknowledgement came between: the pair adds up
+            return acked + before
+    return acked + unsent_bytes(sock)
+
+
 class SyslogConnection:
     """One TCP (or TLS) connection to a syslog receiver."""
 
@@ -120,6 +146,8 @@ class SyslogConnection:
 
     def __init__(self, sock: socket.socket, hostname: str) -> None:
         self.sock = sock
+        self.tls = isinstance(sock, ssl.SSLSocket)
+        self.peer_closed = False
         self.hostname = header_token(hostname, 255)
         self.procid = header_token(str(os.getpid()), 128)
 
@@ -139,38 +167,84 @@ class SyslogConnection:
         return cls(sock, hostname)
 
     def send(self, lines: list[bytes]) -> None:
-        """Send the lines and wait until the receiver's kernel acknowledged every byte; raises PeerClosed on a
-        clean close, OSError on a reset or timeout (then nothing of this batch counts as delivered)."""
+        """Send the lines and wait until the receiver's kernel acknowledged every byte. Raises PeerClosed on a
+        clean close (with the lines acknowledged before it), OSError on a reset or timeout (then nothing of
+        this batch counts as delivered)."""
         self.check()
-        data = b"".join(frame(message(line, self.hostname, self.procid)) for line in lines)
-        self.sock.sendall(data)
+        frames = [frame(message(line, self.hostname, self.procid)) for line in lines]
+        start = handed_bytes(self.sock)
+        try:
+            self.sock.sendall(b"".join(frames))
+        except BrokenPipeError:  # a reset after the receiver's FIN: it closed cleanly before this batch
+            raise PeerClosed(self._acked_lines(frames, start, None)) from None
+        target = handed_bytes(self.sock)
         deadline = time.monotonic() + ACK_TIMEOUT_S
         pause = 0.0005
-        while unsent_bytes(self.sock):
-            self.check()
+        while acked_bytes(self.sock) < target:
+            try:
+                self.check()
+            except PeerClosed as e:
+                e.acked = self._acked_lines(frames, start, target)
+                if e.acked == len(lines):
+                    return  # acknowledged, then a clean close: it was read (the next check says closed)
+                raise
             if time.monotonic() > deadline:
                 raise TimeoutError("the receiver acknowledged nothing")
             time.sleep(pause)
             pause = min(pause * 2, 0.05)
 
+    def _acked_lines(self, frames: list[bytes], start: int, target: int | None) -> int:
+        """How many of the batch's frames the receiver acknowledged whole (with TLS: all or none; and none when
+        the batch was not written whole)."""
+        got = acked_bytes(self.sock) - start
+        if self.tls:
+            return len(frames) if target is not None and got >= target - start else 0
+        n = 0
+        for f in frames:
+            got -= len(f)
+            if got < 0:
+                break
+            n += 1
+        return n
+
     def check(self) -> None:
-        """Raise PeerClosed when the receiver closed the connection, OSError when it reset it; a receiver sends
-        nothing else (TLS session tickets and the like are read and let be)."""
+        """Raise PeerClosed when the receiver closed the connection cleanly, OSError when it reset it; a
+        receiver sends nothing else (TLS session tickets and the like are read and let be)."""
+        if self.peer_closed:
+            raise PeerClosed()
         sock = self.sock
-        if not select.select([sock], [], [], 0)[0] and not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+        if not select.select([sock], [], [], 0)[0] and not (self.tls and isinstance(sock, ssl.SSLSocket)
+                                                            and sock.pending()):  # fmt: skip
             return
         sock.settimeout(0)
         try:
             for _ in range(64):
-                tls = isinstance(sock, ssl.SSLSocket)
-                data = sock.recv(65536) if tls else sock.recv(65536, socket.MSG_DONTWAIT)
+                data = sock.recv(65536) if self.tls else sock.recv(65536, socket.MSG_DONTWAIT)
                 if not data:
-                    raise PeerClosed("the receiver closed the connection")
+                    self._closed_cleanly()
         except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             pass
+        except BrokenPipeError:  # Linux: a reset in CLOSE_WAIT, i.e. after the receiver's FIN
+            self.peer_closed = True
+            raise PeerClosed() from None
         finally:
             with contextlib.suppress(OSError):
                 sock.settimeout(5.0)
+
+    def _closed_cleanly(self) -> None:
+        """An end of stream: PeerClosed, unless a reset without a FIN follows at once (a TLS receiver that says
+        close_notify and then closes a socket with bytes it never read: its kernel resets the connection).
+        Linux reports a reset after the FIN as EPIPE, one instead of it as ECONNRESET."""
+        deadline = time.monotonic() + RESET_GRACE_S
+        while True:
+            err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err and err != errno.EPIPE:
+                raise ConnectionResetError(err, os.strerror(err))
+            if err or time.monotonic() >= deadline:
+                break
+            time.sleep(0.01)
+        self.peer_closed = True
+        raise PeerClosed()
 
     def finish(self, timeout_s: float = 2.0) -> bool:
         """Close our side and wait for the receiver's close: True when it read everything (a clean close)."""

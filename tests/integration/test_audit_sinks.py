@@ -111,9 +111,11 @@ class Rsyslog:
             self.log.close()
 
     def seqs(self) -> list[int]:
+        """The seq of every whole line written so far (rsyslog may be in the middle of writing the last one)."""
         if not self.out.exists():
             return []
-        return [orjson.loads(line)["seq"] for line in self.out.read_bytes().splitlines() if line]
+        data = self.out.read_bytes()
+        return [orjson.loads(line)["seq"] for line in data[: data.rfind(b"\n") + 1].splitlines() if line]
 
 
 class Agent:
@@ -381,3 +383,48 @@ def test_run_refuses_bad_sinks_before_starting(tmp_path: Path) -> None:
         r = subprocess.run([*base, *args], capture_output=True, text=True, timeout=60)
         assert r.returncode == 2 and says in r.stderr, r.stderr
         assert "secret" not in r.stderr
+
+
+@pytest.mark.parametrize("scheme", ["syslog+tcp", "syslog+tls"])
+def test_rsyslog_stopped_and_restarted_while_records_flow_gets_each_once_in_order(
+    scheme: str, tmp_path: Path, agents: list[Agent], rsyslogs: list[Rsyslog]
+) -> None:
+    if scheme == "syslog+tls" and not GTLS.exists():
+        pytest.skip("rsyslog-gnutls not installed (make test installs it)")
+    port = free_port()
+    server_tls, client_tls = certificates(tmp_path) if scheme == "syslog+tls" else (None, None)
+    rsyslog = Rsyslog(tmp_path, port, server_tls)
+    rsyslogs.append(rsyslog)
+    rsyslog.start()
+    url = f"{scheme}://127.0.0.1:{port}"
+    if client_tls:
+        url += f"?ca={client_tls['ca']}&cert={client_tls['cert']}&key={client_tls['key']}"
+    agent = Agent(tmp_path, [url])
+    agents.append(agent)
+    agent.start()
+    stop, made = threading.Event(), [0]
+
+    def drive() -> None:  # decisions all along: the receiver goes away and comes back in the middle of them
+        for _ in range(100_000):
+            if stop.is_set():
+                return
+            agent.decide(5)
+            made[0] += 5
+
+    driver = threading.Thread(target=drive)
+    driver.start()
+    try:
+        until(lambda: len(rsyslog.seqs()) > 300, "records flowing to rsyslog")
+        rsyslog.stop()
+        before = made[0]
+        until(lambda: made[0] > before + 300, "decisions while rsyslog is away")
+        rsyslog.start()
+        before = made[0]
+        until(lambda: made[0] > before + 300, "decisions after rsyslog came back")
+    finally:
+        stop.set()
+        driver.join(30)
+    agent.stop()  # the writer and the sender finish: everything written is sent
+    until(lambda: len(rsyslog.seqs()) >= len(agent.local_seqs()), "every record at rsyslog")
+    rsyslog.stop()
+    exactly_once_in_order(rsyslog.seqs(), agent)
