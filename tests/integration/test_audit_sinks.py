@@ -377,6 +377,7 @@ def test_run_refuses_bad_sinks_before_starting(tmp_path: Path) -> None:
         (["--audit-sink", "syslog+tcp://127.0.0.1:514"], "needs --audit-spool-dir"),  # the audit log on stdout
         (["--audit-log", str(tmp_path / "a.log"), "--audit-format", "msgpack", "--audit-sink", "otlp://h:1"],
          "use --audit-format json"),
+        # pragma: allowlist nextline secret (test fixture: a URL with a password, refused without echoing it)
         (["--audit-log", str(tmp_path / "a.log"), "--audit-sink", "otlp://u:secret@h:1"], "no user or password"),
     ]  # fmt: skip
     for args, says in cases:
