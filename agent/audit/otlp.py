@@ -31,6 +31,7 @@ from opentelemetry.proto.logs.v1.logs_pb2 import (
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 
 EXPORT_TIMEOUT_S = 10.0
+CONNECT_TIMEOUT_S = 5.0
 
 
 class ExportFailed(ConnectionError):
@@ -108,6 +109,11 @@ class OtlpGrpcConnection:
             self.channel = grpc.secure_channel(target, credentials, options=options)
         self.stub = svc_grpc.LogsServiceStub(self.channel)  # type: ignore[no-untyped-call]
         self.hostname = hostname
+        try:  # connected (and TLS agreed) before the sink counts as up
+            grpc.channel_ready_future(self.channel).result(timeout=CONNECT_TIMEOUT_S)
+        except grpc.FutureTimeoutError:
+            self.channel.close()
+            raise ExportFailed("the OTLP collector cannot be reached") from None
 
     def send(self, lines: list[bytes]) -> None:
         try:
@@ -141,6 +147,7 @@ class OtlpHttpConnection:
             self.http = http.client.HTTPSConnection(host, port, timeout=EXPORT_TIMEOUT_S, context=tls)
         self.path = path
         self.hostname = hostname
+        self.http.connect()  # connected (and TLS agreed) before the sink counts as up
 
     def send(self, lines: list[bytes]) -> None:
         body = export_request(lines, self.hostname).SerializeToString()

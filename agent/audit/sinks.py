@@ -307,9 +307,10 @@ class Sink:
                 self._down(e)
                 live.close()
                 conn = None
-                if not stopping:
-                    self._stop.wait(backoff)
-                    backoff = min(backoff * 2, BACKOFF_MAX_S)
+                if stopping:  # the rest waits in the spool for the next start
+                    break
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX_S)
         if conn is not None:
             conn.close()
         self.up = False

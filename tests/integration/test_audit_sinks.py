@@ -16,6 +16,7 @@ import threading
 import urllib.request
 from collections.abc import Iterator
 from concurrent import futures
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -429,3 +430,57 @@ def test_rsyslog_stopped_and_restarted_while_records_flow_gets_each_once_in_orde
     until(lambda: len(rsyslog.seqs()) >= len(agent.local_seqs()), "every record at rsyslog")
     rsyslog.stop()
     exactly_once_in_order(rsyslog.seqs(), agent)
+
+
+class HttpLogs(BaseHTTPRequestHandler):
+    """A real OTLP/HTTP receiver: POST /v1/logs with a protobuf ExportLogsServiceRequest."""
+
+    receiver: LogsReceiver
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["content-length"]))
+        ok = self.path == "/v1/logs" and self.headers["content-type"] == "application/x-protobuf"
+        if ok:
+            self.receiver.Export(svc.ExportLogsServiceRequest.FromString(body), None)
+        reply = svc.ExportLogsServiceResponse().SerializeToString()
+        self.send_response(200 if ok else 400)
+        self.send_header("content-type", "application/x-protobuf")
+        self.send_header("content-length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize("scheme", ["otlps", "otlp+http"])
+def test_otlp_over_tls_and_over_http_gets_every_record_in_order(
+    scheme: str, tmp_path: Path, agents: list[Agent]
+) -> None:
+    receiver, port = LogsReceiver(), free_port()
+    stop: Any
+    if scheme == "otlps":
+        server_tls, _ = certificates(tmp_path)
+        server = grpc.server(futures.ThreadPoolExecutor(4))
+        svc_grpc.add_LogsServiceServicer_to_server(receiver, server)
+        creds = grpc.ssl_server_credentials([(server_tls["key"].read_bytes(), server_tls["cert"].read_bytes())])
+        server.add_secure_port(f"127.0.0.1:{port}", creds)
+        server.start()
+        stop = lambda: server.stop(0)  # noqa: E731
+        url = f"otlps://127.0.0.1:{port}?ca={server_tls['ca']}"
+    else:
+        handler = type("Handler", (HttpLogs,), {"receiver": receiver})
+        httpd = ThreadingHTTPServer(("127.0.0.1", port), handler)
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        stop = httpd.shutdown
+        url = f"otlp+http://127.0.0.1:{port}"
+    try:
+        agent = Agent(tmp_path, [url])
+        agents.append(agent)
+        agent.start()
+        agent.decide(20)
+        until(lambda: len(receiver.seqs()) >= 20, "the records at the receiver")
+        agent.stop()
+        exactly_once_in_order(receiver.seqs(), agent)
+    finally:
+        stop()
