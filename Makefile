@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 SOURCES := $(wildcard agent tests benchmarks)
 # Debian packages the project needs: nghttp2's headers for the native transport, OpenSSL's for the audit
 # writer's hashing; redis and the load tools for tests and benchmarks. Installed only when missing.
-APT_PACKAGES := libnghttp2-dev libssl-dev nghttp2-client nghttp2-server wrk redis-server rsyslog
+APT_PACKAGES := libnghttp2-dev libssl-dev nghttp2-client nghttp2-server wrk redis-server rsyslog rsyslog-gnutls
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test lint build bench unit e2e fuzz clean system-deps

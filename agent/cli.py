@@ -171,6 +171,24 @@ def cmd_run(args: argparse.Namespace) -> int:
         flag = "--trace-sample" if args.trace_sample is not None else "--trace-max-rate"
         print(f"authz-agent run: {flag} needs --otlp-endpoint (tracing is off without it)", file=sys.stderr)
         return 2
+    sinks = args.audit_sink or []
+    if sinks:
+        from agent.audit.sinks import parse_sink
+        from agent.server.run import spool_root
+
+        if args.audit_format != "json":
+            print("--audit-sink ships JSON lines: use --audit-format json (the default) with it", file=sys.stderr)
+            return 2
+        try:
+            labels = [parse_sink(url).label for url in sinks]
+            spool_root(args.audit_log, args.audit_spool_dir)
+        except ValueError as e:
+            print(f"authz-agent run: {e}", file=sys.stderr)
+            return 2
+        twice = sorted({label for label in labels if labels.count(label) > 1})
+        if twice:
+            print(f"authz-agent run: --audit-sink {twice[0]} is given twice", file=sys.stderr)
+            return 2
     transport = args.transport or ("native" if available() else "grpcio")
     if transport == "native":
         if not available():
@@ -183,10 +201,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         import uvloop
 
         uvloop.run(serve(policy, args.listen, args.admin, args.audit_log, args.policy, transport,
-                         args.token_cache_entries, control, args.audit_format, limits, tracing))  # fmt: skip
+                         args.token_cache_entries, control, args.audit_format, limits, tracing, sinks,
+                         args.audit_spool_dir))  # fmt: skip
         return 0
     asyncio.run(serve(policy, args.listen, args.admin, args.audit_log, args.policy, transport,
-                      args.token_cache_entries, control, args.audit_format, limits, tracing))  # fmt: skip
+                      args.token_cache_entries, control, args.audit_format, limits, tracing, sinks,
+                      args.audit_spool_dir))  # fmt: skip
     return 0
 
 
@@ -488,6 +508,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     r.add_argument("--audit-log", default=None, help="append hash-chained records here (default: stdout)")
     r.add_argument("--audit-format", default="json", choices=["json", "msgpack"], help="audit record encoding")
+    r.add_argument(
+        "--audit-sink",
+        action="append",
+        metavar="URL",
+        help="also ship the chained records to a SIEM (repeatable): syslog+tcp://HOST:PORT, syslog+tls://HOST:PORT"
+        "[?ca=PEM&cert=PEM&key=PEM], otlp://HOST:PORT, otlps://..., otlp+http://HOST:PORT[/v1/logs]; "
+        "?spool=SIZE bounds its disk spool (default 256MiB); see docs/operations.md",
+    )
+    r.add_argument(
+        "--audit-spool-dir",
+        metavar="DIR",
+        help="where the sinks' spools are kept (default: beside the audit log, AUDIT-LOG.spool/); "
+        "needed when the audit log is stdout",
+    )
     r.add_argument(
         "--token-cache-entries",
         type=int,

@@ -16,6 +16,7 @@ waits for cmu, so that cannot deadlock). Order: cmu, then mu.
 Same API and output as the twin; tests/unit/test_auditq.py runs both.
 """
 
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.exc cimport PyErr_SetString
 from cpython.object cimport PyObject
@@ -390,7 +391,7 @@ cdef class JsonChain:
     cdef int64_t seq_
     cdef char prev_[64]
     cdef EVP_MD_CTX *ctx
-    cdef Buf out  # the chunk of lines being made
+    cdef Buf out  # the chunk of lines being made (with a tee: every chunk written by this drain)
     cdef bint busy
 
     def __cinit__(self, *args, **kwargs):
@@ -452,12 +453,16 @@ cdef class JsonChain:
         self.out.len = <size_t>(o + 1 - self.out.data)
         return 0
 
-    cdef int _drain(self, RecordQueue q, int fd, long long room, size_t *n_out, size_t *b_out) noexcept nogil:
-        """(q.cmu held, no GIL) The body of drain(): 0 or an errno."""
+    cdef int _drain(
+        self, RecordQueue q, int fd, long long room, bint keep, size_t *n_out, size_t *b_out
+    ) noexcept nogil:
+        """(q.cmu held, no GIL) The body of drain(): 0 or an errno. With `keep`, the chunks written stay in
+        self.out (out.data[:b_out]) for the caller's tee; else each chunk's room is reused."""
         cdef Buf *src = &q.outb
         cdef const char *body
         cdef uint32_t n
         cdef size_t k = 0, kbytes = 0, done = 0, done_bytes = 0
+        cdef size_t base = 0  # where the chunk being made starts in self.out
         cdef int err = 0, werr
         cdef bint more, stop = False
         cdef bint again = src.count > 0  # leftovers first, then (once) what the producers queued
@@ -482,37 +487,41 @@ cdef class JsonChain:
                     else:
                         k += 1
                         kbytes += n
-                        stop = room <= 0 or done_bytes + self.out.len >= <unsigned long long>room
-            if k and (not more or stop or self.out.len >= CHUNK):
-                werr = write_all(fd, self.out.data, self.out.len)
+                        stop = room <= 0 or done_bytes + (self.out.len - base) >= <unsigned long long>room
+            if k and (not more or stop or self.out.len - base >= CHUNK):
+                werr = write_all(fd, self.out.data + base, self.out.len - base)
                 q._consumed(k, kbytes, werr != 0)
                 if werr:
                     err = werr
+                    self.out.len = base  # the tee keeps only what was written
                 else:
                     done += k
-                    done_bytes += self.out.len
+                    done_bytes += self.out.len - base
                 k = kbytes = 0
-                self.out.len = 0
+                if keep:
+                    base = self.out.len
+                else:
+                    self.out.len = 0
             if not more or err:
                 break
         if src.count == 0:
             buf_empty(src)
-        if self.out.cap > SHRINK:
-            free(self.out.data)
-            self.out.data = NULL
-            self.out.cap = 0
         n_out[0] = done
         b_out[0] = done_bytes
         return err
 
-    def drain(self, RecordQueue queue not None, int fd, long long room) -> tuple:
+    def drain(self, RecordQueue queue not None, int fd, long long room, bytearray tee=None) -> tuple:
         """Link and write queued records to fd, oldest first, until the bytes written reach `room` (at
         least one record when any is queued) or the records queued at the call are out (later ones may
         wait for the next call); returns (records, bytes) written. The GIL is released throughout. A
         failed write raises OSError: the records of that chunk are lost and counted in queue.dropped.
+        With `tee`, the bytes written are also appended to it (what the audit sinks ship); without, no
+        chunk is kept (the cost of a tee is one copy, made here with the GIL held).
         """
         cdef size_t n = 0, b = 0
         cdef int err
+        cdef bint keep = tee is not None
+        cdef Py_ssize_t at
         if not queue.json_objects:
             raise ValueError("JsonChain.drain needs a queue of JSON objects (json_objects=True)")
         if self.busy:
@@ -521,10 +530,19 @@ cdef class JsonChain:
         try:
             with nogil:
                 pthread_mutex_lock(&queue.cmu)
-                err = self._drain(queue, fd, room, &n, &b)
+                err = self._drain(queue, fd, room, keep, &n, &b)
                 pthread_mutex_unlock(&queue.cmu)
+            if keep and b:
+                at = PyByteArray_GET_SIZE(tee)
+                PyByteArray_Resize(tee, at + <Py_ssize_t>b)
+                memcpy(PyByteArray_AS_STRING(tee) + at, self.out.data, b)
         finally:
             self.busy = False
+            self.out.len = 0
+            if self.out.cap > SHRINK:
+                free(self.out.data)
+                self.out.data = NULL
+                self.out.cap = 0
         if err:
             raise OSError(err, os.strerror(err))
         return n, b

@@ -151,11 +151,12 @@ class JsonChain:
         """The SHA-256 (hex) of the last line linked."""
         return self._chain.prev
 
-    def drain(self, queue: RecordQueue, fd: int, room: int) -> tuple[int, int]:
+    def drain(self, queue: RecordQueue, fd: int, room: int, tee: bytearray | None = None) -> tuple[int, int]:
         """Link and write queued records to fd, oldest first, until the bytes written reach `room` (at
         least one record when any is queued) or the records queued at the call are out (later ones may
         wait for the next call); returns (records, bytes) written. A failed write raises OSError: the
-        records of that chunk are lost and counted in queue.dropped.
+        records of that chunk are lost and counted in queue.dropped. With `tee`, the bytes written are
+        also appended to it (what the audit sinks ship); without, nothing is kept.
         """
         if not queue.json_objects:
             raise ValueError("JsonChain.drain needs a queue of JSON objects (json_objects=True)")
@@ -164,11 +165,11 @@ class JsonChain:
         self._busy = True
         try:
             with queue._consumer:
-                return self._drain(queue, fd, room)
+                return self._drain(queue, fd, room, tee)
         finally:
             self._busy = False
 
-    def _drain(self, queue: RecordQueue, fd: int, room: int) -> tuple[int, int]:
+    def _drain(self, queue: RecordQueue, fd: int, room: int, tee: bytearray | None) -> tuple[int, int]:
         records, link = queue._records, self._chain.link
         left = len(records)  # appends go on at the other end; they wait for the next call
         done = done_bytes = 0
@@ -187,11 +188,14 @@ class JsonChain:
                     stop = True
                     break
             lines.append(b"")
+            data = b"\n".join(lines)
             try:
-                write_all(fd, b"\n".join(lines))
+                write_all(fd, data)
             except OSError:
                 queue._consumed(len(lines) - 1, body, lost=True)
                 raise
+            if tee is not None:
+                tee += data
             queue._consumed(len(lines) - 1, body, lost=False)
             done += len(lines) - 1
             done_bytes += size

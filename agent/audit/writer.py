@@ -22,6 +22,7 @@ from agent.audit.records import decision_record, record_template
 from agent.timefmt import rfc3339_ms
 
 if TYPE_CHECKING:
+    from agent.audit.sinks import SinkSet
     from agent.config.model import Policy
     from agent.decision import Decision, RequestView
 
@@ -50,10 +51,14 @@ class JsonLinesAudit:
         max_bytes: int = 100 << 20,
         keep: int = 5,
         encoding: str = "json",
+        sinks: SinkSet | None = None,
     ) -> None:
         if encoding not in ("json", "msgpack"):
             raise ValueError("audit encoding is json or msgpack")
+        if sinks is not None and encoding != "json":
+            raise ValueError("audit sinks ship JSON lines: use --audit-format json with --audit-sink")
         self.path = path
+        self.sinks = sinks  # each drained batch's chained lines are offered to them (agent/audit/sinks.py)
         self.encoding = encoding
         self._dumps = orjson.dumps if encoding == "json" else _packb
         self.max_bytes = max_bytes
@@ -69,6 +74,8 @@ class JsonLinesAudit:
         self._interval = flush_interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+        if sinks is not None:
+            sinks.start()
         self._thread.start()
 
     @property
@@ -93,10 +100,13 @@ class JsonLinesAudit:
         self.queue.append(self._dumps(alert_dict(kind, detail)))
 
     def close(self, timeout: float = 5.0) -> None:
-        """Write what is queued, then stop."""
+        """Write what is queued, then stop; then the sinks send what they can within `timeout` (the rest stays
+        in their spools for the next start)."""
         self._stop.set()
         self.queue.close()
         self._thread.join(timeout)
+        if self.sinks is not None:
+            self.sinks.close(timeout)
 
     def _open_fd(self) -> int:
         assert self.path
@@ -157,6 +167,7 @@ class JsonLinesAudit:
             self._discard()
             return
         json_chain = self._json_chain(chain) if self.encoding == "json" else None
+        tee = bytearray() if self.sinks is not None else None
         try:
             while True:
                 queue.wait(self._interval)
@@ -165,8 +176,10 @@ class JsonLinesAudit:
                 if json_chain is not None:
                     for _ in range(ROUNDS):
                         room = self.max_bytes - size if self._rotating else 1 << 62
-                        n, nbytes = json_chain.drain(queue, self._fd, room)  # in C: with the GIL released
+                        n, nbytes = json_chain.drain(queue, self._fd, room, tee)  # in C: with the GIL released
                         self.written += n
+                        if tee:
+                            self._ship(tee)
                         size = self._rotated(size + nbytes)
                         if nbytes < room:  # all it found is out: what came since waits for a batch or the timer
                             break
@@ -183,6 +196,15 @@ class JsonLinesAudit:
                 os.close(self._fd)
                 self._fd = -1
         self._discard()
+
+    def _ship(self, tee: bytearray) -> None:
+        """The lines just written, to every sink's spool (a sink's trouble never stops the local file)."""
+        assert self.sinks is not None
+        try:
+            self.sinks.offer(tee)
+        except Exception:
+            log.exception("audit sinks: a batch could not be spooled")
+        del tee[:]
 
     def _discard(self) -> None:
         """Once nothing can be written: what is queued is counted in `dropped` (never left in limbo) until close()."""

@@ -16,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from agent.decision import LATENCY_BOUNDS_US
 
 if TYPE_CHECKING:
+    from agent.audit.sinks import SinkSet
     from agent.server.run import AgentServer
 
 
@@ -90,6 +91,8 @@ class AgentCollector:
         audit = server.audit
         yield CounterMetricFamily("authz_audit_records_written", "Audit records written", value=audit.written)
         yield CounterMetricFamily("authz_audit_records_dropped", "Audit records lost (queue full)", value=audit.dropped)
+        if server.sinks is not None:
+            yield from _sink_metrics(server.sinks)
         alerts = CounterMetricFamily("authz_alerts", "Alerts raised, by kind", labels=["alert"])
         for kind, n in list(stats.alerts.items()):
             alerts.add_metric([kind], n)
@@ -123,6 +126,25 @@ class AgentCollector:
                          "connections_closed_idle", "connections_closed_handshake"):  # fmt: skip
                 refused.add_metric([what], t[what])
             yield refused
+
+
+def _sink_metrics(sinks: SinkSet) -> Iterator[Metric]:
+    """Per audit sink (labelled scheme://host:port, never credentials): delivered, dropped, spooled, up."""
+    sent = CounterMetricFamily("authz_audit_sink_sent", "Audit records a sink's receiver confirmed", labels=["sink"])
+    dropped = CounterMetricFamily(
+        "authz_audit_sink_dropped", "Audit records not shipped to a sink: its spool was full", labels=["sink"]
+    )
+    spooled = GaugeMetricFamily("authz_audit_sink_spool_bytes", "Bytes of a sink's spool on disk", labels=["sink"])
+    up = GaugeMetricFamily("authz_audit_sink_up", "1 while a sink's receiver is connected", labels=["sink"])
+    for sink in sinks.sinks:
+        sent.add_metric([sink.label], sink.sent)
+        dropped.add_metric([sink.label], sink.dropped)
+        spooled.add_metric([sink.label], float(sink.spool.disk_bytes))
+        up.add_metric([sink.label], 1.0 if sink.up else 0.0)
+    yield sent
+    yield dropped
+    yield spooled
+    yield up
 
 
 def metrics_text(server: Callable[[], AgentServer]) -> bytes:

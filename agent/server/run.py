@@ -10,6 +10,7 @@ import signal
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import quote
@@ -17,6 +18,7 @@ from urllib.parse import quote
 from aiohttp import web
 
 from agent.audit.alerts import AlertMonitor
+from agent.audit.sinks import SinkSet
 from agent.audit.stats import DecisionStats
 from agent.audit.webhook import WebhookSender
 from agent.audit.writer import JsonLinesAudit
@@ -58,8 +60,11 @@ class AgentServer:
         audit_format: str = "json",
         limits: TransportLimits | None = None,
         tracer: Tracer | None = None,
+        audit_sinks: list[str] | None = None,
+        audit_spool_dir: str | None = None,
     ) -> None:
-        self.audit = JsonLinesAudit(audit_log, encoding=audit_format)
+        self.sinks = build_sinks(audit_sinks or [], audit_log, audit_spool_dir)
+        self.audit = JsonLinesAudit(audit_log, encoding=audit_format, sinks=self.sinks)
         self.tracer = tracer  # spans per decision (--otlp-endpoint); None: no listener, nothing paid
         # Without a policy yet (a control plane not reached, no last good bundle) every check is refused
         # with 503 policy_unavailable and the agent is not ready.
@@ -113,6 +118,8 @@ class AgentServer:
     def _alerts_for(self, policy: Policy) -> AlertMonitor:
         """The alert monitor for the policy's thresholds; its windows carry over reloads that keep them. Called
         after _shared_for, so it remembers networks in the Redis the policy names (if any)."""
+        if self.sinks is not None:
+            self.sinks.alert_cooldown_s = policy.alerts.cooldown_s
         if self._alert_monitor is None or self._alert_monitor.settings != policy.alerts:
             if self._alert_monitor is not None:
                 self._alert_monitor.retire()
@@ -169,8 +176,15 @@ class AgentServer:
         await asyncio.gather(task, return_exceptions=True)
         await store.close()
 
+    def _sink_dropped(self, loop: asyncio.AbstractEventLoop, detail: dict[str, object]) -> None:
+        """(The audit writer thread.) A sink's spool was full: the alert is raised on the loop's thread."""
+        with suppress(RuntimeError):  # the loop closed: the drop is still logged and counted
+            loop.call_soon_threadsafe(self.raise_alert, "audit_sink_dropped", detail)
+
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        if self.sinks is not None:
+            self.sinks.on_drop = partial(self._sink_dropped, loop)
         for store in self.engine.stores.values():
             self._start_refresher(store)
         if self.tracer is not None:
@@ -303,6 +317,8 @@ class AgentServer:
     def extra_status(self) -> dict[str, object]:
         """More for /readyz: the revocations in force, and what `status_sources` add (the control plane)."""
         out: dict[str, object] = {"revocations_sequence": self.revocations.sequence}
+        if self.sinks is not None:
+            out["audit_sinks"] = self.sinks.status()
         for source in self.status_sources:
             out.update(source())
         return out
@@ -361,6 +377,25 @@ class AgentServer:
         await asyncio.to_thread(self.audit.close)
 
 
+def build_sinks(urls: list[str], audit_log: str | None, spool_dir: str | None) -> SinkSet | None:
+    """The audit sinks and their spools: under spool_dir, else beside the audit log (`<audit-log>.spool/`).
+    ValueError says what is wrong with a URL or where the spools would go."""
+    if not urls:
+        return None
+    root = spool_root(audit_log, spool_dir)
+    return SinkSet.build(urls, root)
+
+
+def spool_root(audit_log: str | None, spool_dir: str | None) -> Path:
+    if spool_dir:
+        return Path(spool_dir)
+    if not audit_log:
+        raise ValueError("--audit-sink with the audit log on stdout needs --audit-spool-dir DIR for the spools")
+    if os.path.exists(audit_log) and not os.path.isfile(audit_log):
+        raise ValueError(f"--audit-log {audit_log} is not a regular file: give --audit-spool-dir DIR for the spools")
+    return Path(audit_log + ".spool")
+
+
 def _stamp(path: Path) -> tuple[float, int] | None:
     try:
         st = os.stat(path)
@@ -398,6 +433,8 @@ async def serve(
     audit_format: str = "json",
     limits: TransportLimits | None = None,
     tracing: tuple[Endpoint, float, float] | None = None,
+    audit_sinks: list[str] | None = None,
+    audit_spool_dir: str | None = None,
 ) -> None:
     """Run until SIGTERM or SIGINT, then drain in-flight checks and stop."""
     tracer = None
@@ -419,6 +456,8 @@ async def serve(
         audit_format=audit_format,
         limits=limits,
         tracer=tracer,
+        audit_sinks=audit_sinks,
+        audit_spool_dir=audit_spool_dir,
     )
     # Signals first: a SIGTERM that comes while the port is already open must drain, not kill.
     stop = asyncio.Event()

@@ -139,6 +139,43 @@ def test_room_stops_after_the_record_that_reaches_it(auditq: Any, out: tuple[int
     assert path.read_bytes() == linked([*records[:4], b'{"front":1}', *records[4:]])
 
 
+def test_a_tee_gets_exactly_the_bytes_written_across_chunks_and_rooms(auditq: Any, out: tuple[int, Path]) -> None:
+    fd, path = out
+    # Several 256 KiB chunks in one drain, then drains stopped by `room`: the tee has what the file has.
+    records = [record(i, pad=(i * 37) % 5000) for i in range(600)]
+    queue, chain = auditq.RecordQueue(), auditq.JsonChain()
+    for r in records[:400]:
+        queue.append(r)
+    tee = bytearray(b"kept:")
+    n, nbytes = chain.drain(queue, fd, 1 << 62, tee)
+    assert n == 400 and bytes(tee) == b"kept:" + path.read_bytes() and len(tee) == 5 + nbytes
+    for r in records[400:]:
+        queue.append(r)
+    for room in (1, 3000, 100_000):
+        before = path.stat().st_size
+        part = bytearray()
+        n, nbytes = chain.drain(queue, fd, room, part)
+        assert n >= 1 and bytes(part) == path.read_bytes()[before:] and len(part) == nbytes
+    chain.drain(queue, fd, 1 << 62, None)  # no tee: nothing kept
+    assert path.read_bytes() == linked(records) and len(queue) == 0
+    empty = bytearray()
+    assert chain.drain(queue, fd, 1 << 62, empty) == (0, 0) and empty == b""
+
+
+def test_a_tee_keeps_nothing_of_a_failed_write(auditq: Any, tmp_path: Path) -> None:
+    path = tmp_path / "ro.log"
+    path.write_bytes(b"")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        queue, chain, tee = auditq.RecordQueue(), auditq.JsonChain(), bytearray()
+        queue.append(record(1))
+        with pytest.raises(OSError):
+            chain.drain(queue, fd, 1 << 62, tee)
+        assert tee == b"" and queue.dropped == 1
+    finally:
+        os.close(fd)
+
+
 def test_refused_records_are_counted_and_nothing_accepted_is_lost(auditq: Any, out: tuple[int, Path]) -> None:
     fd, path = out
     queue, chain = auditq.RecordQueue(max_records=100, max_bytes=10_000), auditq.JsonChain()
