@@ -174,15 +174,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     sinks = args.audit_sink or []
     if sinks:
         from agent.audit.sinks import parse_sink
+        from agent.audit.spool import private_directory
         from agent.server.run import spool_root
 
         if args.audit_format != "json":
             print("--audit-sink ships JSON lines: use --audit-format json (the default) with it", file=sys.stderr)
             return 2
         try:
-            labels = [parse_sink(url).label for url in sinks]
-            spool_root(args.audit_log, args.audit_spool_dir)
-        except ValueError as e:
+            configs = [parse_sink(url) for url in sinks]
+            labels = [c.label for c in configs]
+            root = spool_root(args.audit_log, args.audit_spool_dir)
+            for c in configs:
+                private_directory(root / c.sink_id)  # made now, or refused: never a traceback later
+        except (ValueError, OSError) as e:
             print(f"authz-agent run: {e}", file=sys.stderr)
             return 2
         twice = sorted({label for label in labels if labels.count(label) > 1})

@@ -8,6 +8,11 @@ so disk use can pass it by at most one segment, a sixteenth of it): a batch that
 lines that fit and drops the rest for this sink (the local audit file still has them). The writer never waits for the
 sender: they share only the segment sizes, under a lock held for a few assignments.
 
+The spool directory must be the agent's own: created 0700, and refused at start when it is a symlink, another
+user's, or writable by others, as is a parent that others may write without the sticky bit. Files in it are opened
+without following symlinks. (A planted link would otherwise have the agent truncate, append to, or ship a file
+of someone else's choosing.)
+
 A restart resumes from the cursor. Segments written before it are never appended to again (a new one is
 started), and a line a crash left half-written at the end of one is cut off, so readers only ever see
 whole lines.
@@ -17,12 +22,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 SEGMENT_MAX = 8 << 20  # a segment is closed at about this size (or a sixteenth of the bound, when smaller)
 SEGMENT_MIN = 4096
+_NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -48,7 +55,7 @@ class Spool:
         self._ready = threading.Condition(self._lock)
         self._sizes: dict[int, int] = {}  # segment -> bytes of whole lines in it (lock)
         self._bytes = 0  # their sum (lock)
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_directory(directory)
         for path in directory.glob("seg-*.log"):
             try:
                 n = int(path.name[4:-4])
@@ -62,7 +69,7 @@ class Spool:
         # This process writes a new segment: one another process may have left unfinished is never appended to.
         self._segment = max(self._sizes, default=self.cursor.segment - 1) + 1
         self._sizes[self._segment] = 0
-        self._fd = os.open(self._path(self._segment), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        self._fd = os.open(self._path(self._segment), os.O_WRONLY | os.O_CREAT | os.O_APPEND | _NOFOLLOW, 0o600)
         if self.cursor.segment not in self._sizes:  # nothing left where the cursor points: start at the oldest
             self.cursor = Position(min(self._sizes), 0)
         elif self.cursor.offset > self._sizes[self.cursor.segment]:
@@ -73,7 +80,7 @@ class Spool:
 
     def _read_cursor(self) -> Position:
         try:
-            seg, off = (self.directory / "cursor").read_text().split()
+            seg, off = _read_at(self.directory / "cursor", 0, 64).decode().split()
             pos = Position(int(seg), int(off))
         except (OSError, ValueError):
             return Position(min(self._sizes, default=0), 0)
@@ -129,7 +136,7 @@ class Spool:
     def _roll(self) -> None:
         """A new segment; when it cannot be made, the current one goes on growing (and is retried next batch)."""
         try:
-            fd = os.open(self._path(self._segment + 1), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            fd = os.open(self._path(self._segment + 1), os.O_WRONLY | os.O_CREAT | os.O_APPEND | _NOFOLLOW, 0o600)
         except OSError:
             return
         os.close(self._fd)
@@ -163,14 +170,11 @@ class Spool:
                     return [], position
                 position = Position(min(later), 0)
                 continue
-            with self._path(position.segment).open("rb") as f:
-                f.seek(position.offset)
-                data = f.read(min(size - position.offset, max(max_bytes, 1)))
+            path = self._path(position.segment)
+            data = _read_at(path, position.offset, min(size - position.offset, max(max_bytes, 1)))
             end = data.rfind(b"\n") + 1
             if end == 0:  # one line longer than max_bytes
-                with self._path(position.segment).open("rb") as f:
-                    f.seek(position.offset)
-                    data = f.read(size - position.offset)
+                data = _read_at(path, position.offset, size - position.offset)
                 end = data.find(b"\n") + 1
             return data[: end - 1].split(b"\n"), Position(position.segment, position.offset + end)
         return [], position
@@ -181,7 +185,12 @@ class Spool:
         if position <= self.cursor:
             return
         tmp = self.directory / "cursor.tmp"
-        tmp.write_text(f"{position.segment} {position.offset}\n")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _NOFOLLOW, 0o600)
+        try:
+            _write_all(fd, f"{position.segment} {position.offset}\n".encode())
+            os.fsync(fd)  # the cursor never points past what a crash kept: duplicates at worst, never a loss
+        finally:
+            os.close(fd)
         os.replace(tmp, self.directory / "cursor")
         with self._lock:
             self.cursor = position
@@ -207,14 +216,50 @@ class Spool:
             self._delete(self._segment)
 
 
+def private_directory(directory: Path) -> None:
+    """Make `directory` (0700) or check that it is this user's own and no one else may write it or its parent;
+    ValueError says what is wrong."""
+    parent = directory.parent
+    parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    st = parent.stat()
+    if st.st_mode & 0o002 and not st.st_mode & stat.S_ISVTX:
+        raise ValueError(f"audit spool {directory}: its parent {parent} is writable by anyone (and not sticky)")
+    if st.st_uid not in (os.geteuid(), 0) and st.st_mode & 0o022:
+        raise ValueError(f"audit spool {directory}: its parent {parent} is another user's and writable by others")
+    with contextlib.suppress(FileExistsError):
+        directory.mkdir(mode=0o700)
+    st = os.lstat(directory)
+    if not stat.S_ISDIR(st.st_mode):
+        raise ValueError(f"audit spool {directory}: not a directory (a symlink?): remove it or choose another")
+    if st.st_uid != os.geteuid():
+        raise ValueError(f"audit spool {directory}: owned by uid {st.st_uid}, not this user ({os.geteuid()})")
+    if st.st_mode & 0o077:
+        os.chmod(directory, 0o700)  # ours: made private (records wait here)
+
+
+def _read_at(path: Path, offset: int, n: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
+    try:
+        return os.pread(fd, n, offset)
+    finally:
+        os.close(fd)
+
+
 def _whole_lines(path: Path) -> int:
-    """The size of `path` up to its last newline; a partial line after it (a crash mid-write) is cut off."""
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end != len(data):
-        with path.open("r+b") as f:
-            f.truncate(end)
-    return end
+    """The size of `path` up to its last newline; a partial line after it (a crash mid-write) is cut off.
+    Only a regular file is read (opened without following a link)."""
+    fd = os.open(path, os.O_RDWR | _NOFOLLOW)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"audit spool: {path} is not a regular file")
+        size = os.fstat(fd).st_size
+        data = os.pread(fd, size, 0)
+        end = data.rfind(b"\n") + 1
+        if end != len(data):
+            os.ftruncate(fd, end)
+        return end
+    finally:
+        os.close(fd)
 
 
 def _write_all(fd: int, data: bytes | bytearray) -> None:

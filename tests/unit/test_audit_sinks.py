@@ -206,3 +206,63 @@ def test_an_otlp_log_record_carries_the_line_and_the_record_s_facts() -> None:
     assert d.time_unix_nano == 1767323045678000000 and d.trace_id.hex() == "0af7651916cd43dd8448eb211c80319c"
     assert a.severity_text == "WARN" and a.severity_number == 13
     assert {kv.key: kv.value.string_value for kv in a.attributes}["authz.alert"] == "audit_sink_dropped"
+
+
+# ---- the spool directory is the agent's own ------------------------------------------------------------------
+
+
+def test_a_spool_directory_that_is_a_symlink_is_refused(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "root").mkdir(mode=0o700)
+    (tmp_path / "root" / "sink").symlink_to(elsewhere)
+    with pytest.raises(ValueError, match="not a directory"):
+        Spool(tmp_path / "root" / "sink", 1 << 20)
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_a_parent_anyone_may_write_without_the_sticky_bit_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "open"
+    root.mkdir()
+    root.chmod(0o777)
+    with pytest.raises(ValueError, match="writable by anyone"):
+        Spool(root / "sink", 1 << 20)
+    root.chmod(0o1777)  # /tmp's mode: others cannot rename or remove what is ours
+    Spool(root / "sink", 1 << 20).close()
+
+
+def test_a_spool_directory_of_another_user_is_refused_and_ours_is_made_private(tmp_path: Path) -> None:
+    import os
+
+    mine = tmp_path / "mine"
+    mine.mkdir(mode=0o755)
+    mine.chmod(0o775)
+    Spool(mine, 1 << 20).close()
+    assert mine.stat().st_mode & 0o777 == 0o700
+    if os.geteuid() != 0:
+        pytest.skip("making a directory another user's needs root")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o700)
+    os.chown(theirs, 65534, 65534)
+    with pytest.raises(ValueError, match="owned by uid 65534"):
+        Spool(theirs, 1 << 20)
+
+
+def test_a_segment_planted_as_a_symlink_is_not_followed(tmp_path: Path) -> None:
+    target = tmp_path / "precious.txt"
+    target.write_bytes(b"keep me\nand this partial line")
+    spool_dir = tmp_path / "sink"
+    spool_dir.mkdir(mode=0o700)
+    (spool_dir / "seg-000000000001.log").symlink_to(target)
+    with pytest.raises(OSError):  # ELOOP: not opened, so neither truncated nor shipped
+        Spool(spool_dir, 1 << 20)
+    assert target.read_bytes() == b"keep me\nand this partial line"
+
+
+def test_the_cursor_file_is_private(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "sink", 1 << 20)
+    spool.append(b"a\nb\n")
+    lines, after = spool.read(spool.cursor, 1 << 20)
+    spool.commit(after)
+    spool.close()
+    assert lines == [b"a", b"b"] and (tmp_path / "sink" / "cursor").stat().st_mode & 0o777 == 0o600
