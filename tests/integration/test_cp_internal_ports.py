@@ -135,3 +135,39 @@ async def test_a_stream_opened_under_a_replaced_client_ca_is_not_ended(tmp_path:
             outbox.put_nowait(None)
             call.cancel()
             await cp.stop()
+
+
+async def test_hellos_with_new_agent_ids_grow_the_agents_table_without_bound(tmp_path: Path) -> None:
+    """REVIEW (xfail): every Hello adds `service/agent_id` to Publisher.agents and nothing removes it; the agent id
+    is the peer's text of any length. One mapped certificate reconnecting with fresh ids grows memory and /status."""
+    import grpc
+    import pytest
+
+    from agent.controlplane._proto.authz.controlplane.v1 import policy_sync_pb2 as pb
+    from agent.controlplane.server import SYNC_METHOD
+
+    pki = Pki(tmp_path)
+    pki.leaf("orders", "spiffe://example.org/ns/shop/sa/orders")
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "orders.yaml").write_text(POLICY)
+    cert, key = pki.paths("server")
+    channel = ServerChannel(ServerTlsFiles(cert, key, pki.ca_path, pki.agents))
+    cp = ControlPlane(policies, Ed25519PrivateKey.generate(), f"127.0.0.1:{_free_port()}", None, channel=channel)
+    await cp.start()
+    crt, k = pki.paths("orders")
+    creds = grpc.ssl_channel_credentials(pki.ca_path.read_bytes(), k.read_bytes(), crt.read_bytes())
+    try:
+        async with grpc.aio.secure_channel(f"127.0.0.1:{cp.port}", creds) as ch:
+            sync = ch.stream_stream(SYNC_METHOD, request_serializer=pb.AgentMessage.SerializeToString,
+                                    response_deserializer=pb.ControlMessage.FromString)  # fmt: skip
+            for i in range(40):
+                hello = pb.AgentMessage(hello=pb.Hello(service="orders", agent_id=f"{i:04d}" + "x" * (1 << 20)))
+                call = sync(iter([hello]))
+                await asyncio.wait_for(call.read(), 10)  # the bundle: the Hello was taken
+                call.cancel()
+        held = sum(len(key) for key in cp.publisher.agents)
+        if len(cp.publisher.agents) >= 40:
+            pytest.xfail(f"{len(cp.publisher.agents)} agents kept after 40 short streams, {held >> 20} MiB of ids")
+    finally:
+        await cp.stop()
