@@ -403,6 +403,9 @@ class TlsFront:
         """The verified peer behind a connection to the internal port (grpc's `context.peer()`, or aiohttp's
         peername); None for anyone who connected to it directly."""
         if isinstance(internal_peer, tuple):
+            # The address too: a local process can bind 127.0.0.2 to a forwarding connection's port number.
+            if internal_peer[0] != "127.0.0.1":
+                return None
             port = internal_peer[1]
         elif isinstance(internal_peer, str) and internal_peer.startswith("ipv4:127.0.0.1:"):
             port = int(internal_peer.rpartition(":")[2])
