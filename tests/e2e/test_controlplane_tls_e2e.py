@@ -157,13 +157,18 @@ def test_an_agent_without_a_certificate_or_with_an_untrusted_one_is_refused(plan
 
 
 def test_an_identity_not_in_agents_yaml_is_refused(plane: Plane) -> None:
+    """Right after the handshake, on both ports: an unknown identity is never forwarded, so it cannot hold a
+    connection to the internal servers (the agent sees a closed connection; /status says why)."""
     stranger = plane.agent("stranger", "orders", "stranger", ready=False)
     until(lambda: plane.refusals("identity_unknown"), "identity_unknown in /status")
     refusal = plane.refusals("identity_unknown")[-1]
-    assert (refusal["identity"], refusal["service"]) == (STRANGER_ID, "orders")
-    until(lambda: "PERMISSION_DENIED" in (readyz(stranger)[1]["control_plane"]["connection_error"] or ""),
-          "the agent shows PERMISSION_DENIED")  # fmt: skip
+    assert (refusal["identity"], refusal["service"], refusal["port"]) == (STRANGER_ID, None, "sync")
+    assert "no entry in the agents file" in refusal["detail"]
+    until(lambda: readyz(stranger)[1]["control_plane"]["connection_error"], "the agent shows it is not connected")
     assert not any(a["identity"] == STRANGER_ID for a in plane.cp.status()["agents"])
+    with pytest.raises((ssl.SSLError, ConnectionError, urllib.error.URLError, http_errors())):
+        plane.cp.get("/status", "stranger")
+    until(lambda: [r for r in plane.refusals("identity_unknown") if r["port"] == "admin"], "refused on admin too")
 
 
 def test_the_orders_certificate_cannot_fetch_billing(plane: Plane) -> None:
