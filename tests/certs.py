@@ -37,8 +37,15 @@ class Leaf:
             tmp.replace(path)
 
 
-def issue(ca: trustme.CA, *identities: str, not_after_days: int = 30, expired: bool = False) -> Leaf:
-    """A leaf signed by `ca`: an identity with "://" becomes a URI SAN, an IP address an IP SAN, else a DNS SAN."""
+def issue(
+    ca: trustme.CA,
+    *identities: str,
+    not_after_days: int = 30,
+    expired: bool = False,
+    valid_for: datetime.timedelta | None = None,
+) -> Leaf:
+    """A leaf signed by `ca`: an identity with "://" becomes a URI SAN, an IP address an IP SAN, else a DNS SAN.
+    `valid_for`: it expires that long from now (a certificate that runs out while its connection is open)."""
     ca_cert = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
     ca_key = serialization.load_pem_private_key(ca.private_key_pem.bytes(), None)
     key = ec.generate_private_key(ec.SECP256R1())
@@ -55,7 +62,7 @@ def issue(ca: trustme.CA, *identities: str, not_after_days: int = 30, expired: b
     start, end = (
         (now - datetime.timedelta(days=2), now - datetime.timedelta(days=1))
         if expired
-        else (now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=not_after_days))
+        else (now - datetime.timedelta(minutes=5), now + (valid_for or datetime.timedelta(days=not_after_days)))
     )
     serial = x509.random_serial_number()
     cert = (

@@ -35,15 +35,22 @@ from agent.config import Policy, load_policy_text
 from agent.config.loader import MAX_POLICY_BYTES, read_bounded
 from agent.config.yamlsrc import line_of, load_yaml
 from agent.controlplane._proto.authz.controlplane.v1 import policy_sync_pb2 as pb
+from agent.controlplane.agents import PeerIdentity
 from agent.controlplane.bundle import Revocations, policy_payload, revocations_payload, sign
 from agent.controlplane.tls import (
+    BAD_HELLO,
+    CERTIFICATE_EXPIRED,
+    CERTIFICATE_INVALID,
     IDENTITY_UNKNOWN,
     NO_CERTIFICATE,
     NOT_ADMIN,
     SERVICE_NOT_ALLOWED,
+    TOO_MANY_CONNECTIONS,
     Forwarded,
     ServerChannel,
     TlsFront,
+    _printable,
+    front_limits,
 )
 from agent.errors import ConfigErrors
 from agent.policytest import FileResult, run_file
@@ -56,6 +63,21 @@ REVOCATIONS_FILE = "revocations.yaml"
 TEST_SUFFIX = ".test.yaml"  # SERVICE.test.yaml: the tests of SERVICE.yaml, never a policy of its own
 DEFAULT_TEST_BUDGET_S = 60.0  # a test file not done within it blocks its own publish (`--test-budget`)
 VALIDATION_WORKERS = 4  # threads loading policies and running their tests: a slow service holds one of them
+MAX_AGENT_ID = 128  # a longer Hello.agent_id is refused (bad_hello): ids are host:pid:time, far shorter
+MAX_VERSION_SHOWN = 256  # a version an agent reports, as logged and shown (escaped)
+MAX_ERROR_SHOWN = 1024  # an agent's Status.error, as logged and shown (escaped)
+HELLO_TIMEOUT_S = 10.0  # a stream that sends no first message within this is refused (bad_hello)
+AGENT_TTL_S = 3600.0  # a disconnected agent stays in /status this long after it was last seen
+AGENTS_PER_IDENTITY = 256  # entries of one identity in the agents table: the oldest disconnected go first
+# The internal gRPC server: a connection with no stream open is closed (an agent's Sync stream is an open call, so
+# agents are never idle), a peer that stops answering keepalive pings is dropped, few streams per connection.
+GRPC_SERVER_OPTIONS = [
+    ("grpc.max_connection_idle_ms", 30_000),
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.max_concurrent_streams", 8),
+    ("grpc.server_handshake_timeout_ms", 10_000),
+]
 # orders.test.yml, orders.tests.yaml, orders_test.yaml: probably meant as orders.test.yaml
 _TESTS_NAME = re.compile(r"(?P<service>.+?)[._-]tests?\.ya?ml")
 # What a test's problem line could carry of a credential (a forwarded header's value): never shown.
@@ -392,6 +414,24 @@ class Publisher:
     def unsubscribe(self, service: str, q: asyncio.Queue[pb.ControlMessage]) -> None:
         self._queues.get(service, set()).discard(q)
 
+    def add_agent(self, key: str, info: AgentInfo) -> bool:
+        """Take an agent into the table, keeping at most AGENTS_PER_IDENTITY entries per identity (the oldest
+        disconnected out first); False when that many of its identity are connected (the Hello is refused)."""
+        if key not in self.agents:
+            mine = [(k, a) for k, a in self.agents.items() if a.identity == info.identity]
+            if len(mine) >= AGENTS_PER_IDENTITY:
+                gone = [(a.last_seen, k) for k, a in mine if not a.connected]
+                if not gone:
+                    return False
+                del self.agents[min(gone)[1]]
+        self.agents[key] = info
+        return True
+
+    def prune_agents(self, now: float) -> None:
+        """Forget agents disconnected more than AGENT_TTL_S ago."""
+        for key in [k for k, a in self.agents.items() if not a.connected and now - a.last_seen > AGENT_TTL_S]:
+            del self.agents[key]
+
     def status(self) -> dict[str, Any]:
         return {
             "services": {
@@ -536,6 +576,7 @@ class ControlPlane:
         self._admin: web.AppRunner | None = None
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._ca_generation = channel.ca_generation if channel is not None else 0
 
     def _refusal(self, peer: Forwarded, service: str) -> tuple[str, str] | None:
         """Why `peer` may not fetch or report for `service` (reason, detail), or None when it may."""
@@ -556,11 +597,22 @@ class ControlPlane:
                 self._front.refuse(NO_CERTIFICATE, context.peer(), None, None, "not connected through TLS")
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED, "connect with TLS and a client certificate")
                 return
-        first = await anext(aiter(requests), None)
+        try:
+            first = await asyncio.wait_for(anext(aiter(requests), None), HELLO_TIMEOUT_S)
+        except TimeoutError:
+            first, late = None, f"no Hello within {HELLO_TIMEOUT_S:g} s"
+        else:
+            late = "the first message must be Hello with a service"
         if first is None or first.WhichOneof("kind") != "hello" or not first.hello.service:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be Hello with a service")
+            self._bad_hello(forwarded, None, late)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, late)
             return
         hello = first.hello
+        if len(hello.agent_id) > MAX_AGENT_ID:
+            detail = f"agent_id longer than {MAX_AGENT_ID} characters"
+            self._bad_hello(forwarded, hello.service, detail)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, detail)
+            return
         stream: _Stream | None = None
         if forwarded is not None:
             assert self._front is not None
@@ -572,22 +624,35 @@ class ControlPlane:
             stream = _Stream(forwarded, hello.service)
             self._streams.add(stream)
         pub = self.publisher
-        agent_id = hello.agent_id or context.peer()
+        # The peer's text, escaped once here: the log and /status show it on one line and bounded.
+        agent_id = _printable(hello.agent_id or context.peer(), MAX_AGENT_ID)
         info = AgentInfo(agent_id, hello.service, forwarded.address if forwarded else context.peer(),
-                         version=hello.version, revocations_sequence=hello.revocations_seq)  # fmt: skip
+                         version=_printable(hello.version, MAX_VERSION_SHOWN),
+                         revocations_sequence=hello.revocations_seq)  # fmt: skip
         if forwarded is not None:
             info.identity = forwarded.identity.name
             info.cert_serial, info.cert_fingerprint = forwarded.identity.serial, forwarded.identity.fingerprint
         # Keyed by service too: an agent's Hello cannot overwrite what an agent of another service reported.
-        pub.agents[f"{hello.service}/{agent_id}"] = info
+        if not pub.add_agent(f"{hello.service}/{agent_id}", info):
+            detail = f"{AGENTS_PER_IDENTITY} agents of this identity are connected"
+            if self._front is not None and forwarded is not None:
+                self._front.refuse(TOO_MANY_CONNECTIONS, forwarded.address, forwarded.identity.name, hello.service,
+                                   detail)  # fmt: skip
+            else:
+                log.warning("agent %s (%s) refused: %s", agent_id, hello.service, detail)
+            if stream is not None:
+                self._streams.discard(stream)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, detail)
+            return
         queue = pub.subscribe(hello.service)
         log.info("agent %s (%s%s) connected, holding %r", info.agent_id, hello.service,
-                 f", {info.identity}" if info.identity else "", hello.version or None)  # fmt: skip
+                 f", {info.identity}" if info.identity else "", info.version or None)  # fmt: skip
 
         async def read_status() -> None:
             async for msg in requests:
                 if msg.WhichOneof("kind") == "status":
-                    info.version, info.error = msg.status.version, msg.status.error
+                    info.version = _printable(msg.status.version, MAX_VERSION_SHOWN)
+                    info.error = _printable(msg.status.error, MAX_ERROR_SHOWN)
                     info.revocations_sequence = msg.status.revocations_seq
                     info.last_seen = time.time()
                     if info.error:
@@ -619,7 +684,44 @@ class ControlPlane:
                 self._streams.discard(stream)
             pub.unsubscribe(hello.service, queue)
             info.connected = False
+            info.last_seen = time.time()
             log.info("agent %s disconnected", info.agent_id)
+
+    def _bad_hello(self, forwarded: Forwarded | None, service: str | None, detail: str) -> None:
+        if self._front is not None and forwarded is not None:
+            self._front.refuse(BAD_HELLO, forwarded.address, forwarded.identity.name, service, detail)
+
+    def _admit(self, identity: PeerIdentity) -> tuple[str, str] | None:
+        """Who the TLS fronts forward at all: an identity the agents file lists (under agents or admins)."""
+        assert self.channel is not None
+        agents = self.channel.agents
+        if agents.services_of(identity) is not None or agents.is_admin(identity):
+            return None
+        names = ", ".join([*identity.uris, *identity.dns]) or "a certificate without SANs"
+        return IDENTITY_UNKNOWN, f"no entry in the agents file for {names}"
+
+    def _check_certificates(self) -> None:
+        """End every forwarded connection whose certificate expired, or (after a client CA change) no longer
+        verifies against the new CA; a stream on it ends with it, and its reconnect meets the handshake's check."""
+        assert self.channel is not None
+        now = time.time()
+        generation = self.channel.ca_generation
+        reverify, self._ca_generation = generation != self._ca_generation, generation
+        for front in (self._front, self._admin_front):
+            if front is None:
+                continue
+            for peer in front.open_peers():
+                if peer.not_after <= now:
+                    reason = CERTIFICATE_EXPIRED
+                    when = datetime.fromtimestamp(peer.not_after).astimezone().isoformat(timespec="seconds")
+                    detail = f"open connection ended: the certificate expired at {when}"
+                elif reverify and not self.channel.verifies(peer.der, now):
+                    reason, detail = CERTIFICATE_INVALID, "open connection ended: client CA replaced"
+                else:
+                    continue
+                service = next((s.service for s in self._streams if s.peer is peer), None)
+                front.refuse(reason, peer.address, peer.identity.name, service, detail)
+                front.end(peer)
 
     def _recheck_streams(self) -> None:
         """agents.yaml changed: end every open stream whose identity no longer has its service."""
@@ -644,7 +746,7 @@ class ControlPlane:
                 )
             },
         )
-        self._server = grpc.aio.server()
+        self._server = grpc.aio.server(options=GRPC_SERVER_OPTIONS)
         self._server.add_generic_rpc_handlers((handler,))
         channel = self.channel
         if channel is None:
@@ -653,7 +755,9 @@ class ControlPlane:
         else:
             internal = self._server.add_insecure_port("127.0.0.1:0")
             await self._server.start()
-            self._front = TlsFront(self.listen, lambda: channel.grpc_context, channel.refusals, "sync")
+            fronts = 2 if self.admin_listen else 1
+            self._front = TlsFront(self.listen, lambda: channel.grpc_context, channel.refusals, "sync", self._admit,
+                                   front_limits(fronts))  # fmt: skip
             await self._front.start(internal)
             self.port = self._front.port
         self._tasks.append(asyncio.get_running_loop().create_task(self._poll()))
@@ -668,7 +772,7 @@ class ControlPlane:
             else:
                 self._admin = await start_admin(app, "127.0.0.1:0")
                 self._admin_front = TlsFront(self.admin_listen, lambda: channel.admin_context, channel.refusals,
-                                             "admin")  # fmt: skip
+                                             "admin", self._admit, front_limits(2))  # fmt: skip
                 await self._admin_front.start(_bound_port(self._admin))
                 self.admin_port = self._admin_front.port
         secured = "TLS 1.3 with client certificates" if channel is not None else "plain text (--insecure)"
@@ -680,11 +784,12 @@ class ControlPlane:
             forwarded = self._admin_front.peer_of(peername)
             if forwarded is None:
                 self._admin_front.refuse(NO_CERTIFICATE, str(peername), None, None, "not connected through TLS")
-                return web.json_response({"error": "connect with TLS and a client certificate"}, status=403)
+                return _closing(web.json_response({"error": "connect with TLS and a client certificate"}, status=403))
             if not self.channel.agents.is_admin(forwarded.identity):
                 self._admin_front.refuse(NOT_ADMIN, forwarded.address, forwarded.identity.name, None,
                                          "not listed under admins in the agents file")  # fmt: skip
-                return web.json_response({"error": "this certificate's identity is not an admin"}, status=403)
+                # The connection is closed after this answer: a non-admin cannot hold the admin port open.
+                return _closing(web.json_response({"error": "this certificate's identity is not an admin"}, status=403))
         return web.json_response(self.status())
 
     def status(self) -> dict[str, Any]:
@@ -693,6 +798,8 @@ class ControlPlane:
             out["channel"] = {"insecure": True}
         else:
             out["channel"] = {"insecure": False, **self.channel.status()}
+            out["channel"]["fronts"] = {f.port_name: {**f.counts(), "limits": vars(f.limits)}
+                                        for f in (self._front, self._admin_front) if f is not None}  # fmt: skip
             out["refusals"] = self.channel.refusals.status()
         return out
 
@@ -708,12 +815,14 @@ class ControlPlane:
             self.publisher.poll()
         except Exception:  # nothing in the directory may end the polling (no revocation would get out again)
             log.exception("reading %s failed; the next poll tries again", self.publisher.directory)
+        self.publisher.prune_agents(time.time())
         if self.channel is not None:
             try:
                 if self.channel.poll():
                     self._recheck_streams()
             except Exception:  # a file no check foresaw: the last good certificates and mapping stay
                 log.exception("reading the TLS files or the agents file failed; the next poll tries again")
+            self._check_certificates()
 
     async def stop(self) -> None:
         """Stop serving; a running test file is stopped after the case it is running (see Publisher.close)."""
@@ -728,6 +837,11 @@ class ControlPlane:
         if self._admin is not None:
             await self._admin.cleanup()
         await self.publisher.close()
+
+
+def _closing(response: web.Response) -> web.Response:
+    response.force_close()
+    return response
 
 
 def _bound_port(runner: web.AppRunner) -> int:

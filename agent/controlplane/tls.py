@@ -8,7 +8,13 @@ local port maps to the verified peer; a handler looks its caller up there, and a
 this host connecting to the internal port directly) is refused.
 
 Certificates, keys and agents.yaml are re-read when they change (stat first, then the content compared): new
-connections take the new ones; a bad new file is refused (logged, in /status) and the previous one stays.
+connections take the new ones; a bad new file is refused (logged, in /status) and the previous one stays. Open
+connections keep their peer's certificate: when the client CA changes they are verified again against the new one,
+and each is ended when its certificate expires.
+
+Nobody unauthenticated can hold more than a bounded share of the process: handshakes in progress are capped per
+front and per source host, established connections per front and per identity (each cap also within what the
+process's file-descriptor limit allows), and only identities the agents file knows are forwarded at all.
 Nothing here ever logs or shows a certificate's PEM or a key.
 """
 
@@ -18,6 +24,7 @@ import asyncio
 import hashlib
 import ipaddress
 import logging
+import resource
 import socket
 import ssl
 import stat
@@ -25,17 +32,28 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.x509.verification import Criticality, ExtensionPolicy, PolicyBuilder, Store, VerificationError
 
 from agent.controlplane.agents import AgentsFile, PeerIdentity, load_agents
 from agent.errors import ConfigError
 
 log = logging.getLogger("agent.controlplane")
 
-HANDSHAKE_TIMEOUT_S = 10.0  # a peer that opens a connection and says nothing is dropped after this
+HANDSHAKE_TIMEOUT_S = 5.0  # a peer that opens a connection and says nothing is dropped after this
+# Caps per front (the sync port, the admin port). A real agent holds one connection and handshakes in milliseconds;
+# these leave room for thousands of agents while an idle-connection flood is refused at accept(), costing no task.
+MAX_HANDSHAKES = 256  # handshakes in progress
+MAX_HANDSHAKES_PER_HOST = 32  # ... from one source address (one /64 for IPv6)
+MAX_CONNECTIONS = 4096  # verified connections forwarded to the internal server
+MAX_CONNECTIONS_PER_IDENTITY = 256  # ... of one certificate identity (its replicas share it; so does the agents table)
+FD_RESERVE = 64  # descriptors kept for the process itself (it uses ~16 idle: grpc, logs, policy files)
+FDS_PER_CONNECTION = 3  # the peer's socket, the forwarding socket, the internal server's accepted socket
+ACCEPT_ERROR_LOG_S = 60.0  # accept() failing (EMFILE): one log line in this time, with how many failed
 MAX_PEM_BYTES = 1 << 20  # a certificate chain, key or CA bundle larger than this is refused, not read
 REFUSALS_KEPT = 50  # the last refusals /status lists (each reason is counted without bound)
 REFUSAL_LOG_S = 60.0  # one log line per (reason, peer host) in this time; the rest are counted, then summed up
@@ -50,6 +68,41 @@ IDENTITY_UNKNOWN = "identity_unknown"
 SERVICE_NOT_ALLOWED = "service_not_allowed"
 NOT_ADMIN = "not_admin"
 HANDSHAKE_FAILED = "handshake_failed"  # not TLS, an older TLS version, a timeout: no certificate was looked at
+TOO_MANY_CONNECTIONS = "too_many_connections"  # a cap above reached: closed at once
+CERTIFICATE_EXPIRED = "certificate_expired"  # an open connection whose certificate's not_after passed
+BAD_HELLO = "bad_hello"  # no Hello first, none in time, or an agent_id over MAX_AGENT_ID
+
+
+@dataclass(frozen=True)
+class FrontLimits:
+    handshakes: int = MAX_HANDSHAKES
+    handshakes_per_host: int = MAX_HANDSHAKES_PER_HOST
+    connections: int = MAX_CONNECTIONS
+    connections_per_identity: int = MAX_CONNECTIONS_PER_IDENTITY
+
+
+def front_limits(fronts: int) -> FrontLimits:
+    """The caps, lowered so that `fronts` fronts all at their caps still fit under RLIMIT_NOFILE: a flood is
+    refused by a cap, never by EMFILE (which would refuse the operator's /status too)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return FrontLimits()
+    share = max(8, (soft - FD_RESERVE) // max(1, fronts))
+    handshakes = max(2, min(MAX_HANDSHAKES, share // 4))
+    connections = max(2, min(MAX_CONNECTIONS, (share - handshakes) // FDS_PER_CONNECTION))
+    return FrontLimits(handshakes, min(MAX_HANDSHAKES_PER_HOST, handshakes),
+                       connections, min(MAX_CONNECTIONS_PER_IDENTITY, connections))  # fmt: skip
+
+
+def source_of(host: str) -> str:
+    """The key a per-host cap counts under: the address, or its /64 for IPv6 (one host holds a whole /64)."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if ip.version == 6 and ip.ipv4_mapped is None:
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip.ipv4_mapped or ip) if ip.version == 6 else str(ip)
 
 
 def is_loopback(host: str) -> bool:
@@ -163,6 +216,16 @@ def peer_identity(ssl_object: ssl.SSLObject) -> PeerIdentity:
     )
 
 
+def peer_certificate(ssl_object: ssl.SSLObject) -> tuple[bytes, float]:
+    """The verified peer's DER certificate and its not_after (unix time), kept for as long as its connection."""
+    der = ssl_object.getpeercert(binary_form=True) or b""
+    try:
+        not_after = x509.load_der_x509_certificate(der).not_valid_after_utc.timestamp()
+    except ValueError:
+        not_after = 0.0  # cannot happen for a certificate ssl verified; if it did, the first sweep ends it
+    return der, not_after
+
+
 def handshake_refusal(e: BaseException) -> tuple[str, str]:
     """(reason, detail) of a failed server-side handshake."""
     if isinstance(e, ssl.SSLCertVerificationError):
@@ -251,6 +314,8 @@ class ServerChannel:
         self._tls_stamps = self._stamps_tls()
         self._tls_seen = self._read_tls()
         self.grpc_context, self.admin_context, self.cert = self._contexts()
+        self.client_cas = _load_cas(self._tls_seen[2])
+        self.ca_generation = 0  # +1 each time a new client CA is taken: open connections are verified again
         self._agents_stamp = _stamp(files.agents)
         self._agents_seen = self._read_agents_bytes()
         self.agents: AgentsFile = load_agents(files.agents)
@@ -324,9 +389,32 @@ class ServerChannel:
             return
         self.tls_error = None
         self.reloaded_at = time.time()
+        if previous[2] != seen[2]:
+            self.client_cas = _load_cas(seen[2])
+            self.ca_generation += 1
         what = [name for name, a, b in zip(("certificate", "key", "client CA"), previous, seen, strict=True) if a != b]
         log.info("TLS reloaded (%s changed): new connections use certificate %s", ", ".join(what),
                  self.cert["fingerprint"])  # fmt: skip
+
+    def verifies(self, der: bytes, now: float) -> bool:
+        """Whether a connection's certificate still chains to the client CA now in use. With cryptography's
+        verifier and an extension policy as lenient as OpenSSL's handshake (the CA must be a CA; the leaf's
+        extensions are not judged again). Only the leaf: Python 3.11's ssl does not hand out the peer's chain, so
+        a leaf issued by an intermediate the peer sent itself fails here, is ended, and reconnects once through a
+        full handshake. Anything unexpected counts as not verified (fail closed, the agent reconnects)."""
+        try:
+            leaf = x509.load_der_x509_certificate(der)
+            verifier = (
+                PolicyBuilder()
+                .store(Store(self.client_cas))
+                .time(datetime.fromtimestamp(now, UTC))
+                .extension_policies(ca_policy=_CA_POLICY, ee_policy=ExtensionPolicy.permit_all())
+                .build_client_verifier()
+            )
+            verifier.verify(leaf, [])
+        except (VerificationError, ValueError, TypeError):
+            return False
+        return True
 
     def _refuse_tls(self, error: str) -> None:
         self.tls_error = f"{error}; the previous certificate stays"
@@ -350,28 +438,68 @@ class ServerChannel:
         }
 
 
-@dataclass(frozen=True)
+_CA_POLICY = ExtensionPolicy.permit_all().require_present(x509.BasicConstraints, Criticality.AGNOSTIC, None)
+
+
+def _load_cas(pem: bytes) -> list[x509.Certificate]:
+    try:
+        return x509.load_pem_x509_certificates(pem)
+    except ValueError:
+        return []  # ssl took the file, so this does not happen; with no CA nothing verifies again (fail closed)
+
+
+@dataclass(frozen=True, eq=False)  # one per connection, hashed by identity: two with the same peer stay two
 class Forwarded:
-    """A connection that passed the TLS front: who it is and where it came from."""
+    """A connection that passed the TLS front: who it is, where it came from, and its certificate."""
 
     identity: PeerIdentity
     address: str
+    der: bytes = b""  # the peer's certificate (DER): verified again when the client CA changes
+    not_after: float = float("inf")  # when it expires (unix time): the connection is ended then
 
 
 class TlsFront:
     """TLS terminated here, every handshake refusal counted, each verified connection forwarded to `internal`."""
 
-    def __init__(self, listen: str, context: Callable[[], ssl.SSLContext], refusals: Refusals, port_name: str) -> None:
+    def __init__(
+        self,
+        listen: str,
+        context: Callable[[], ssl.SSLContext],
+        refusals: Refusals,
+        port_name: str,
+        admit: Callable[[PeerIdentity], tuple[str, str] | None] = lambda _: None,
+        limits: FrontLimits | None = None,
+    ) -> None:
         self.listen = listen
         self._context = context
         self._refusals = refusals
         self.port_name = port_name  # "sync" or "admin", in refusals
+        self._admit = admit  # (reason, detail) when a verified identity may not be forwarded at all
+        self.limits = limits or FrontLimits()
         self.port = 0
         self._internal = 0
         self._sock: socket.socket | None = None
         self._acceptor: asyncio.Task[None] | None = None
         self._conns: set[asyncio.Task[None]] = set()
         self._peers: dict[int, Forwarded] = {}  # the forwarding connection's local port -> its peer
+        self._handshakes: Counter[str] = Counter()  # source -> handshakes in progress
+        self._handshaking = 0
+        self._identities: Counter[str] = Counter()  # identity -> forwarded connections
+        self._open: dict[Forwarded, Callable[[], None]] = {}  # each forwarded connection -> what ends it
+        self.accept_errors = 0
+
+    def counts(self) -> dict[str, int]:
+        """What /status shows of this front's load."""
+        return {"handshakes": self._handshaking, "connections": len(self._open)}
+
+    def open_peers(self) -> list[Forwarded]:
+        return list(self._open)
+
+    def end(self, peer: Forwarded) -> None:
+        """End a forwarded connection (both ends): its certificate expired, or the new client CA refuses it."""
+        close = self._open.pop(peer, None)
+        if close is not None:
+            close()
 
     async def start(self, internal_port: int) -> None:
         self._internal = internal_port
@@ -388,21 +516,62 @@ class TlsFront:
         """Accept plain sockets and do each handshake ourselves: asyncio's streams would read a ClientHello into
         their buffer before a start_tls, and asyncio's TLS server hides a refused handshake from its caller."""
         loop = asyncio.get_running_loop()
+        logged_at, unlogged = -ACCEPT_ERROR_LOG_S, 0
         while True:
             try:
                 conn, peer = await loop.sock_accept(sock)
-            except OSError as e:  # EMFILE and the like: wait a little rather than spin
-                log.error("accepting on the %s port failed: %s", self.port_name, e)
+            except OSError as e:  # EMFILE and the like: wait a little rather than spin, and say so once a minute
+                self.accept_errors += 1
+                now = time.monotonic()
+                if now - logged_at >= ACCEPT_ERROR_LOG_S:
+                    more = f" ({unlogged} more failures in the last minute, not logged)" if unlogged else ""
+                    log.error("accepting on the %s port failed: %s; %d handshakes and %d connections open%s",
+                              self.port_name, e, self._handshaking, len(self._open), more)  # fmt: skip
+                    logged_at, unlogged = now, 0
+                else:
+                    unlogged += 1
                 await asyncio.sleep(0.1)
                 continue
-            task = loop.create_task(self._serve(conn, peer))
+            address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+            source = source_of(str(peer[0]) if isinstance(peer, tuple) else str(peer))
+            over = self._over_handshake_cap(source)
+            if over is not None:
+                conn.close()  # before any task or TLS state exists for it
+                self.refuse(TOO_MANY_CONNECTIONS, address, None, None, over)
+                continue
+            self._handshaking += 1
+            self._handshakes[source] += 1
+            task = loop.create_task(self._serve(conn, address, source))
             self._conns.add(task)
             task.add_done_callback(self._conns.discard)
+
+    def _over_handshake_cap(self, source: str) -> str | None:
+        if self._handshaking >= self.limits.handshakes:
+            return f"{self._handshaking} TLS handshakes in progress on this port (the cap)"
+        if self._handshakes[source] >= self.limits.handshakes_per_host:
+            return f"{self._handshakes[source]} TLS handshakes in progress from {source} (the cap per host)"
+        return None
+
+    def _handshake_done(self, source: str) -> None:
+        self._handshaking -= 1
+        self._handshakes[source] -= 1
+        if self._handshakes[source] <= 0:
+            del self._handshakes[source]
+
+    def _over_connection_cap(self, who: str) -> str | None:
+        if len(self._open) >= self.limits.connections:
+            return f"{len(self._open)} connections open on this port (the cap)"
+        if self._identities[who] >= self.limits.connections_per_identity:
+            return f"{self._identities[who]} connections open for this identity (the cap per identity)"
+        return None
 
     def peer_of(self, internal_peer: tuple[str, int] | str | None) -> Forwarded | None:
         """The verified peer behind a connection to the internal port (grpc's `context.peer()`, or aiohttp's
         peername); None for anyone who connected to it directly."""
         if isinstance(internal_peer, tuple):
+            # The address too: a local process can bind 127.0.0.2 to a forwarding connection's port number.
+            if internal_peer[0] != "127.0.0.1":
+                return None
             port = internal_peer[1]
         elif isinstance(internal_peer, str) and internal_peer.startswith("ipv4:127.0.0.1:"):
             port = int(internal_peer.rpartition(":")[2])
@@ -413,8 +582,7 @@ class TlsFront:
     def refuse(self, reason: str, peer: str, identity: str | None, service: str | None, detail: str) -> None:
         self._refusals.add(reason, peer, identity, service, detail, self.port_name)
 
-    async def _serve(self, conn: socket.socket, peer: Any) -> None:
-        address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+    async def _serve(self, conn: socket.socket, address: str, source: str) -> None:
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=PIPE_CHUNK)
         protocol = asyncio.StreamReaderProtocol(reader)
@@ -427,20 +595,48 @@ class TlsFront:
             self.refuse(reason, address, None, None, detail)
             conn.close()
             return
+        finally:
+            self._handshake_done(source)
         writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-        identity = peer_identity(writer.get_extra_info("ssl_object"))
+        ssl_object = writer.get_extra_info("ssl_object")
+        identity = peer_identity(ssl_object)
+        # Refused here, not held open until its first request: an identity the agents file does not know.
+        who = identity.name or identity.fingerprint
+        refusal = self._admit(identity)
+        if refusal is None and (over := self._over_connection_cap(who)) is not None:
+            refusal = (TOO_MANY_CONNECTIONS, over)
+        if refusal is not None:
+            self.refuse(refusal[0], address, identity.name, None, refusal[1])
+            transport.abort()
+            return
+        self._identities[who] += 1
+        try:
+            await self._forward(reader, writer, Forwarded(identity, address, *peer_certificate(ssl_object)))
+        finally:
+            self._identities[who] -= 1
+            if self._identities[who] <= 0:
+                del self._identities[who]
+
+    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Forwarded) -> None:
         try:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._internal)
         except OSError as e:
             log.error("the internal %s server on port %d is not reachable: %s", self.port_name, self._internal, e)
-            transport.abort()
+            writer.transport.abort()
             return
         local = int(up_writer.get_extra_info("sockname")[1])
-        self._peers[local] = Forwarded(identity, address)  # before any byte goes up: the handler finds it
+        self._peers[local] = peer  # before any byte goes up: the handler finds it
+
+        def close() -> None:
+            writer.transport.abort()
+            up_writer.transport.abort()
+
+        self._open[peer] = close
         try:
             await _splice(reader, writer, up_reader, up_writer)
         finally:
             self._peers.pop(local, None)
+            self._open.pop(peer, None)
 
     async def stop(self) -> None:
         if self._acceptor is not None:
@@ -479,6 +675,14 @@ async def _splice(
 
 
 def _printable(text: str, limit: int = 128) -> str:
-    """What a peer sent, safe to log and show: control characters escaped (no forged log lines), bounded."""
-    out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:limit])
-    return out + "..." if len(text) > limit else out
+    """What a peer sent, safe to log and show: control characters escaped (no forged log lines), bounded to
+    `limit` characters as shown (an escape counts its length), "..." marking a cut."""
+    out: list[str] = []
+    size = 0
+    for c in text[: limit + 1]:
+        shown = c if c.isprintable() else repr(c)[1:-1]
+        if size + len(shown) > limit:
+            return "".join(out) + "..."
+        out.append(shown)
+        size += len(shown)
+    return "".join(out)

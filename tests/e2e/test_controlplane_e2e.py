@@ -52,6 +52,7 @@ class ControlPlaneProcess:
         port: int | None = None,
         extra: tuple[str, ...] = (),
         pki: Pki | None = None,
+        prefix: tuple[str, ...] = (),  # run under this command (prlimit --nofile=256 --)
     ) -> None:
         self.port = port or free_port()
         self.admin = f"127.0.0.1:{free_port()}"
@@ -60,8 +61,8 @@ class ControlPlaneProcess:
         self.log = self.log_path.open("a")
         channel = pki.server_args() if pki is not None else ["--insecure"]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "control-plane", "--policies", str(policies), "--signing-key", str(key),
-             "--listen", f"127.0.0.1:{self.port}", "--admin", self.admin, *channel, *extra],
+            [*prefix, sys.executable, "-m", "agent", "control-plane", "--policies", str(policies),
+             "--signing-key", str(key), "--listen", f"127.0.0.1:{self.port}", "--admin", self.admin, *channel, *extra],
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )  # fmt: skip

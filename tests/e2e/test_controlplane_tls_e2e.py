@@ -5,6 +5,7 @@ says of it, certificates and agents.yaml rotated without a restart, and the --in
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import ssl
 import subprocess
@@ -157,13 +158,18 @@ def test_an_agent_without_a_certificate_or_with_an_untrusted_one_is_refused(plan
 
 
 def test_an_identity_not_in_agents_yaml_is_refused(plane: Plane) -> None:
+    """Right after the handshake, on both ports: an unknown identity is never forwarded, so it cannot hold a
+    connection to the internal servers (the agent sees a closed connection; /status says why)."""
     stranger = plane.agent("stranger", "orders", "stranger", ready=False)
     until(lambda: plane.refusals("identity_unknown"), "identity_unknown in /status")
     refusal = plane.refusals("identity_unknown")[-1]
-    assert (refusal["identity"], refusal["service"]) == (STRANGER_ID, "orders")
-    until(lambda: "PERMISSION_DENIED" in (readyz(stranger)[1]["control_plane"]["connection_error"] or ""),
-          "the agent shows PERMISSION_DENIED")  # fmt: skip
+    assert (refusal["identity"], refusal["service"], refusal["port"]) == (STRANGER_ID, None, "sync")
+    assert "no entry in the agents file" in refusal["detail"]
+    until(lambda: readyz(stranger)[1]["control_plane"]["connection_error"], "the agent shows it is not connected")
     assert not any(a["identity"] == STRANGER_ID for a in plane.cp.status()["agents"])
+    with pytest.raises((ssl.SSLError, ConnectionError, urllib.error.URLError, http_errors())):
+        plane.cp.get("/status", "stranger")
+    until(lambda: [r for r in plane.refusals("identity_unknown") if r["port"] == "admin"], "refused on admin too")
 
 
 def test_the_orders_certificate_cannot_fetch_billing(plane: Plane) -> None:
@@ -240,6 +246,48 @@ def test_the_control_planes_rotated_certificate_is_served_to_new_connections(pla
     assert served_fingerprint(plane.cp.port, plane.pki) == new.fingerprint
     new.write(cert, key)
     until(lambda: plane.cp.status()["channel"]["tls"]["error"] is None, "the fixed pair is taken")
+
+
+@pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs prlimit (util-linux) for a low fd limit")
+def test_idle_connections_cannot_starve_the_control_plane(plane: Plane, tmp_path: Path) -> None:
+    """400 idle TCP connects to the sync port from 10 loopback hosts, against a control plane limited to 256 file
+    descriptors: the caps refuse what is over them at once (too_many_connections), nothing runs into EMFILE, an
+    admin's /status keeps answering within its deadline, and the log stays a few lines."""
+    cp = ControlPlaneProcess(plane.policies, plane.key, tmp_path, pki=plane.pki,
+                             prefix=("prlimit", "--nofile=256:256", "--"))  # fmt: skip
+    idle: list[socket.socket] = []
+    try:
+        limits = cp.status()["channel"]["fronts"]["sync"]["limits"]
+        # A handshake holds one descriptor, a forwarded connection three: both fronts at their caps fit in 256.
+        assert limits["handshakes"] + 3 * limits["connections"] <= (256 - 64) // 2
+        for i in range(400):
+            s = socket.socket()
+            idle.append(s)
+            s.bind((f"127.0.0.{2 + i % 10}", 0))
+            s.settimeout(5)
+            s.connect(("127.0.0.1", cp.port))
+        until(lambda: cp.status()["refusals"]["counts"].get("too_many_connections", 0) >= 400 - limits["handshakes"],
+              "the connects over the cap refused")  # fmt: skip
+        for _ in range(5):  # the flood still held open: the admin port answers, each within its 2 s deadline
+            status = cp.status()
+            assert status["channel"]["fronts"]["sync"]["handshakes"] <= limits["handshakes"]
+        refused = [r for r in status["refusals"]["last"] if r["reason"] == "too_many_connections"]
+        assert refused and "TLS handshakes in progress" in refused[-1]["detail"]
+        # The idle ones are dropped after the handshake timeout; a real agent then gets in.
+        until(lambda: cp.status()["channel"]["fronts"]["sync"]["handshakes"] == 0, "idle handshakes timed out")
+        args = ["--control-plane", f"127.0.0.1:{cp.port}", "--service", "orders", "--state-dir",
+                str(tmp_path / "state"), "--bundle-key", str(plane.verify),
+                *plane.pki.agent_args("orders")]  # fmt: skip
+        agent = AgentProcess(args, f"127.0.0.1:{free_port()}", tmp_path, "grpcio")  # ready: it fetched its bundle
+        agent.stop()
+        log = cp.log_path.read_text()
+        assert "accepting on the sync port failed" not in log  # the caps, not EMFILE, refused them
+        assert log.count("too_many_connections") <= 10  # one line per source host and minute
+        assert len(log.splitlines()) < 60
+    finally:
+        for s in idle:
+            s.close()
+        cp.stop()
 
 
 def test_admin_port_needs_an_admin_certificate(plane: Plane) -> None:
