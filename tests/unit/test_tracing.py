@@ -391,7 +391,9 @@ async def test_spans_reach_a_real_otlp_receiver(
         assert span.resource["service.name"] == "authz-agent"
         if isinstance(receiver, HttpReceiver):
             assert receiver.paths == ["/v1/traces"]
-        assert t.tracer.exported == 1 and t.tracer.failed == 0 and t.tracer.dropped == 0
+        # The receiver holds the span before the exporter's call returns and counts it: wait for the count.
+        until(lambda: t.tracer.exported == 1, "the export counted")
+        assert t.tracer.failed == 0 and t.tracer.dropped == 0
     finally:
         t.tracer.close(2.0)
         receiver.close()
