@@ -23,6 +23,10 @@ $(STAMP): pyproject.toml setup.py | system-deps
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel Cython grpcio-tools
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	@# xds-protos ships an old copy of opentelemetry/proto/ in the same directory; whichever wheel pip unpacks
+	@# last wins. The OTLP exporters need opentelemetry-proto's own files: written again, at the same version.
+	$(BIN)/python -m pip install -q --no-deps --force-reinstall 	  "opentelemetry-proto==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')"
+	$(BIN)/python -m agent.otelproto
 	touch $@
 
 # Cython extensions, rebuilt when a .pyx/.pxd changes (cythonize compares timestamps).

@@ -158,8 +158,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     tracing = None
     if args.otlp_endpoint is not None:
+        from agent.otelproto import problem as otel_problem
         from agent.tracing import DEFAULT_MAX_RATE, check_max_rate, check_ratio, parse_endpoint
 
+        if (found := otel_problem()) is not None:
+            print(f"authz-agent run: --otlp-endpoint: {found}", file=sys.stderr)
+            return 2
         try:
             ratio = DEFAULT_TRACE_SAMPLE if args.trace_sample is None else args.trace_sample
             rate = DEFAULT_MAX_RATE if args.trace_max_rate is None else args.trace_max_rate
@@ -186,6 +190,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             root = spool_root(args.audit_log, args.audit_spool_dir)
             for c in configs:
                 private_directory(root / c.sink_id)  # made now, or refused: never a traceback later
+            if any(c.scheme.startswith("otlp") for c in configs):
+                from agent.otelproto import problem as otel_problem
+
+                if (found := otel_problem()) is not None:
+                    raise ValueError(f"--audit-sink otlp: {found}")
         except (ValueError, OSError) as e:
             print(f"authz-agent run: {e}", file=sys.stderr)
             return 2
