@@ -17,7 +17,6 @@ from datetime import datetime
 from typing import Any
 
 import grpc
-import orjson
 from opentelemetry.proto.collector.logs.v1 import logs_service_pb2 as svc
 from opentelemetry.proto.collector.logs.v1 import logs_service_pb2_grpc as svc_grpc
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
@@ -29,6 +28,8 @@ from opentelemetry.proto.logs.v1.logs_pb2 import (
     ScopeLogs,
 )
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+
+from agent.audit.syslog import record_fields
 
 EXPORT_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 5.0
@@ -56,12 +57,7 @@ def _nanos(stamp: object) -> int:
 
 def log_record(line: bytes, observed_ns: int) -> LogRecord:
     """The OTLP log record of one chained audit line."""
-    try:
-        record = orjson.loads(line)
-    except orjson.JSONDecodeError:
-        record = None
-    if not isinstance(record, dict):
-        record = {}
+    record = record_fields(line)
     alert = record.get("type") == "alert"
     attrs = []
     for key in ("seq", "type", "decision_id", "service", "alert"):
@@ -91,11 +87,25 @@ def export_request(lines: list[bytes], hostname: str) -> svc.ExportLogsServiceRe
     return svc.ExportLogsServiceRequest(resource_logs=[ResourceLogs(resource=resource, scope_logs=[scope])])
 
 
-class OtlpGrpcConnection:
-    """A gRPC channel to an OTLP collector's LogsService. Export's success is the acknowledgement."""
+class _Acknowledged:
+    """A connection whose every call answers for itself (no delivery to judge between calls, unlike syslog's)."""
 
     settle_s = 0.0
     rejected = 0  # records a collector said it rejected (partial success): not sent again, it would refuse again
+
+    def check(self) -> None:
+        """Nothing to watch between calls: each answers for itself."""
+
+    def finish(self, timeout_s: float = 2.0) -> bool:
+        self.close()
+        return True
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class OtlpGrpcConnection(_Acknowledged):
+    """A gRPC channel to an OTLP collector's LogsService. Export's success is the acknowledgement."""
 
     def __init__(self, target: str, hostname: str, credentials: grpc.ChannelCredentials | None) -> None:
         options: list[tuple[str, Any]] = [
@@ -123,22 +133,12 @@ class OtlpGrpcConnection:
             raise ExportFailed(f"OTLP Export: {code.name if code is not None else 'failed'}") from None
         self.rejected += int(reply.partial_success.rejected_log_records)
 
-    def check(self) -> None:
-        """Nothing to watch between calls: each Export answers for itself."""
-
-    def finish(self, timeout_s: float = 2.0) -> bool:
-        self.close()
-        return True
-
     def close(self) -> None:
         self.channel.close()
 
 
-class OtlpHttpConnection:
+class OtlpHttpConnection(_Acknowledged):
     """OTLP/HTTP with protobuf bodies (POST /v1/logs): a 2xx answer is the acknowledgement."""
-
-    settle_s = 0.0
-    rejected = 0
 
     def __init__(self, host: str, port: int, path: str, hostname: str, tls: ssl.SSLContext | None) -> None:
         if tls is None:
@@ -160,13 +160,6 @@ class OtlpHttpConnection:
         with contextlib.suppress(Exception):
             reply.ParseFromString(data)
         self.rejected += int(reply.partial_success.rejected_log_records)
-
-    def check(self) -> None:
-        """Each POST answers for itself."""
-
-    def finish(self, timeout_s: float = 2.0) -> bool:
-        self.close()
-        return True
 
     def close(self) -> None:
         self.http.close()

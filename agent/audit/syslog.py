@@ -71,14 +71,18 @@ def sd_value(value: object) -> bytes:
     return text.replace(b"\\", b"\\\\").replace(b'"', b'\\"').replace(b"]", b"\\]")
 
 
-def message(line: bytes, hostname: bytes, procid: bytes, now: float | None = None) -> bytes:
-    """The RFC 5424 message of one chained audit line (the line is MSG, byte for byte)."""
+def record_fields(line: bytes) -> dict[str, object]:
+    """The fields a sink reads from a chained line (its seq, type, service, time); {} for a line not a JSON object."""
     try:
         record = orjson.loads(line)
     except orjson.JSONDecodeError:
-        record = None
-    if not isinstance(record, dict):
-        record = {}
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def message(line: bytes, hostname: bytes, procid: bytes, now: float | None = None) -> bytes:
+    """The RFC 5424 message of one chained audit line (the line is MSG, byte for byte)."""
+    record = record_fields(line)
     kind = record.get("type")
     severity = SEVERITY_WARNING if kind == "alert" else SEVERITY_INFO
     stamp = record.get("time")

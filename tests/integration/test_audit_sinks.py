@@ -217,10 +217,11 @@ def exactly_once_in_order(receiver: list[int], agent: Agent) -> None:
     assert receiver == local, f"received {len(receiver)} ({len(set(receiver))} distinct) of {len(local)}"
 
 
-@pytest.mark.parametrize("scheme", ["syslog+tcp", "syslog+tls"])
-def test_rsyslog_stopped_mid_run_and_restarted_gets_every_record_once_in_order(
+def rsyslog_and_agent(
     scheme: str, tmp_path: Path, agents: list[Agent], rsyslogs: list[Rsyslog]
-) -> None:
+) -> tuple[Rsyslog, Agent, int]:
+    """A real rsyslog on a free loopback port (TLS with client certificates for syslog+tls) and an agent
+    shipping to it; both stopped by their fixtures."""
     if scheme == "syslog+tls" and not GTLS.exists():
         pytest.skip("rsyslog-gnutls not installed (make test installs it)")
     port = free_port()
@@ -234,6 +235,14 @@ def test_rsyslog_stopped_mid_run_and_restarted_gets_every_record_once_in_order(
     agent = Agent(tmp_path, [url])
     agents.append(agent)
     agent.start()
+    return rsyslog, agent, port
+
+
+@pytest.mark.parametrize("scheme", ["syslog+tcp", "syslog+tls"])
+def test_rsyslog_stopped_mid_run_and_restarted_gets_every_record_once_in_order(
+    scheme: str, tmp_path: Path, agents: list[Agent], rsyslogs: list[Rsyslog]
+) -> None:
+    rsyslog, agent, port = rsyslog_and_agent(scheme, tmp_path, agents, rsyslogs)
     label = f'sink="{scheme}://127.0.0.1:{port}"'
     agent.decide(40)
     until(lambda: len(rsyslog.seqs()) >= 40, "the first records at rsyslog")
@@ -391,19 +400,7 @@ def test_run_refuses_bad_sinks_before_starting(tmp_path: Path) -> None:
 def test_rsyslog_stopped_and_restarted_while_records_flow_gets_each_once_in_order(
     scheme: str, tmp_path: Path, agents: list[Agent], rsyslogs: list[Rsyslog]
 ) -> None:
-    if scheme == "syslog+tls" and not GTLS.exists():
-        pytest.skip("rsyslog-gnutls not installed (make test installs it)")
-    port = free_port()
-    server_tls, client_tls = certificates(tmp_path) if scheme == "syslog+tls" else (None, None)
-    rsyslog = Rsyslog(tmp_path, port, server_tls)
-    rsyslogs.append(rsyslog)
-    rsyslog.start()
-    url = f"{scheme}://127.0.0.1:{port}"
-    if client_tls:
-        url += f"?ca={client_tls['ca']}&cert={client_tls['cert']}&key={client_tls['key']}"
-    agent = Agent(tmp_path, [url])
-    agents.append(agent)
-    agent.start()
+    rsyslog, agent, _ = rsyslog_and_agent(scheme, tmp_path, agents, rsyslogs)
     stop, made = threading.Event(), [0]
 
     def drive() -> None:  # decisions all along: the receiver goes away and comes back in the middle of them
