@@ -27,7 +27,7 @@ class PeerIdentity:
 
     uris: tuple[str, ...]
     dns: tuple[str, ...]
-    serial: str = ""  # hex, as ssl reports it
+    serial: str = ""  # hex, without leading zeros (as /status shows the control plane's own)
     fingerprint: str = ""  # SHA-256 of the DER certificate, hex
 
     @property

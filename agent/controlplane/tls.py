@@ -211,9 +211,17 @@ def peer_identity(ssl_object: ssl.SSLObject) -> PeerIdentity:
     return PeerIdentity(
         uris=tuple(str(v) for k, v in sans if k == "URI"),
         dns=tuple(str(v) for k, v in sans if k == "DNS"),
-        serial=str(info.get("serialNumber", "")),
+        serial=_serial(str(info.get("serialNumber", ""))),
         fingerprint=fingerprint(der) if der else "",
     )
+
+
+def _serial(padded: str) -> str:
+    """ssl's serial (hex padded to whole bytes: "0D1B...") as /status shows every serial: the number in hex."""
+    try:
+        return format(int(padded, 16), "X")
+    except ValueError:
+        return ""
 
 
 def peer_certificate(ssl_object: ssl.SSLObject) -> tuple[bytes, float]:

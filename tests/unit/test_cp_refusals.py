@@ -91,3 +91,11 @@ async def test_accept_failures_are_logged_once_a_minute_with_a_count(
         await asyncio.gather(task, return_exceptions=True)
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1 and "Too many open files" in lines[0]
+
+
+def test_a_serial_is_shown_as_one_number_whatever_its_leading_byte() -> None:
+    from agent.controlplane.tls import _serial
+
+    # ssl pads to whole bytes ("0D1B..."): one serial in 16 starts with a zero nibble, and must read the same
+    assert _serial("0D1BF753") == format(0x0D1BF753, "X") == "D1BF753"
+    assert _serial("") == "" and _serial("00") == "0"
