@@ -1,0 +1,266 @@
+"""The image recipe and the Kubernetes and Istio examples, checked without an image builder or a cluster.
+
+No image can be built here (no registry for base images): the recipe is parsed and its layout checked, the
+manifests are validated offline against Kubernetes' schemas, and the Istio custom resources, whose schemas are
+not Kubernetes', structurally. Installing the same wheel and running it unprivileged is tests/packaging's.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).parent.parent.parent
+RECIPE = ROOT / "envoy" / "container" / "Containerfile"
+KUBE = ROOT / "envoy" / "kubernetes"
+KUBERNETES_VERSION = "1.33"  # the oldest release the examples are meant for; its schemas ship in kubernetes-validate
+POLICY_DIR, STATE_DIR = "/etc/authz-agent", "/var/lib/authz-agent"
+COMPILERS = re.compile(r"\b(build-essential|gcc|g\+\+|clang|make|cython|[\w.+-]+-dev)\b", re.IGNORECASE)
+VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+
+
+@dataclass
+class Stage:
+    base: str
+    name: str | None
+    steps: list[tuple[str, str]] = field(default_factory=list)  # (INSTRUCTION, arguments), continuations joined
+
+    def args(self, instruction: str) -> list[str]:
+        return [a for i, a in self.steps if i == instruction]
+
+
+def parse_recipe(text: str) -> list[Stage]:
+    """Stages of a Containerfile: comments and parser directives dropped, backslash continuations joined."""
+    lines: list[str] = []
+    pending = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue  # a comment inside a continued instruction does not end it
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        lines.append(pending + line)
+        pending = ""
+    assert not pending, "the recipe ends inside a continued line"
+    stages: list[Stage] = []
+    for line in lines:
+        instruction, _, rest = line.partition(" ")
+        instruction, rest = instruction.upper(), rest.strip()
+        if instruction == "FROM":
+            m = re.fullmatch(r"(\S+)(?:\s+AS\s+(\S+))?", rest, re.IGNORECASE)
+            assert m, line
+            stages.append(Stage(m[1], m[2]))
+        else:
+            assert stages, f"{instruction} before FROM"
+            stages[-1].steps.append((instruction, rest))
+    return stages
+
+
+def exec_form(arguments: str) -> list[str]:
+    """The JSON array of an exec-form ENTRYPOINT/CMD/HEALTHCHECK CMD (a shell form would hide the PID 1)."""
+    import json
+
+    assert arguments.startswith("["), f"not exec form: {arguments}"
+    value = json.loads(arguments)
+    assert isinstance(value, list) and all(isinstance(v, str) for v in value)
+    return value
+
+
+@pytest.fixture(scope="module")
+def stages() -> list[Stage]:
+    return parse_recipe(RECIPE.read_text())
+
+
+def manifests(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def agent_container(doc: dict[str, Any]) -> dict[str, Any]:
+    containers = doc["spec"]["template"]["spec"]["containers"]
+    return next(c for c in containers if c["name"] == "authz-agent")
+
+
+def opt(args: list[str], name: str) -> str:
+    """The value of --name=VALUE or --name VALUE in an argument list."""
+    for i, a in enumerate(args):
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
+        if a == name:
+            return args[i + 1]
+    raise AssertionError(f"{name} not in {args}")
+
+
+def test_the_recipe_builds_in_one_stage_and_runs_in_a_slim_one(stages: list[Stage]) -> None:
+    assert len(stages) == 2
+    build, final = stages
+    assert build.name == "build" and build.base.startswith("python:3.11-slim")
+    assert final.base.startswith("python:3.11-slim")
+    built = " ".join(build.args("RUN"))
+    assert "build-essential" in built and "libnghttp2-dev" in built and "libssl-dev" in built
+    assert "make dist" in built and "authz_agent-*-manylinux*.whl" in built  # the repaired wheel, not a plain build
+    # The final stage takes wheels from the build stage only: no source, no compiler, no -dev package.
+    assert final.args("COPY") == [] and final.args("ADD") == []
+    final_runs = " ".join(final.args("RUN"))
+    assert "apt-get" not in final_runs, final_runs
+    assert COMPILERS.findall(final_runs) == []
+    (install,) = [r for r in final.args("RUN") if "pip install" in r]
+    assert "--no-cache-dir" in install and "--no-index" in install and "from=build" in install
+    assert "[demo]" not in install and "authz_agent-*.whl" in install
+
+
+def test_the_image_runs_as_an_unprivileged_user_with_its_two_directories(stages: list[Stage]) -> None:
+    final = stages[-1]
+    (user,) = final.args("USER")
+    uid = user.split(":")[0]
+    assert uid.isdigit() and int(uid) == 10001  # numeric, so runAsNonRoot can verify it without /etc/passwd
+    setup = " ".join(final.args("RUN"))
+    assert "useradd" in setup and "--uid 10001" in setup and " authz" in setup
+    assert f"mkdir -p {POLICY_DIR} {STATE_DIR}" in setup
+    assert f"chown 10001:10001 {STATE_DIR}" in setup and f"chown 10001:10001 {POLICY_DIR}" not in setup
+    assert final.args("WORKDIR") == [STATE_DIR]
+    assert STATE_DIR in final.args("VOLUME")[0]
+    assert final.args("EXPOSE") == ["9191 9192"]
+    assert any("PYTHONDONTWRITEBYTECODE=1" in e for e in final.args("ENV"))  # the root filesystem is read-only
+
+
+def test_the_health_check_asks_readyz_with_python(stages: list[Stage]) -> None:
+    (check,) = stages[-1].args("HEALTHCHECK")
+    options, _, command = check.partition("CMD ")
+    assert "--interval=" in options and "--timeout=" in options
+    argv = exec_form(command.strip())
+    assert argv[:2] == ["python", "-c"] and "urllib.request" in argv[2] and "curl" not in check
+    assert "http://127.0.0.1:9192/readyz" in argv[2]
+    assert argv[2].count("(") == argv[2].count(")")
+    compile(argv[2], "<healthcheck>", "exec")  # the one-liner is Python that at least compiles
+
+
+def test_the_default_command_uses_flags_run_has(stages: list[Stage]) -> None:
+    final = stages[-1]
+    (entrypoint,) = final.args("ENTRYPOINT")
+    (cmd,) = final.args("CMD")
+    assert exec_form(entrypoint) == ["authz-agent"]
+    argv = exec_form(cmd)
+    assert argv[0] == "run"
+    assert opt(argv, "--policy") == f"{POLICY_DIR}/policy.yaml"
+    assert opt(argv, "--listen") == "0.0.0.0:9191" and opt(argv, "--admin") == "0.0.0.0:9192"
+    assert opt(argv, "--audit-log") == f"{STATE_DIR}/audit.log"
+    helptext = subprocess.run(
+        [sys.executable, "-m", "agent", "run", "--help"], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    for flag in (a for a in argv if a.startswith("--")):
+        assert re.search(rf"(^|\s){re.escape(flag)}\b", helptext), f"`authz-agent run` has no {flag}"
+
+
+def test_the_build_context_leaves_local_builds_out() -> None:
+    ignore = (ROOT / ".containerignore").read_text().split()
+    assert {".git", ".venv", "build", "dist", "**/*.so", "**/__pycache__"} <= set(ignore)
+    assert (ROOT / ".dockerignore").resolve() == (ROOT / ".containerignore").resolve()  # docker reads only this name
+
+
+@pytest.mark.skipif(shutil.which("hadolint") is None, reason="hadolint is not installed")
+def test_hadolint_passes() -> None:
+    r = subprocess.run(["hadolint", str(RECIPE)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("path", [KUBE / "orders.yaml", KUBE / "istio" / "orders.yaml"], ids=["envoy", "istio"])
+def test_the_agent_container_matches_the_recipe(path: Path, stages: list[Stage]) -> None:
+    deployment = next(d for d in manifests(path) if d["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    agent = agent_container(deployment)
+    assert agent["image"] == f"authz-agent:{VERSION}"
+    sc = agent["securityContext"]
+    uid = int(stages[-1].args("USER")[0].split(":")[0])
+    assert sc["runAsUser"] == uid and sc["runAsNonRoot"] is True and sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}
+    mounts = {m["mountPath"]: m for m in agent["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert mounts[POLICY_DIR]["readOnly"] is True and "configMap" in volumes[mounts[POLICY_DIR]["name"]]
+    assert "emptyDir" in volumes[mounts[STATE_DIR]["name"]] and not mounts[STATE_DIR].get("readOnly")
+    # Every file the agent reads or writes lies in a mount: nothing else is writable, nor brought in.
+    args = agent["args"]
+    assert args[0] == "run"
+    assert opt(args, "--policy") == f"{POLICY_DIR}/policy.yaml"
+    assert opt(args, "--audit-log").startswith(STATE_DIR + "/")
+    listen = opt(args, "--listen")
+    if listen.startswith("unix:"):
+        assert str(Path(listen[5:]).parent) in mounts
+    else:
+        assert listen.startswith("127.0.0.1:")  # Istio's proxy calls it inside the pod; nothing outside can
+    admin = opt(args, "--admin")
+    assert admin.startswith("0.0.0.0:")  # the kubelet probes the pod's address
+    ports = {p["name"]: p["containerPort"] for p in agent["ports"]}
+    assert agent["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert agent["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    for probe in (agent["readinessProbe"], agent["livenessProbe"]):
+        assert ports[probe["httpGet"]["port"]] == int(admin.rsplit(":", 1)[1])
+    recipe_dirs = " ".join(stages[-1].args("RUN"))
+    assert all(d in recipe_dirs for d in (POLICY_DIR, STATE_DIR))
+
+
+@pytest.mark.parametrize("path", [KUBE / "orders.yaml", KUBE / "istio" / "orders.yaml"], ids=["envoy", "istio"])
+def test_core_resources_validate_against_the_kubernetes_schemas(path: Path) -> None:
+    import kubernetes_validate  # [dev]; imported here so that the recipe's checks run without it
+
+    core = [d for d in manifests(path) if "istio.io" not in d["apiVersion"]]
+    assert {d["kind"] for d in core} >= {"Deployment", "Service"}
+    for doc in core:
+        # strict: an unknown or misspelt field fails instead of being dropped by the API server
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def test_a_misspelt_field_fails_validation() -> None:
+    """The validation above can fail: a securityContext field misspelt is caught offline."""
+    import kubernetes_validate
+
+    deployment = next(d for d in manifests(KUBE / "orders.yaml") if d["kind"] == "Deployment")
+    agent_container(deployment)["securityContext"]["readOnlyRootFileSystem"] = True
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
+
+
+def test_the_istio_resources_fit_together() -> None:
+    """Structurally only: Istio's CRDs are not among Kubernetes' schemas."""
+    (operator,) = manifests(KUBE / "istio" / "mesh-config.yaml")
+    assert operator["apiVersion"] == "install.istio.io/v1alpha1" and operator["kind"] == "IstioOperator"
+    providers = {p["name"]: p for p in operator["spec"]["meshConfig"]["extensionProviders"]}
+    grpc = providers["authz-agent"]["envoyExtAuthzGrpc"]
+    assert set(grpc) >= {"service", "port", "timeout"} and grpc["failOpen"] is False
+    assert re.fullmatch(r"\d+(\.\d+)?s", grpc["timeout"])
+    docs = {d["kind"]: d for d in manifests(KUBE / "istio" / "orders.yaml")}
+    policy = docs["AuthorizationPolicy"]
+    assert policy["apiVersion"] == "security.istio.io/v1"
+    assert policy["spec"]["action"] == "CUSTOM" and policy["spec"]["provider"]["name"] in providers
+    assert policy["spec"]["rules"]
+    labels = docs["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    entry = docs["ServiceEntry"]
+    assert entry["apiVersion"] == "networking.istio.io/v1"
+    assert grpc["service"] in entry["spec"]["hosts"] and entry["spec"]["resolution"] == "STATIC"
+    assert [e["address"] for e in entry["spec"]["endpoints"]] == ["127.0.0.1"]
+    (port,) = entry["spec"]["ports"]
+    assert port["number"] == grpc["port"] and port["protocol"] == "GRPC"
+    listen = opt(agent_container(docs["Deployment"])["args"], "--listen")
+    assert listen == f"127.0.0.1:{grpc['port']}"
+
+
+def test_the_readme_says_how_to_build_and_install() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert readme.index("## Install") < readme.index("## Using it")
+    install = readme[readme.index("## Install") : readme.index("## Using it")]
+    build = shlex.split(next(line for line in install.splitlines() if "podman build" in line))
+    assert build[build.index("-f") + 1] == str(RECIPE.relative_to(ROOT))
+    assert build[build.index("-t") + 1] == f"authz-agent:{VERSION}"
+    for path in ("envoy/kubernetes/orders.yaml", "envoy/kubernetes/istio/"):
+        assert path in install and (ROOT / path).exists()
