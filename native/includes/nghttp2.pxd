@@ -64,6 +64,10 @@ cdef extern from "nghttp2/nghttp2.h":
     ctypedef int (*nghttp2_on_stream_close_callback)(
         nghttp2_session *session, int32_t stream_id, uint32_t error_code, void *user_data) noexcept
 
+    ctypedef struct nghttp2_info:
+        const char *version_str
+
+    nghttp2_info *nghttp2_version(int least_version)
     int nghttp2_session_callbacks_new(nghttp2_session_callbacks **callbacks_ptr)
     void nghttp2_session_callbacks_del(nghttp2_session_callbacks *callbacks)
     void nghttp2_session_callbacks_set_on_begin_headers_callback(
