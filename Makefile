@@ -1,4 +1,5 @@
-# The verbs: make run (the demo), make test (lint + every test, native and pure), make bench, make lint.
+# The verbs: make run (the demo), make test (lint + every test, native and pure), make bench, make lint,
+# make dist (sdist + manylinux wheel with libnghttp2 inside, into dist/; docs/packaging.md).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -9,7 +10,7 @@ SOURCES := $(wildcard agent tests benchmarks)
 APT_PACKAGES := libnghttp2-dev libssl-dev nghttp2-client nghttp2-server wrk redis-server rsyslog rsyslog-gnutls
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test lint build bench unit e2e fuzz clean system-deps
+.PHONY: run test lint build bench unit e2e fuzz clean system-deps dist
 
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -71,6 +72,19 @@ fuzz: build
 	  AGENT_FUZZ_EXT=build/fuzz-ext/agent $(BIN)/python tests/fuzz/$$t.py -max_total_time=$(FUZZ_SECONDS) \
 	    -max_len=4096 -artifact_prefix=build/ build/corpus/$$t || exit 1; done
 
+# sdist, then the wheel built from it (python -m build does both), repaired by auditwheel at the lowest manylinux
+# tag this machine's glibc allows (what `auditwheel show` says): libnghttp2 and libcrypto are copied into
+# authz_agent.libs/. AUTHZ_AGENT_REQUIRE_NATIVE=1: a wheel without the native transport is an error, not a warning.
+dist: $(STAMP) system-deps
+	rm -rf dist build/dist-raw
+	AUTHZ_AGENT_REQUIRE_NATIVE=1 $(BIN)/python -m build --outdir build/dist-raw .
+	whl=$$(ls build/dist-raw/*-linux_*.whl); \
+	plat=$$($(BIN)/python -m auditwheel show $$whl | tr -s ' \n' ' ' | sed -n 's/.*constrains the platform tag to "\([^"]*\)".*/\1/p'); \
+	test -n "$$plat" || { echo "auditwheel show named no platform tag for $$whl"; exit 1; }; \
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m auditwheel repair --plat $$plat -w dist $$whl
+	cp build/dist-raw/*.tar.gz dist/
+	@ls -l dist
+
 unit: build
 	$(BIN)/python -m pytest -q tests/unit
 
@@ -78,4 +92,4 @@ e2e: build
 	$(BIN)/python -m pytest -q tests/e2e
 
 clean:
-	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache agent/*.so native/*.c
+	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache agent/*.so native/*.c

@@ -2,6 +2,7 @@
 pyproject.toml."""
 
 import os
+import sys
 from pathlib import Path
 
 from setuptools import Extension, setup
@@ -13,24 +14,59 @@ from setuptools.command.build_py import build_py
 NAMES = ["_wire", "_h2", "_b64", "_jsonobj", "_bucket", "_claims", "_auditq", "_recall"]
 LIBRARIES = {"_h2": ["nghttp2"], "_auditq": ["crypto"], "_recall": ["crypto"]}
 HEADERS = {  # else the twin serves
-    "_h2": "/usr/include/nghttp2/nghttp2.h",
-    "_auditq": "/usr/include/openssl/evp.h",
-    "_recall": "/usr/include/openssl/sha.h",
+    "_h2": "nghttp2/nghttp2.h",
+    "_auditq": "openssl/evp.h",
+    "_recall": "openssl/sha.h",
 }
+# The packages holding them: Debian/Ubuntu, then RHEL/manylinux (cibuildwheel's before-all).
+NGHTTP2, OPENSSL = "libnghttp2-dev (RHEL: libnghttp2-devel)", "libssl-dev (RHEL: openssl-devel)"
+PACKAGES = {"_h2": NGHTTP2, "_auditq": OPENSSL, "_recall": OPENSSL}
+JOBS = int(os.environ.get("AUTHZ_AGENT_BUILD_JOBS") or os.cpu_count() or 1)  # parallel cythonize and compile
+# Set by `make dist` (and cibuildwheel): a wheel without the native transport would quietly serve on grpcio at a
+# fraction of the speed, so a build asked for the native parts fails instead of skipping them.
+REQUIRE_NATIVE = os.environ.get("AUTHZ_AGENT_REQUIRE_NATIVE", "") not in ("", "0")
+
+
+def find_header(rel: str) -> str | None:
+    """The header in the compiler's usual places (plus CPATH/C_INCLUDE_PATH), or None."""
+    extra = os.pathsep.join(os.environ.get(v, "") for v in ("CPATH", "C_INCLUDE_PATH")).split(os.pathsep)
+    for d in [*filter(None, extra), "/usr/local/include", "/usr/include"]:
+        if os.path.exists(os.path.join(d, rel)):
+            return os.path.join(d, rel)
+    return None
+
+
+def missing_headers() -> dict[str, str]:
+    """{extension name: header} for the extensions whose system headers are not installed."""
+    return {n: h for n, h in HEADERS.items() if find_header(h) is None}
 
 
 def extensions() -> list[Extension]:
     if os.environ.get("AGENT_NO_EXTENSIONS"):
+        if REQUIRE_NATIVE:
+            raise SystemExit("AUTHZ_AGENT_REQUIRE_NATIVE=1 and AGENT_NO_EXTENSIONS=1 contradict each other")
         return []
     from Cython.Build import cythonize
 
-    names = [n for n in NAMES if n not in HEADERS or os.path.exists(HEADERS[n])]
+    missing = missing_headers()
+    if missing:
+        wanted = sorted({PACKAGES[n] for n in missing})
+        lines = [f"  {n}: {h} not found" for n, h in sorted(missing.items())]
+        text = "\n".join([*lines, f"  install: {'; '.join(wanted)}"])
+        if REQUIRE_NATIVE:
+            raise SystemExit(f"authz-agent: AUTHZ_AGENT_REQUIRE_NATIVE=1 but native headers are missing:\n{text}")
+        bar = "!" * 78
+        print(f"{bar}\nWARNING authz-agent: building WITHOUT these native parts (their pure-Python twins serve;"
+              f" without _h2 the agent runs on grpcio at a fraction of the native throughput):\n{text}\n{bar}",
+              file=sys.stderr)  # fmt: skip
+    names = [n for n in NAMES if n not in missing]
     exts = [
         Extension(f"agent.{name}_c", [f"native/{name}.pyx"], libraries=LIBRARIES.get(name, []),
                   include_dirs=["native/includes"], extra_compile_args=["-O2"])
         for name in names
     ]
-    return cythonize(exts, language_level=3, include_path=["native"], compiler_directives={"embedsignature": True})
+    return cythonize(exts, language_level=3, include_path=["native"], compiler_directives={"embedsignature": True},
+                     nthreads=JOBS if JOBS > 1 else 0)
 
 
 PROTOS = ["authz/controlplane/v1/policy_sync.proto"]
@@ -56,15 +92,31 @@ def generate_protos() -> None:
 
 
 class BuildExt(build_ext):
+    def finalize_options(self) -> None:
+        """Compile the extensions in parallel (AUTHZ_AGENT_BUILD_JOBS, default: every CPU) unless -j was given."""
+        super().finalize_options()
+        if not self.parallel and JOBS > 1:
+            self.parallel = JOBS
+
     def run(self) -> None:
         generate_protos()
         super().run()
 
 
 class BuildPy(build_py):
+    def finalize_options(self) -> None:
+        """The generated modules' type stubs go into the wheel beside them (agent/py.typed promises types)."""
+        super().finalize_options()
+        for pkg in self.packages or []:
+            if pkg.startswith("agent.controlplane._proto"):
+                self.package_data.setdefault(pkg, []).append("*.pyi")
+
     def run(self) -> None:
         generate_protos()
         super().run()
 
 
+# Generated before setup() runs, so that the package discovery in pyproject.toml (run inside setup()) finds
+# agent/controlplane/_proto/... in a fresh sdist, where it does not exist yet: else the wheel lacks it.
+generate_protos()
 setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt, "build_py": BuildPy})
