@@ -45,8 +45,8 @@ def _plain_venv(tmp: Path) -> Path:
         (venv / "deps-installed").write_text("\n".join(PLAIN) + "\n")
     src = tmp / "src"
     src.mkdir()
-    # Extensions are the wheel's test's (part B); agent/controlplane/_proto (protoc's output, made by `make build`)
-    # is copied: setuptools finds packages before build_py generates it, so a tree without it installs none.
+    # Extensions are tests/packaging/test_wheel.py's; agent/controlplane/_proto (protoc's output) is copied as
+    # `make build` made it, which spares this install a protoc run (setup.py would generate it otherwise).
     built = shutil.ignore_patterns("*.so", "*.c", "__pycache__")
     for name in SOURCE:
         if (ROOT / name).is_dir():

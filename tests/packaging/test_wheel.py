@@ -209,8 +209,8 @@ def test_installed_wheel_serves_on_the_native_transport_unprivileged(
         libs = (site_packages(venv) / "authz_agent.libs").resolve()
         assert re.search(rf"{re.escape(str(libs))}/libnghttp2-[0-9a-f]+\.so", maps), "the bundled libnghttp2 is loaded"
         until(lambda: (audit / "audit.jsonl").exists() and (audit / "audit.jsonl").stat().st_size > 0, "audit records")
-        text = Path(log.name).read_text()
-        assert "transport: grpcio" not in text, text
+        until(lambda: "transport: native (libnghttp2" in Path(log.name).read_text(), "run names its transport")
+        assert "transport: grpcio" not in Path(log.name).read_text()
     finally:
         proc.terminate()
         try:
