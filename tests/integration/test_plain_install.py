@@ -92,7 +92,10 @@ def test_the_plain_install_runs_the_operational_commands_and_demo_names_its_extr
 
     demo = cli("demo")
     assert demo.returncode == 2
-    assert demo.stderr == "authz-agent demo needs the demo extra: pip install 'authz-agent[demo]'\n"
+    assert demo.stderr == (
+        "authz-agent demo needs the demo extra: install the agent's wheel with it, "
+        "pip install 'authz_agent-VERSION-....whl[demo]' (from a source checkout: pip install '.[demo]')\n"
+    )
     assert demo.stdout == ""
 
     # The demo policy as a service owner keeps it: beside its HMAC client's key file.

@@ -142,3 +142,13 @@ def test_the_msgpack_encoding_chains_rotates_and_names_tampering_too(tmp_path: P
     files[0].write_bytes(bytes(data))
     r = audit_verify(*files)
     assert r.returncode == 1 and "(seq 2): the record before (seq 1) was edited" in r.stderr
+
+
+def test_audit_cat_says_a_file_is_missing_as_verify_does(tmp_path: Path) -> None:
+    for args in (["cat", str(tmp_path / "missing.log")], ["verify", str(tmp_path / "missing.log")]):
+        run = subprocess.run([sys.executable, "-m", "agent", "audit", *args], capture_output=True, text=True,
+                             timeout=60)  # fmt: skip
+        assert run.returncode == 2 and run.stderr == f"{tmp_path / 'missing.log'}: no such file\n", run.stderr
+    run = subprocess.run([sys.executable, "-m", "agent", "audit", "cat", str(tmp_path)], capture_output=True,
+                         text=True, timeout=60)  # fmt: skip
+    assert run.returncode == 2 and "cannot read" in run.stderr and "Traceback" not in run.stderr
