@@ -340,20 +340,26 @@ class SinkSet:
             sink.start()
 
     def offer(self, data: bytes | bytearray) -> None:
-        """(The writer thread.) Each sink spools the lines (or drops them, counted and alerted)."""
+        """(The writer thread.) Each sink spools the lines (or drops them, counted and alerted). A fault no check
+        foresaw costs that sink this batch, counted and alerted as a full spool is: never the other sinks'."""
         for sink in self.sinks:
-            if sink.offer(data):
-                self._alert(sink)
+            why = ""
+            try:
+                dropped = sink.offer(data)
+            except Exception as e:  # noqa: BLE001 - counted, alerted and logged (by type) below
+                sink.spool.dropped += data.count(b"\n")
+                dropped, why = 1, f"the batch could not be spooled ({type(e).__name__})"
+            if dropped:
+                self._alert(sink, why or f"spool full ({sink.spool.max_bytes} bytes)")
 
-    def _alert(self, sink: Sink) -> None:
+    def _alert(self, sink: Sink, why: str) -> None:
         now = time.monotonic()
         last, before = self._alerted.get(sink.label, (float("-inf"), 0))
         if now - last < self.alert_cooldown_s:
             return
         total = sink.dropped
         self._alerted[sink.label] = (now, total)
-        log.error("audit sink %s: spool full (%d bytes); %d records dropped so far for it", sink.label,
-                  sink.spool.max_bytes, total)  # fmt: skip
+        log.error("audit sink %s: %s; %d records dropped so far for it", sink.label, why, total)
         if self.on_drop is not None:
             self.on_drop({"sink": sink.label, "count": total - before, "total": total})
 

@@ -200,10 +200,7 @@ class JsonLinesAudit:
     def _ship(self, tee: bytearray) -> None:
         """The lines just written, to every sink's spool (a sink's trouble never stops the local file)."""
         assert self.sinks is not None
-        try:
-            self.sinks.offer(tee)
-        except Exception:
-            log.exception("audit sinks: a batch could not be spooled")
+        self.sinks.offer(tee)  # counts and alerts what a sink could not take; raises nothing
         del tee[:]
 
     def _discard(self) -> None:

@@ -266,3 +266,23 @@ def test_the_cursor_file_is_private(tmp_path: Path) -> None:
     spool.commit(after)
     spool.close()
     assert lines == [b"a", b"b"] and (tmp_path / "sink" / "cursor").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_sink_that_fails_to_spool_loses_only_its_own_batch_counted_and_alerted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sinks = SinkSet.build(["syslog+tcp://127.0.0.1:1", "syslog+tcp://127.0.0.1:2"], tmp_path)
+    alerts: list[dict[str, object]] = []
+    sinks.on_drop = alerts.append
+    broken, fine = sinks.sinks
+
+    def fail(data: bytes | bytearray) -> tuple[int, int]:
+        raise RuntimeError("a fault no check foresaw")
+
+    monkeypatch.setattr(broken.spool, "append", fail)
+    sinks.offer(b'{"seq":1}\n{"seq":2}\n')  # never raises into the audit writer
+    sinks.offer(b'{"seq":3}\n')
+    assert broken.dropped == 3 and fine.dropped == 0 and fine.spool.appended == 3
+    assert alerts == [{"sink": "syslog+tcp://127.0.0.1:1", "count": 2, "total": 2}]  # once per cooldown
+    for sink in sinks.sinks:
+        sink.spool.close()
