@@ -265,6 +265,7 @@ class Tracer:
         self._thread = threading.Thread(target=self._run, name="authz-tracing", daemon=True)
         self.ended = 0  # spans handed to the batch processor
         self.max_rate = max_rate
+        self._error_logged = float("-inf")
         self._budget = max_rate  # a token bucket refilled by max_rate a second, holding a second's worth at most
         self._budget_at = time.monotonic()
         self._dropped = 0  # dropped here: the pending queue full, or the exporter's backlog at the queue's size
@@ -380,7 +381,11 @@ class Tracer:
                 span.set_status(api.Status(api.StatusCode.ERROR, reason))
             span.end(end_time=start + latency)
         except Exception:
-            log.exception("could not make the span of %s", did)
+            self._dropped += 1
+            now = time.monotonic()
+            if now - self._error_logged >= 60.0:  # a fault that repeats on every span: one traceback a minute
+                self._error_logged = now
+                log.exception("could not make the span of %s (counted as dropped; logged once a minute)", did)
             return 0
         finally:
             self._ids.next_trace_id = 0
