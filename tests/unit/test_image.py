@@ -162,10 +162,55 @@ def test_the_default_command_uses_flags_run_has(stages: list[Stage]) -> None:
         assert re.search(rf"(^|\s){re.escape(flag)}\b", helptext), f"`authz-agent run` has no {flag}"
 
 
+def ignore_rules() -> list[tuple[bool, str, re.Pattern[str]]]:
+    """.containerignore as (re-included?, pattern, regex): `*` and `?` within a path segment, `**` across them."""
+    rules = []
+    for raw in (ROOT / ".containerignore").read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        negated = line.startswith("!")
+        pattern = line.lstrip("!").strip("/")
+        assert not set("[\\") & set(pattern), f"{line}: the matcher here knows only *, ** and ?"
+        rx = re.escape(pattern).replace(r"\*\*/", "(?:.*/)?").replace(r"\*\*", ".*")
+        rx = rx.replace(r"\*", "[^/]*").replace(r"\?", "[^/]")
+        rules.append((negated, pattern, re.compile(rx)))
+    return rules
+
+
+def in_context(path: str, rules: list[tuple[bool, str, re.Pattern[str]]]) -> bool:
+    """Whether the image build sees `path`, as Docker and BuildKit decide: the last rule that matches the path or
+    one of its parent directories wins."""
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    ignored = False
+    for negated, _, rx in rules:
+        if any(rx.fullmatch(p) for p in prefixes):
+            ignored = not negated
+    return not ignored
+
+
 def test_the_build_context_leaves_local_builds_out() -> None:
-    ignore = (ROOT / ".containerignore").read_text().split()
-    assert {".git", ".venv", "build", "dist", "**/*.so", "**/__pycache__"} <= set(ignore)
+    rules = ignore_rules()
+    assert {".git", ".venv", "build", "dist", "**/*.so", "**/__pycache__"} <= {p for _, p, _ in rules}
     assert (ROOT / ".dockerignore").resolve() == (ROOT / ".containerignore").resolve()  # docker reads only this name
+    ls = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    if ls.returncode != 0:
+        pytest.skip("not a git checkout: no list of the repository's files")
+    tracked = ls.stdout.splitlines()
+    # A `!` line brings back a file the lines before it leave out: one that matches nothing is a misspelt path.
+    for negated, pattern, rx in rules:
+        if negated:
+            assert any(rx.fullmatch(f) for f in tracked), f"!{pattern} matches no file in the repository"
+    # `make dist` in the build stage needs the sources, the build files and README (pyproject's readme).
+    needed = [f for f in tracked if f.split("/")[0] in ("agent", "native", "proto")]
+    needed += ["setup.py", "pyproject.toml", "MANIFEST.in", "Makefile", "README.md"]
+    assert len(needed) > 100 and "native/includes/auditq_api.h" in needed
+    assert [f for f in needed if not in_context(f, rules)] == []
+    # What a local build made stays out (the build stage makes its own, for its own Python).
+    for made in ("agent/_h2_c.cpython-311-x86_64-linux-gnu.so", "native/_h2.c", "agent/__pycache__/cli.cpython-311.pyc",
+                 ".venv/bin/python", "build/dist-raw/x.whl", "agent/controlplane/_proto/authz/x_pb2.py"):  # fmt: skip
+        assert not in_context(made, rules), made
 
 
 @pytest.mark.skipif(shutil.which("hadolint") is None, reason="hadolint is not installed")
