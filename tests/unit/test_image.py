@@ -7,18 +7,25 @@ not Kubernetes', structurally. Installing the same wheel and running it unprivil
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import tomllib
+import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
+from tests.conftest import ROUTES, idp_block
+from tests.wait import until
 
 ROOT = Path(__file__).parent.parent.parent
 RECIPE = ROOT / "envoy" / "container" / "Containerfile"
@@ -91,6 +98,12 @@ def agent_container(doc: dict[str, Any]) -> dict[str, Any]:
     return next(c for c in containers if c["name"] == "authz-agent")
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def opt(args: list[str], name: str) -> str:
     """The value of --name=VALUE or --name VALUE in an argument list."""
     for i, a in enumerate(args):
@@ -134,15 +147,81 @@ def test_the_image_runs_as_an_unprivileged_user_with_its_two_directories(stages:
     assert any("PYTHONDONTWRITEBYTECODE=1" in e for e in final.args("ENV"))  # the root filesystem is read-only
 
 
-def test_the_health_check_asks_readyz_with_python(stages: list[Stage]) -> None:
-    (check,) = stages[-1].args("HEALTHCHECK")
+def image_env(stage: Stage) -> dict[str, str]:
+    """The stage's ENV KEY=VALUE pairs (the only form the recipe uses)."""
+    pairs = [w.partition("=") for e in stage.args("ENV") for w in shlex.split(e)]
+    assert all(sep for _, sep, _ in pairs), stage.args("ENV")
+    return {k: v for k, _, v in pairs}
+
+
+def health_check(stage: Stage) -> list[str]:
+    (check,) = stage.args("HEALTHCHECK")
     options, _, command = check.partition("CMD ")
     assert "--interval=" in options and "--timeout=" in options
-    argv = exec_form(command.strip())
-    assert argv[:2] == ["python", "-c"] and "urllib.request" in argv[2] and "curl" not in check
-    assert "http://127.0.0.1:9192/readyz" in argv[2]
-    assert argv[2].count("(") == argv[2].count(")")
+    return exec_form(command.strip())
+
+
+def test_the_health_check_asks_readyz_on_the_port_cmd_binds(stages: list[Stage]) -> None:
+    final = stages[-1]
+    argv = health_check(final)
+    assert argv[:2] == ["python", "-c"] and "urllib.request" in argv[2] and "curl" not in argv[2]
     compile(argv[2], "<healthcheck>", "exec")  # the one-liner is Python that at least compiles
+    # The port comes from the image's ENV, not written into the check: it and CMD's --admin say the same port.
+    assert "os.environ['AUTHZ_AGENT_ADMIN_PORT']" in argv[2] and "/readyz" in argv[2]
+    assert not re.search(r"\b\d{4,5}\b", argv[2]), "a port written into the health check"
+    port = image_env(final)["AUTHZ_AGENT_ADMIN_PORT"]
+    admin = opt(exec_form(final.args("CMD")[0]), "--admin")
+    assert admin.rsplit(":", 1) in (["0.0.0.0", port], ["127.0.0.1", port])  # loopback reaches it
+    assert port in final.args("EXPOSE")[0].split()
+
+
+def test_the_health_check_tells_a_ready_agent_from_one_that_is_not(
+    stages: list[Stage], write_policy: Callable[..., Path], tmp_path: Path
+) -> None:
+    """The recipe's own one-liner, run against real agents: exit 0 once /readyz answers 200, 1 while the agent
+    is up but not ready (its identity provider's keys cannot load), and 1 with nothing on the port."""
+    argv = [sys.executable, *health_check(stages[-1])[1:]]  # the image's `python` is this one here
+
+    def check(port: int) -> int:
+        env = {**os.environ, "AUTHZ_AGENT_ADMIN_PORT": str(port)}
+        return subprocess.run(argv, env=env, capture_output=True, timeout=30, check=False).returncode
+
+    def start(policy: Path) -> tuple[subprocess.Popen[bytes], int]:
+        admin = free_port()
+        cmd = [sys.executable, "-m", "agent", "run", "--policy", str(policy), "--listen", f"127.0.0.1:{free_port()}"]
+        cmd += ["--admin", f"127.0.0.1:{admin}", "--audit-log", str(policy.parent / "audit.log")]
+        with (policy.parent / "agent.log").open("wb") as log:
+            return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, cwd=ROOT), admin
+
+    def alive(proc: subprocess.Popen[bytes], port: int) -> bool:
+        assert proc.poll() is None, f"the agent exited with {proc.returncode}: {proc.args}"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
+                return bool(r.status == 200)
+        except OSError:
+            return False
+
+    closed = free_port()
+    assert check(closed) == 1  # nothing listens
+    ready_policy = write_policy()  # its identity provider reads a JWKS file beside it
+    unready_policy = tmp_path / "unready" / "policy.yaml"  # a directory of its own: the agents re-read on change
+    unready_policy.parent.mkdir()
+    keys_nowhere = idp_block(f"jwks_uri: http://127.0.0.1:{closed}/jwks.json")
+    unready_policy.write_text("version: 1\nservice: orders\n" + keys_nowhere + ROUTES)
+    ready, ready_port = start(ready_policy)
+    unready, unready_port = start(unready_policy)
+    try:
+        until(lambda: alive(ready, ready_port) and check(ready_port) == 0, "the health check passes", timeout=60)
+        until(lambda: alive(unready, unready_port), "the agent without keys serves /healthz", timeout=60)
+        assert check(unready_port) == 1, (unready_policy.parent / "agent.log").read_text()  # alive, not ready
+    finally:
+        for proc in (ready, unready):
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
 
 
 def test_the_default_command_uses_flags_run_has(stages: list[Stage]) -> None:
