@@ -379,6 +379,22 @@ def test_the_istio_resources_fit_together() -> None:
     assert listen == f"127.0.0.1:{grpc['port']}"
 
 
+def test_the_istio_readme_merges_the_provider_it_ships() -> None:
+    """mesh-config.yaml applied as is replaces a mesh's meshConfig: both say so, and the README's two merge
+    snippets (an installer overlay, istiod's config map) carry exactly the provider the file has."""
+    (operator,) = manifests(KUBE / "istio" / "mesh-config.yaml")
+    provider = operator["spec"]["meshConfig"]["extensionProviders"]
+    header = (KUBE / "istio" / "mesh-config.yaml").read_text().split("\napiVersion:")[0]
+    readme = (KUBE / "istio" / "README.md").read_text()
+    for text in (header, readme):
+        assert "MERGE" in text.upper() and "kubectl -n istio-system edit configmap istio" in text
+    blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", readme, re.DOTALL)]
+    overlay = next(b for b in blocks if "spec" in b)
+    assert overlay["spec"]["meshConfig"]["extensionProviders"] == provider
+    configmap = next(b for b in blocks if "data" in b)
+    assert yaml.safe_load(configmap["data"]["mesh"])["extensionProviders"] == provider
+
+
 def test_the_readme_says_how_to_build_and_install() -> None:
     readme = (ROOT / "README.md").read_text()
     assert readme.index("## Install") < readme.index("## Using it")
