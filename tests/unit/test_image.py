@@ -333,6 +333,74 @@ def test_the_agent_container_matches_the_recipe(path: Path, stages: list[Stage])
     assert all(d in recipe_dirs for d in (POLICY_DIR, STATE_DIR))
 
 
+UNITS = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def quantity(text: str) -> int:
+    """A Kubernetes quantity of bytes (the forms a sizeLimit takes) in bytes."""
+    m = re.fullmatch(r"(\d+)(Ki|Mi|Gi|Ti|k|M|G|T)?", text)
+    assert m, f"not a byte quantity: {text}"
+    return int(m[1]) * UNITS.get(m[2] or "", 1)
+
+
+def audit_defaults(tmp_path: Path) -> tuple[int, int, int]:
+    """(files the audit log keeps, bytes each may reach, bytes one sink's spool may hold on disk) at the agent's
+    defaults, read from the code that `run` uses."""
+    import ast
+    import inspect
+
+    from agent.audit.sinks import DEFAULT_SPOOL_BYTES
+    from agent.audit.spool import Spool
+    from agent.audit.writer import JsonLinesAudit
+
+    # `run` builds the writer with its defaults: neither size given (then the signature's defaults are the real ones).
+    tree = ast.parse((ROOT / "agent" / "server" / "run.py").read_text())
+    (call,) = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "JsonLinesAudit"]
+    assert len(call.args) <= 3 and not {k.arg for k in call.keywords} & {"max_bytes", "keep"}, ast.unparse(call)
+    params = inspect.signature(JsonLinesAudit).parameters
+    max_bytes, keep = params["max_bytes"].default, params["keep"].default
+    # A spool's disk use passes its bound by at most one segment (agent/audit/spool.py): the segment size it picks.
+    spool = Spool(tmp_path / "spool", DEFAULT_SPOOL_BYTES)
+    try:
+        segment = spool.segment_bytes
+    finally:
+        spool.close()
+    return keep + 1, max_bytes, DEFAULT_SPOOL_BYTES + segment
+
+
+@pytest.mark.parametrize("path", [KUBE / "orders.yaml", KUBE / "istio" / "orders.yaml"], ids=["envoy", "istio"])
+def test_the_state_volume_holds_what_the_agent_keeps_there(path: Path, tmp_path: Path) -> None:
+    """The kubelet evicts a pod whose emptyDir passes its sizeLimit: the limit covers the rotated audit log and each
+    sink's spool at the agent's defaults, and the comment's sum is those defaults (a change to either fails)."""
+    files, file_bytes, spool_bytes = audit_defaults(tmp_path)
+    deployment = next(d for d in manifests(path) if d["kind"] == "Deployment")
+    agent = agent_container(deployment)
+    state = next(m["name"] for m in agent["volumeMounts"] if m["mountPath"] == STATE_DIR)
+    volume = next(v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == state)
+    limit = quantity(volume["emptyDir"]["sizeLimit"])
+    # The spools live beside the audit log (AUDIT-LOG.spool/) unless --audit-spool-dir moves them elsewhere.
+    assert opt(agent["args"], "--audit-log").startswith(STATE_DIR + "/") and "--audit-spool-dir" not in str(agent)
+    lines = path.read_text().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.strip() == f"- name: {state}")
+    start = at
+    while lines[start - 1].strip().startswith("#"):
+        start -= 1
+    comment = "\n".join(lines[start:at])
+    terms = [tuple(map(int, t)) for t in re.findall(r"(\d+) x (\d+)Mi = (\d+)Mi", comment)]
+    assert len(terms) == 2, comment
+    (n_files, file_mi, log_mi), (n_sinks, sink_mi, sinks_mi) = terms
+    assert (n_files, file_mi << 20) == (files, file_bytes), "the log's line is stale"
+    assert sink_mi << 20 == spool_bytes, "the sink's line is stale"
+    # Sized for the sinks the args name, and at least one: the comment invites adding one.
+    sinks = sum(a == "--audit-sink" or a.startswith("--audit-sink=") for a in agent["args"])
+    assert n_sinks >= max(1, sinks)
+    assert log_mi == n_files * file_mi and sinks_mi == n_sinks * sink_mi
+    (total,) = re.findall(r"sum\b.*?(\d+)Mi\s*$", comment, re.MULTILINE)
+    assert int(total) == log_mi + sinks_mi
+    assert limit >= (log_mi + sinks_mi) << 20, f"sizeLimit {volume['emptyDir']['sizeLimit']} < {total}Mi"
+    assert f"{volume['emptyDir']['sizeLimit']} leaves {(limit >> 20) - int(total)}Mi" in comment
+
+
 @pytest.mark.parametrize("path", [KUBE / "orders.yaml", KUBE / "istio" / "orders.yaml"], ids=["envoy", "istio"])
 def test_core_resources_validate_against_the_kubernetes_schemas(path: Path) -> None:
     import kubernetes_validate  # [dev]; imported here so that the recipe's checks run without it
