@@ -333,6 +333,49 @@ def test_the_agent_container_matches_the_recipe(path: Path, stages: list[Stage])
     assert all(d in recipe_dirs for d in (POLICY_DIR, STATE_DIR))
 
 
+@pytest.mark.parametrize("path", [KUBE / "orders.yaml", KUBE / "istio" / "orders.yaml"], ids=["envoy", "istio"])
+def test_only_the_front_port_is_open_to_all(path: Path) -> None:
+    """The admin port binds the pod's address (for the kubelet, whose probes NetworkPolicy always lets through from
+    the pod's node): a NetworkPolicy admits every peer to the pod's front port only, the admin port to a selected
+    monitoring peer at most, and no Service names the admin or the ext_authz port."""
+    docs = manifests(path)
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]
+    agent = agent_container(deployment)
+    containers = pod["spec"]["containers"]
+    named = {p["name"]: p["containerPort"] for c in containers for p in c.get("ports", []) if "name" in p}
+
+    def number(port: int | str) -> int:
+        return port if isinstance(port, int) else named[port]
+
+    # The front port: Envoy's listener beside the agent, or the app's port that Istio's injected proxy takes.
+    front_container = next(c for c in containers if c["name"] == ("app" if "istio" in str(path) else "envoy"))
+    (front,) = [p["containerPort"] for p in front_container["ports"]]
+    admin = int(opt(agent["args"], "--admin").rsplit(":", 1)[1])
+    listen = opt(agent["args"], "--listen")
+    agent_ports = {admin} | ({int(listen.rsplit(":", 1)[1])} if not listen.startswith("unix:") else set())
+
+    (policy,) = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    spec = policy["spec"]
+    assert spec["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert "Ingress" in spec["policyTypes"]
+    for rule in spec["ingress"]:
+        ports = {number(p["port"]) for p in rule["ports"]}  # a rule without ports would admit every port
+        assert all(p.get("protocol", "TCP") == "TCP" and "endPort" not in p for p in rule["ports"])
+        if "from" not in rule:
+            assert ports == {front}, f"open to every peer: {ports}"
+        else:
+            assert ports.isdisjoint(agent_ports - {admin}), "the ext_authz port admitted"
+            for peer in rule["from"]:  # a selected peer, never an address range
+                assert set(peer) == {"namespaceSelector", "podSelector"} and all(
+                    v["matchLabels"] for v in peer.values()
+                )
+    for service in (d for d in docs if d["kind"] == "Service"):
+        targets = {number(p.get("targetPort", p["port"])) for p in service["spec"]["ports"]}
+        assert targets == {front}, f"Service {service['metadata']['name']} names {targets}"
+    assert "Never put the admin port" in path.read_text()
+
+
 UNITS = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
 
 
@@ -406,7 +449,7 @@ def test_core_resources_validate_against_the_kubernetes_schemas(path: Path) -> N
     import kubernetes_validate  # [dev]; imported here so that the recipe's checks run without it
 
     core = [d for d in manifests(path) if "istio.io" not in d["apiVersion"]]
-    assert {d["kind"] for d in core} >= {"Deployment", "Service"}
+    assert {d["kind"] for d in core} >= {"Deployment", "Service", "NetworkPolicy"}
     for doc in core:
         # strict: an unknown or misspelt field fails instead of being dropped by the API server
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
