@@ -69,8 +69,9 @@ async def test_a_local_process_reusing_an_admins_forwarding_port_number_is_refus
     (policies / "orders.yaml").write_text(POLICY)
     cert, key = pki.paths("server")
     channel = ServerChannel(ServerTlsFiles(cert, key, pki.ca_path, pki.agents))
-    admin = f"127.0.0.1:{_free_port()}"
-    cp = ControlPlane(policies, Ed25519PrivateKey.generate(), f"127.0.0.1:{_free_port()}", admin, channel=channel)
+    # Port 0 (the ports bound are read back): a port picked free beforehand can be taken by the plane's own
+    # internal listeners, bound on port 0 in between.
+    cp = ControlPlane(policies, Ed25519PrivateKey.generate(), "127.0.0.1:0", "127.0.0.1:0", channel=channel)
     await cp.start()
     try:
         front = cp._admin_front
@@ -137,8 +138,7 @@ async def _plane(tmp_path: Path, pki: Pki, poll_s: float = 0.1) -> tuple[Control
     (policies / "orders.yaml").write_text(POLICY)
     cert, key = pki.paths("server")
     channel = ServerChannel(ServerTlsFiles(cert, key, pki.ca_path, pki.agents))
-    cp = ControlPlane(policies, Ed25519PrivateKey.generate(), f"127.0.0.1:{_free_port()}", None, poll_s=poll_s,
-                      channel=channel)  # fmt: skip
+    cp = ControlPlane(policies, Ed25519PrivateKey.generate(), "127.0.0.1:0", None, poll_s=poll_s, channel=channel)
     await cp.start()
     return cp, channel, policies
 
