@@ -816,27 +816,45 @@ def main(argv: list[str] | None = None) -> int:
     )
     b.add_argument("--policy", required=True, help="the policy file to measure")
     b.add_argument("--cases", required=True, metavar="P.test.yaml", help="its `policy test` cases: the traffic mix")
-    b.add_argument("--through-envoy", action="store_true",
-                   help="through a real Envoy (as envoy-config sets it up); also Envoy alone, for the difference")  # fmt: skip
+    b.add_argument(
+        "--through-envoy",
+        action="store_true",
+        help="through a real Envoy (as envoy-config sets it up); Envoy alone too, for the difference",
+    )
     b.add_argument("--rate", type=float, default=1000.0, help="requests per second of the fixed-rate phase")
     b.add_argument("--duration", type=float, default=10.0, help="seconds of the fixed-rate phase")
-    b.add_argument("--saturation-duration", type=float, default=None,
-                   help="seconds of the saturation phase (default: --duration)")  # fmt: skip
+    b.add_argument(
+        "--saturation-duration", type=float, default=None, help="seconds of the saturation phase (default: --duration)"
+    )
     b.add_argument("--no-saturation", action="store_true", help="only the fixed-rate phase")
     b.add_argument("--connections", type=int, default=4, help="HTTP/2 connections of the load generator")
     b.add_argument("--streams", type=int, default=16, help="concurrent streams on each connection")
     b.add_argument("--json", metavar="OUT.json", help="write the results as JSON (schema authz-agent-bench/1)")
     b.add_argument("--report", metavar="OUT.html", help="write a self-contained HTML report (needs the bench extra)")
-    b.add_argument("--compare", metavar="OTHER_POLICY",
-                   help="also run the same cases against another policy file, and show the change in percent")  # fmt: skip
-    b.add_argument("--fail-if", action="append", metavar="EXPR",
-                   help="exit 1 when violated (repeatable): 'p50|p90|p99|p999|max|mean > N(us|ms|s)' on the fixed-rate "
-                   "latencies, 'rps < N' on the saturation phase")  # fmt: skip
-    b.add_argument("--transport", choices=["native", "grpcio"], default=None,
-                   help="the agent's transport (default: native when built, as `run`)")  # fmt: skip
+    b.add_argument(
+        "--compare",
+        metavar="OTHER_POLICY",
+        help="also run the cases against another policy file; show the change in percent",
+    )
+    b.add_argument(
+        "--fail-if",
+        action="append",
+        metavar="EXPR",
+        help="exit 1 when violated (repeatable): 'p50|p90|p99|p999|max|mean > N(us|ms|s)' on the fixed-rate "
+        "latencies, 'rps < N' on the saturation phase",
+    )
+    b.add_argument(
+        "--transport",
+        choices=["native", "grpcio"],
+        default=None,
+        help="the agent's transport (default: native when built, as `run`)",
+    )
     b.add_argument("--token-cache-entries", type=int, default=10_000, help="the agent's token cache, as `run`'s")
-    b.add_argument("--audit-log", metavar="PATH",
-                   help="the agent's audit log (default: a file in a private temporary directory, removed after)")  # fmt: skip
+    b.add_argument(
+        "--audit-log",
+        metavar="PATH",
+        help="the agent's audit log (default: a file in a private temporary directory, removed after)",
+    )
     b.add_argument("--seed", type=int, default=1, help="the seed of the traffic mix's order")
     b.set_defaults(func=cmd_bench)
 

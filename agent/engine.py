@@ -296,7 +296,9 @@ class Engine:
     ) -> Engine:
         """An engine whose providers' keys come from their configured sources, or from `stores` (a bench's)."""
         if stores is None:
-            stores = {i.name: KeyStore(i) for i in policy.identity_providers if i.jwks_uri or i.jwks_file or i.discovery}
+            stores = {
+                i.name: KeyStore(i) for i in policy.identity_providers if i.jwks_uri or i.jwks_file or i.discovery
+            }
         return cls(
             policy, stores, audit, clock, token_cache_entries, replay, shared, revocations, listeners, wire_recall
         )

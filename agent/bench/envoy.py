@@ -5,6 +5,7 @@ cost on both paths, so "added by the agent" is the difference between the two li
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -20,6 +21,7 @@ from agent.envoyconf import EnvoyProcess, bootstrap, decision_wait_ms, ext_authz
 HCM = "envoy.filters.network.http_connection_manager"
 EXT_AUTHZ = "envoy.filters.http.ext_authz"
 ROUTER = "envoy.filters.http.router"
+TYPES = "type.googleapis.com/envoy.extensions"
 
 
 def free_port() -> int:
@@ -30,13 +32,12 @@ def free_port() -> int:
 
 def _upstream_listener(port: int) -> dict[str, Any]:
     routes = [{"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "ok"}}}]
+    host = {"name": "upstream", "domains": ["*"], "routes": routes}
     hcm = {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "@type": f"{TYPES}.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "upstream",
-        "route_config": {"name": "upstream", "virtual_hosts": [{"name": "upstream", "domains": ["*"], "routes": routes}]},
-        "http_filters": [
-            {"name": ROUTER, "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
-        ],
+        "route_config": {"name": "upstream", "virtual_hosts": [host]},
+        "http_filters": [{"name": ROUTER, "typed_config": {"@type": f"{TYPES}.filters.http.router.v3.Router"}}],
     }
     return {
         "name": "upstream",
@@ -74,16 +75,15 @@ def wait_agent_healthy(envoy: EnvoyProcess, deadline_s: float) -> bool:
     while time.monotonic() < end:
         try:
             url = f"http://{envoy.admin_address}/clusters?format=json"
-            with urllib.request.urlopen(url, timeout=1.0) as r:  # noqa: S310 - Envoy's loopback admin port
+            with urllib.request.urlopen(url, timeout=1.0) as r:
                 doc = json.loads(r.read())
         except (OSError, ValueError):
             doc = {}
         for cluster in doc.get("cluster_statuses", []):
             if cluster.get("name") == "authz_agent":
-                hosts = cluster.get("host_statuses", [])
-                if hosts and all(not h.get("health_status", {}).get("failed_active_health_check") for h in hosts):
-                    if all(h.get("health_status", {}).get("eds_health_status") in (None, "HEALTHY") for h in hosts):
-                        return True
+                health = [h.get("health_status", {}) for h in cluster.get("host_statuses", [])]
+                if health and not any(h.get("failed_active_health_check") for h in health):
+                    return True
         time.sleep(0.05)
     return False
 
@@ -101,7 +101,5 @@ def pin(pid: int, cpus: set[int]) -> None:
     except OSError:
         tasks = [pid]
     for tid in tasks:
-        try:
+        with contextlib.suppress(OSError):  # a thread that has just ended
             os.sched_setaffinity(tid, cpus)
-        except OSError:
-            pass  # a thread that has just ended

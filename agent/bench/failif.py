@@ -8,7 +8,9 @@ from dataclasses import dataclass
 
 LATENCY_METRICS = ("p50", "p90", "p99", "p999", "max", "mean")
 _UNITS_MS = {"us": 0.001, "µs": 0.001, "ms": 1.0, "s": 1000.0}
-_EXPR = re.compile(r"\s*(?P<metric>[a-z0-9.]+)\s*(?P<op>>=|<=|>|<)\s*(?P<value>[0-9]+(?:\.[0-9]+)?)\s*(?P<unit>[a-zµ]*)\s*")
+_EXPR = re.compile(
+    r"\s*(?P<metric>[a-z0-9.]+)\s*(?P<op>>=|<=|>|<)\s*(?P<value>[0-9]+(?:\.[0-9]+)?)\s*(?P<unit>[a-zµ]*)\s*"
+)
 GRAMMAR = "'p50|p90|p99|p999|max|mean > N(us|ms|s)' (or >=), or 'rps < N' (or <=)"
 
 

@@ -35,8 +35,8 @@ WARMUP_REQUESTS = 1000
 WARMUP_S = 1.0
 SATURATION_POOL = 200_000  # fresh proofs/signatures pre-made for the saturation phase, at most
 SATURATION_MAKING_S = 30.0  # and at most this long making them
-SATURATION_MAX_RATE = 200_000  # the saturation order is long enough for this rate
-MAX_ORDER = 4_000_000
+SATURATION_MIN_RATE = 20_000  # the saturation order is long enough for at least this rate
+MAX_ORDER = 2_000_000
 MAX_FIXED_REQUESTS = 5_000_000  # --rate x --duration, a bound on what is made before the clock starts
 READY_S = 30.0
 LOAD_TIMEOUT_S = 5.0  # what the generator waits for the answers in flight at the end of a phase
@@ -45,6 +45,10 @@ ALWAYS_NOTE = "only the status of each answer is checked under load (not reason,
 
 class BenchError(Exception):
     """The bench could not run (exit 2); the message says why."""
+
+
+class ExtraMissing(BenchError):
+    """What the bench needs is not installed: the message is the line every command says it with."""
 
 
 @dataclass
@@ -167,7 +171,7 @@ class AgentChild:
         from agent.envoyconf import http_ok
 
         with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(  # noqa: S603 - this Python, our own module
+            self.proc = subprocess.Popen(
                 [sys.executable, "-m", "agent.bench.child"], stdin=subprocess.PIPE, stdout=log, stderr=log
             )
         if self.cpus is not None:
@@ -201,11 +205,7 @@ class AgentChild:
             stop_process(self.proc)
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return "(no log)"
-        return "\n".join(f"  | {line}" for line in text[-lines:])
+        return _tail(self.log_path, lines)
 
 
 def transport_choice(requested: str | None) -> tuple[str, str | None]:
@@ -234,6 +234,7 @@ class Bench:
         self.secret_values: set[str] = set()  # every credential made, for tests that grep the outputs
         self.cpus = plan_cpus()
         self.stop = threading.Event()
+        self._watched: list[tuple[str, Any, Any]] = []  # (what, its Popen, its log tail) while a run lasts
 
     # -- preparation -------------------------------------------------------------------------------------------
 
@@ -268,7 +269,7 @@ class Bench:
             if policy.shared_state is not None:
                 self._note(f"{path}: shared_state is used as `run` uses it: the agent talks to its Redis")
             policies.append((path, policy))
-        if not self.o.policy.resolve() == tests.policy_path.resolve():
+        if self.o.policy.resolve() != tests.policy_path.resolve():
             self._note(f"the case file tests {tests.policy_path}; it runs here against --policy {self.o.policy}")
         if self.o.through_envoy:
             bound = [c.name for c in tests.cases if c.token is not None and c.token.mtls]
@@ -288,9 +289,7 @@ class Bench:
 
     # -- one phase ---------------------------------------------------------------------------------------------
 
-    def _phase(
-        self, title: str, target: Target, made: Made, rate: float, duration: float, record: bool = True
-    ) -> Any:
+    def _phase(self, title: str, target: Target, made: Made, rate: float, duration: float, record: bool = True) -> Any:
         from agent._loadgen import Load
 
         load = Load(target.host, target.port, made.items, made.order, grpc=target.grpc, authority=target.authority,
@@ -359,20 +358,48 @@ class Bench:
         name = "envoy-alone" if alone else ("envoy+agent" if o.through_envoy else "agent")
         out: dict[str, Any] = {}
         made = traffic.make(WARMUP_REQUESTS, seed, envoy_alone=alone)
-        self._phase(f"{label}: {who}: warm-up", target, made, 0.0, WARMUP_S, record=False)
+        warm = self._phase(f"{label}: {who}: warm-up", target, made, 0.0, WARMUP_S, record=False)
+        self._check_alive()
+        warm_rps = warm.completed / max(warm.elapsed_ns / 1e9, 1e-3)
         n = max(1, round(o.rate * o.duration))
         start = time.time()
-        made = traffic.make(n, seed + 1, when=lambda k: start + k / o.rate, envoy_alone=alone)
+        made = self._make(traffic, n, seed + 1, when=lambda k: start + k / o.rate, envoy_alone=alone)
         load = self._phase(f"{label}: {who}: fixed rate {o.rate:g}/s", target, made, o.rate, o.duration)
+        self._check_alive()
         out["fixed"] = self._result(name, o.rate, load, made, traffic, alone)
+        self._shout(label, who, out["fixed"])
         if self.stop.is_set() or not o.saturation:
             return out
-        length = min(MAX_ORDER, math.ceil(self.saturation_s * SATURATION_MAX_RATE))
-        made = traffic.make(length, seed + 2, budget=(SATURATION_POOL, SATURATION_MAKING_S), envoy_alone=alone)
+        # Long enough for several times the rate the (cold) warm-up reached; should the agent go faster still,
+        # the phase ends early and says so.
+        length = min(MAX_ORDER, math.ceil(self.saturation_s * max(SATURATION_MIN_RATE, 4 * warm_rps)))
+        made = self._make(traffic, length, seed + 2, budget=(SATURATION_POOL, SATURATION_MAKING_S), envoy_alone=alone)
         load = self._phase(f"{label}: {who}: saturation", target, made, 0.0, self.saturation_s)
+        self._check_alive()
         out["saturation"] = self._result(name, None, load, made, traffic, alone)
-        out["saturation"]["rate"] = None
+        self._shout(label, who, out["saturation"])
         return out
+
+    def _shout(self, label: str, who: str, phase: dict[str, Any]) -> None:
+        if phase["mismatches"] or phase["errors"]:
+            self.progress.say(f"!! {label}: {who}: {phase['mismatches']} answers with another status than the case "
+                              f"expects, {phase['errors']} requests failed (listed below the table)")  # fmt: skip
+
+    def _make(self, traffic: Traffic, n: int, seed: int, **how: Any) -> Made:
+        """Make a phase's requests, saying how long the fresh proofs and signatures took (not measured time)."""
+        started = time.monotonic()
+        made = traffic.make(n, seed, **how)
+        fresh = len(made.items) - sum(1 for c in traffic.classes if not c.fresh or how.get("envoy_alone"))
+        if fresh > 0:
+            self.progress.say(f"made {fresh} requests with a fresh proof or signature in "
+                              f"{time.monotonic() - started:.1f} s (before the clock starts)")  # fmt: skip
+        return made
+
+    def _check_alive(self) -> None:
+        """An agent or Envoy that died under load is a failed bench, with its log, not a table of errors."""
+        for what, proc, log in self._watched:
+            if proc.poll() is not None:
+                raise BenchError(f"{what} exited with status {proc.returncode} during the run:\n{log()}")
 
     # -- one policy --------------------------------------------------------------------------------------------
 
@@ -410,10 +437,11 @@ class Bench:
         try:
             self.progress.say(f"{label}: starting the agent ({transport} transport)")
             child.start()
+            self._watched = [("the agent", child.proc, child.log_tail)]
             target = Target("127.0.0.1", agent_port, True, f"127.0.0.1:{agent_port}")
             alone_target = None
             if o.through_envoy:
-                envoy, target, alone_target = self._start_envoy(policy, agent_port, work)
+                envoy, target, alone_target = self._start_envoy(policy, agent_port, work, traffic.authority)
             phases = self._phases(label, traffic, target, False, o.seed)
             if alone_target is not None and not self.stop.is_set():
                 alone = self._phases(label, traffic, alone_target, True, o.seed)
@@ -423,6 +451,7 @@ class Bench:
                 with_agent, without = phases["fixed"]["latency_ms"], phases["envoy_fixed"]["latency_ms"]
                 phases["added_ms"] = {k: _minus(with_agent.get(k), without.get(k)) for k in stats.KEYS[1:]}
         finally:
+            self._watched = []
             if envoy is not None:
                 envoy.stop()
             child.stop()
@@ -438,7 +467,7 @@ class Bench:
             "phases": phases,
         }
 
-    def _start_envoy(self, policy: Policy, agent_port: int, work: Path) -> tuple[Any, Target, Target]:
+    def _start_envoy(self, policy: Policy, agent_port: int, work: Path, authority: str) -> tuple[Any, Target, Target]:
         from agent.bench.envoy import bench_bootstrap, pin, wait_agent_healthy
         from agent.envoyconf import EnvoyProcess
 
@@ -451,10 +480,10 @@ class Bench:
             raise BenchError(f"Envoy did not start: {e}") from None
         if self.cpus.envoy is not None:
             pin(envoy.proc.pid, self.cpus.envoy)
+        self._watched.append(("Envoy", envoy.proc, lambda: _tail(work / "envoy" / "envoy.log")))
         if not wait_agent_healthy(envoy, READY_S):
             envoy.stop()
             raise BenchError(f"Envoy did not see the agent healthy within {READY_S:g} s; see {work / 'envoy'}")
-        authority = "localhost"
         return envoy, Target("127.0.0.1", with_agent, False, authority), Target("127.0.0.1", alone, False, authority)
 
     # -- the whole invocation ----------------------------------------------------------------------------------
@@ -462,6 +491,9 @@ class Bench:
     def run(self) -> int:
         try:
             result = self.measure()
+        except ExtraMissing as e:
+            print(e, file=self.err)
+            return 2
         except BenchError as e:
             print(f"authz-agent bench: {e}", file=self.err)
             return 2
@@ -474,7 +506,7 @@ class Bench:
             if self.o.json_out is not None:
                 write_atomically(self.o.json_out, json.dumps(result, indent=1).encode())
             if self.o.report is not None:
-                from agent.bench.report import render_html
+                from agent.bench.report import render_html  # type: ignore[import-not-found,unused-ignore]
 
                 write_atomically(self.o.report, render_html(result).encode())
         except OSError as e:
@@ -551,11 +583,11 @@ ENVOY_MISSING = (
 )
 
 
-def _minus(a: Any, b: Any) -> float | None:
+def _minus(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else round(a - b, 4)
 
 
-def _pct(first: Any, second: Any) -> float | None:
+def _pct(first: float | None, second: float | None) -> float | None:
     if first is None or second is None or not first:
         return None
     return round((second - first) / first * 100, 1)
@@ -589,14 +621,22 @@ def judge(rules: list[FailIf], run: dict[str, Any]) -> list[dict[str, Any]]:
 def generator_kind() -> str:
     """Which twin of the load generator runs: "native" (Cython, libnghttp2) or "python"; BenchError when neither
     can (the pure twin needs the bench extra's h2)."""
-    try:
-        import agent._loadgen as loadgen
-    except ImportError:
-        from agent.cli import extra_line
+    import agent._loadgen as loadgen
+    from agent.cli import extra_line, missing_modules
 
-        raise BenchError(extra_line("bench", "bench")) from None
-    module = getattr(loadgen.Load, "__module__", "")
-    return "native" if module.endswith("_c") else "python"
+    if loadgen.NATIVE:
+        return "native"
+    if missing_modules(("h2",)):
+        raise ExtraMissing(extra_line("bench", "bench"))
+    return "python"
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join(f"  | {line}" for line in text[-lines:])
 
 
 def _affinity() -> set[int] | None:

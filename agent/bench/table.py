@@ -100,7 +100,8 @@ def lines(result: dict[str, Any]) -> list[str]:
                        f"got {got}")  # fmt: skip
     for f in result.get("fail_if", []):
         verdict = "VIOLATED" if f["violated"] else "ok"
-        measured = "-" if f["measured"] is None else f"{f['measured']:g}"
+        unit = "/s" if f["expr"].strip().startswith("rps") else " ms"
+        measured = "nothing" if f["measured"] is None else f"{f['measured']:g}{unit}"
         out.append(f"--fail-if {f['expr']!r}: measured {measured}: {verdict}")
     if result.get("notes"):
         out.append("")

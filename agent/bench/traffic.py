@@ -13,9 +13,9 @@ import base64
 import dataclasses
 import math
 import random
-import struct
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -85,7 +85,7 @@ def with_secrets(policy: Policy, secrets: dict[str, Any]) -> Policy:
 
 
 def check_request(view: RequestView) -> bytes:
-    """The CheckRequest Envoy sends for `view` (as agent.server.envoy_wire reads it), gRPC length-prefixed."""
+    """The CheckRequest Envoy sends for `view`, as agent.server.envoy_wire reads it."""
     from envoy.service.auth.v3 import external_auth_pb2 as ext
 
     req = ext.CheckRequest()
@@ -106,14 +106,12 @@ def check_request(view: RequestView) -> bytes:
     if view.body:
         http.raw_body = view.body  # envoy-config sends bodies packed as bytes
         http.size = len(view.body)
-    message = req.SerializeToString()
-    return b"\x00" + struct.pack(">I", len(message)) + message
+    return bytes(req.SerializeToString())  # the generator frames it (gRPC length prefix)
 
 
 def envoy_item(request: ClientRequest) -> Item:
-    """The client's request as sent to Envoy (h2c). The generator sends the authority and scheme: see `authority`."""
-    headers = [(b":authority", request.host.encode()), (b":scheme", request.scheme.encode())]
-    headers += [(k.encode(), v.encode()) for k, v in request.headers.items() if k != "content-length"]
+    """The client's request as sent to Envoy (h2c; the generator sends :scheme http and one :authority)."""
+    headers = [(k.encode(), v.encode()) for k, v in request.headers.items() if k != "content-length"]
     return (request.method.encode(), request.path.encode(), headers, request.body)
 
 
@@ -150,6 +148,10 @@ class Traffic:
         self.classes: list[RequestClass] = []
         self.left_out: list[RequestClass] = []  # through Envoy: cases whose answer depends on their source address
         self.secret_values: set[str] = set()  # every token, proof and signature made (tests grep outputs for them)
+        # Through Envoy the generator sends every request over h2c (:scheme http) with one :authority, from
+        # ENVOY_PEER: the cases' own host (the most common one), scheme and source are what Envoy passes on.
+        hosts = Counter(c.host or policy.service for c in tests.cases)
+        self.authority = hosts.most_common(1)[0][0] if hosts else policy.service
 
     def jwks(self) -> dict[str, dict[str, Any]]:
         """The public keys each provider's stand-in key store holds in the agent."""
@@ -192,16 +194,20 @@ class Traffic:
                     )
             fresh = bool(case.token is not None and case.token.dpop) or case.signed_by is not None
             cls = RequestClass(case, i, status, fresh, None, notes=notes)
-            if self.through_envoy and case.source != ENVOY_PEER:
-                there = await self.run.case(dataclasses.replace(case, source=ENVOY_PEER), None)
+            if self.through_envoy:
+                sent = dataclasses.replace(case, source=ENVOY_PEER, scheme="http", host=self.authority)
+                changed = [f"{what} {theirs} instead of {ours}" for what, ours, theirs in (
+                    ("from", case.source, ENVOY_PEER), ("over", case.scheme, "http"),
+                    ("to host", case.host or self.policy.service, self.authority)) if ours != theirs]  # fmt: skip
+                there = await self.run.case(sent, None) if changed else now
                 if there.status != now.status:
                     self.notes.append(
-                        f"case {case.name!r} (line {case.line}) depends on the client's address: from {case.source} "
-                        f"the engine answers {now.status}, from {ENVOY_PEER} (where the bench's requests reach Envoy "
-                        f"from) {there.status}; left out of the --through-envoy run"
+                        f"case {case.name!r} (line {case.line}) is answered {there.status}, not {now.status}, as the "
+                        f"bench sends it to Envoy ({', '.join(changed)}); left out of the --through-envoy run"
                     )
                     self.left_out.append(cls)
                     continue
+                cls.case = sent
             self.notes.extend(notes)
             self.classes.append(cls)
 
@@ -226,7 +232,7 @@ class Traffic:
         """The requests of a phase of at most `n` positions, mixed by weight. `when(k)`: the time position k's
         proof or signature is made for (default: when it is made). `budget` (count, seconds) bounds the fresh ones
         made: the order then ends before the first position whose request was not made."""
-        rng = random.Random(seed)
+        rng = random.Random(seed)  # noqa: S311 - the order of the mix, not a secret
         classes = self.classes
         kinds = mix([c.case.weight for c in classes], n, rng)
         items: list[Item] = []
@@ -254,4 +260,3 @@ class Traffic:
                 made += 1
             order.append(where)
         return Made(items, order, kinds[: len(order)], ran_out)
-
