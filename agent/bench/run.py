@@ -231,10 +231,15 @@ class Bench:
         self.err = err or sys.stderr
         self.progress = Progress(self.err)
         self.notes: list[str] = []
-        self.secret_values: set[str] = set()  # every credential made, for tests that grep the outputs
+        self._traffic: list[Traffic] = []
         self.cpus = plan_cpus()
         self.stop = threading.Event()
         self._watched: list[tuple[str, Any, Any]] = []  # (what, its Popen, its log tail) while a run lasts
+
+    @property
+    def secret_values(self) -> set[str]:
+        """Every key, token, proof and signature the runs made or shared with their agents (tests grep for them)."""
+        return {v for t in self._traffic for v in t.secret_values}
 
     # -- preparation -------------------------------------------------------------------------------------------
 
@@ -413,7 +418,7 @@ class Bench:
         traffic.prepare()
         for note in traffic.notes:
             self._note(note)
-        self.secret_values |= traffic.secret_values
+        self._traffic.append(traffic)
         if not traffic.classes:
             raise BenchError(f"{label}: no case is left to send")
         work.mkdir(parents=True, exist_ok=True)
@@ -531,6 +536,10 @@ class Bench:
             except FileNotFoundError:
                 raise BenchError(ENVOY_MISSING) from None
         generator = generator_kind()
+        if generator == "python":
+            self._note("the load generator is the pure-Python twin (no extensions): it tops out at a few thousand "
+                       "requests a second and adds tens of microseconds to each latency; build the extensions to "
+                       "measure a fast agent")  # fmt: skip
         main_cpus = _affinity()
         work = o.workdir or Path(tempfile.mkdtemp(prefix="authz-bench-"))
         try:

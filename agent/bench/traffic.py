@@ -147,7 +147,11 @@ class Traffic:
         self.notes: list[str] = []
         self.classes: list[RequestClass] = []
         self.left_out: list[RequestClass] = []  # through Envoy: cases whose answer depends on their source address
-        self.secret_values: set[str] = set()  # every token, proof and signature made (tests grep outputs for them)
+        # Every key, token, proof and signature made or shared with the agent: tests grep every output for them.
+        shared = secrets_of(policy)
+        self.secret_values: set[str] = {k for keys in shared["hmac"].values() for k in keys}
+        if shared["nonce_secret"]:
+            self.secret_values.add(shared["nonce_secret"])
         # Through Envoy the generator sends every request over h2c (:scheme http) with one :authority, from
         # ENVOY_PEER: the cases' own host (the most common one), scheme and source are what Envoy passes on.
         hosts = Counter(c.host or policy.service for c in tests.cases)
