@@ -480,9 +480,9 @@ class Bench:
         envoy = EnvoyProcess(config, work / "envoy")
         try:
             envoy.start()
-        except (RuntimeError, TimeoutError) as e:
+        except (RuntimeError, TimeoutError, OSError) as e:
             envoy.stop()
-            raise BenchError(f"Envoy did not start: {e}") from None
+            raise BenchError(f"Envoy did not start: {e}\n{_tail(work / 'envoy' / 'envoy.log')}") from None
         if self.cpus.envoy is not None:
             pin(envoy.proc.pid, self.cpus.envoy)
         self._watched.append(("Envoy", envoy.proc, lambda: _tail(work / "envoy" / "envoy.log")))
@@ -532,9 +532,11 @@ class Bench:
             from agent.envoyconf import find_envoy
 
             try:
-                find_envoy()
+                binary = find_envoy()
             except FileNotFoundError:
                 raise BenchError(ENVOY_MISSING) from None
+            if not os.access(binary, os.X_OK):
+                raise BenchError(f"{ENVOY_MISSING}; {binary} is not an executable file")
         generator = generator_kind()
         if generator == "python":
             self._note("the load generator is the pure-Python twin (no extensions): it tops out at a few thousand "
@@ -668,6 +670,9 @@ def write_atomically(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        mask = os.umask(0o022)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # what a plain open() would have made, not mkstemp's 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

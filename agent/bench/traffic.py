@@ -188,6 +188,9 @@ class Traffic:
                 status = now.status
                 notes.append(f"case {case.name!r} (line {case.line}) expects no status: under load its answers are "
                              f"checked against the status the engine gave it before the run, {now.status}")  # fmt: skip
+            if case.repeat > 1:
+                notes.append(f"case {case.name!r} (line {case.line}) has repeat: {case.repeat}: under load every one "
+                             f"of its requests is held to the status its last one expects, {status}")  # fmt: skip
             if at is not None:
                 then = await self.run.case(case, at)
                 if then.status != now.status:
