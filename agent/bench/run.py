@@ -233,7 +233,6 @@ class Bench:
         self.notes: list[str] = []
         self._traffic: list[Traffic] = []
         self.cpus = plan_cpus()
-        self.stop = threading.Event()
         self._watched: list[tuple[str, Any, Any]] = []  # (what, its Popen, its log tail) while a run lasts
 
     @property
@@ -373,7 +372,7 @@ class Bench:
         self._check_alive()
         out["fixed"] = self._result(name, o.rate, load, made, traffic, alone)
         self._shout(label, who, out["fixed"])
-        if self.stop.is_set() or not o.saturation:
+        if not o.saturation:
             return out
         # Long enough for several times the rate the (cold) warm-up reached; should the agent go faster still,
         # the phase ends early and says so.
@@ -413,7 +412,7 @@ class Bench:
 
         o = self.o
         label = path.name
-        traffic = Traffic(tests, policy, o.through_envoy, o.seed)
+        traffic = Traffic(tests, policy, o.through_envoy)
         self.progress.say(f"{label}: deciding each case once and making the credentials")
         traffic.prepare()
         for note in traffic.notes:
@@ -448,7 +447,7 @@ class Bench:
             if o.through_envoy:
                 envoy, target, alone_target = self._start_envoy(policy, agent_port, work, traffic.authority)
             phases = self._phases(label, traffic, target, False, o.seed)
-            if alone_target is not None and not self.stop.is_set():
+            if alone_target is not None:
                 alone = self._phases(label, traffic, alone_target, True, o.seed)
                 phases["envoy_fixed"] = alone["fixed"]
                 if "saturation" in alone:

@@ -135,11 +135,10 @@ class Traffic:
     """The cases of one run as request classes, for the agent directly (gRPC CheckRequests) or through Envoy
     (the clients' HTTP requests). Tokens are minted once, here, at the real current time."""
 
-    def __init__(self, tests: TestFile, policy: Policy, through_envoy: bool, seed: int) -> None:
+    def __init__(self, tests: TestFile, policy: Policy, through_envoy: bool) -> None:
         self.tests = tests
         self.policy = policy
         self.through_envoy = through_envoy
-        self.seed = seed
         self.run = Run(policy)
         # Issues DPoP nonces as the agent's engine does: the two share the nonce secret (secrets_of).
         self.engine = Engine(policy, {})

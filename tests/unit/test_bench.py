@@ -153,7 +153,7 @@ def _demo_traffic(tmp_path: Path, text: str | None = None, through_envoy: bool =
     shutil.copy(DEMO / "policy.yaml", tmp_path / "policy.yaml")
     (tmp_path / "policy.test.yaml").write_text(text or (DEMO / "policy.test.yaml").read_text())
     tests = read_test_file(tmp_path / "policy.test.yaml")
-    t = Traffic(tests, load_policy(tmp_path / "policy.yaml", stand_ins=True), through_envoy, 1)
+    t = Traffic(tests, load_policy(tmp_path / "policy.yaml", stand_ins=True), through_envoy)
     t.prepare()
     return t
 
