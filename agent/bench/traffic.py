@@ -86,7 +86,7 @@ def with_secrets(policy: Policy, secrets: dict[str, Any]) -> Policy:
 
 def check_request(view: RequestView) -> bytes:
     """The CheckRequest Envoy sends for `view`, as agent.server.envoy_wire reads it."""
-    from envoy.service.auth.v3 import external_auth_pb2 as ext
+    from agent._xds.envoy.service.auth.v3 import external_auth_pb2 as ext
 
     req = ext.CheckRequest()
     attributes = req.attributes

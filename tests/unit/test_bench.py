@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from envoy.service.auth.v3 import external_auth_pb2 as ext
 
+from agent._xds.envoy.service.auth.v3 import external_auth_pb2 as ext
 from agent.bench import stats
 from agent.bench.envoy import EXT_AUTHZ, bench_bootstrap
 from agent.bench.failif import parse
