@@ -160,21 +160,20 @@ def test_open_loop_sends_at_the_rate(mod: ModuleType, nghttpd: int) -> None:
 
 def test_open_loop_latency_counts_the_wait_for_a_slot(mod: ModuleType, h2server: Callable[..., int]) -> None:
     # The server holds every answer for 200 ms once; 4 slots only. Requests due during the stall wait for a slot:
-    # measured from their due time, far more than the 4 stuck in flight show the stall.
-    port = h2server("--stall-after", "100", "--stall-ms", "200")
-    order = [0] * 2000
+    # measured from their due time, far more than the 4 stuck in flight show the stall (those due in its first
+    # 50 ms: about 25).
+    port = h2server("--stall-after", "50", "--stall-ms", "200")
     load = mod.Load(
-        "127.0.0.1", port, [get(b"/")], order, grpc=False, authority="x", connections=1, streams=4, rate=1000,
+        "127.0.0.1", port, [get(b"/")], [0] * 2000, grpc=False, authority="x", connections=1, streams=4, rate=500,
         duration_s=1.0,
     )  # fmt: skip
     run_in_thread(load, 30)
     n = sum(1 for x in load.intended_ns() if x >= 0)  # due within the duration, sent or not
-    assert 999 <= n <= 1001
+    assert 499 <= n <= 501
     out = Counter(load.outcomes()[:n])
-    assert set(out) <= {200, -3} and out[200] >= 0.9 * n  # -3: due at the very end, every slot still busy
+    assert set(out) <= {200, -3} and out[200] >= 0.8 * n, out  # -3: due at the very end, every slot still busy
     slow = [x for x in load.latencies_ns()[:n] if x >= 150e6]
-    assert len(slow) >= 20, sorted(load.latencies_ns()[:n])[-30:]
-    assert len(slow) > 4  # more than were in flight: waiting for a slot counted
+    assert len(slow) >= 12, sorted(load.latencies_ns()[:n])[-30:]  # more than were in flight: the wait counted
     assert max(load.latencies_ns()[:n]) >= 190e6
 
 
