@@ -342,10 +342,17 @@ class Bench:
                  for c in traffic.classes]  # fmt: skip
         result = stats.phase(target_name, rate, load.elapsed_ns, load.latencies_ns(), load.outcomes(),
                              load.intended_ns(), made.classes, infos)  # fmt: skip
+        if rate is not None:  # open loop: every request due in the phase's time counts, sent or not (-3)
+            result["due"] = result["sent"]
+        result["sent"] = load.sent
         result["connections"], result["streams"] = self.o.connections, self.o.streams
         result["ran_out"] = made.ran_out
         if made.ran_out:
             self._note(f"{traffic.policy.source}: the saturation phase ended early: {made.ran_out}")
+        elif rate is not None and load.sent < 0.99 * len(made.order):
+            self._note(f"{traffic.policy.source}: {target_name}: the fixed-rate phase sent {load.sent} of the "
+                       f"{len(made.order)} requests due in its time: the agent (or the generator) could not keep up "
+                       f"with {rate:g}/s; the latencies count the wait")  # fmt: skip
         elif rate is None and load.sent >= len(made.order) and load.elapsed_ns < self.saturation_s * 0.99e9:
             self._note(f"{traffic.policy.source}: the saturation phase sent every request it had made "
                        f"({len(made.order)}) before its time was up")  # fmt: skip

@@ -80,7 +80,7 @@ def phase(
     sent = 0
     for k, ci in enumerate(position_class):
         if intended[k] < 0:
-            continue  # never sent: the phase ended first
+            continue  # never due (open loop) or never sent (closed loop): the phase ended first
         sent += 1
         outcome = outcomes[k]
         per_outcomes[ci][outcome] += 1

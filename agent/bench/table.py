@@ -37,7 +37,8 @@ def _weight(w: float) -> str:
 def phase_lines(title: str, p: dict[str, Any], per_case: bool) -> list[str]:
     rate = f"at {p['rate']:g}/s" if p.get("rate") else f"closed loop, {p.get('connections')}x{p.get('streams')} streams"
     lines = [
-        f"{title} ({p['target']}, {rate}): {p['completed']} answered in {p['seconds']:.2f} s = {p['rps']:.1f}/s, "
+        f"{title} ({p['target']}, {rate}): {p['completed']} answered of {p.get('due', p['sent'])} "
+        f"{'due' if 'due' in p else 'sent'} in {p['seconds']:.2f} s = {p['rps']:.1f}/s, "
         f"{p['mismatches']} mismatches, {p['errors']} errors"
     ]
     if p.get("ran_out"):

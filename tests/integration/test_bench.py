@@ -104,7 +104,7 @@ def test_a_short_run_on_the_demo_policy_is_sane_right_and_leaks_nothing(demo: Pa
     sane(saturation)
     assert fixed["rate"] == 200 and saturation["rate"] is None
     assert {"connections", "streams"} <= saturation.keys()
-    assert fixed["sent"] == 200 and fixed["mismatches"] == fixed["errors"] == 0
+    assert fixed["sent"] == fixed["due"] == 200 and fixed["mismatches"] == fixed["errors"] == 0
     assert saturation["mismatches"] == saturation["errors"] == 0
     assert len(fixed["cases"]) == 17 and sum(c["count"] for c in fixed["cases"]) == 200
     # Each DPoP request carried its own proof and each signed one its own nonce: a reused one would be refused as
