@@ -833,14 +833,14 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="through a real Envoy (as envoy-config sets it up); Envoy alone too, for the difference",
     )
-    b.add_argument("--rate", type=float, default=1000.0, help="requests per second of the fixed-rate phase")
-    b.add_argument("--duration", type=float, default=10.0, help="seconds of the fixed-rate phase")
+    b.add_argument("--rate", type=float, default=1000.0, help="requests a second, fixed-rate phase (default 1000)")
+    b.add_argument("--duration", type=float, default=10.0, help="seconds of the fixed-rate phase (default 10)")
     b.add_argument(
         "--saturation-duration", type=float, default=None, help="seconds of the saturation phase (default: --duration)"
     )
     b.add_argument("--no-saturation", action="store_true", help="only the fixed-rate phase")
-    b.add_argument("--connections", type=int, default=4, help="HTTP/2 connections of the load generator")
-    b.add_argument("--streams", type=int, default=16, help="concurrent streams on each connection")
+    b.add_argument("--connections", type=int, default=4, help="HTTP/2 connections of the load generator (default 4)")
+    b.add_argument("--streams", type=int, default=16, help="concurrent streams on each connection (default 16)")
     b.add_argument("--json", metavar="OUT.json", help="write the results as JSON (schema authz-agent-bench/1)")
     b.add_argument("--report", metavar="OUT.html", help="write a self-contained HTML report (needs the bench extra)")
     b.add_argument(
