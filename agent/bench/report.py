@@ -40,6 +40,7 @@ RUN_COLOURS = ("#1f5fa8", "#d9650b")
 ENVOY_COLOUR = "#6b6b6b"
 LABEL_CHARS = 48  # case names in charts are cut to this; the tables show them whole
 DASH = "\u2013"
+BANNER_CASES = 8  # cases named under a failed phase in the verdict; the tables have them all
 
 # Headless SVG from matplotlib, text drawn as paths (the page needs no font), no LaTeX-like parsing of `$` in case
 # names (a name with two dollars would be typeset, a bad one would raise).
@@ -93,6 +94,12 @@ def fmt_count(value: object) -> str:
 def fmt_rps(value: object) -> str:
     v = _num(value)
     return DASH if v is None else f"{v:,.1f}"
+
+
+def fmt_g(value: object) -> str:
+    """A setting or a weight as written (1, 0.5, 2.5), whether the JSON holds it as an int or a float."""
+    v = _num(value)
+    return _e(value) if v is None else f"{v:g}"
 
 
 def fmt_pct(value: object) -> str:
@@ -166,6 +173,8 @@ def _phase_problems(label: str, key: str, phase: Mapping[str, Any]) -> Iterator[
                 + (f", answered {answers}" if answers else "")
                 + "</li>"
             )
+    if len(cases) > BANNER_CASES:
+        cases[BANNER_CASES:] = [f"<li>and {len(cases) - BANNER_CASES} more cases: see the tables</li>"]
     yield (
         f"<b>{_e(label)}</b>, {_e(PHASE_NAMES.get(key, key))}: "
         f"{fmt_count(mismatches)} mismatch{'es' if mismatches != 1 else ''}, "
@@ -244,26 +253,28 @@ def _about(result: Result) -> str:
         )
     if runs:
         rows.append(("cases file", f'<span class="path">{_e(runs[0].get("cases_file", DASH))}</span>'))
+        left_out = [str(n) for n in _list(runs[0].get("left_out"))]
+        if left_out:
+            rows.append(("cases left out", ", ".join(f"<q>{_e(n)}</q>" for n in left_out)))
     rows.append(("agent version", _e(result.get("agent_version", DASH))))
-    pinned = machine.get("pinned")
+    pinning = machine.get("pinning") or (
+        "agent and load generator pinned to separate CPUs"
+        if machine.get("pinned")
+        else "not pinned: agent and load generator share the CPUs"
+    )
     rows.append(
         (
             "machine",
             f"{_e(machine.get('cpu', DASH))}, {_e(machine.get('cpus', DASH))} CPUs,"
-            f" kernel {_e(machine.get('kernel', DASH))}, Python {_e(machine.get('python', DASH))}; "
-            + (
-                "agent and load generator pinned to separate CPUs"
-                if pinned
-                else "not pinned: agent and load generator share the CPUs"
-            ),
+            f" kernel {_e(machine.get('kernel', DASH))}, Python {_e(machine.get('python', DASH))}; {_e(pinning)}",
         )
     )
     envoy = s.get("through_envoy")
     rows.append(
         (
             "settings",
-            f"fixed rate {fmt_rps(s.get('rate')).removesuffix('.0')} req/s for {_e(s.get('duration_s', DASH))} s; "
-            f"saturation {_e(s.get('saturation_duration_s', DASH))} s; "
+            f"fixed rate {fmt_rps(s.get('rate')).removesuffix('.0')} req/s for {fmt_g(s.get('duration_s', DASH))} s; "
+            f"saturation {fmt_g(s.get('saturation_duration_s', DASH))} s; "
             f"{_e(s.get('connections', DASH))} connections \u00d7 {_e(s.get('streams', DASH))} streams; "
             f"transport {_e(s.get('transport', DASH))}; generator {_e(s.get('generator', DASH))}; "
             + ("through Envoy (HTTP/2 to Envoy, Envoy asks the agent)" if envoy else "direct gRPC Check to the agent")
@@ -271,11 +282,12 @@ def _about(result: Result) -> str:
                 f"; token cache {fmt_count(s.get('token_cache_entries'))} entries"
                 if s.get("token_cache_entries") is not None
                 else ""
-            ),
+            )
+            + (f"; seed {_e(s['seed'])}" if s.get("seed") is not None else ""),
         )
     )
     rows.append(("command", f"<code>{_e(result.get('command', DASH))}</code>"))
-    rows.append(("started", f"{_e(result.get('started', DASH))}, took {_e(result.get('seconds', DASH))} s"))
+    rows.append(("started", f"{_e(result.get('started', DASH))}, took {fmt_g(result.get('seconds', DASH))} s"))
     body = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
     return f'<table class="about" id="about">{body}</table>'
 
@@ -317,10 +329,11 @@ def _phase_caption(phase: Mapping[str, Any]) -> str:
     what = f"{fmt_rps(rate).removesuffix('.0')} req/s offered" if rate else "closed loop"
     if phase.get("connections") is not None:
         what += f", {_e(phase.get('connections'))} connections \u00d7 {_e(phase.get('streams', DASH))} streams"
+    early = f'; <span class="warn">ended early: {_e(phase["ran_out"])}</span>' if phase.get("ran_out") else ""
     return (
-        f"{what} for {_e(phase.get('seconds', DASH))} s to {_e(phase.get('target', DASH))}: "
+        f"{what} for {fmt_g(phase.get('seconds', DASH))} s to {_e(phase.get('target', DASH))}: "
         f"sent {fmt_count(phase.get('sent'))}, completed {fmt_count(phase.get('completed'))} "
-        f"({fmt_rps(phase.get('rps'))} req/s)"
+        f"({fmt_rps(phase.get('rps'))} req/s){early}"
     )
 
 
@@ -341,7 +354,7 @@ def _case_table(phase: Mapping[str, Any], extra: str = "", table_id: str = "") -
         rows.append(
             f'<tr class="case{" badrow" if bad else ""}"><td class="num">{i}</td>'
             f'<td class="name">{_e(c.get("name", "?"))}</td>'
-            f'<td class="num">{_e(c.get("line", DASH))}</td><td class="num">{_e(c.get("weight", DASH))}</td>'
+            f'<td class="num">{_e(c.get("line", DASH))}</td><td class="num">{fmt_g(c.get("weight", DASH))}</td>'
             f'<td class="num">{_e(c.get("expect_status", DASH))}</td><td>{_answers(c.get("outcomes"))}</td>'
             f"{_count_cell(c.get('count'))}{_count_cell(c.get('mismatches'), True)}"
             f"{_count_cell(c.get('errors'), True)}{_latency_cells(_dict(c.get('latency_ms')))}</tr>"
@@ -421,11 +434,13 @@ def _saturation_section(result: Result) -> str:
                 f'<tr class="{"envoy" if key.startswith("envoy") else "run"}"><td class="name">{_e(name)}'
                 f' <span class="hint">({_e(p.get("target", DASH))})</span></td>'
                 f'<td class="num">{_e(p.get("connections", DASH))} \u00d7 {_e(p.get("streams", DASH))}</td>'
-                f'<td class="num">{_e(p.get("seconds", DASH))}</td>{_count_cell(p.get("completed"))}'
+                f'<td class="num">{fmt_g(p.get("seconds", DASH))}</td>{_count_cell(p.get("completed"))}'
                 f'<td class="num strong">{fmt_rps(p.get("rps"))}</td>{_count_cell(p.get("mismatches"), True)}'
                 f"{_count_cell(p.get('errors'), True)}{_latency_cells(_dict(p.get('latency_ms')))}</tr>"
             )
         sat = _dict(phases.get("saturation"))
+        if sat.get("ran_out"):
+            details.append(f'<p class="warn">{_e(label)}: ended early: {_e(sat["ran_out"])}</p>')
         if sat.get("cases"):
             details.append(
                 f"<details><summary>per case, {_e(label)}</summary>"
@@ -751,10 +766,11 @@ CAPTIONS = {
 
 
 def _charts(result: Result) -> str:
+    """The charts that have something to show: a run where every request failed has no latency to draw."""
     if not _series(result, "fixed") and not _series(result, "saturation"):
         return ""
     figures = []
-    if _series(result, "fixed"):
+    if any((_num(_dict(s.phase.get("latency_ms")).get("p50")) or 0) > 0 for s in _series(result, "fixed")):
         figures.append(("chart-cases", CAPTIONS["chart-cases"], _chart("chart-cases", _draw_cases, result)))
     if any(s.histogram() for k in ("fixed", "saturation") for s in _series(result, k)):
         figures.append(
@@ -818,6 +834,7 @@ table.grid td.worse { color: var(--bad); background: var(--badbg); font-weight: 
 table.grid td.better { color: var(--good); background: var(--goodbg); font-weight: 700; }
 td.same { color: var(--muted); } td.run { white-space: nowrap; }
 td.strong { font-weight: 700; } .hint { color: var(--muted); font-size: 13.5px; }
+.warn { color: var(--bad); font-weight: 600; }
 p.caption { margin: 4px 0; }
 details { margin: 4px 0 10px; } summary { cursor: pointer; color: var(--muted); }
 figure { margin: 18px 0 28px; } figcaption { color: var(--muted); font-size: 13.5px; margin-top: 6px; }

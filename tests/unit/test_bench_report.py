@@ -276,3 +276,24 @@ def test_verdict_worked_out_when_ok_is_missing() -> None:
     r = make_result()
     del r["ok"]
     assert Page(render_html(r)).ids["verdict"].strip().startswith("OK")
+
+
+def test_a_run_where_every_request_failed() -> None:
+    """No latency at all (every answer a bad reply): the page says so in the verdict and draws what it can."""
+    r = make_result()
+    for ph in r["runs"][0]["phases"].values():
+        for holder in [ph, *ph["cases"]]:
+            n = holder.get("count", ph["sent"])
+            holder["latency_ms"] = {k: None for k in LATENCY_KEYS} | {"count": 0}
+            holder["histogram"] = []
+            holder["errors"] = n
+            if "outcomes" in holder:
+                holder["outcomes"] = {"-2": n}
+        ph["completed"], ph["rps"] = 0, 0.0
+        ph["timeline"] = [[t, 0, None] for t, _, _ in ph["timeline"]]
+    r["ok"] = False
+    page = Page(render_html(r))
+    assert [a.get("aria-labelledby") for t, a in page.tags if t == "svg"] == ["chart-timeline-title"]
+    assert [c for c, _ in page.row("fixed-1", "overall")][-6:] == ["\u2013"] * 6
+    verdict = " ".join(page.ids["verdict"].split())
+    assert "answered bad reply\u00d7" in verdict and verdict.startswith("FAILED")
