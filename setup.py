@@ -11,16 +11,17 @@ from setuptools.command.build_py import build_py
 
 # Each native/_x.pyx is built as agent._x_c beside its pure twin agent/_x_py.py. AGENT_NO_EXTENSIONS=1 at
 # build time skips them (the twins serve), as multidict and yarl do.
-NAMES = ["_wire", "_h2", "_b64", "_jsonobj", "_bucket", "_claims", "_auditq", "_recall"]
-LIBRARIES = {"_h2": ["nghttp2"], "_auditq": ["crypto"], "_recall": ["crypto"]}
+NAMES = ["_wire", "_h2", "_b64", "_jsonobj", "_bucket", "_claims", "_auditq", "_recall", "_loadgen"]
+LIBRARIES = {"_h2": ["nghttp2"], "_loadgen": ["nghttp2"], "_auditq": ["crypto"], "_recall": ["crypto"]}
 HEADERS = {  # else the twin serves
     "_h2": "nghttp2/nghttp2.h",
+    "_loadgen": "nghttp2/nghttp2.h",
     "_auditq": "openssl/evp.h",
     "_recall": "openssl/sha.h",
 }
 # The packages holding them: Debian/Ubuntu, then RHEL/manylinux (cibuildwheel's before-all).
 NGHTTP2, OPENSSL = "libnghttp2-dev (RHEL: libnghttp2-devel)", "libssl-dev (RHEL: openssl-devel)"
-PACKAGES = {"_h2": NGHTTP2, "_auditq": OPENSSL, "_recall": OPENSSL}
+PACKAGES = {"_h2": NGHTTP2, "_loadgen": NGHTTP2, "_auditq": OPENSSL, "_recall": OPENSSL}
 JOBS = int(os.environ.get("AUTHZ_AGENT_BUILD_JOBS") or os.cpu_count() or 1)  # parallel cythonize and compile
 # Set by `make dist` (and cibuildwheel): a wheel without the native transport would quietly serve on grpcio at a
 # fraction of the speed, so a build asked for the native parts fails instead of skipping them.

@@ -1,4 +1,4 @@
-"""`authz-agent` subcommands: run, check, policy lint, policy test, envoy-config, demo."""
+"""`authz-agent` subcommands: run, check, policy lint, policy test, envoy-config, demo, bench."""
 
 from __future__ import annotations
 
@@ -529,6 +529,78 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return asyncio.run(run_demo(args.port, args.self_test, args.workdir))
 
 
+# What `bench` needs of its extra: matplotlib draws the --report charts; h2 is the pure-Python load generator's
+# HTTP/2 (the Cython one, when built, links libnghttp2 instead).
+BENCH_REPORT_MODULES = ("matplotlib",)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import shlex
+    from pathlib import Path
+
+    from agent.bench.failif import parse
+
+    problems = []
+    rules = []
+    for expr in args.fail_if or []:
+        try:
+            rules.append(parse(expr))
+        except ValueError as e:
+            problems.append(str(e))
+    if any(r.metric == "rps" for r in rules) and args.no_saturation:
+        problems.append("--fail-if 'rps < N' is judged on the saturation phase: drop --no-saturation")
+    numbers = (("--rate", args.rate, 0.0), ("--duration", args.duration, 0.0),
+               ("--saturation-duration", args.saturation_duration, 0.0))  # fmt: skip
+    for flag, value, low in numbers:
+        if value is not None and not (low < value < float("inf")):
+            problems.append(f"{flag} must be a number above {low:g}, got {value:g}")
+    if args.connections < 1 or args.streams < 1:
+        problems.append("--connections and --streams must be at least 1")
+    if args.token_cache_entries < 0:
+        problems.append("--token-cache-entries must be 0 (no cache) or more")
+    from agent.bench.run import MAX_FIXED_REQUESTS
+
+    if not problems and args.rate * args.duration > MAX_FIXED_REQUESTS:
+        problems.append(f"--rate x --duration is {args.rate * args.duration:g} requests; at most "
+                        f"{MAX_FIXED_REQUESTS} are made before the clock starts")  # fmt: skip
+    for flag, path in (("--json", args.json), ("--report", args.report)):
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            problems.append(f"{flag} {path}: no such directory")  # said before the run, not after it
+    for flag, path in (("--policy", args.policy), ("--cases", args.cases), ("--compare", args.compare)):
+        if path and not os.path.isfile(path):
+            problems.append(f"{flag} {path}: no such file")
+    if problems:
+        for line in problems:
+            print(f"authz-agent bench: {line}", file=sys.stderr)
+        return 2
+    if args.report and missing_modules(BENCH_REPORT_MODULES):
+        print(extra_line("bench", "bench"), file=sys.stderr)
+        return 2
+    from agent.bench.run import Bench, Options
+
+    options = Options(
+        policy=Path(args.policy),
+        cases=Path(args.cases),
+        through_envoy=args.through_envoy,
+        rate=args.rate,
+        duration=args.duration,
+        connections=args.connections,
+        streams=args.streams,
+        json_out=Path(args.json) if args.json else None,
+        report=Path(args.report) if args.report else None,
+        compare=Path(args.compare) if args.compare else None,
+        fail_if=rules,
+        transport=args.transport,
+        token_cache_entries=args.token_cache_entries,
+        audit_log=Path(args.audit_log) if args.audit_log else None,
+        saturation_duration=args.saturation_duration,
+        saturation=not args.no_saturation,
+        seed=args.seed,
+        command="authz-agent " + shlex.join(args.argv),
+    )
+    return Bench(options).run()
+
+
 def main(argv: list[str] | None = None) -> int:
     from agent.envoyconf import MAX_CONNECTIONS, MAX_HEAP_BYTES
 
@@ -733,7 +805,61 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--workdir", default=None)
     d.set_defaults(func=cmd_demo)
 
+    b = sub.add_parser(
+        "bench",
+        help="measure what authorization costs on a policy and its test cases (exit 1 on wrong answers or --fail-if)",
+        description="Start the agent as `run` would (and with --through-envoy a real Envoy in front), send it the "
+        "policy's test cases as a weighted mix (`weight:` on a case) and measure: a fixed-rate phase without "
+        "coordinated omission, then a saturation phase. Only the status of each answer is checked under load. "
+        "Exit status: 0 when every answer was the expected one and no --fail-if is violated, 1 when an answer was "
+        "wrong, a request failed or a --fail-if is violated, 2 when the bench could not run.",
+    )
+    b.add_argument("--policy", required=True, help="the policy file to measure")
+    b.add_argument("--cases", required=True, metavar="P.test.yaml", help="its `policy test` cases: the traffic mix")
+    b.add_argument(
+        "--through-envoy",
+        action="store_true",
+        help="through a real Envoy (as envoy-config sets it up); Envoy alone too, for the difference",
+    )
+    b.add_argument("--rate", type=float, default=1000.0, help="requests per second of the fixed-rate phase")
+    b.add_argument("--duration", type=float, default=10.0, help="seconds of the fixed-rate phase")
+    b.add_argument(
+        "--saturation-duration", type=float, default=None, help="seconds of the saturation phase (default: --duration)"
+    )
+    b.add_argument("--no-saturation", action="store_true", help="only the fixed-rate phase")
+    b.add_argument("--connections", type=int, default=4, help="HTTP/2 connections of the load generator")
+    b.add_argument("--streams", type=int, default=16, help="concurrent streams on each connection")
+    b.add_argument("--json", metavar="OUT.json", help="write the results as JSON (schema authz-agent-bench/1)")
+    b.add_argument("--report", metavar="OUT.html", help="write a self-contained HTML report (needs the bench extra)")
+    b.add_argument(
+        "--compare",
+        metavar="OTHER_POLICY",
+        help="also run the cases against another policy file; show the change in percent",
+    )
+    b.add_argument(
+        "--fail-if",
+        action="append",
+        metavar="EXPR",
+        help="exit 1 when violated (repeatable): 'p50|p90|p99|p999|max|mean > N(us|ms|s)' on the fixed-rate "
+        "latencies, 'rps < N' on the saturation phase",
+    )
+    b.add_argument(
+        "--transport",
+        choices=["native", "grpcio"],
+        default=None,
+        help="the agent's transport (default: native when built, as `run`)",
+    )
+    b.add_argument("--token-cache-entries", type=int, default=10_000, help="the agent's token cache, as `run`'s")
+    b.add_argument(
+        "--audit-log",
+        metavar="PATH",
+        help="the agent's audit log (default: a file in a private temporary directory, removed after)",
+    )
+    b.add_argument("--seed", type=int, default=1, help="the seed of the traffic mix's order")
+    b.set_defaults(func=cmd_bench)
+
     args = p.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # `bench` records its command line
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -292,8 +292,13 @@ class Engine:
         revocations: RevocationSet | None = None,
         listeners: Sequence[DecisionListener] = (),
         wire_recall: bool = False,
+        stores: dict[str, KeyStore] | None = None,
     ) -> Engine:
-        stores = {i.name: KeyStore(i) for i in policy.identity_providers if i.jwks_uri or i.jwks_file or i.discovery}
+        """An engine whose providers' keys come from their configured sources, or from `stores` (a bench's)."""
+        if stores is None:
+            stores = {
+                i.name: KeyStore(i) for i in policy.identity_providers if i.jwks_uri or i.jwks_file or i.discovery
+            }
         return cls(
             policy, stores, audit, clock, token_cache_entries, replay, shared, revocations, listeners, wire_recall
         )

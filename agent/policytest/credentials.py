@@ -110,10 +110,15 @@ class Keys:
             key = self._keys[kind] = SigningKey(kind)
         return key
 
-    def key_set(self, algorithms: frozenset[str]) -> KeySet:
-        """What a provider's stand-in key store holds: one public key per kind its algorithms need."""
+    def jwks(self, algorithms: frozenset[str]) -> dict[str, list[dict[str, str]]]:
+        """The public JWKS a provider's stand-in key store holds: one public key per kind its algorithms need
+        (public keys only: `authz-agent bench` hands it to the agent it starts)."""
         kinds = sorted({family(a) for a in algorithms if a in SIGNING_ALGORITHMS})
-        keys, _ = parse_jwks({"keys": [self._of_kind(k).jwk for k in kinds]})
+        return {"keys": [dict(self._of_kind(k).jwk) for k in kinds]}
+
+    def key_set(self, algorithms: frozenset[str]) -> KeySet:
+        """What a provider's stand-in key store holds, parsed."""
+        keys, _ = parse_jwks(self.jwks(algorithms))
         return keys
 
     def jws(self, header: dict[str, Any], payload: dict[str, Any], alg: str) -> str:

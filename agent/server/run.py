@@ -38,10 +38,20 @@ from agent.server.limits import TransportLimits
 from agent.server.native_transport import NativeTransport
 
 if TYPE_CHECKING:
+    from agent.authn.introspection import Introspector
     from agent.decision import DecisionListener
     from agent.tracing import Endpoint, Tracer
 
 log = logging.getLogger("agent")
+
+
+@dataclass(frozen=True)
+class StandInIdentity:
+    """Key stores and an introspection endpoint to use instead of the identity providers' own: `authz-agent bench`
+    serves as `run` does, but with the throwaway keys and the answers its tokens were minted with. None in `run`."""
+
+    stores: Callable[[Policy], dict[str, KeyStore]]
+    introspector: Callable[[Introspector], Introspector]
 
 
 class AgentServer:
@@ -62,7 +72,9 @@ class AgentServer:
         tracer: Tracer | None = None,
         audit_sinks: list[str] | None = None,
         audit_spool_dir: str | None = None,
+        identity: StandInIdentity | None = None,
     ) -> None:
+        self.identity = identity
         self.sinks = build_sinks(audit_sinks or [], audit_log, audit_spool_dir)
         self.audit = JsonLinesAudit(audit_log, encoding=audit_format, sinks=self.sinks)
         self.tracer = tracer  # spans per decision (--otlp-endpoint); None: no listener, nothing paid
@@ -82,15 +94,18 @@ class AgentServer:
         self.shared: SharedState | None = None
         self._shared_config: SharedStateConfig | None = None
         self._old_shared: list[SharedState] = []
-        self.engine = Engine.for_policy(
-            policy,
-            self.audit,
-            token_cache_entries=token_cache_entries,
-            replay=self.replay,
-            shared=self._shared_for(policy),
-            revocations=self.revocations,
-            listeners=self._listeners_for(policy),
-            wire_recall=transport == "native",
+        self.engine = self._stand_in(
+            Engine.for_policy(
+                policy,
+                self.audit,
+                token_cache_entries=token_cache_entries,
+                replay=self.replay,
+                shared=self._shared_for(policy),
+                revocations=self.revocations,
+                listeners=self._listeners_for(policy),
+                wire_recall=transport == "native",
+                stores=identity.stores(policy) if identity is not None else None,
+            )
         )
         self.listen = listen
         self.admin_listen = admin
@@ -107,6 +122,12 @@ class AgentServer:
             self.transport = NativeTransport(lambda: self.engine, listen, limits=limits)
         else:
             self.transport = GrpcTransport(lambda: self.engine, listen, limits=limits)
+
+    def _stand_in(self, engine: Engine) -> Engine:
+        """The engine with the stand-in introspection endpoint, when the server has one (`identity`)."""
+        if self.identity is not None and engine.introspector is not None:
+            engine.introspector = self.identity.introspector(engine.introspector)
+        return engine
 
     def _listeners_for(self, policy: Policy) -> tuple[DecisionListener, ...]:
         """Who watches an engine's decisions: the counts, the alerts, and the spans when tracing is on."""
@@ -234,12 +255,13 @@ class AgentServer:
             kept = {s.idp: s for s in old.stores.values()}
             stores: dict[str, KeyStore] = {}
             fresh: list[KeyStore] = []
+            standing = self.identity.stores(policy) if self.identity is not None else {}
             for idp in policy.identity_providers:
                 if not (idp.jwks_uri or idp.jwks_file or idp.discovery):
                     continue
                 store = kept.get(idp)
                 if store is None:
-                    store = KeyStore(idp)
+                    store = standing.get(idp.name) or KeyStore(idp)
                     fresh.append(store)
                 stores[idp.name] = store
             new = Engine(
@@ -253,6 +275,7 @@ class AgentServer:
                 listeners=self._listeners_for(policy),
                 wire_recall=isinstance(self.transport, NativeTransport),
             )
+            self._stand_in(new)
             await asyncio.gather(*(s.refresh() for s in fresh))
             deadline = asyncio.get_running_loop().time() + self.reload_wait_s
             while not all(s.ready for s in fresh) and asyncio.get_running_loop().time() < deadline:
@@ -435,8 +458,9 @@ async def serve(
     tracing: tuple[Endpoint, float, float] | None = None,
     audit_sinks: list[str] | None = None,
     audit_spool_dir: str | None = None,
+    identity: StandInIdentity | None = None,
 ) -> None:
-    """Run until SIGTERM or SIGINT, then drain in-flight checks and stop."""
+    """Run until SIGTERM or SIGINT, then drain in-flight checks and stop. `identity`: see StandInIdentity."""
     tracer = None
     if tracing is not None:
         from agent.tracing import Tracer
@@ -458,6 +482,7 @@ async def serve(
         tracer=tracer,
         audit_sinks=audit_sinks,
         audit_spool_dir=audit_spool_dir,
+        identity=identity,
     )
     # Signals first: a SIGTERM that comes while the port is already open must drain, not kill.
     stop = asyncio.Event()
