@@ -4,9 +4,11 @@ drawn (non-empty boxes whose pixels hold the runs' colours, not one flat colour)
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from agent.bench.report import ENVOY_COLOUR, RUN_COLOURS, render_html
 from agent.policytest.report import printable
 from tests.bench_results import CASES, HOSTILE, make_result
 
+ROOT = Path(__file__).parent.parent.parent
 WIDTH = 1200  # the report must read well at this width
 LATENCY_KEYS = ("p50", "p90", "p99", "p999", "max", "mean")
 
@@ -195,5 +198,42 @@ def test_hostile_names_are_text_in_chromium(browser: Browser, tmp_path: Path) ->
         check_drawn(shot, opened, RUN_COLOURS[:1])
         assert opened.requests == [opened.url], "a hostile name made the page fetch"
         assert opened.dialogs == [] and opened.console == []
+    finally:
+        opened.close()
+
+
+def test_a_real_bench_run_in_chromium(browser: Browser, tmp_path: Path) -> None:
+    """`authz-agent bench` on the demo policy and its cases, for real (agent child, load generator): the page shows
+    that run's numbers, as its own JSON has them."""
+    out_html, out_json = tmp_path / "out.html", tmp_path / "out.json"
+    command = ["bench", "--policy", "agent/demo/policy.yaml", "--cases", "agent/demo/policy.test.yaml",
+               "--duration", "1", "--rate", "200", "--report", str(out_html), "--json", str(out_json)]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "agent", *command], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(out_json.read_text())
+    opened = Opened(browser, out_html)
+    try:
+        assert opened.page.inner_text("#verdict").startswith("OK")
+        fixed = result["runs"][0]["phases"]["fixed"]
+        assert len(fixed["cases"]) == 17
+        for case in fixed["cases"]:
+            cells = opened.row("#fixed-1", case["name"])
+            assert cells[2:5] == [str(case["line"]), f"{case['weight']:g}", str(case["expect_status"])]
+            assert cells[6] == f"{case['count']:,}" and cells[7] == "0" and cells[8] == "0"
+            assert cells[-6:] == [f"{case['latency_ms'][k]:.3f}" for k in LATENCY_KEYS]
+        overall = opened.row("#fixed-1", "overall")
+        assert overall[-6:] == [f"{fixed['latency_ms'][k]:.3f}" for k in LATENCY_KEYS]
+        assert overall[6] == f"{fixed['completed']:,}"
+        sat = result["runs"][0]["phases"]["saturation"]
+        assert f"{sat['rps']:,.1f}" in opened.row("#saturation-table", "policy.yaml (agent)")
+        about = opened.page.inner_text("#about")
+        assert result["command"] in about and result["runs"][0]["policy_version"] in about
+        assert result["machine"]["kernel"] in about and f"generator {result['settings']['generator']}" in about
+        shot = opened.screenshot(tmp_path / "real.png")
+        check_drawn(shot, opened, RUN_COLOURS[:1])
+        assert opened.requests == [opened.url] and opened.console == [] and opened.dialogs == []
     finally:
         opened.close()
