@@ -388,7 +388,8 @@ def _envoy_rows(phases: Mapping[str, Any]) -> str:
         f"{_count_cell(latency.get('count', envoy.get('completed')))}{_count_cell(envoy.get('mismatches'), True)}"
         f"{_count_cell(envoy.get('errors'), True)}{_latency_cells(latency)}</tr>"
         '<tr class="added"><td></td><td class="name">added by the agent</td>'
-        f'<td colspan="7" class="hint">overall minus Envoy alone, per percentile</td>{_latency_cells(added)}</tr>'
+        f'<td colspan="7" class="hint">overall minus Envoy alone, per percentile (below zero: within the noise)</td>'
+        f"{_latency_cells(added)}</tr>"
     )
 
 
@@ -594,52 +595,54 @@ def _chart(name: str, draw: Any, *args: Any) -> str:
 
 
 def _draw_cases(fig: Figure, result: Result) -> None:
-    """Per case (and overall): p50 to p99 as a bar, to max as a thin line, markers at each percentile."""
+    """Per case (and overall, and Envoy alone): p50 to p99 as a bar, on to max as a thin line, a mark at each
+    percentile; with --compare the two runs one above the other in their colours."""
     runs = [_dict(r) for r in _list(result.get("runs"))][:2]
     labels = _run_labels(runs)
     fixed = [_dict(_dict(r.get("phases")).get("fixed")) for r in runs]
-    names: list[tuple[str, bool]] = [("overall", False)]
-    for c in _list(fixed[0].get("cases")):
-        cd = _dict(c)
-        bad = any(
-            (_num(_dict(case).get("mismatches")) or 0) + (_num(_dict(case).get("errors")) or 0) > 0
-            for f in fixed
-            for case in _list(f.get("cases"))
-            if _dict(case).get("name") == cd.get("name")
-        )
-        names.append((str(cd.get("name", "?")), bad))
-    rows = len(names)
-    fig.set_size_inches(11.5, 1.2 + rows * (0.42 if len(runs) > 1 else 0.3))
+    by_name = [{str(_dict(c).get("name", "?")): _dict(c) for c in _list(f.get("cases"))} for f in fixed]
+    # (label, bold, red, [(colour, latency)] one per bar drawn in the row)
+    rows: list[tuple[str, bool, bool, list[tuple[str, Mapping[str, Any]]]]] = [
+        ("overall", True, False, [(RUN_COLOURS[i], _dict(f.get("latency_ms"))) for i, f in enumerate(fixed)])
+    ]
+    envoy = _dict(_dict(runs[0].get("phases")).get("envoy_fixed")) if runs else {}
+    if envoy:
+        rows.append(("Envoy alone (no agent)", True, False, [(ENVOY_COLOUR, _dict(envoy.get("latency_ms")))]))
+    for c in _list(fixed[0].get("cases")) if fixed else []:
+        name = str(_dict(c).get("name", "?"))
+        cases = [names.get(name, {}) for names in by_name]
+        bad = any((_num(x.get("mismatches")) or 0) + (_num(x.get("errors")) or 0) > 0 for x in cases)
+        rows.append((name, False, bad, [(RUN_COLOURS[i], _dict(x.get("latency_ms"))) for i, x in enumerate(cases)]))
+    fig.set_size_inches(11.5, 1.2 + len(rows) * (0.42 if len(runs) > 1 else 0.3))
     ax = fig.add_subplot()
-    offsets = [0.0] if len(runs) == 1 else [-0.18, 0.18]
     marks = (("p50", "o", "p50"), ("p90", "|", "p90"), ("p99", "D", "p99"), ("p999", "^", "p99.9"), ("max", "x", "max"))
-    for ri, (label, phase) in enumerate(zip(labels, fixed, strict=True)):
-        colour = RUN_COLOURS[ri % len(RUN_COLOURS)]
-        by_name = {str(_dict(c).get("name", "?")): _dict(_dict(c).get("latency_ms")) for c in _list(phase.get("cases"))}
-        for row, (name, _bad) in enumerate(names):
-            lat = _dict(phase.get("latency_ms")) if row == 0 else by_name.get(name, {})
-            y = row + offsets[ri]
+    for row, (_, bold, _, bars) in enumerate(rows):
+        offsets = [0.0] if len(bars) == 1 else [-0.18, 0.18]
+        for (colour, lat), offset in zip(bars, offsets, strict=False):
+            y = row + offset
             p50, p99, top = _num(lat.get("p50")), _num(lat.get("p99")), _num(lat.get("max"))
             if p50 is None or p50 <= 0:
                 continue
             if top is not None:
                 ax.plot([p50, top], [y, y], color=colour, lw=1.2, alpha=0.55, solid_capstyle="butt")
             if p99 is not None:
-                ax.plot([p50, p99], [y, y], color=colour, lw=6 if row else 8, alpha=0.35, solid_capstyle="butt")
+                ax.plot([p50, p99], [y, y], color=colour, lw=8 if bold else 6, alpha=0.35, solid_capstyle="butt")
             for key, marker, _ in marks:
                 v = _num(lat.get(key))
                 if v is not None and v > 0:
                     ax.plot([v], [y], marker=marker, color=colour, ms=5.5, mew=1.4, ls="none")
-        if len(runs) > 1:
-            ax.plot([], [], color=colour, lw=6, alpha=0.6, label=label)
+    if len(runs) > 1:
+        for i, label in enumerate(labels):
+            ax.plot([], [], color=RUN_COLOURS[i], lw=6, alpha=0.6, label=label)
     for _key, marker, text in marks:
         ax.plot([], [], marker=marker, color="#333333", ls="none", ms=5.5, label=text)
-    ax.set_yticks(range(rows), [_short(n) for n, _ in names])
-    for tick, (_, bad) in zip(ax.get_yticklabels(), names, strict=True):
+    ax.set_yticks(range(len(rows)), [_short(name) for name, _, _, _ in rows])
+    for tick, (_, bold, bad, _) in zip(ax.get_yticklabels(), rows, strict=True):
         if bad:
             tick.set_color("#b3261e")
-    ax.get_yticklabels()[0].set_fontweight("bold")
-    ax.set_ylim(rows - 0.5, -0.5)
+        if bold:
+            tick.set_fontweight("bold")
+    ax.set_ylim(len(rows) - 0.5, -0.5)
     _log_axis(ax, "x")
     ax.grid(axis="y", visible=False)
     ax.set_xlabel("latency (ms, log scale)")
@@ -654,7 +657,7 @@ def _percentile_x(p: float, count: float) -> float:
 
 def _draw_distribution(fig: Figure, result: Result) -> None:
     """Left: latency by percentile (from the histogram, exact percentiles marked); right: the histogram itself."""
-    fig.set_size_inches(11.5, 4.6)
+    fig.set_size_inches(11.5, 5.0)
     left, right = fig.subplots(1, 2)
     xmax = 10.0
     series = [(s, False) for s in _series(result, "fixed")] + [(s, True) for s in _series(result, "saturation")]
@@ -692,13 +695,14 @@ def _draw_distribution(fig: Figure, result: Result) -> None:
     left.set_xlabel("percentile (log scale of 1/(1\u2212p))")
     left.set_ylabel("latency (ms, log scale)")
     left.set_title("Latency by percentile (circles: exact p50 p90 p99 p99.9 max)")
-    left.legend(loc="upper left")
     _log_axis(right, "x")
     right.set_xlabel("latency (ms, log scale)")
     right.set_ylabel("share of requests per bucket (%)")
     right.set_ylim(bottom=0)
     right.set_title("Latency distribution")
-    right.legend(loc="upper right")
+    handles, names = left.get_legend_handles_labels()
+    if handles:  # below both panels: inside, it would hide the curves it names
+        fig.legend(handles, names, loc="outside lower center", ncols=min(4, len(handles)))
 
 
 def _null_formatter() -> Any:
@@ -726,6 +730,27 @@ def _stairs(hist: list[tuple[float, float]], total: float, per_decade: int) -> t
     return edges, [index.get(k, 0) / total * 100.0 for k in range(lo, hi + 1)]
 
 
+def _per_second(phase: Mapping[str, Any]) -> tuple[list[float], list[float], list[float]]:
+    """The timeline as (middle of each second, completed per second, p99): the last second of a phase is partial
+    (a 5.02 s phase has 0.02 s in its sixth), so its count is divided by the part inside the phase, and a sliver
+    under a fifth of a second, too short to mean anything, is left out rather than drawn as a collapse."""
+    length = _num(phase.get("seconds"))
+    xs, rates, p99 = [], [], []
+    for point in _list(phase.get("timeline")):
+        p = _list(point)
+        t, n = (_num(p[0]), _num(p[1])) if len(p) >= 3 else (None, None)
+        if t is None or n is None:
+            continue
+        span = 1.0 if length is None else min(1.0, length - t)
+        if span < 0.2:
+            continue
+        xs.append(t + span / 2)
+        rates.append(n / span)
+        q = _num(p[2])
+        p99.append(math.nan if q is None else q)
+    return xs, rates, p99
+
+
 def _draw_timeline(fig: Figure, result: Result) -> None:
     """Completed requests and p99 in each second, fixed rate and saturation side by side."""
     from matplotlib.ticker import MaxNLocator
@@ -737,10 +762,8 @@ def _draw_timeline(fig: Figure, result: Result) -> None:
     for col, key in enumerate(phases):
         top, bottom = grid[0][col], grid[1][col]
         for s in _series(result, key):
-            points = [_list(p) for p in _list(s.phase.get("timeline")) if len(_list(p)) >= 3]
-            xs = [_num(p[0]) for p in points]
-            top.plot(xs, [_num(p[1]) for p in points], color=s.colour, lw=1.8, marker=".", label=s.label)
-            p99 = [math.nan if _num(p[2]) is None else _num(p[2]) for p in points]
+            xs, rates, p99 = _per_second(s.phase)
+            top.plot(xs, rates, color=s.colour, lw=1.8, marker=".", label=s.label)
             bottom.plot(xs, p99, color=s.colour, lw=1.8, marker=".", label=s.label)
         if key == "fixed" and rate:
             top.axhline(rate, color="#999999", ls=":", lw=1.2, label="offered rate")
@@ -749,7 +772,7 @@ def _draw_timeline(fig: Figure, result: Result) -> None:
         top.set_ylim(bottom=0)
         bottom.set_ylabel("p99 in that second (ms)")
         bottom.set_ylim(bottom=0)
-        bottom.set_xlabel("seconds since the phase started")
+        bottom.set_xlabel("seconds since the phase started (each point: one second)")
         bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
         top.legend(loc="lower right")
 

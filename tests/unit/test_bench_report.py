@@ -297,3 +297,15 @@ def test_a_run_where_every_request_failed() -> None:
     assert [c for c, _ in page.row("fixed-1", "overall")][-6:] == ["\u2013"] * 6
     verdict = " ".join(page.ids["verdict"].split())
     assert "answered bad reply\u00d7" in verdict and verdict.startswith("FAILED")
+
+
+def test_timeline_partial_last_second() -> None:
+    """A 2.5 s phase's third second is half a second long: its count is a rate over that half; a 2.01 s phase's
+    sliver of a third second is left out, not drawn as the throughput collapsing."""
+    from agent.bench.report import _per_second
+
+    xs, rates, p99 = _per_second({"seconds": 2.5, "timeline": [[0, 1000, 0.4], [1, 990, None], [2, 500, 0.5]]})
+    assert xs == [0.5, 1.5, 2.25] and rates == [1000.0, 990.0, 1000.0]
+    assert p99[0] == 0.4 and p99[1] != p99[1] and p99[2] == 0.5  # None drawn as a gap (NaN)
+    xs, rates, _ = _per_second({"seconds": 2.01, "timeline": [[0, 1000, 0.4], [1, 1000, 0.4], [2, 10, 0.4]]})
+    assert xs == [0.5, 1.5] and rates == [1000.0, 1000.0]
