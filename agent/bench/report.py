@@ -840,13 +840,13 @@ table { border-collapse: collapse; }
 table.about { margin: 12px 0; } table.about th { text-align: left; vertical-align: top; padding: 3px 16px 3px 0;
   color: var(--muted); font-weight: 600; white-space: nowrap; } table.about td { padding: 3px 0; }
 .scroll { overflow-x: auto; }
-table.grid { width: 100%; font-size: 13.5px; font-variant-numeric: tabular-nums; margin: 6px 0 10px; }
+table.grid { width: 100%; font-size: 13px; font-variant-numeric: tabular-nums; margin: 6px 0 10px; }
 table.grid.narrow { width: auto; }
-table.grid th { background: var(--head); text-align: left; padding: 6px 8px; border-bottom: 2px solid var(--line);
+table.grid th { background: var(--head); text-align: left; padding: 6px 6px; border-bottom: 2px solid var(--line);
   white-space: nowrap; }
-table.grid td { padding: 5px 8px; border-bottom: 1px solid var(--line); vertical-align: top; }
+table.grid td { padding: 5px 6px; border-bottom: 1px solid var(--line); vertical-align: top; }
 table.grid .num { text-align: right; white-space: nowrap; }
-table.grid td.name { min-width: 180px; max-width: 340px; overflow-wrap: anywhere; }
+table.grid td.name { min-width: 160px; max-width: 320px; overflow-wrap: anywhere; }
 tr.overall td { font-weight: 700; border-top: 2px solid #9aa0a6; background: #fafafa; }
 tr.envoy td { color: #444; background: #f6f6f6; font-style: italic; }
 tr.added td { font-weight: 700; background: #eef3fb; }
