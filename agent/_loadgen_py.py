@@ -9,6 +9,7 @@ not for measuring a fast agent. The argument checks and the CheckResponse reader
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import os
@@ -437,17 +438,20 @@ class Load:
             c.h2.send_data(sid, bytes(chunk), end_stream=not slot.body)
 
     def _refuse(self, c: _Conn, sid: int, slot: _Slot) -> None:
+        """Too much to keep: the stream is failed (-2) and reset, unless it has just ended anyway."""
         import h2.errors
+        import h2.exceptions
 
-        slot.bad = -2
         del c.slots[sid]
-        c.h2.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
         self._finish(c, slot, -2)
+        with contextlib.suppress(h2.exceptions.StreamClosedError):
+            c.h2.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
 
     def _receive(self, c: _Conn) -> None:
         """Feed what the socket has to h2 (a bounded number of reads); OSError or h2's ProtocolError end it."""
         import h2.errors
         import h2.events
+        import h2.exceptions
 
         assert c.sock is not None
         for _ in range(16):
@@ -486,7 +490,8 @@ class Load:
                     if slot is None:
                         continue
                     if slot.body:  # answered before we finished sending: the rest is not wanted
-                        c.h2.reset_stream(ev.stream_id, h2.errors.ErrorCodes.CANCEL)
+                        with contextlib.suppress(h2.exceptions.StreamClosedError):
+                            c.h2.reset_stream(ev.stream_id, h2.errors.ErrorCodes.CANCEL)
                     if self._grpc:
                         self._finish(c, slot, grpc_outcome(slot.status, slot.grpc_status, bytes(slot.buf)))
                     else:

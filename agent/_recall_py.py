@@ -1,4 +1,4 @@
-"""The pure-Python twin of native/_recall.pyx: the same API and the same answers, on xds-protos' messages.
+"""The pure-Python twin of native/_recall.pyx: the same API and the same answers, on Envoy's generated messages.
 
 A RecallTable answers a repeated request, a remembered allow, straight from CheckRequest bytes to
 CheckResponse bytes: the request is read only as far as the key (Authorization, method, path), the caller's
@@ -170,9 +170,8 @@ class RecallTable:
         start = time.perf_counter_ns()
         if not self._entries:
             return None
-        from envoy.service.auth.v3 import external_auth_pb2 as ext
-
         from agent._wire_py import decode_check_request, encode_check_response
+        from agent._xds.envoy.service.auth.v3 import external_auth_pb2 as ext
 
         try:
             view = decode_check_request(message)

@@ -1,4 +1,4 @@
-"""The pure-Python twin of native/_wire.pyx: the same API, built on xds-protos' generated messages."""
+"""The pure-Python twin of native/_wire.pyx: the same API, built on Envoy's generated messages (agent/_xds)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ __all__ = ["WireError", "decode_check_request", "encode_check_response"]
 
 
 def decode_check_request(data: bytes) -> RequestView:
-    from envoy.service.auth.v3 import external_auth_pb2 as ext
-
+    from agent._xds.envoy.service.auth.v3 import external_auth_pb2 as ext
     from agent.server.envoy_wire import decode
 
     req = ext.CheckRequest()

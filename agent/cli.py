@@ -598,7 +598,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
         seed=args.seed,
         command="authz-agent " + shlex.join(args.argv),
     )
-    return Bench(options).run()
+    import signal
+    import threading
+
+    def interrupted(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM as Ctrl-C: the agent and Envoy the bench started are stopped too
+
+    if threading.current_thread() is not threading.main_thread():
+        return Bench(options).run()
+    before = signal.signal(signal.SIGTERM, interrupted)
+    try:
+        return Bench(options).run()
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,9 +1,10 @@
 """Whether the OpenTelemetry protobuf modules are opentelemetry-proto's own.
 
-xds-protos (Envoy's API) ships an older copy of `opentelemetry/proto/` into the same directory, and whichever
-wheel pip unpacks last wins. With the old copy, the OTLP exporters fail at import (no `InstrumentationScope`):
-`--otlp-endpoint` and `--audit-sink otlp://` check first and say how to repair the install instead.
-`python -m agent.otelproto` checks it (the Makefile does, after installing)."""
+xds-protos (Envoy's API as Python modules) ships an older copy of `opentelemetry/proto/` into the same
+directory, and whichever wheel pip unpacks last wins. The agent no longer depends on it (agent/_xds/ is generated
+at build time), but an environment may still hold it. With the old copy, the OTLP exporters fail at import (no
+`InstrumentationScope`): `--otlp-endpoint` and `--audit-sink otlp://` check first and say how to repair the
+install instead. `python -m agent.otelproto` checks it (the Makefile and the image recipe do, after installing)."""
 
 from __future__ import annotations
 

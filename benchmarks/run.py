@@ -22,8 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from envoy.service.auth.v3 import external_auth_pb2 as ext
-
+from agent._xds.envoy.service.auth.v3 import external_auth_pb2 as ext
 from agent.envoyconf import EnvoyProcess, bootstrap, http_ok
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -11,7 +11,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -44,6 +47,19 @@ def identity(jwks: dict[str, dict[str, Any]], answers: dict[str, dict[str, Any]]
     return StandInIdentity(stores, introspector)
 
 
+def orphan_watch(every_s: float = 1.0) -> None:
+    """Stop (SIGTERM: drain, as `run` stops) when the bench that started this agent is gone, killed before it could
+    stop it: an agent left serving would hold its port and a core."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="bench-orphan-watch", daemon=True).start()
+
+
 def main() -> int:
     from agent.bench.traffic import with_secrets
     from agent.server.native_transport import transport_line
@@ -57,6 +73,7 @@ def main() -> int:
         print(e, file=sys.stderr)
         return 2
     policy = with_secrets(policy, settings["secrets"])
+    orphan_watch()
     transport, level, line = transport_line(settings["transport"])
     logging.getLogger("agent").log(level, "%s", line)
     run = serve(

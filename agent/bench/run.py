@@ -233,7 +233,6 @@ class Bench:
         self.notes: list[str] = []
         self._traffic: list[Traffic] = []
         self.cpus = plan_cpus()
-        self.stop = threading.Event()
         self._watched: list[tuple[str, Any, Any]] = []  # (what, its Popen, its log tail) while a run lasts
 
     @property
@@ -373,7 +372,7 @@ class Bench:
         self._check_alive()
         out["fixed"] = self._result(name, o.rate, load, made, traffic, alone)
         self._shout(label, who, out["fixed"])
-        if self.stop.is_set() or not o.saturation:
+        if not o.saturation:
             return out
         # Long enough for several times the rate the (cold) warm-up reached; should the agent go faster still,
         # the phase ends early and says so.
@@ -408,12 +407,13 @@ class Bench:
 
     # -- one policy --------------------------------------------------------------------------------------------
 
-    def _run_policy(self, tests: Any, path: Path, policy: Policy, transport: str, work: Path) -> dict[str, Any]:
+    def _run_policy(
+        self, tests: Any, label: str, path: Path, policy: Policy, transport: str, work: Path
+    ) -> dict[str, Any]:
         from agent.bench.envoy import free_port
 
         o = self.o
-        label = path.name
-        traffic = Traffic(tests, policy, o.through_envoy, o.seed)
+        traffic = Traffic(tests, policy, o.through_envoy)
         self.progress.say(f"{label}: deciding each case once and making the credentials")
         traffic.prepare()
         for note in traffic.notes:
@@ -448,7 +448,7 @@ class Bench:
             if o.through_envoy:
                 envoy, target, alone_target = self._start_envoy(policy, agent_port, work, traffic.authority)
             phases = self._phases(label, traffic, target, False, o.seed)
-            if alone_target is not None and not self.stop.is_set():
+            if alone_target is not None:
                 alone = self._phases(label, traffic, alone_target, True, o.seed)
                 phases["envoy_fixed"] = alone["fixed"]
                 if "saturation" in alone:
@@ -480,9 +480,9 @@ class Bench:
         envoy = EnvoyProcess(config, work / "envoy")
         try:
             envoy.start()
-        except (RuntimeError, TimeoutError) as e:
+        except (RuntimeError, TimeoutError, OSError) as e:
             envoy.stop()
-            raise BenchError(f"Envoy did not start: {e}") from None
+            raise BenchError(f"Envoy did not start: {e}\n{_tail(work / 'envoy' / 'envoy.log')}") from None
         if self.cpus.envoy is not None:
             pin(envoy.proc.pid, self.cpus.envoy)
         self._watched.append(("Envoy", envoy.proc, lambda: _tail(work / "envoy" / "envoy.log")))
@@ -532,9 +532,11 @@ class Bench:
             from agent.envoyconf import find_envoy
 
             try:
-                find_envoy()
+                binary = find_envoy()
             except FileNotFoundError:
                 raise BenchError(ENVOY_MISSING) from None
+            if not os.access(binary, os.X_OK):
+                raise BenchError(f"{ENVOY_MISSING}; {binary} is not an executable file")
         generator = generator_kind()
         if generator == "python":
             self._note("the load generator is the pure-Python twin (no extensions): it tops out at a few thousand "
@@ -546,8 +548,13 @@ class Bench:
             if self.cpus.generator is not None:
                 os.sched_setaffinity(0, self.cpus.generator)  # this thread; the generator's threads inherit it
             runs = []
+            labels = [p.name for p, _ in policies]
+            if len(set(labels)) < len(labels):  # policy.yaml against policy.yaml: say which directory each is from
+                labels = [f"{p.resolve().parent.name}/{p.name}" for p, _ in policies]
+                if len(set(labels)) < len(labels):
+                    labels = [str(p.resolve()) for p, _ in policies]
             for i, (path, policy) in enumerate(policies):
-                runs.append(self._run_policy(tests, path, policy, transport, work / f"run{i + 1}"))
+                runs.append(self._run_policy(tests, labels[i], path, policy, transport, work / f"run{i + 1}"))
         finally:
             if main_cpus is not None:
                 os.sched_setaffinity(0, main_cpus)
@@ -668,6 +675,9 @@ def write_atomically(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        mask = os.umask(0o022)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # what a plain open() would have made, not mkstemp's 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -86,7 +86,7 @@ def with_secrets(policy: Policy, secrets: dict[str, Any]) -> Policy:
 
 def check_request(view: RequestView) -> bytes:
     """The CheckRequest Envoy sends for `view`, as agent.server.envoy_wire reads it."""
-    from envoy.service.auth.v3 import external_auth_pb2 as ext
+    from agent._xds.envoy.service.auth.v3 import external_auth_pb2 as ext
 
     req = ext.CheckRequest()
     attributes = req.attributes
@@ -135,11 +135,10 @@ class Traffic:
     """The cases of one run as request classes, for the agent directly (gRPC CheckRequests) or through Envoy
     (the clients' HTTP requests). Tokens are minted once, here, at the real current time."""
 
-    def __init__(self, tests: TestFile, policy: Policy, through_envoy: bool, seed: int) -> None:
+    def __init__(self, tests: TestFile, policy: Policy, through_envoy: bool) -> None:
         self.tests = tests
         self.policy = policy
         self.through_envoy = through_envoy
-        self.seed = seed
         self.run = Run(policy)
         # Issues DPoP nonces as the agent's engine does: the two share the nonce secret (secrets_of).
         self.engine = Engine(policy, {})
@@ -188,6 +187,9 @@ class Traffic:
                 status = now.status
                 notes.append(f"case {case.name!r} (line {case.line}) expects no status: under load its answers are "
                              f"checked against the status the engine gave it before the run, {now.status}")  # fmt: skip
+            if case.repeat > 1:
+                notes.append(f"case {case.name!r} (line {case.line}) has repeat: {case.repeat}: under load every one "
+                             f"of its requests is held to the status its last one expects, {status}")  # fmt: skip
             if at is not None:
                 then = await self.run.case(case, at)
                 if then.status != now.status:

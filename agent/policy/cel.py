@@ -51,9 +51,10 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
-from cel.expr import checked_pb2, syntax_pb2
 from cel_expr_python import cel
 from google.protobuf import any_pb2
+
+from agent._xds.cel.expr import checked_pb2, syntax_pb2
 
 __all__ = [
     "MAX_EXPRESSION_BYTES",

@@ -1,12 +1,11 @@
-"""CheckRequest -> RequestView and Decision -> CheckResponse with xds-protos' messages (the reference codec)."""
+"""CheckRequest -> RequestView and Decision -> CheckResponse with Envoy's generated messages (the reference codec)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from envoy.config.core.v3 import base_pb2
-from envoy.service.auth.v3 import external_auth_pb2 as ext
-
+from agent._xds.envoy.config.core.v3 import base_pb2
+from agent._xds.envoy.service.auth.v3 import external_auth_pb2 as ext
 from agent.decision import Decision, RequestView
 from agent.response import RPC_CODE, RPC_PERMISSION_DENIED
 

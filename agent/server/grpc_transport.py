@@ -7,10 +7,10 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
-from envoy.service.auth.v3 import external_auth_pb2 as ext
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from agent._xds.envoy.service.auth.v3 import external_auth_pb2 as ext
 from agent.decision import Decision
 from agent.engine import Engine
 from agent.envoyconf import MAX_CHECK_REQUEST_BYTES

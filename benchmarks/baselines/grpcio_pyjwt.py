@@ -12,8 +12,9 @@ from typing import Any
 
 import grpc
 import jwt
-from envoy.service.auth.v3 import external_auth_pb2 as ext
-from envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
+
+from agent._xds.envoy.service.auth.v3 import external_auth_pb2 as ext
+from agent._xds.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
 
 
 class Servicer(ext_grpc.AuthorizationServicer):  # type: ignore[misc]

@@ -8,8 +8,9 @@ from __future__ import annotations
 from typing import Any
 
 import atheris
-from envoy.service.auth.v3 import external_auth_pb2 as ext
 from native_coverage import run
+
+from agent._xds.envoy.service.auth.v3 import external_auth_pb2 as ext
 
 with atheris.instrument_imports(include=["agent"]):
     from agent.errors import WireError

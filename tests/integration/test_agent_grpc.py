@@ -15,11 +15,11 @@ import aiohttp
 import grpc
 import pytest
 import trustme
-from envoy.service.auth.v3 import external_auth_pb2 as ext
-from envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agent import reasons as R
+from agent._xds.envoy.service.auth.v3 import external_auth_pb2 as ext
+from agent._xds.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
 from agent.config import load_policy
 from agent.demo.idp import LocalIdP
 from agent.server.run import AgentServer

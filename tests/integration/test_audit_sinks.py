@@ -24,11 +24,11 @@ import grpc
 import orjson
 import pytest
 import trustme
-from envoy.service.auth.v3 import external_auth_pb2 as ext
-from envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
 from opentelemetry.proto.collector.logs.v1 import logs_service_pb2 as svc
 from opentelemetry.proto.collector.logs.v1 import logs_service_pb2_grpc as svc_grpc
 
+from agent._xds.envoy.service.auth.v3 import external_auth_pb2 as ext
+from agent._xds.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
 from agent.audit.chain import verify
 from agent.envoyconf import http_ok, stop_process
 from tests.wait import until

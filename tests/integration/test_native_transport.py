@@ -17,10 +17,10 @@ import h2.connection
 import h2.errors
 import h2.events
 import pytest
-from envoy.service.auth.v3 import external_auth_pb2 as ext
-from envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from agent._xds.envoy.service.auth.v3 import external_auth_pb2 as ext
+from agent._xds.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
 from agent.config import load_policy
 from agent.envoyconf import MAX_CHECK_REQUEST_BYTES
 from agent.server.native_transport import available

@@ -28,9 +28,9 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import pytest
-from envoy.service.auth.v3 import external_auth_pb2 as ext
-from envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
 
+from agent._xds.envoy.service.auth.v3 import external_auth_pb2 as ext
+from agent._xds.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
 from agent.envoyconf import stop_process
 from agent.server.native_transport import available
 from tests.integration.test_native_transport import CHECK

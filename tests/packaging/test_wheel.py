@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import platform
 import pwd
 import re
 import shutil
@@ -25,9 +26,9 @@ from typing import Any
 
 import grpc
 import pytest
-from envoy.service.auth.v3 import external_auth_pb2 as ext
-from envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
 
+from agent._xds.envoy.service.auth.v3 import external_auth_pb2 as ext
+from agent._xds.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
 from tests.conftest import ROUTES, idp_block
 from tests.keys import SigningKey, jwks, mint
 from tests.wait import until
@@ -43,7 +44,8 @@ pytestmark = [
     ),
     pytest.mark.timeout(420),
 ]
-PLATFORM = re.compile(r'constrains the platform tag to "(manylinux_2_(\d+)_x86_64)"')
+ARCH = platform.machine()  # x86_64, aarch64: the wheel's tag names the build machine's architecture as Linux does
+PLATFORM = re.compile(rf'constrains the platform tag to "(manylinux_2_(\d+)_{re.escape(ARCH)})"')
 
 
 def run(cmd: list[str], timeout: float, **kw: Any) -> str:
@@ -92,7 +94,7 @@ def wheel(work: Path) -> Path:
     names = run(["tar", "tzf", str(sdist)], 30)
     for member in ("setup.py", "native/_h2.pyx", "native/includes/nghttp2.pxd", "proto/authz/controlplane/v1/"):
         assert f"/{member}" in names, f"the sdist lacks {member}"
-    built = next(raw.glob("*-linux_x86_64.whl"))
+    built = next(raw.glob(f"*-linux_{ARCH}.whl"))
     shown = " ".join(run([sys.executable, "-m", "auditwheel", "show", str(built)], 60, env=env).split())
     plat = PLATFORM.search(shown)
     assert plat, shown
@@ -101,12 +103,32 @@ def wheel(work: Path) -> Path:
 
 
 def test_wheel_is_manylinux_with_its_native_parts_inside(wheel: Path) -> None:
-    assert re.fullmatch(r"authz_agent-[^-]+-cp3\d+-cp3\d+-manylinux_2_\d+_x86_64\.whl", wheel.name), wheel.name
+    tag = rf"authz_agent-[^-]+-cp3\d+-cp3\d+-manylinux_2_\d+_{re.escape(ARCH)}\.whl"
+    assert re.fullmatch(tag, wheel.name), wheel.name
     names = zipfile.ZipFile(wheel).namelist()
     assert [n for n in names if re.fullmatch(r"authz_agent\.libs/libnghttp2-[0-9a-f]+\.so[.\d]*", n)], names
     for ext_name in ("_h2", "_wire", "_recall", "_auditq", "_claims"):
         assert any(n.startswith(f"agent/{ext_name}_c.") and n.endswith(".so") for n in names), ext_name
     assert "agent/controlplane/_proto/authz/controlplane/v1/policy_sync_pb2.py" in names
+    # Envoy's API generated inside the wheel, and nothing at the top level that another wheel also installs
+    assert "agent/_xds/envoy/service/auth/v3/external_auth_pb2.py" in names
+    assert {n.split("/")[0] for n in names if "/" in n} == {"agent", "authz_agent.libs", wheel_dist_info(names)}
+
+
+def wheel_dist_info(names: list[str]) -> str:
+    return next(n.split("/")[0] for n in names if n.split("/")[0].endswith(".dist-info"))
+
+
+def test_plain_install_has_no_xds_protos_and_otlp_works(venv: Path) -> None:
+    """xds-protos (whose wheel overwrites opentelemetry-proto's files) is not installed with the agent, so OTLP
+    export works after a plain `pip install` with no repair, and the installed protobuf runtime is one the
+    generated modules accept (they are imported: a too-old runtime raises at import)."""
+    py = str(venv / "bin" / "python")
+    listed = run([py, "-m", "pip", "list", "--format=freeze"], 60)
+    assert "xds-protos" not in listed.lower() and "xds_protos" not in listed.lower(), listed
+    run([py, "-m", "agent.otelproto"], 60)
+    run([py, "-c", "import agent._xds.envoy.service.auth.v3.external_auth_pb2, agent._xds.cel.expr.checked_pb2;"
+                   "from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter"], 60)  # fmt: skip
 
 
 def as_nobody(cmd: list[str]) -> list[str]:

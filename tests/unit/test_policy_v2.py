@@ -602,8 +602,7 @@ async def test_when_reads_header_names_in_lower_case(build: Build) -> None:
 
 
 async def test_envoy_header_names_reach_conditions_in_lower_case(build: Build) -> None:
-    from envoy.service.auth.v3 import external_auth_pb2 as ext
-
+    from agent._xds.envoy.service.auth.v3 import external_auth_pb2 as ext
     from agent.server.envoy_wire import decode
 
     agent = await build(HEADER_ROUTES)

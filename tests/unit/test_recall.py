@@ -13,9 +13,9 @@ from typing import Any
 
 import orjson
 import pytest
-from envoy.service.auth.v3 import external_auth_pb2 as ext
 
 from agent._wire_py import decode_check_request
+from agent._xds.envoy.service.auth.v3 import external_auth_pb2 as ext
 from agent.audit.alerts import AlertMonitor
 from agent.audit.chain import verify
 from agent.audit.records import decision_record

@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from envoy.service.auth.v3 import external_auth_pb2 as ext
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode, get_current_span
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from agent import reasons as R
+from agent._xds.envoy.service.auth.v3 import external_auth_pb2 as ext
 from agent.config import Policy, load_policy
 from agent.correlation import parent, trace_id
 from agent.decision import Decision, RequestView

@@ -6,10 +6,10 @@ import importlib
 from typing import Any
 
 import pytest
-from envoy.service.auth.v3 import external_auth_pb2 as ext
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from agent._xds.envoy.service.auth.v3 import external_auth_pb2 as ext
 from agent.decision import Decision
 from agent.server.envoy_wire import decode, encode
 from tests.conftest import twins
