@@ -6,8 +6,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 SOURCES := $(wildcard agent tests benchmarks)
 # Debian packages the project needs: nghttp2's headers for the native transport, OpenSSL's for the audit
-# writer's hashing; redis and the load tools for tests and benchmarks. Installed only when missing.
-APT_PACKAGES := libnghttp2-dev libssl-dev nghttp2-client nghttp2-server wrk redis-server rsyslog rsyslog-gnutls
+# writer's hashing; redis and the load tools for tests and benchmarks; chromium for the bench report's browser
+# test (Playwright drives Debian's binary: its own browser download needs the network). Installed only when missing.
+APT_PACKAGES := libnghttp2-dev libssl-dev nghttp2-client nghttp2-server wrk redis-server rsyslog rsyslog-gnutls chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test lint build bench unit e2e fuzz clean system-deps dist
