@@ -6,7 +6,8 @@ huge trailers, resets, closed connections). `python -m tests.h2server [--stall-a
 Paths: /status/NNN (that status, a short body); /grpc/<grpc-status|none>/<hex message> (a gRPC answer: the hex
 bytes as DATA, then trailers with that grpc-status, or none); /grpc-only/<grpc-status> (trailers-only);
 /huge-body (a gRPC message announcing and sending 4 MiB); /huge-trailers/N (N KiB of trailers);
-/reset (RST_STREAM); /close (the connection is closed unanswered); anything else: 200 "ok".
+/goaway (a GOAWAY naming this stream the last, then its answer); /reset (RST_STREAM); /close (the connection
+is closed unanswered); anything else: 200 "ok".
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
+from hyperframe.frame import GoAwayFrame
 
 HUGE = 4 << 20
 
@@ -81,7 +83,14 @@ def serve(sock: socket.socket, stall: Stall) -> None:
         parts = path.split(b"/")
         if path == b"/close":
             return False
-        if path == b"/reset":
+        if path == b"/goaway":  # "no streams after this one", then this one answered: a graceful shutdown
+            sock.sendall(conn.data_to_send())
+            goaway = GoAwayFrame(0)
+            goaway.last_stream_id = sid
+            sock.sendall(goaway.serialize())
+            conn.send_headers(sid, [(b":status", b"200")])
+            pending[sid] = (memoryview(b"bye"), None)
+        elif path == b"/reset":
             conn.reset_stream(sid, 2)
         elif parts[1] == b"status":
             conn.send_headers(sid, [(b":status", parts[2])])
