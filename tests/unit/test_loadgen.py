@@ -343,6 +343,18 @@ def test_a_graceful_goaway_lets_its_streams_finish(mod: ModuleType, h2server: Ca
     assert list(load.outcomes()) == [200] * 6
 
 
+def test_a_server_that_refuses_every_stream_is_backed_off(mod: ModuleType, h2server: Callable[..., int]) -> None:
+    # GOAWAY at once on every connection: each one answers nothing, so it counts as a failed connect (back-off,
+    # at most MAX_FAILS of them), not as a graceful end to reconnect from at once, thousands of times a second.
+    port = h2server("--goaway-at-once")
+    load = mod.Load("127.0.0.1", port, [get(b"/")], [0] * 100_000, grpc=False, authority="x", duration_s=1.0)
+    started = time.monotonic()
+    run_in_thread(load, 15)
+    assert time.monotonic() - started < 8
+    assert set(load.outcomes()) <= {-1, 0}
+    assert 0 < load.completed <= 4 * 16 * mod.MAX_FAILS
+
+
 def test_connect_refused_raises(mod: ModuleType) -> None:
     port = free_port()
     load = mod.Load("127.0.0.1", port, [get(b"/")], [0], grpc=False, authority="x")
