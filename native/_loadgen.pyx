@@ -662,15 +662,14 @@ cdef int run_loop(State *st) noexcept nogil:
     cdef Conn *conn_of[1000]
     cdef Conn *c
     cdef int i, nfd, rr = 0, live
-    cdef int64_t now, k = 0, wait, stop_at = 0, drain_by = 0, d, sending_ended = 0
-    cdef bint stopping = False, abandon = False
+    cdef int64_t now, k = 0, wait, drain_by = 0, d, sending_ended = 0
+    cdef bint stopping = False
     if connect_all(st) != 0:
         return -1
     st.t0 = lg_now()
     while True:
         now = lg_now()
-        if lg_load_int(&st.stop):
-            abandon = True
+        if lg_load_int(&st.stop):  # what is in flight is abandoned (-3)
             if not stopping:
                 sending_ended = now
             break
