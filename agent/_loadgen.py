@@ -1,5 +1,13 @@
 """The load generator of `authz-agent bench`: the Cython one when built (libnghttp2, its loop without the GIL),
-else the pure twin (h2; AGENT_NO_EXTENSIONS=1 forces it). NATIVE says which serves (the bench reports it)."""
+else the pure twin (h2, from the [bench] extra; AGENT_NO_EXTENSIONS=1 forces it). NATIVE says which serves.
+
+Load(host, port, items, order, grpc=..., authority=..., connections, streams, rate, duration_s, timeout_s).run()
+sends items[order[k]] as request k over h2c. An item is (method, path, headers, body), header names without
+pseudo-headers; with grpc=True the body is the bare CheckRequest (the generator adds the gRPC prefix,
+content-type and te). rate > 0: open loop, request k due at t0 + k/rate, latency from its due time; rate 0: closed
+loop, latency from the send. latencies_ns(), outcomes(), intended_ns() hold one entry per position in `order`
+(outcomes: HTTP status, Envoy's reading of a CheckResponse, -1 reset/connection lost, -2 malformed or oversized
+answer, -3 not finished in time or due but never sent, 0 never due). native/_loadgen.pyx says the rest."""
 
 from __future__ import annotations
 

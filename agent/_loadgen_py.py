@@ -213,6 +213,7 @@ class _Conn:
         self.slots: dict[int, _Slot] = {}
         self.fails = 0
         self.given_up = False
+        self.answered = 0  # answers on this connection since it was made
         self.retry_at = 0
         self.connect_by = 0
         self.out = b""
@@ -336,7 +337,7 @@ class Load:
         codes = h2.settings.SettingCodes
         conn.update_settings({codes.ENABLE_PUSH: 0, codes.INITIAL_WINDOW_SIZE: 1 << 20})
         conn.increment_flow_control_window((1 << 24) - 65535)
-        c.h2, c.state, c.goaway, c.out = conn, UP, False, b""
+        c.h2, c.state, c.goaway, c.out, c.answered = conn, UP, False, b"", 0
 
     def _connect_all(self, conns: list[_Conn]) -> None:
         now = time.monotonic_ns()
@@ -379,6 +380,7 @@ class Load:
         self._completed += 1
         if outcome != -1:
             c.fails = 0  # the server answers here: a later failure starts its back-off afresh
+            c.answered += 1
 
     def _flush(self, c: _Conn) -> None:
         """Write what h2 has queued, as far as the socket takes it (OSError when the connection is gone)."""
@@ -559,8 +561,8 @@ class Load:
                     except OSError:
                         self._drop(c, now, True, not stopping)
                         continue
-                    if c.goaway and not c.slots:
-                        self._drop(c, now, False, not stopping)
+                    if c.goaway and not c.slots:  # a graceful end; a failure if it answered nothing (back-off)
+                        self._drop(c, now, c.answered == 0, not stopping)
                         continue
                     assert c.sock is not None
                     rlist.append(c.sock)

@@ -187,6 +187,7 @@ ctypedef struct Conn:
     int inflight
     int fails
     int given_up
+    int answered    # answers on this connection since it was made
     int64_t retry_at
     int64_t connect_by
     nghttp2_session *session
@@ -350,6 +351,7 @@ cdef void finish(Conn *c, Slot *s, int outcome) noexcept nogil:
     lg_store64(&st.completed, st.completed + 1)
     if outcome != -1:
         c.fails = 0  # the server answers here: a later failure starts its back-off afresh
+        c.answered += 1
 
 
 cdef int on_header(nghttp2_session *session, const nghttp2_frame *frame, const uint8_t *name, size_t namelen,
@@ -477,6 +479,7 @@ cdef int start_session(State *st, Conn *c) noexcept nogil:
     nghttp2_session_set_local_window_size(c.session, NGHTTP2_FLAG_NONE, 0, 1 << 24)
     c.state = UP
     c.goaway = 0
+    c.answered = 0
     c.out_len = c.out_off = 0
     return 0
 
@@ -659,15 +662,14 @@ cdef int run_loop(State *st) noexcept nogil:
     cdef Conn *conn_of[1000]
     cdef Conn *c
     cdef int i, nfd, rr = 0, live
-    cdef int64_t now, k = 0, wait, stop_at = 0, drain_by = 0, d, sending_ended = 0
-    cdef bint stopping = False, abandon = False
+    cdef int64_t now, k = 0, wait, drain_by = 0, d, sending_ended = 0
+    cdef bint stopping = False
     if connect_all(st) != 0:
         return -1
     st.t0 = lg_now()
     while True:
         now = lg_now()
-        if lg_load_int(&st.stop):
-            abandon = True
+        if lg_load_int(&st.stop):  # what is in flight is abandoned (-3)
             if not stopping:
                 sending_ended = now
             break
@@ -707,8 +709,8 @@ cdef int run_loop(State *st) noexcept nogil:
                 if flush(c) != 0:
                     drop_conn(st, c, now, True, not stopping)
                     continue
-                if c.goaway and c.inflight == 0:
-                    drop_conn(st, c, now, False, not stopping)
+                if c.goaway and c.inflight == 0:  # a graceful end; a failure if it answered nothing (back-off)
+                    drop_conn(st, c, now, c.answered == 0, not stopping)
                     continue
                 fds[nfd].events = POLLIN | (POLLOUT if c.out_off < c.out_len else 0)
             elif c.state == CONNECTING:

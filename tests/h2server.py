@@ -1,12 +1,13 @@
 """A small HTTP/2 (h2c) server whose answers the request path chooses, run as a child process by the load
 generator's tests: well-behaved answers, gRPC answers with given bytes, a stall, and hostile ones (a huge body,
-huge trailers, resets, closed connections). `python -m tests.h2server [--stall-after N --stall-ms MS]` prints
-`port NNN` once it listens on loopback.
+huge trailers, resets, closed connections). `python -m tests.h2server [--stall-after N --stall-ms MS]
+[--goaway-at-once]` prints `port NNN` once it listens on loopback.
 
 Paths: /status/NNN (that status, a short body); /grpc/<grpc-status|none>/<hex message> (a gRPC answer: the hex
 bytes as DATA, then trailers with that grpc-status, or none); /grpc-only/<grpc-status> (trailers-only);
 /huge-body (a gRPC message announcing and sending 4 MiB); /huge-trailers/N (N KiB of trailers);
-/reset (RST_STREAM); /close (the connection is closed unanswered); anything else: 200 "ok".
+/goaway (a GOAWAY naming this stream the last, then its answer); /reset (RST_STREAM); /close (the connection
+is closed unanswered); anything else: 200 "ok".
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
+from hyperframe.frame import GoAwayFrame
 
 HUGE = 4 << 20
 
@@ -49,10 +51,17 @@ def grpc_head() -> list[tuple[bytes, bytes]]:
     return [(b":status", b"200"), (b"content-type", b"application/grpc")]
 
 
-def serve(sock: socket.socket, stall: Stall) -> None:
+def serve(sock: socket.socket, stall: Stall, refuse: bool) -> None:
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
     conn.initiate_connection()
     sock.sendall(conn.data_to_send())
+    if refuse:  # a server shutting down: GOAWAY before any stream, then it only waits for the client to leave
+        goaway = GoAwayFrame(0)
+        sock.sendall(goaway.serialize())
+        with sock:
+            while sock.recv(65536):
+                pass
+        return
     paths: dict[int, bytes] = {}
     pending: dict[int, tuple[memoryview, list[tuple[bytes, bytes]] | None]] = {}  # body left, trailers
 
@@ -81,7 +90,14 @@ def serve(sock: socket.socket, stall: Stall) -> None:
         parts = path.split(b"/")
         if path == b"/close":
             return False
-        if path == b"/reset":
+        if path == b"/goaway":  # "no streams after this one", then this one answered: a graceful shutdown
+            sock.sendall(conn.data_to_send())
+            goaway = GoAwayFrame(0)
+            goaway.last_stream_id = sid
+            sock.sendall(goaway.serialize())
+            conn.send_headers(sid, [(b":status", b"200")])
+            pending[sid] = (memoryview(b"bye"), None)
+        elif path == b"/reset":
             conn.reset_stream(sid, 2)
         elif parts[1] == b"status":
             conn.send_headers(sid, [(b":status", parts[2])])
@@ -137,6 +153,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--stall-after", type=int, default=0)
     ap.add_argument("--stall-ms", type=float, default=200.0)
+    ap.add_argument("--goaway-at-once", action="store_true")
     args = ap.parse_args()
     stall = Stall(args.stall_after, args.stall_ms)
     listener = socket.create_server(("127.0.0.1", 0))
@@ -144,7 +161,7 @@ def main() -> None:
     while True:
         sock, _ = listener.accept()
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        threading.Thread(target=serve, args=(sock, stall), daemon=True).start()
+        threading.Thread(target=serve, args=(sock, stall, args.goaway_at_once), daemon=True).start()
 
 
 if __name__ == "__main__":

@@ -332,6 +332,29 @@ def test_a_server_that_only_closes_ends_the_run(mod: ModuleType, h2server: Calla
     assert count[-1] == load.completed > 0 and set(count) <= {-1, 0}
 
 
+def test_a_graceful_goaway_lets_its_streams_finish(mod: ModuleType, h2server: Callable[..., int]) -> None:
+    # The server says "no stream after this one" and then answers it: it is a 200, and the next requests go out
+    # on a new connection (h2 alone would drop every frame after the GOAWAY).
+    port = h2server()
+    order = [0, 1, 0, 0, 1, 0]
+    load = mod.Load("127.0.0.1", port, [get(b"/"), get(b"/goaway")], order, grpc=False, authority="x",
+                    connections=1, streams=1)  # fmt: skip
+    run_in_thread(load, 15)
+    assert list(load.outcomes()) == [200] * 6
+
+
+def test_a_server_that_refuses_every_stream_is_backed_off(mod: ModuleType, h2server: Callable[..., int]) -> None:
+    # GOAWAY at once on every connection: each one answers nothing, so it counts as a failed connect (back-off,
+    # at most MAX_FAILS of them), not as a graceful end to reconnect from at once, thousands of times a second.
+    port = h2server("--goaway-at-once")
+    load = mod.Load("127.0.0.1", port, [get(b"/")], [0] * 100_000, grpc=False, authority="x", duration_s=1.0)
+    started = time.monotonic()
+    run_in_thread(load, 15)
+    assert time.monotonic() - started < 8
+    assert set(load.outcomes()) <= {-1, 0}
+    assert 0 < load.completed <= 4 * 16 * mod.MAX_FAILS
+
+
 def test_connect_refused_raises(mod: ModuleType) -> None:
     port = free_port()
     load = mod.Load("127.0.0.1", port, [get(b"/")], [0], grpc=False, authority="x")
