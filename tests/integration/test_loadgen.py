@@ -9,8 +9,8 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-from envoy.service.auth.v3 import external_auth_pb2 as ext
 
+from agent._xds.envoy.service.auth.v3 import external_auth_pb2 as ext
 from agent.server.native_transport import available
 from tests.conftest import twins
 from tests.e2e.conftest import AgentProcess, free_port

@@ -20,9 +20,9 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from envoy.service.auth.v3 import external_auth_pb2 as ext
 
 from agent._loadgen_py import check_response_status
+from agent._xds.envoy.service.auth.v3 import external_auth_pb2 as ext
 from agent.decision import Decision
 from agent.server.envoy_wire import encode
 from tests.conftest import twins
