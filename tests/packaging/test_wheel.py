@@ -107,7 +107,7 @@ def test_wheel_is_manylinux_with_its_native_parts_inside(wheel: Path) -> None:
     assert re.fullmatch(tag, wheel.name), wheel.name
     names = zipfile.ZipFile(wheel).namelist()
     assert [n for n in names if re.fullmatch(r"authz_agent\.libs/libnghttp2-[0-9a-f]+\.so[.\d]*", n)], names
-    for ext_name in ("_h2", "_wire", "_recall", "_auditq", "_claims"):
+    for ext_name in ("_h2", "_wire", "_recall", "_auditq", "_claims", "_loadgen"):
         assert any(n.startswith(f"agent/{ext_name}_c.") and n.endswith(".so") for n in names), ext_name
     assert "agent/controlplane/_proto/authz/controlplane/v1/policy_sync_pb2.py" in names
     # Envoy's API generated inside the wheel, and nothing at the top level that another wheel also installs
