@@ -108,9 +108,23 @@ class Console:
 
 CONSOLE = web.AppKey("console", Console)
 NAV = web.AppKey("nav", list[NavItem])
-_USER = "console.user"
-_SESSION = "console.session"
-_SID = "console.sid"
+
+
+@dataclass(frozen=True)
+class _Signed:
+    """The request's session (found by the guard from its cookie), its id, and who it is."""
+
+    sid: str
+    session: Session
+
+
+# aiohttp 3.13+ wants typed request keys (a str key warns); older ones take a str.
+_SIGNED: Any = web.RequestKey("console.signed", _Signed) if hasattr(web, "RequestKey") else "console.signed"
+
+
+def _signed(request: web.Request) -> _Signed | None:
+    found = request.get(_SIGNED)
+    return found if isinstance(found, _Signed) else None
 
 
 def build_console(cp: ControlPlane, config: ConsoleConfig) -> web.Application:
@@ -153,8 +167,8 @@ def control_plane(request: web.Request) -> ControlPlane:
 
 
 def maybe_user(request: web.Request) -> User | None:
-    user = request.get(_USER)
-    return user if isinstance(user, User) else None
+    signed = _signed(request)
+    return signed.session.user if signed is not None else None
 
 
 def current_user(request: web.Request) -> User:
@@ -166,8 +180,8 @@ def current_user(request: web.Request) -> User:
 
 
 def csrf_token(request: web.Request) -> str:
-    session = request.get(_SESSION)
-    return session.csrf if isinstance(session, Session) else ""
+    signed = _signed(request)
+    return signed.session.csrf if signed is not None else ""
 
 
 def csrf_field(request: web.Request) -> Markup:
@@ -253,7 +267,8 @@ async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse
     sid = request.cookies.get(SESSION_COOKIE)
     session = console.sessions.get(sid)
     if session is not None:
-        request[_SESSION], request[_USER], request[_SID] = session, session.user, sid
+        assert sid is not None
+        request[_SIGNED] = _Signed(sid, session)
     if request.method not in ("GET", "HEAD"):
         problem = await _write_refusal(request, console, session)
         if problem is not None:
@@ -286,6 +301,11 @@ async def _write_refusal(request: web.Request, console: Console, session: Sessio
 # -- login and logout ---------------------------------------------------------------------------------------
 
 
+def _sid(request: web.Request) -> str | None:
+    signed = _signed(request)
+    return signed.sid if signed is not None else None
+
+
 async def _login_page(request: web.Request) -> web.Response:
     """Where a signed-out user lands: one button to the identity provider."""
     if maybe_user(request) is not None:
@@ -299,7 +319,7 @@ async def _login_page(request: web.Request) -> web.Response:
 async def _login_start(request: web.Request) -> web.Response:
     """Redirect to the IdP. A session this browser still holds ends here: a login always opens a new one."""
     console = console_of(request)
-    console.sessions.delete(request.get(_SID))
+    console.sessions.delete(_sid(request))
     try:
         url, binding = await console.flow.begin()
     except LoginError as e:
@@ -349,7 +369,7 @@ def _clear_login(response: web.Response) -> web.Response:
 async def _logout(request: web.Request) -> web.Response:
     console = console_of(request)
     user = current_user(request)
-    console.sessions.delete(request.get(_SID))
+    console.sessions.delete(_sid(request))
     log.info("console: %s signed out", user.subject)
     response = web.HTTPSeeOther(PREFIX + "/login?signed_out=1")
     response.del_cookie(SESSION_COOKIE, path=PREFIX)
