@@ -16,7 +16,7 @@ import ssl
 import time
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import unquote_plus, urlencode
 
 from aiohttp import web
 from joserfc import jwt
@@ -337,7 +337,7 @@ class LocalIdP:
         basic = request.headers.get("authorization", "")
         if basic.startswith("Basic "):
             try:
-                client_id, _, got = base64.b64decode(basic[6:]).decode().partition(":")
+                client_id, _, got = (unquote_plus(p) for p in base64.b64decode(basic[6:]).decode().partition(":"))
             except ValueError:
                 return refuse("invalid_client", 401)
             secret = got

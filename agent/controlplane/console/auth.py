@@ -20,7 +20,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import quote_plus, urlencode, urlsplit
 
 import aiohttp
 
@@ -304,12 +304,13 @@ class LoginFlow:
         """The code for an ID token at the token endpoint (with the PKCE verifier; the client secret if any)."""
         form = {"grant_type": "authorization_code", "code": code, "redirect_uri": self.redirect_uri,
                 "client_id": self.config.client_id, "code_verifier": verifier}  # fmt: skip
-        auth = None
-        if self.config.client_secret is not None:
-            auth = aiohttp.BasicAuth(self.config.client_id, self.config.client_secret)
+        headers = {"accept": "application/json"}
+        if self.config.client_secret is not None:  # RFC 6749 2.3.1: each part form-encoded, then Basic
+            pair = f"{quote_plus(self.config.client_id)}:{quote_plus(self.config.client_secret)}"
+            headers["authorization"] = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
         try:
-            async with self._session().post(token_endpoint, data=form, auth=auth, allow_redirects=False,
-                                            headers={"accept": "application/json"}) as resp:  # fmt: skip
+            async with self._session().post(token_endpoint, data=form, allow_redirects=False,
+                                            headers=headers) as resp:  # fmt: skip
                 status = resp.status
                 doc = await read_json(resp) if status == 200 else None
         except (aiohttp.ClientError, TimeoutError, OSError, KeySourceError) as e:
