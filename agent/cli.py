@@ -588,8 +588,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if available():
         import uvloop
 
-        return uvloop.run(run_demo(args.port, args.self_test, args.workdir))
-    return asyncio.run(run_demo(args.port, args.self_test, args.workdir))
+        return uvloop.run(run_demo(args.port, args.self_test, args.workdir, args.console_port))
+    return asyncio.run(run_demo(args.port, args.self_test, args.workdir, args.console_port))
 
 
 # What `bench` needs of its extra: matplotlib draws the --report charts; h2 is the pure-Python load generator's
@@ -888,10 +888,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="the role that may read the console")  # fmt: skip
     c.set_defaults(func=cmd_control_plane)
 
-    d = sub.add_parser("demo", help="Envoy + agent + local IdP + demo app; prints curl lines")
+    d = sub.add_parser("demo", help="Envoy + agent + control plane and its console + local IdP + demo app; prints "
+                                    "curl lines and the console's login")  # fmt: skip
     d.add_argument("--port", type=int, default=10000, help="Envoy's listener port")
     d.add_argument("--self-test", action="store_true", help="run the printed requests, check them, exit")
     d.add_argument("--workdir", default=None)
+    d.add_argument("--console-port", type=int, default=0,
+                   help="the control plane's admin port, where the console is (default: any free port)")  # fmt: skip
     d.set_defaults(func=cmd_demo)
 
     b = sub.add_parser(
