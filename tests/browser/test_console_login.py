@@ -120,7 +120,7 @@ def test_a_user_without_a_console_role_is_refused_and_gets_no_session(console: C
 def test_a_wrong_password_stays_at_the_idp(console: ConsoleStack, browser: Browser) -> None:
     page = console.new_page(browser)
     page.goto(console.url + "/ui/")
-    idp_sign_in(page, console, "ada", password="not-her-password")
+    idp_sign_in(page, console, "ada", password="not-her-password")  # pragma: allowlist secret (a wrong one)
     page.wait_for_selector(".error")
     assert "Wrong user or password" in page.inner_text("main")
     assert session_cookie(page) is None
