@@ -533,6 +533,9 @@ def _console_config(args: argparse.Namespace, tls: bool) -> tuple[ConsoleConfig 
         if not secret:
             return None, f"--console-client-secret-file {args.console_client_secret_file} is empty"
     url = args.console_url
+    if url is None and host_of(args.admin) in ("", "0.0.0.0", "::"):  # noqa: S104 (the wildcard, detected)
+        return None, (f"--admin {args.admin} listens on every address: give --console-url (the URL browsers use, "
+                      "for the IdP's redirect URI)")  # fmt: skip
     if url is not None:
         u = urlsplit(url)
         if u.scheme not in ("http", "https") or not u.hostname or u.query or u.fragment or u.path not in ("", "/"):

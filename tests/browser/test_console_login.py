@@ -127,7 +127,7 @@ def test_a_wrong_password_stays_at_the_idp(console: ConsoleStack, browser: Brows
     page.context.close()
 
 
-def test_logout_ends_the_session_for_good(console: ConsoleStack, browser: Browser) -> None:
+def test_logout_ends_the_session_for_good(console: ConsoleStack, browser: Browser, shots: Path) -> None:
     page = console.new_page(browser)
     Seen.watch(page)
     login(page, console, "ada")
@@ -138,6 +138,7 @@ def test_logout_ends_the_session_for_good(console: ConsoleStack, browser: Browse
     page.wait_for_url(console.url + "/ui/login?signed_out=1")
     assert "You are signed out" in page.inner_text("main")
     assert session_cookie(page) is None
+    screenshot(page, shots / "console-signed-out.png")
     # The old id, put back into the browser, is worth nothing: the server deleted the session.
     page.context.add_cookies([{k: old[k] for k in ("name", "value", "domain", "path", "httpOnly", "sameSite")}])
     page.goto(console.url + "/ui/")
@@ -287,5 +288,8 @@ def test_the_console_refuses_plain_http_off_loopback() -> None:
     assert r.returncode == 2 and "https" in r.stderr, r.stderr
     r = _control_plane("--insecure", "--console-issuer", "http://127.0.0.1:9/")
     assert r.returncode == 2 and "--console-client-id" in r.stderr, r.stderr
+    r = _control_plane("--tls-cert", "c.pem", "--tls-key", "k.pem", "--client-ca", "ca.pem", "--agents", "a.yaml",
+                       "--admin", "0.0.0.0:9301", *issuer)  # fmt: skip
+    assert r.returncode == 2 and "give --console-url" in r.stderr, r.stderr
     r = _control_plane("--insecure", "--console-client-id", "c")
     assert r.returncode == 2 and "goes with --console-issuer" in r.stderr, r.stderr
