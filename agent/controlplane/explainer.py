@@ -13,6 +13,7 @@ Explanations are rate limited per user, since each can make the control plane fe
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import time
 from collections import deque
 from collections.abc import Callable
@@ -139,6 +140,10 @@ class Explainer:
             raise ExplainRefused(f"at most {MAX_HEADER_LINES} header lines, {MAX_HEADERS_TEXT} bytes")
         if len(token) > MAX_TOKEN or len(host) > MAX_HOST:
             raise ExplainRefused(f"the token may be at most {MAX_TOKEN} characters, the host {MAX_HOST}")
+        try:
+            source = str(ipaddress.ip_address(source.strip()))
+        except ValueError:
+            raise ExplainRefused("the caller's address must be an IP address, e.g. 10.1.2.3") from None
         try:
             headers = parse_headers(headers_text.splitlines())
         except ValueError as e:
