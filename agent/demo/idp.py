@@ -289,6 +289,7 @@ class LocalIdP:
 
     def _page(self, body: str, status: int) -> web.Response:
         style = (
+            "*{box-sizing:border-box}"
             "body{font:15px/1.45 system-ui,sans-serif;background:#eef1f5;color:#1d2330;margin:0}"
             "main{max-width:420px;margin:60px auto;background:#fff;border:1px solid #d9dee6;border-radius:8px;"
             "padding:20px 28px}h1{font-size:21px}label{display:block;font-weight:600;margin:12px 0 4px}"

@@ -4,9 +4,9 @@ identity provider (real HTTP, its login page and code flow) and headless Chromiu
 The IdP listens on `localhost` and the console on `127.0.0.1`: two sites, as in production, so the IdP's redirect
 back to the console is a cross-site navigation and the cookies' SameSite rules are exercised for real.
 
-Use in a test module:
+Its fixtures (`browser`, `loop_thread`, `console`) are in tests/browser/conftest.py; in a test module:
 
-    from tests.browser.console_fixtures import ConsoleStack, browser, console, login, loop_thread  # noqa: F401
+    from tests.browser.console_fixtures import ConsoleStack, login
 
     def test_x(console: ConsoleStack, browser: Browser) -> None:
         page = console.new_page(browser)

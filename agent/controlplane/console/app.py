@@ -2,9 +2,9 @@
 
 Pages are modules of this package with `setup(app)`: each adds its routes (relative to /ui) and appends its
 entry to `app[NAV]`. Every response carries the console's security headers (a CSP without inline script or
-style, no-store, no referrer); every POST must come from the console's own origin and carry its session's CSRF
-token; a handler says who may call it with `@requires("viewer")` or `@requires("admin")`. Templates are Jinja2
-with autoescape on: what a page shows from agents, policies or users is escaped unless marked safe by code here.
+style, no-store, no referrer to other origins); every POST must come from the console's own origin and carry
+its session's CSRF token; a handler says who may call it with `@requires("viewer")` or `@requires("admin")`.
+Templates are Jinja2 with autoescape on: what a page shows from agents, policies or users is escaped.
 """
 
 from __future__ import annotations
@@ -50,7 +50,10 @@ CSP = ("default-src 'none'; style-src 'self'; img-src 'self' data:; script-src '
 SECURITY_HEADERS = {
     "Content-Security-Policy": CSP,
     "Cache-Control": "no-store",
-    "Referrer-Policy": "no-referrer",
+    # Not no-referrer: under it a browser sends `Origin: null` with a same-origin form POST, and the Origin
+    # check below could not tell the console's own forms from a sandboxed attacker's. same-origin sends nothing
+    # to any other origin (the IdP, a link out) and the true Origin to the console itself.
+    "Referrer-Policy": "same-origin",
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
 }
