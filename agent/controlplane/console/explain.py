@@ -50,7 +50,8 @@ def _page(request: web.Request, status: int = 200, result: ExplainResult | None 
     form = _form(values)
     if not form["service"] and services:
         form["service"] = services[0]
-    steps = [(line.removeprefix("- "), step_class(line)) for line in result.lines] if result is not None else []
+    texts = [line.removeprefix("- ") for line in result.lines] if result is not None else []
+    steps = [(text, step_class(text)) for text in texts]
     summary = json.dumps(result.summary, indent=2) if result is not None else ""
     return render(request, "explain.html", status=status, title="Explain", services=services, form=form,
                   result=result, steps=steps, summary=summary, error=error, per_minute=PER_MINUTE)  # fmt: skip
