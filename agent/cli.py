@@ -277,48 +277,32 @@ def _control_plane_tls(args: argparse.Namespace) -> tuple[ServerTlsFiles | None,
 def cmd_check(args: argparse.Namespace) -> int:
     from agent.decision import RequestView
     from agent.engine import Engine
+    from agent.explain import explain, parse_headers
 
     try:
         policy = _load(args.policy)
     except ConfigErrors as e:
         print(e, file=sys.stderr)
         return 2
-    headers: dict[str, str] = {}
-    for h in args.header:
-        name, sep, value = h.partition(":")
-        if not sep:
-            print(f"-H {h!r}: write it as 'name: value'", file=sys.stderr)
-            return 2
-        headers[name.strip().lower()] = value.strip()
+    try:
+        headers = parse_headers(args.header)
+    except ValueError as e:
+        print(f"-H {e}", file=sys.stderr)
+        return 2
 
     async def go() -> int:
         engine = Engine.for_policy(policy)
         try:
-            for store in engine.stores.values():
-                await store.refresh()
-                if not store.ready:
-                    print(f"identity provider {store.idp.name}: keys not loaded: {store.last_error}")
-            trace: list[str] = []
             view = RequestView(
                 method=args.method.upper(), path=args.path, host=args.host, headers=headers, source=args.source
             )
-            d = await engine.check(view, trace)
+            explained = await explain(engine, view)
         finally:
             await engine.close()
-        for step in trace:
-            print(f"- {step}")
-        out: dict[str, object] = {"decision": d.outcome, "status": d.status, "reason": d.reason, "route": d.route}
-        if d.allow_index is not None:
-            out["allow_index"] = d.allow_index
-        if d.deny_rule is not None:
-            out["deny_rule"] = d.deny_rule
-        if d.allowed:
-            out["upstream_headers"] = dict(d.upstream_headers)
-            out["removed_headers"] = d.remove_headers
-        else:
-            out["response_headers"] = dict(d.response_headers)
-        print(json.dumps(out, indent=2))
-        return 0 if d.allowed else 1
+        for line in explained.lines():
+            print(line)
+        print(json.dumps(explained.summary, indent=2))
+        return 0 if explained.decision.allowed else 1
 
     return asyncio.run(go())
 

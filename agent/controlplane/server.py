@@ -38,6 +38,7 @@ from agent.controlplane._proto.authz.controlplane.v1 import policy_sync_pb2 as p
 from agent.controlplane.agents import PeerIdentity
 from agent.controlplane.bundle import Revocations, policy_payload, revocations_payload, sign
 from agent.controlplane.console import ConsoleConfig
+from agent.controlplane.denials import DenialWindow
 from agent.controlplane.tls import (
     BAD_HELLO,
     CERTIFICATE_EXPIRED,
@@ -194,6 +195,7 @@ class Publisher:
         self._stopping = threading.Event()  # tells a running test file to stop before its next case
         self._queues: dict[str, set[asyncio.Queue[pb.ControlMessage]]] = {}
         self.agents: dict[str, AgentInfo] = {}
+        self.denials = DenialWindow()  # what the agents refused, per service per minute, the last hour
 
     # -- reading the directory ----------------------------------------------------------------------
 
@@ -466,6 +468,7 @@ class Publisher:
             },
             "settings": {"require_tests": self.require_tests, "test_budget_s": self.test_budget_s},
             "agents": [vars(a) for a in self.agents.values()],
+            "denials": self.denials.status(),
         }
 
     def _tests_status(self, service: str) -> dict[str, Any] | None:
@@ -655,10 +658,13 @@ class ControlPlane:
             async for msg in requests:
                 if msg.WhichOneof("kind") == "status":
                     info.version = _printable(msg.status.version, MAX_VERSION_SHOWN)
-                    info.error = _printable(msg.status.error, MAX_ERROR_SHOWN)
+                    error, info.error = info.error, _printable(msg.status.error, MAX_ERROR_SHOWN)
                     info.revocations_sequence = msg.status.revocations_seq
                     info.last_seen = time.time()
-                    if info.error:
+                    if msg.status.denials:
+                        who = info.identity or f"(no certificate) {info.agent_id}"
+                        pub.denials.record(hello.service, who, msg.status.denials, info.last_seen)
+                    if info.error and info.error != error:  # the periodic reports repeat it: logged once
                         log.error("agent %s refused a bundle: %s", info.agent_id, info.error)
 
         loop = asyncio.get_running_loop()

@@ -496,6 +496,7 @@ async def serve(
     if control is not None:
         from agent.controlplane.bundle import load_verify_keys
         from agent.controlplane.client import PolicyClient
+        from agent.controlplane.denials import DenialTally
 
         client = PolicyClient(
             control.address,
@@ -506,6 +507,7 @@ async def serve(
             server.apply_revocations,
             lambda: server.shared,
             control.tls,
+            DenialTally(lambda: server.stats.decisions),
         )
         server.status_sources.append(client.status)
         if await client.load_last_good():
