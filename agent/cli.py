@@ -14,6 +14,7 @@ from agent.errors import ConfigErrors
 
 if TYPE_CHECKING:
     from agent.config import Policy
+    from agent.controlplane.console import ConsoleConfig
     from agent.controlplane.tls import ClientTlsFiles, ServerTlsFiles
 
 DEFAULT_TRACE_SAMPLE = 0.01  # agent.tracing.DEFAULT_RATIO (not imported: tracing off imports nothing of it)
@@ -276,48 +277,32 @@ def _control_plane_tls(args: argparse.Namespace) -> tuple[ServerTlsFiles | None,
 def cmd_check(args: argparse.Namespace) -> int:
     from agent.decision import RequestView
     from agent.engine import Engine
+    from agent.explain import explain, parse_headers
 
     try:
         policy = _load(args.policy)
     except ConfigErrors as e:
         print(e, file=sys.stderr)
         return 2
-    headers: dict[str, str] = {}
-    for h in args.header:
-        name, sep, value = h.partition(":")
-        if not sep:
-            print(f"-H {h!r}: write it as 'name: value'", file=sys.stderr)
-            return 2
-        headers[name.strip().lower()] = value.strip()
+    try:
+        headers = parse_headers(args.header)
+    except ValueError as e:
+        print(f"-H {e}", file=sys.stderr)
+        return 2
 
     async def go() -> int:
         engine = Engine.for_policy(policy)
         try:
-            for store in engine.stores.values():
-                await store.refresh()
-                if not store.ready:
-                    print(f"identity provider {store.idp.name}: keys not loaded: {store.last_error}")
-            trace: list[str] = []
             view = RequestView(
                 method=args.method.upper(), path=args.path, host=args.host, headers=headers, source=args.source
             )
-            d = await engine.check(view, trace)
+            explained = await explain(engine, view)
         finally:
             await engine.close()
-        for step in trace:
-            print(f"- {step}")
-        out: dict[str, object] = {"decision": d.outcome, "status": d.status, "reason": d.reason, "route": d.route}
-        if d.allow_index is not None:
-            out["allow_index"] = d.allow_index
-        if d.deny_rule is not None:
-            out["deny_rule"] = d.deny_rule
-        if d.allowed:
-            out["upstream_headers"] = dict(d.upstream_headers)
-            out["removed_headers"] = d.remove_headers
-        else:
-            out["response_headers"] = dict(d.response_headers)
-        print(json.dumps(out, indent=2))
-        return 0 if d.allowed else 1
+        for line in explained.lines():
+            print(line)
+        print(json.dumps(explained.summary, indent=2))
+        return 0 if explained.decision.allowed else 1
 
     return asyncio.run(go())
 
@@ -455,6 +440,15 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
     if problem:
         print(f"authz-agent control-plane: {problem}", file=sys.stderr)
         return 2
+    console, problem = _console_config(args, tls is not None)
+    if problem:
+        print(f"authz-agent control-plane: {problem}", file=sys.stderr)
+        return 2
+    from agent.controlplane.console import CONSOLE_MODULES
+
+    if console is not None and missing_modules(CONSOLE_MODULES):
+        print(extra_line("control-plane --console-issuer", "console"), file=sys.stderr)
+        return 2
     try:
         key = load_signing_key(args.signing_key)
     except (BundleError, OSError, ValueError) as e:
@@ -463,7 +457,7 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
     from agent.controlplane.tls import ServerChannel
 
     try:
-        channel = ServerChannel(tls) if tls is not None else None
+        channel = ServerChannel(tls, admin_cert_optional=console is not None) if tls is not None else None
     except ValueError as e:  # a ConfigError says file:line
         print(f"authz-agent control-plane: {e}", file=sys.stderr)
         return 2
@@ -476,8 +470,13 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
         budget = DEFAULT_TEST_BUDGET_S if args.test_budget is None else args.test_budget
         state_dir = Path(args.state_dir) if args.state_dir else None
         cp = ControlPlane(directory, key, args.listen, args.admin, require_tests=args.require_tests,
-                          test_budget_s=budget, channel=channel, state_dir=state_dir)  # fmt: skip
+                          test_budget_s=budget, channel=channel, console=console, state_dir=state_dir)  # fmt: skip
         await cp.start()
+        if console is not None:
+            from agent.controlplane.console.app import PREFIX
+
+            base = (console.url or f"{'https' if channel else 'http'}://{args.admin}").rstrip("/")
+            print(f"console: {base}{PREFIX}/ (sign in with {console.issuer})", file=sys.stderr, flush=True)
         done = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -487,6 +486,57 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
 
     asyncio.run(main())
     return 0
+
+
+def _console_config(args: argparse.Namespace, tls: bool) -> tuple[ConsoleConfig | None, str]:
+    """The --console-* flags as settings (None: no console), or a problem to print. The console is served only
+    over TLS, or over plain http on a loopback admin address and console URL (its cookies would cross the
+    network in clear otherwise)."""
+    from pathlib import Path
+    from urllib.parse import urlsplit
+
+    from agent.controlplane.console import ConsoleConfig
+    from agent.controlplane.tls import host_of, is_loopback
+    from agent.urls import fetchable
+
+    given = [f"--{k.replace('_', '-')}" for k in ("console_client_id", "console_client_secret_file", "console_url")
+             if getattr(args, k)]  # fmt: skip
+    if not args.console_issuer:
+        return None, (f"{given[0]} goes with --console-issuer" if given else "")
+    if not fetchable(args.console_issuer):
+        return None, f"--console-issuer must be an https URL (plain http only on loopback), not {args.console_issuer}"
+    if not args.console_client_id:
+        return None, "--console-issuer needs --console-client-id (the console's client at that issuer)"
+    if not args.admin:
+        return None, "--console-issuer needs --admin (the console is served on the admin port)"
+    secret = None
+    if args.console_client_secret_file:
+        try:
+            secret = Path(args.console_client_secret_file).read_text().strip()
+        except OSError as e:
+            return None, f"--console-client-secret-file {args.console_client_secret_file}: {e.strerror}"
+        if not secret:
+            return None, f"--console-client-secret-file {args.console_client_secret_file} is empty"
+    url = args.console_url
+    if url is None and host_of(args.admin) in ("", "0.0.0.0", "::"):  # noqa: S104 (the wildcard, detected)
+        return None, (f"--admin {args.admin} listens on every address: give --console-url (the URL browsers use, "
+                      "for the IdP's redirect URI)")  # fmt: skip
+    if url is not None:
+        u = urlsplit(url)
+        if u.scheme not in ("http", "https") or not u.hostname or u.query or u.fragment or u.path not in ("", "/"):
+            return None, f"--console-url must be http(s)://HOST[:PORT] (the console is at its /ui), not {url}"
+    if not tls:
+        outside = [a for a, host in ((args.admin, host_of(args.admin)), (url, url and urlsplit(url).hostname))
+                   if a and not is_loopback(host or "")]  # fmt: skip
+        if url is not None and urlsplit(url).scheme != "http":
+            return None, f"--console-url {url} is https but the admin port is plain text (--insecure)"
+        if outside:
+            return None, (f"the console refuses plain http on a non-loopback address ({', '.join(outside)}): "
+                          "give the admin port TLS (--tls-cert, --tls-key, --client-ca, --agents)")  # fmt: skip
+    elif url is not None and urlsplit(url).scheme != "https":
+        return None, f"--console-url {url} must be https: the admin port is TLS"
+    return ConsoleConfig(args.console_issuer, args.console_client_id, secret, url, args.console_roles_claim,
+                         args.console_admin_role, args.console_viewer_role), ""  # fmt: skip
 
 
 # What an extra adds (pyproject.toml's optional-dependencies), by import name: a command that needs one says which
@@ -526,8 +576,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if available():
         import uvloop
 
-        return uvloop.run(run_demo(args.port, args.self_test, args.workdir))
-    return asyncio.run(run_demo(args.port, args.self_test, args.workdir))
+        return uvloop.run(run_demo(args.port, args.self_test, args.workdir, args.console_port))
+    return asyncio.run(run_demo(args.port, args.self_test, args.workdir, args.console_port))
 
 
 # What `bench` needs of its extra: matplotlib draws the --report charts; h2 is the pure-Python load generator's
@@ -813,12 +863,29 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--state-dir", metavar="DIR",
                    help="keep the history of published policies and the console's action log here (0700); "
                         "without it they are kept in memory since start")  # fmt: skip
+    c.add_argument("--console-issuer", metavar="URL",
+                   help="serve the web console at /ui on the admin port, logging in with this OpenID Connect issuer "
+                        "(discovery at URL/.well-known/openid-configuration; needs the console extra)")  # fmt: skip
+    c.add_argument("--console-client-id", metavar="ID", help="the console's client id at that issuer")
+    c.add_argument("--console-client-secret-file", metavar="FILE",
+                   help="its client secret (without: a public client, PKCE alone)")  # fmt: skip
+    c.add_argument("--console-url", metavar="URL",
+                   help="the external base URL (redirect URI: URL/ui/callback); default: from --admin")  # fmt: skip
+    c.add_argument("--console-roles-claim", default="roles", metavar="CLAIM",
+                   help="the ID token claim holding the user's roles (a list or a space-separated string)")  # fmt: skip
+    c.add_argument("--console-admin-role", default="authz-admin", metavar="ROLE",
+                   help="the role that may act in the console (revoke, ...)")  # fmt: skip
+    c.add_argument("--console-viewer-role", default="authz-viewer", metavar="ROLE",
+                   help="the role that may read the console")  # fmt: skip
     c.set_defaults(func=cmd_control_plane)
 
-    d = sub.add_parser("demo", help="Envoy + agent + local IdP + demo app; prints curl lines")
+    d = sub.add_parser("demo", help="Envoy + agent + control plane and its console + local IdP + demo app; prints "
+                                    "curl lines and the console's login")  # fmt: skip
     d.add_argument("--port", type=int, default=10000, help="Envoy's listener port")
     d.add_argument("--self-test", action="store_true", help="run the printed requests, check them, exit")
     d.add_argument("--workdir", default=None)
+    d.add_argument("--console-port", type=int, default=0,
+                   help="the control plane's admin port, where the console is (default: any free port)")  # fmt: skip
     d.set_defaults(func=cmd_demo)
 
     b = sub.add_parser(

@@ -4,6 +4,8 @@ A bundle is applied only when its signature verifies with a configured key, it i
 service, and its policy validates and compiles with its keys loaded; then it is written to the state
 directory (msgpack, atomically) and the version is reported. Anything else is refused, reported, and
 the running policy stays. Without the control plane, the agent starts from the last good bundle on disk.
+Every Status also carries the requests refused since the last one (agent.controlplane.denials), and while there
+are any a Status goes out every `report_every_s`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from agent.controlplane.bundle import (
     parse_revocations,
     verified_payload,
 )
+from agent.controlplane.denials import REPORT_EVERY_S, DenialTally
 from agent.controlplane.server import SYNC_METHOD
 from agent.controlplane.tls import CLIENT_POLL_S, ClientTlsFiles, cert_summary, check_client_files
 from agent.errors import ConfigErrors
@@ -57,6 +60,8 @@ class PolicyClient:
         revoke: Callable[[Revocations], None],
         shared: Callable[[], SharedState | None] = lambda: None,
         tls: ClientTlsFiles | None = None,
+        denials: DenialTally | None = None,
+        report_every_s: float = REPORT_EVERY_S,
     ) -> None:
         self.address = address
         self.service = service
@@ -80,6 +85,9 @@ class PolicyClient:
         self.tls_error: str | None = None  # new files that did not load: the previous ones stay in use
         self.connection_error: str | None = None  # why the stream is not up (a handshake failure, PERMISSION_DENIED)
         self._rotated = asyncio.Event()
+        self.denials = denials  # None: no denial counts in the reports
+        self.report_every_s = report_every_s
+        self._status_error = ""  # the error of the last Status for a bundle, repeated by the periodic reports
 
     # -- last good on disk --------------------------------------------------------------------------
 
@@ -280,6 +288,7 @@ class PolicyClient:
             )(requests())
             stopping = asyncio.ensure_future(stop.wait())
             rotated = asyncio.ensure_future(self._rotated.wait())
+            reporting = asyncio.ensure_future(self._report_denials(outbox))
             try:
                 while True:
                     read = asyncio.ensure_future(call.read())
@@ -299,6 +308,7 @@ class PolicyClient:
             finally:
                 stopping.cancel()
                 rotated.cancel()
+                reporting.cancel()
 
     async def _handle(self, msg: pb.ControlMessage, outbox: asyncio.Queue[pb.AgentMessage]) -> None:
         kind = msg.WhichOneof("kind")
@@ -307,8 +317,27 @@ class PolicyClient:
             error = await self._apply_bundle(msg.bundle) or ""
         elif kind == "revocations":
             error = self._apply_revocations(msg.revocations) or ""
-        status = pb.Status(version=self.version, error=error, revocations_seq=self.revocations_seq)
-        outbox.put_nowait(pb.AgentMessage(status=status))
+        self._status_error = error
+        outbox.put_nowait(pb.AgentMessage(status=self._status()))
+
+    def _status(self) -> pb.Status:
+        """A Status as of now, with the denials since the last one (they count as reported from here on)."""
+        denials = self.denials.take() if self.denials is not None else []
+        return pb.Status(
+            version=self.version,
+            error=self._status_error,
+            revocations_seq=self.revocations_seq,
+            denials=[pb.DenialCount(route=r, reason=why, count=n) for r, why, n in denials],
+        )
+
+    async def _report_denials(self, outbox: asyncio.Queue[pb.AgentMessage]) -> None:
+        """Every `report_every_s` while the stream is open: a Status when there are denials to report."""
+        if self.denials is None:
+            return
+        while True:
+            await asyncio.sleep(self.report_every_s)
+            if self.denials.pending():
+                outbox.put_nowait(pb.AgentMessage(status=self._status()))
 
     def status(self) -> dict[str, object]:
         return {

@@ -38,6 +38,8 @@ from agent.controlplane._proto.authz.controlplane.v1 import policy_sync_pb2 as p
 from agent.controlplane.actions import ActionLog, Actor
 from agent.controlplane.agents import PeerIdentity
 from agent.controlplane.bundle import Revocations, policy_payload, revocations_payload, sign
+from agent.controlplane.console import ConsoleConfig
+from agent.controlplane.denials import DenialWindow
 from agent.controlplane.history import History, Version
 from agent.controlplane.revocations import (
     MAX_CLIENT_ID,
@@ -227,6 +229,7 @@ class Publisher:
             state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.history = History(state_dir)
         self.actions = ActionLog(state_dir)
+        self.denials = DenialWindow()  # what the agents refused, per service per minute, the last hour
 
     # -- reading the directory ----------------------------------------------------------------------
 
@@ -540,6 +543,7 @@ class Publisher:
             },
             "settings": {"require_tests": self.require_tests, "test_budget_s": self.test_budget_s},
             "agents": [vars(a) for a in self.agents.values()],
+            "denials": self.denials.status(),
         }
 
     def _tests_status(self, service: str) -> dict[str, Any] | None:
@@ -620,8 +624,10 @@ class ControlPlane:
         require_tests: bool = False,
         test_budget_s: float = DEFAULT_TEST_BUDGET_S,
         channel: ServerChannel | None = None,
+        console: ConsoleConfig | None = None,
         state_dir: Path | None = None,
     ) -> None:
+        self.console = console  # the web console at /ui on the admin port (None: off)
         self.publisher = Publisher(
             directory, key, require_tests=require_tests, test_budget_s=test_budget_s, state_dir=state_dir
         )
@@ -714,10 +720,13 @@ class ControlPlane:
             async for msg in requests:
                 if msg.WhichOneof("kind") == "status":
                     info.version = _printable(msg.status.version, MAX_VERSION_SHOWN)
-                    info.error = _printable(msg.status.error, MAX_ERROR_SHOWN)
+                    error, info.error = info.error, _printable(msg.status.error, MAX_ERROR_SHOWN)
                     info.revocations_sequence = msg.status.revocations_seq
                     info.last_seen = time.time()
-                    if info.error:
+                    if msg.status.denials:
+                        who = info.identity or f"(no certificate) {info.agent_id}"
+                        pub.denials.record(hello.service, who, msg.status.denials, info.last_seen)
+                    if info.error and info.error != error:  # the periodic reports repeat it: logged once
                         log.error("agent %s refused a bundle: %s", info.agent_id, info.error)
 
         loop = asyncio.get_running_loop()
@@ -762,6 +771,21 @@ class ControlPlane:
         names = ", ".join([*identity.uris, *identity.dns]) or "a certificate without SANs"
         return IDENTITY_UNKNOWN, f"no entry in the agents file for {names}"
 
+    def _admit_admin(self, identity: PeerIdentity) -> tuple[str, str] | None:
+        """The admin port: as `_admit`, and with the console on also a peer without a certificate (a browser):
+        /status refuses it (no_certificate, as the handshake did before), /ui wants an OIDC session."""
+        if self.console is not None and not identity.fingerprint:
+            return None
+        return self._admit(identity)
+
+    def console_peer_ok(self, request: web.Request) -> bool:
+        """Whether a /ui request came through the admin port's TLS front (or there is none: plain text on
+        loopback); someone on this host connecting to the internal port directly is refused."""
+        if self._admin_front is None:
+            return True
+        peername = request.transport.get_extra_info("peername") if request.transport is not None else None
+        return self._admin_front.peer_of(peername) is not None
+
     def _check_certificates(self) -> None:
         """End every forwarded connection whose certificate expired, or (after a client CA change) no longer
         verifies against the new CA; a stream on it ends with it, and its reconnect meets the handshake's check."""
@@ -777,7 +801,7 @@ class ControlPlane:
                     reason = CERTIFICATE_EXPIRED
                     when = datetime.fromtimestamp(peer.not_after).astimezone().isoformat(timespec="seconds")
                     detail = f"open connection ended: the certificate expired at {when}"
-                elif reverify and not self.channel.verifies(peer.der, now):
+                elif reverify and peer.der and not self.channel.verifies(peer.der, now):
                     reason, detail = CERTIFICATE_INVALID, "open connection ended: client CA replaced"
                 else:
                     continue
@@ -828,13 +852,18 @@ class ControlPlane:
 
             app = web.Application()
             app.router.add_get("/status", self._status)
+            if self.console is not None:
+                from agent.controlplane.console.app import PREFIX, build_console
+
+                app.add_subapp(PREFIX, build_console(self, self.console))
+                app.router.add_get(PREFIX, _to_console)
             if channel is None:
                 self._admin = await start_admin(app, self.admin_listen)
                 self.admin_port = _bound_port(self._admin)
             else:
                 self._admin = await start_admin(app, "127.0.0.1:0")
                 self._admin_front = TlsFront(self.admin_listen, lambda: channel.admin_context, channel.refusals,
-                                             "admin", self._admit, front_limits(2))  # fmt: skip
+                                             "admin", self._admit_admin, front_limits(2))  # fmt: skip
                 await self._admin_front.start(_bound_port(self._admin))
                 self.admin_port = self._admin_front.port
         secured = "TLS 1.3 with client certificates" if channel is not None else "plain text (--insecure)"
@@ -846,6 +875,10 @@ class ControlPlane:
             forwarded = self._admin_front.peer_of(peername)
             if forwarded is None:
                 self._admin_front.refuse(NO_CERTIFICATE, str(peername), None, None, "not connected through TLS")
+                return _closing(web.json_response({"error": "connect with TLS and a client certificate"}, status=403))
+            if not forwarded.identity.fingerprint:  # with the console on, a browser comes without a certificate
+                self._admin_front.refuse(NO_CERTIFICATE, forwarded.address, None, None,
+                                         "the peer sent no client certificate")  # fmt: skip
                 return _closing(web.json_response({"error": "connect with TLS and a client certificate"}, status=403))
             if not self.channel.agents.is_admin(forwarded.identity):
                 self._admin_front.refuse(NOT_ADMIN, forwarded.address, forwarded.identity.name, None,
@@ -899,6 +932,10 @@ class ControlPlane:
         if self._admin is not None:
             await self._admin.cleanup()
         await self.publisher.close()
+
+
+async def _to_console(_: web.Request) -> web.Response:
+    raise web.HTTPFound("/ui/")
 
 
 def _closing(response: web.Response) -> web.Response:

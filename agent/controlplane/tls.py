@@ -227,6 +227,8 @@ def _serial(padded: str) -> str:
 def peer_certificate(ssl_object: ssl.SSLObject) -> tuple[bytes, float]:
     """The verified peer's DER certificate and its not_after (unix time), kept for as long as its connection."""
     der = ssl_object.getpeercert(binary_form=True) or b""
+    if not der:
+        return b"", float("inf")  # no certificate (the console's browsers on the admin port): nothing expires
     try:
         not_after = x509.load_der_x509_certificate(der).not_valid_after_utc.timestamp()
     except ValueError:
@@ -314,8 +316,11 @@ class ServerChannel:
     Constructing it reads everything and raises ValueError (a ConfigError at file:line for agents.yaml): the
     control plane refuses to start on a bad file."""
 
-    def __init__(self, files: ServerTlsFiles) -> None:
+    def __init__(self, files: ServerTlsFiles, *, admin_cert_optional: bool = False) -> None:
         self.files = files
+        # With the console on, the admin port asks for a client certificate but takes a browser without one
+        # (/status still refuses it; /ui wants an OIDC session). The sync port always requires one.
+        self.admin_cert_optional = admin_cert_optional
         self.refusals = Refusals()
         self.tls_error: str | None = None
         self.agents_error: str | None = None
@@ -345,7 +350,8 @@ class ServerChannel:
     def _contexts(self) -> tuple[ssl.SSLContext, ssl.SSLContext, dict[str, Any]]:
         f = self.files
         grpc_ctx = server_context(f.cert, f.key, f.client_ca, alpn=["h2"])
-        admin_ctx = server_context(f.cert, f.key, f.client_ca, alpn=["http/1.1"])
+        admin_ctx = server_context(f.cert, f.key, f.client_ca, alpn=["http/1.1"],
+                                   require_client_cert=not self.admin_cert_optional)  # fmt: skip
         try:
             summary = cert_summary(self._tls_seen[0])
         except ValueError as e:
@@ -609,7 +615,8 @@ class TlsFront:
         ssl_object = writer.get_extra_info("ssl_object")
         identity = peer_identity(ssl_object)
         # Refused here, not held open until its first request: an identity the agents file does not know.
-        who = identity.name or identity.fingerprint
+        # A peer without a certificate (a console browser) is counted by its source host, not as one identity.
+        who = identity.name or identity.fingerprint or f"no certificate from {source}"
         refusal = self._admit(identity)
         if refusal is None and (over := self._over_connection_cap(who)) is not None:
             refusal = (TOO_MANY_CONNECTIONS, over)

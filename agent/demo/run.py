@@ -1,4 +1,5 @@
-"""Run the demo: local IdP, demo app, the agent and a real Envoy in front; print curl lines that work."""
+"""Run the demo: local IdP, demo app, a control plane with its web console, the agent (taking its policy from
+that control plane) and a real Envoy in front; print curl lines that work, the console's URL and its logins."""
 
 from __future__ import annotations
 
@@ -14,6 +15,10 @@ from pathlib import Path
 import aiohttp
 
 from agent.config import load_policy_text
+from agent.controlplane.bundle import load_signing_key, load_verify_keys, write_keypair
+from agent.controlplane.client import PolicyClient
+from agent.controlplane.console import CONSOLE_MODULES, ConsoleConfig
+from agent.controlplane.server import ControlPlane
 from agent.demo.app import demo_app, start_site
 from agent.demo.client import DpopKey, sign_request
 from agent.demo.idp import LocalIdP
@@ -21,6 +26,8 @@ from agent.envoyconf import EnvoyProcess, bootstrap
 from agent.server.run import AgentServer
 
 DEMO_ISSUER = "http://127.0.0.1:9400"  # what agent/demo/policy.yaml names; the local IdP's actual address replaces it
+DEMO_SERVICE = "orders"  # agent/demo/policy.yaml's service
+CONSOLE_CLIENT_ID = "authz-console"  # the console's client at the demo IdP
 
 
 def demo_policy_text(issuer: str) -> str:
@@ -28,7 +35,8 @@ def demo_policy_text(issuer: str) -> str:
     return text.replace(f"issuer: {DEMO_ISSUER}", f"issuer: {issuer}", 1)
 
 
-async def run_demo(port: int = 10000, self_test: bool = False, workdir: str | None = None) -> int:
+async def run_demo(port: int = 10000, self_test: bool = False, workdir: str | None = None,
+                   console_port: int = 0) -> int:  # fmt: skip
     """The demo on this loop; the CLI runs it under uvloop when the native transport is built."""
     work = Path(workdir or tempfile.mkdtemp(prefix="authz-demo-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -36,17 +44,37 @@ async def run_demo(port: int = 10000, self_test: bool = False, workdir: str | No
     await idp.start()
     app_runner, app_port = await start_site(demo_app())
     hmac_key = secrets.token_bytes(32)
-    (work / "billing-batch.key").write_text(base64.b64encode(hmac_key).decode() + "\n")
-    policy = load_policy_text(demo_policy_text(idp.issuer), "agent/demo/policy.yaml", work)
+    # The policy goes through the control plane: validated, signed, pushed to the agent, shown in the console.
+    policies, state = work / "policies", work / "agent-state"
+    for d in (policies, state):
+        d.mkdir(exist_ok=True)
+        (d / "billing-batch.key").write_text(base64.b64encode(hmac_key).decode() + "\n")  # the bundle names it
+    text = demo_policy_text(idp.issuer)
+    load_policy_text(text, "agent/demo/policy.yaml", policies)  # a broken demo policy fails here, said plainly
+    (policies / f"{DEMO_SERVICE}.yaml").write_text(text)
+    write_keypair(work / "bundle-signing.pem", work / "bundle-verify.pem")
+    console = ConsoleConfig(idp.issuer, CONSOLE_CLIENT_ID) if console_available() else None
+    cp = ControlPlane(policies, load_signing_key(str(work / "bundle-signing.pem")), "127.0.0.1:0",
+                      f"127.0.0.1:{console_port}", console=console)  # fmt: skip
     from agent.server.native_transport import available
 
     transport = "native" if available() else "grpcio"
-    agent = AgentServer(policy, "127.0.0.1:0", None, str(work / "audit.log"), transport=transport)
+    agent = AgentServer(None, "127.0.0.1:0", None, str(work / "audit.log"), transport=transport)
+    client = PolicyClient("127.0.0.1:0", DEMO_SERVICE, state, load_verify_keys(work / "bundle-verify.pem"),
+                          agent.install, agent.apply_revocations, lambda: agent.shared)  # fmt: skip
+    stop_client = asyncio.Event()
+    client_task: asyncio.Task[None] | None = None
     envoy: EnvoyProcess | None = None
     try:
+        await cp.start()
+        users = idp.demo_users()
+        idp.register_client(CONSOLE_CLIENT_ID, [f"http://127.0.0.1:{cp.admin_port}/ui/callback"])
         await agent.start()
-        if not await agent.wait_ready(10):
-            print("the agent did not become ready (identity provider keys not loaded)")
+        client.address = f"127.0.0.1:{cp.port}"
+        client_task = asyncio.get_running_loop().create_task(client.run(stop_client))
+        if not await agent.wait_ready(20):
+            print("the agent did not become ready (no policy from the control plane, or identity provider keys "
+                  f"not loaded): {client.last_error or cp.publisher.errors.get(DEMO_SERVICE) or ''}")  # fmt: skip
             return 1
         cfg = bootstrap(f"127.0.0.1:{port}", f"127.0.0.1:{app_port}", f"127.0.0.1:{agent.port}", request_body=True)
         envoy = EnvoyProcess(cfg, work)
@@ -69,8 +97,14 @@ async def run_demo(port: int = 10000, self_test: bool = False, workdir: str | No
             ),
         ]
         print(f"\nauthz-agent demo: Envoy on {base}, agent ({transport}) on 127.0.0.1:{agent.port}, IdP {idp.issuer}")
-        print(f"policy: agent/demo/policy.yaml   audit log: {work / 'audit.log'}   (tokens valid 1 h)")
+        print(f"policy: agent/demo/policy.yaml (from the control plane on 127.0.0.1:{cp.port})   "
+              f"audit log: {work / 'audit.log'}   (tokens valid 1 h)")  # fmt: skip
         print("its tests: authz-agent policy test agent/demo/policy.test.yaml\n")
+        if console is not None:
+            print(f"console: http://127.0.0.1:{cp.admin_port}/ui/   sign in as ada (admin), password "
+                  f"{users['ada']}; or vic (viewer), password {users['vic']}\n")  # fmt: skip
+        else:
+            print("console: off (it needs the console extra: pip install '.[console]')\n")
         for title, method, path, token, _ in cases:
             auth = f" -H 'authorization: Bearer {token}'" if token else ""
             print(f"# {title}\ncurl -i -X {method} {base}{path}{auth}\n")
@@ -87,9 +121,20 @@ async def run_demo(port: int = 10000, self_test: bool = False, workdir: str | No
     finally:
         if envoy is not None:
             await asyncio.to_thread(envoy.stop)
+        stop_client.set()
+        if client_task is not None:
+            await asyncio.gather(client_task, return_exceptions=True)
         await agent.stop(grace=0.5)
+        await cp.stop()
         await app_runner.cleanup()
         await idp.stop()
+
+
+def console_available() -> bool:
+    """Whether the console extra is installed (the demo runs without its console otherwise)."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in CONSOLE_MODULES)
 
 
 async def _proof_of_possession(base: str, idp: LocalIdP, hmac_key: bytes) -> int:

@@ -497,6 +497,7 @@ async def serve(
     if control is not None:
         from agent.controlplane.bundle import load_verify_keys
         from agent.controlplane.client import PolicyClient
+        from agent.controlplane.denials import DenialTally
 
         client = PolicyClient(
             control.address,
@@ -507,6 +508,7 @@ async def serve(
             server.apply_revocations,
             lambda: server.shared,
             control.tls,
+            DenialTally(lambda: server.stats.decisions),
         )
         server.status_sources.append(client.status)
         if await client.load_last_good():
