@@ -468,8 +468,9 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
         from agent.controlplane.server import DEFAULT_TEST_BUDGET_S, ControlPlane
 
         budget = DEFAULT_TEST_BUDGET_S if args.test_budget is None else args.test_budget
+        state_dir = Path(args.state_dir) if args.state_dir else None
         cp = ControlPlane(directory, key, args.listen, args.admin, require_tests=args.require_tests,
-                          test_budget_s=budget, channel=channel, console=console)  # fmt: skip
+                          test_budget_s=budget, channel=channel, console=console, state_dir=state_dir)  # fmt: skip
         await cp.start()
         if console is not None:
             from agent.controlplane.console.app import PREFIX
@@ -859,6 +860,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="publish a SERVICE.yaml only with a SERVICE.test.yaml beside it that passes")  # fmt: skip
     c.add_argument("--test-budget", type=float, metavar="SECONDS",
                    help="a test file not done within it blocks its own publish (default 60)")  # fmt: skip
+    c.add_argument("--state-dir", metavar="DIR",
+                   help="keep the history of published policies and the console's action log here (0700); "
+                        "without it they are kept in memory since start")  # fmt: skip
     c.add_argument("--console-issuer", metavar="URL",
                    help="serve the web console at /ui on the admin port, logging in with this OpenID Connect issuer "
                         "(discovery at URL/.well-known/openid-configuration; needs the console extra)")  # fmt: skip

@@ -586,8 +586,9 @@ class Engine:
             ):
                 accepted = ", ".join(sorted(route.providers))
                 raise AuthnError(R.TOKEN_ISSUER_NOT_ACCEPTED, f"the route takes tokens from {accepted}")
-            if self.revocations.revoked(principal):
-                raise AuthnError(R.TOKEN_REVOKED)
+            revoked = self.revocations.reason(principal)
+            if revoked is not None:
+                raise AuthnError(revoked)
             if principal.method != "hmac":
                 once = self._check_binding(view, route, principal, trace)
         except AuthnError as e:
@@ -831,7 +832,13 @@ class Engine:
             return self._deny(did, status, reason, route, None)
         headers: list[tuple[str, str]] = []
         no_credentials = reason in (R.TOKEN_MISSING, R.AUTH_SCHEME_UNSUPPORTED, R.SIGNATURE_MISSING)
-        if reason in SIGNATURE_REASONS or (reason == R.TOKEN_MISSING and "jwt" not in route.authn):
+        # A revoked HMAC client is told in the scheme it signed with (the route judged its signature).
+        signed = "hmac" in route.authn and ("jwt" not in route.authn or "signature-input" in view.headers)
+        if (
+            reason in SIGNATURE_REASONS
+            or (reason == R.TOKEN_MISSING and "jwt" not in route.authn)
+            or (reason == R.CLIENT_REVOKED and signed)
+        ):
             scheme = "Signature"
             error: str | None = None if reason == R.SIGNATURE_MISSING else "invalid_signature"
         elif (

@@ -32,6 +32,7 @@ TOKEN_CLAIM_MISSING = "token_claim_missing"
 TOKEN_CLAIM_INVALID = "token_claim_invalid"
 TOKEN_INACTIVE = "token_inactive"
 TOKEN_REVOKED = "token_revoked"
+CLIENT_REVOKED = "client_revoked"  # the token's client (client_id/azp) or the HMAC client is revoked
 TOKEN_ISSUER_NOT_ACCEPTED = "token_issuer_not_accepted"  # a configured provider the route does not list
 AUTH_SCHEME_UNSUPPORTED = "auth_scheme_unsupported"
 STEP_UP_REQUIRED = "step_up_required"

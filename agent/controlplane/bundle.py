@@ -110,11 +110,12 @@ def parse_policy(payload: bytes, service: str) -> PolicyBundle:
 
 @dataclass(frozen=True, slots=True)
 class Revocations:
-    """Revoked tokens: by jti, and every token of a subject issued before a time."""
+    """Revoked tokens: by jti, every token of a subject issued before a time, and every credential of a client."""
 
     sequence: int = 0
     jti: frozenset[str] = frozenset()
     subjects: tuple[tuple[str, str, int], ...] = ()  # (issuer, subject, issued_before)
+    clients: tuple[tuple[str, str], ...] = ()  # (issuer or "" for every issuer, client_id)
 
     def by_subject(self) -> dict[tuple[str, str], int]:
         out: dict[tuple[str, str], int] = {}
@@ -127,6 +128,8 @@ def revocations_payload(r: Revocations) -> bytes:
     msg = pb.RevocationList(sequence=r.sequence, issued_at=int(time.time()), jti=sorted(r.jti))
     for issuer, subject, before in r.subjects:
         msg.subjects.add(issuer=issuer, subject=subject, issued_before=before)
+    for issuer, client_id in r.clients:
+        msg.clients.add(issuer=issuer, client_id=client_id)
     return bytes(msg.SerializeToString(deterministic=True))
 
 
@@ -140,4 +143,5 @@ def parse_revocations(payload: bytes) -> Revocations:
         sequence=msg.sequence,
         jti=frozenset(msg.jti),
         subjects=tuple((s.issuer, s.subject, s.issued_before) for s in msg.subjects),
+        clients=tuple((c.issuer, c.client_id) for c in msg.clients),
     )

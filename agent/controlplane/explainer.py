@@ -156,7 +156,7 @@ class Explainer:
         stores = self._stores_for(service, policy)
         revocations = RevocationSet()
         r = self.publisher.revocations
-        revocations.replace(r.sequence, r.jti, r.by_subject())
+        revocations.replace(r.sequence, r.jti, r.by_subject(), frozenset(r.clients))
         engine = Engine(policy, stores, token_cache_entries=0, revocations=revocations)
         view = RequestView(method=method, path=path, host=host.strip(), headers=headers, source=source)
         try:

@@ -33,12 +33,27 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.config import Policy, load_policy_text
 from agent.config.loader import MAX_POLICY_BYTES, read_bounded
-from agent.config.yamlsrc import line_of, load_yaml
+from agent.config.yamlsrc import load_yaml
 from agent.controlplane._proto.authz.controlplane.v1 import policy_sync_pb2 as pb
+from agent.controlplane.actions import ActionLog, Actor
 from agent.controlplane.agents import PeerIdentity
 from agent.controlplane.bundle import Revocations, policy_payload, revocations_payload, sign
 from agent.controlplane.console import ConsoleConfig
 from agent.controlplane.denials import DenialWindow
+from agent.controlplane.history import History, Version
+from agent.controlplane.revocations import (
+    MAX_CLIENT_ID,
+    MAX_ISSUER,
+    MAX_JTI,
+    MAX_REASON,
+    MAX_SUBJECT,
+    RevocationEntries,
+    checked,
+    parse_revocations,
+    render,
+    with_entry,
+    write_atomically,
+)
 from agent.controlplane.tls import (
     BAD_HELLO,
     CERTIFICATE_EXPIRED,
@@ -106,6 +121,8 @@ class PolicyTestReport:
     failures: tuple[tuple[str, int, tuple[str, ...]], ...]  # (case name, line, problem lines)
     errors: tuple[str, ...]  # "file:line: message": the file could not be run
     notes: tuple[str, ...] = ()  # stand-ins the runner used (a throwaway key for an unreadable key file)
+    cases: tuple[tuple[str, int, bool], ...] = ()  # every case: (name, line, passed)
+    uncovered: tuple[str, ...] = ()  # what no case reaches ("route billing-webhook alternative 1")
 
     @classmethod
     def of(cls, test_path: Path, version: str, result: FileResult) -> PolicyTestReport:
@@ -113,7 +130,9 @@ class PolicyTestReport:
         control character) is escaped, as `policy test` prints it, so it cannot forge a line of the log."""
         failures = tuple((printable(c.name), c.line, tuple(map(_scrub, c.problems))) for c in result.cases if not c.ok)
         errors, notes = tuple(map(_scrub, result.errors)), tuple(map(_scrub, result.notes))
-        return cls(str(test_path), version, result.passed, result.failed, failures, errors, notes)
+        cases = tuple((printable(c.name), c.line, c.ok) for c in result.cases)
+        uncovered = tuple(map(printable, result.uncovered))
+        return cls(str(test_path), version, result.passed, result.failed, failures, errors, notes, cases, uncovered)
 
     @property
     def ok(self) -> bool:
@@ -140,6 +159,14 @@ class PolicyTestReport:
             "failures": [{"name": n, "line": line, "problems": list(p)} for n, line, p in self.failures],
             "errors": list(self.errors),
             "notes": list(self.notes),
+        }
+
+    def summary(self) -> dict[str, Any]:
+        """What the history keeps of a run: every case with its outcome, and the uncovered routes."""
+        return {
+            **self.as_status(),
+            "cases": [{"name": n, "line": line, "ok": ok} for n, line, ok in self.cases],
+            "uncovered": list(self.uncovered),
         }
 
 
@@ -176,6 +203,7 @@ class Publisher:
         *,
         require_tests: bool = False,
         test_budget_s: float = DEFAULT_TEST_BUDGET_S,
+        state_dir: Path | None = None,
     ) -> None:
         self.directory = directory
         self.key = key
@@ -195,6 +223,12 @@ class Publisher:
         self._stopping = threading.Event()  # tells a running test file to stop before its next case
         self._queues: dict[str, set[asyncio.Queue[pb.ControlMessage]]] = {}
         self.agents: dict[str, AgentInfo] = {}
+        # Every version published (per service) and the console's actions: on disk under state_dir, else in memory.
+        self.state_dir = state_dir
+        if state_dir is not None:
+            state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.history = History(state_dir)
+        self.actions = ActionLog(state_dir)
         self.denials = DenialWindow()  # what the agents refused, per service per minute, the last hour
 
     # -- reading the directory ----------------------------------------------------------------------
@@ -321,11 +355,23 @@ class Publisher:
         current = self.published.get(service)
         if current is not None and current.version == policy.version:
             return
-        sequence = current.sequence + 1 if current is not None else 1
+        last = self.history.last(service) if current is None else None
+        if last is not None and last.version == policy.version:
+            sequence = last.sequence  # the version published before a restart: the same, not a new one
+        else:
+            before = current or last
+            sequence = before.sequence + 1 if before is not None else 1
         bundle = sign(policy_payload(service, policy.version, text, sequence), self.key)
-        self.published[service] = Published(
-            policy.version, sequence, bundle, time.time(), tuple(policy.warning_lines())
-        )
+        published = Published(policy.version, sequence, bundle, time.time(), tuple(policy.warning_lines()))
+        self.published[service] = published
+        if last is None or last.sequence != sequence:
+            report = self.tests.get(service)
+            tests = report.summary() if report is not None and report.version == policy.version else None
+            entry = Version(service, sequence, policy.version, published.published_at, published.warnings, tests)
+            try:
+                self.history.add(entry, text)
+            except (OSError, ValueError) as e:  # the agents still get it: history is for reading, not enforcing
+                log.error("%s sequence %d is published but not kept in the history: %s", service, sequence, e)
         log.info("published %s (sequence %d)", policy.version, sequence)
         for warning in policy.warning_lines():
             log.warning("%s", warning)
@@ -382,7 +428,7 @@ class Publisher:
     def _read_revocations(self, path: Path) -> None:
         try:
             doc = load_yaml(_read(path, "revocations"), str(path), allow_empty=True) or {}
-            jti, subjects = _parse_revocations(doc, path)
+            entries = parse_revocations(doc, path)
         except (ValueError, OSError) as e:  # a ConfigError (a ValueError) says file:line
             self._refuse_revocations(str(e))
             return
@@ -391,9 +437,10 @@ class Publisher:
             self._refuse_revocations(f"{path}: could not be read ({type(e).__name__}: {e})")
             return
         self.revocations_error = ""
-        if (jti, subjects) == (self.revocations.jti, self.revocations.subjects):
+        r = self.revocations
+        if (entries.jti, entries.subjects, entries.clients) == (r.jti, r.subjects, r.clients):
             return
-        self.revocations = Revocations(self.revocations.sequence + 1, jti, subjects)
+        self.revocations = Revocations(r.sequence + 1, entries.jti, entries.subjects, entries.clients)
         self.revocations_bundle = sign(revocations_payload(self.revocations), self.key)
         log.info("published revocations (sequence %d)", self.revocations.sequence)
         for service in list(self._queues):
@@ -402,6 +449,34 @@ class Publisher:
     def _refuse_revocations(self, error: str) -> None:
         self.revocations_error = error
         log.error("revocations not published (the last list stays): %s", error)
+
+    def revoke(self, actor: Actor, kind: str, target: dict[str, str], reason: str = "") -> dict[str, Any]:
+        """The console's revocation: checked, added to revocations.yaml (rewritten atomically), published at once
+        to every connected agent, and recorded in the action log (who, when, what, why). Raises ValueError with
+        what is wrong (a bad value, a revocations file that does not load: nothing is written then)."""
+        target = _checked_target(kind, target)
+        reason = checked(reason, "reason", MAX_REASON, required=False)
+        path = self.directory / REVOCATIONS_FILE
+        if path.exists():
+            try:
+                doc = load_yaml(_read(path, "revocations"), str(path), allow_empty=True) or {}
+                entries = parse_revocations(doc, path)
+            except ValueError as e:
+                raise ValueError(f"{path.name} does not load, so it is not rewritten (fix it first): {e}") from None
+        else:
+            entries = RevocationEntries()
+        now = int(time.time())
+        write_atomically(path, render(with_entry(entries, kind, target, now)).encode())
+        self._poll_revocations()  # published now, not at the next poll
+        if self.revocations_error:
+            raise ValueError(f"written, but not published: {self.revocations_error}")
+        extra: dict[str, Any] = {"revocations_sequence": self.revocations.sequence}
+        if kind == "subject":
+            extra["issued_before"] = now
+        record = self.actions.record(actor, f"revoke_{kind}", target, reason, **extra)
+        log.info("console: %s revoked %s (revocations sequence %d)", printable(actor.subject), kind,
+                 self.revocations.sequence)  # fmt: skip
+        return record
 
     # -- agents -------------------------------------------------------------------------------------
 
@@ -509,36 +584,20 @@ def _probably_meant(name: str) -> str | None:
     return name.removesuffix(".yml") + ".yaml" if name.endswith(".yml") else None
 
 
-def _parse_revocations(doc: Any, path: Path) -> tuple[frozenset[str], tuple[tuple[str, str, int], ...]]:
-    """The lists of revocations.yaml (read by load_yaml: a key given twice is an error, not a list dropped)."""
-    if not isinstance(doc, dict) or set(doc) - {"jti", "subjects"}:
-        raise ValueError(f"{path}:{line_of(doc, None, 1)}: expected 'jti: [...]' and/or "
-                         "'subjects: [{issuer, subject, issued_before}]'")  # fmt: skip
-    jti = doc.get("jti") or []
-    if not isinstance(jti, list) or not all(isinstance(j, str) and j for j in jti):
-        raise ValueError(f"{path}:{line_of(doc, 'jti', 1)}: jti must be a list of strings")
-    subjects = []
-    listed = doc.get("subjects") or []
-    if not isinstance(listed, list):
-        raise ValueError(f"{path}:{line_of(doc, 'subjects', 1)}: subjects must be a list")
-    for i, s in enumerate(listed):
-        where = f"{path}:{line_of(listed, i, 1)}: subjects[{i}]"
-        if not isinstance(s, dict) or set(s) != {"issuer", "subject", "issued_before"}:
-            raise ValueError(f"{where} needs issuer, subject and issued_before")
-        before = s["issued_before"]
-        if isinstance(before, str):
-            try:
-                before = datetime.fromisoformat(before)
-            except ValueError:
-                raise ValueError(f"{where}.issued_before is not a time: {before!r}") from None
-        if isinstance(before, datetime):
-            if before.tzinfo is None:
-                raise ValueError(f"{where}.issued_before needs a time zone")
-            before = int(before.timestamp())
-        if not isinstance(before, int) or isinstance(before, bool):
-            raise ValueError(f"{where}.issued_before must be a time or unix seconds")
-        subjects.append((str(s["issuer"]), str(s["subject"]), before))
-    return frozenset(jti), tuple(sorted(subjects))
+def _checked_target(kind: str, target: dict[str, str]) -> dict[str, str]:
+    """The fields of one revocation, each bounded and printable (ValueError names the field, never its value)."""
+    if kind == "jti":
+        return {"jti": checked(target.get("jti", ""), "jti", MAX_JTI)}
+    if kind == "subject":
+        return {
+            "issuer": checked(target.get("issuer", ""), "issuer", MAX_ISSUER),
+            "subject": checked(target.get("subject", ""), "subject", MAX_SUBJECT),
+        }
+    if kind == "client":
+        out = {"client_id": checked(target.get("client_id", ""), "client id", MAX_CLIENT_ID)}
+        issuer = checked(target.get("issuer", ""), "issuer", MAX_ISSUER, required=False)
+        return {**out, "issuer": issuer} if issuer else out
+    raise ValueError(f"unknown revocation kind {kind!r}")
 
 
 @dataclass(eq=False)  # each stream is its own, kept in a set
@@ -566,9 +625,12 @@ class ControlPlane:
         test_budget_s: float = DEFAULT_TEST_BUDGET_S,
         channel: ServerChannel | None = None,
         console: ConsoleConfig | None = None,
+        state_dir: Path | None = None,
     ) -> None:
         self.console = console  # the web console at /ui on the admin port (None: off)
-        self.publisher = Publisher(directory, key, require_tests=require_tests, test_budget_s=test_budget_s)
+        self.publisher = Publisher(
+            directory, key, require_tests=require_tests, test_budget_s=test_budget_s, state_dir=state_dir
+        )
         self.listen = listen
         self.admin_listen = admin
         self.poll_s = poll_s

@@ -347,8 +347,9 @@ class AgentServer:
         return out
 
     def apply_revocations(self, r: Revocations) -> None:
-        self.revocations.replace(r.sequence, r.jti, r.by_subject())
-        log.info("revocations %d in force: %d tokens, %d subjects", r.sequence, len(r.jti), len(r.subjects))
+        self.revocations.replace(r.sequence, r.jti, r.by_subject(), frozenset(r.clients))
+        log.info("revocations %d in force: %d tokens, %d subjects, %d clients", r.sequence, len(r.jti),
+                 len(r.subjects), len(r.clients))  # fmt: skip
 
     async def _watch_ready(self) -> None:
         serving: bool | None = None

@@ -248,6 +248,14 @@ async def test_what_ends_a_token_ends_its_answers(build: Callable[..., Agent], k
     assert agent.answer(message) is None
     d = agent.decide(message)
     assert not d.allowed and d.reason == "token_revoked"
+    # A revoked client likewise: the table answers no more, and the engine says client_revoked.
+    agent.engine.revocations.replace(3, frozenset(), {})
+    agent.decide(message)
+    assert agent.answer(message) is not None
+    agent.engine.revocations.replace(4, frozenset(), {}, frozenset({("", "web-app")}))
+    assert agent.answer(message) is None
+    d = agent.decide(message)
+    assert not d.allowed and d.reason == "client_revoked"
 
 
 async def test_a_token_not_yet_valid_is_left_to_the_engine(
