@@ -52,10 +52,15 @@ async def run_demo(port: int = 10000, self_test: bool = False, workdir: str | No
     text = demo_policy_text(idp.issuer)
     load_policy_text(text, "agent/demo/policy.yaml", policies)  # a broken demo policy fails here, said plainly
     (policies / f"{DEMO_SERVICE}.yaml").write_text(text)
+    # Its test cases beside it, as a service owner keeps them: the control plane runs them before it publishes,
+    # and the console's Policies page shows their results.
+    cases = resources.files("agent.demo").joinpath("policy.test.yaml").read_text()
+    cases = cases.replace("\npolicy: policy.yaml\n", f"\npolicy: {DEMO_SERVICE}.yaml\n")
+    (policies / f"{DEMO_SERVICE}.test.yaml").write_text(cases)
     write_keypair(work / "bundle-signing.pem", work / "bundle-verify.pem")
     console = ConsoleConfig(idp.issuer, CONSOLE_CLIENT_ID) if console_available() else None
     cp = ControlPlane(policies, load_signing_key(str(work / "bundle-signing.pem")), "127.0.0.1:0",
-                      f"127.0.0.1:{console_port}", console=console)  # fmt: skip
+                      f"127.0.0.1:{console_port}", console=console, state_dir=work / "control-plane")  # fmt: skip
     from agent.server.native_transport import available
 
     transport = "native" if available() else "grpcio"
