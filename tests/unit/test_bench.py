@@ -17,7 +17,7 @@ import pytest
 
 from agent._xds.envoy.service.auth.v3 import external_auth_pb2 as ext
 from agent.bench import stats
-from agent.bench.envoy import EXT_AUTHZ, bench_bootstrap
+from agent.bench.envoy import BUFFER, EXT_AUTHZ, ROUTER, bench_bootstrap
 from agent.bench.failif import parse
 from agent.bench.run import compare, judge, write_atomically
 from agent.bench.table import lines
@@ -234,6 +234,7 @@ def test_the_bench_envoy_has_envoy_alone_beside_the_agent_and_answers_200_itself
         return [f["name"] for f in hcm["http_filters"]]
 
     assert EXT_AUTHZ in filters("inbound") and EXT_AUTHZ not in filters("alone")
+    assert filters("upstream") == [BUFFER, ROUTER]  # the request whole before the answer: connections are kept
     assert listeners["inbound"]["address"]["socket_address"]["port_value"] == with_agent
     assert listeners["alone"]["address"]["socket_address"]["port_value"] == alone
     upstream = listeners["upstream"]["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]
