@@ -29,6 +29,7 @@ from agent.bench import stats
 from agent.bench.failif import FailIf
 from agent.bench.traffic import Made, Traffic, secrets_of
 from agent.config.model import Policy
+from agent.policytest.report import printable
 
 SCHEMA = "authz-agent-bench/1"
 WARMUP_REQUESTS = 1000
@@ -132,29 +133,47 @@ def machine(cpus: Cpus, through_envoy: bool) -> dict[str, Any]:
 
 
 class Progress:
-    """One line on stderr redrawn with `\\r` on a terminal; a start and an end line otherwise (CI logs)."""
+    """On a terminal, one line on stderr redrawn with `\\r` while a phase runs (a bar, sent and completed, seconds),
+    cleared before anything else is said; otherwise a start and an end line (CI logs). Every line is printable:
+    titles hold file names and notes the policy's own text, which must not move a terminal's cursor."""
+
+    BAR = 20
 
     def __init__(self, stream: IO[str]) -> None:
         self.stream = stream
         self.tty = stream.isatty()
+        self.drawn = 0  # the width of the line being redrawn; 0 when there is none
+
+    def clear(self) -> None:
+        if self.drawn:
+            self.stream.write("\r" + " " * self.drawn + "\r")
+            self.stream.flush()
+            self.drawn = 0
+
+    def print(self, text: str) -> None:
+        self.clear()
+        for line in text.split("\n"):
+            print(printable(line), file=self.stream, flush=True)
 
     def start(self, title: str) -> None:
         if not self.tty:
-            print(f"bench: {title} ...", file=self.stream, flush=True)
+            self.print(f"bench: {title} ...")
 
     def update(self, title: str, sent: int, completed: int, elapsed: float, planned: float) -> None:
         if self.tty:
-            text = f"{title}: sent {sent}, completed {completed}, {elapsed:.1f}/{planned:g} s"
-            self.stream.write("\r" + text[:120].ljust(80))
+            filled = round(self.BAR * min(1.0, elapsed / planned)) if planned > 0 else self.BAR
+            bar = "#" * filled + "." * (self.BAR - filled)
+            text = printable(f"[{bar}] {title}: sent {sent}, completed {completed}, {elapsed:.1f}/{planned:g} s")
+            text = text[: shutil.get_terminal_size((100, 24)).columns - 1]  # a wrapped line cannot be redrawn
+            self.stream.write("\r" + text.ljust(self.drawn))
             self.stream.flush()
+            self.drawn = max(self.drawn, len(text))
 
     def end(self, title: str, summary: str) -> None:
-        if self.tty:
-            self.stream.write("\r" + " " * 80 + "\r")
-        print(f"bench: {title}: {summary}", file=self.stream, flush=True)
+        self.print(f"bench: {title}: {summary}")
 
     def say(self, text: str) -> None:
-        print(f"bench: {text}", file=self.stream, flush=True)
+        self.print(f"bench: {text}")
 
 
 class AgentChild:
@@ -504,13 +523,13 @@ class Bench:
         try:
             result = self.measure()
         except ExtraMissing as e:
-            print(e, file=self.err)
+            self.progress.print(str(e))
             return 2
         except BenchError as e:
-            print(f"authz-agent bench: {e}", file=self.err)
+            self.progress.print(f"authz-agent bench: {e}")
             return 2
         except KeyboardInterrupt:
-            print("authz-agent bench: interrupted; nothing was written", file=self.err)
+            self.progress.print("authz-agent bench: interrupted; nothing was written")
             return 130
         for line in _table_lines(result):
             print(line, file=self.out)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from agent.policytest.report import printable
+
 COLUMNS = ("p50", "p90", "p99", "p999", "max")
 HEAD = ("p50", "p90", "p99", "p99.9", "max")
 NAME_WIDTH = 44
@@ -109,4 +111,5 @@ def lines(result: dict[str, Any]) -> list[str]:
         out += [f"note: {n}" for n in result["notes"]]
     out.append("")
     out.append("OK" if result["ok"] else "FAILED")
-    return out
+    # Labels, the policy's version (its `service:`), paths and notes are users' text too: none may move the cursor.
+    return [printable(piece) for line in out for piece in line.split("\n")]

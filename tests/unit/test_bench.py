@@ -4,6 +4,7 @@ requests made from cases, the Envoy config, the table, the JSON writer. End to e
 from __future__ import annotations
 
 import base64
+import io
 import itertools
 import json
 import os
@@ -19,7 +20,7 @@ from agent._xds.envoy.service.auth.v3 import external_auth_pb2 as ext
 from agent.bench import stats
 from agent.bench.envoy import BUFFER, EXT_AUTHZ, ROUTER, bench_bootstrap
 from agent.bench.failif import parse
-from agent.bench.run import compare, judge, write_atomically
+from agent.bench.run import Progress, compare, judge, write_atomically
 from agent.bench.table import lines
 from agent.bench.traffic import CHECK_PATH, Traffic, check_request, mix, secrets_of, with_secrets
 from agent.config import load_policy
@@ -267,6 +268,62 @@ def test_the_table_shows_a_hostile_case_name_as_text_and_the_wrong_answers() -> 
     assert "evil?[2J?name?" in out
     assert "!! p.yaml fixed: case 'evil?[2J?name?' (line 3) expected 200, got 403 x1" in out
     assert out.splitlines()[-1] == "FAILED"
+
+
+def test_the_table_shows_hostile_labels_versions_paths_and_notes_as_text() -> None:
+    """Not only case names: the policy's version holds its own `service:`, labels and paths are file names, notes
+    quote the policy; a CI log or a terminal must not act on any of them."""
+    result = _result("ok")
+    run = result["runs"][0]
+    run["label"] = "p\x1b[2J.yaml"
+    run["policy_version"] = "orders\x1b[31m\rEVIL@3f9a"
+    run["cases_file"] = "/tmp/c\x1b]0;title\x07.yaml"
+    result["notes"] = ["the agent exited with status 1 when stopped:\n  | \x1b[31mred\x1b[0m"]
+    out = lines(result)
+    text = "\n".join(out)
+    assert not any(c in text for c in "\x1b\r\x07"), text
+    assert "== p\\x1b[2J.yaml (orders\\x1b[31m\\rEVIL@3f9a), cases /tmp/c\\x1b]0;title\\x07.yaml" in out
+    assert "note: the agent exited with status 1 when stopped:" in out and "  | \\x1b[31mred\\x1b[0m" in out
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def screen(text: str) -> list[str]:
+    """What a terminal shows for `text`: `\\r` returns to the start of the line, later characters overwrite."""
+    rows, col = [""], 0
+    for ch in text:
+        if ch == "\r":
+            col = 0
+        elif ch == "\n":
+            rows, col = [*rows, ""], 0
+        else:
+            rows[-1] = rows[-1][:col] + ch + rows[-1][col + 1 :]
+            col += 1
+    return [row.rstrip() for row in rows]
+
+
+def test_the_progress_line_is_a_bar_cleared_before_anything_else_is_said() -> None:
+    err = Terminal()
+    progress = Progress(err)
+    progress.update("p\x1b[2J.yaml: agent: warm-up", 500, 480, 0.5, 1.0)
+    assert screen(err.getvalue()) == [
+        "[##########..........] p\\x1b[2J.yaml: agent: warm-up: sent 500, completed 480, 0.5/1 s"
+    ]
+    progress.say("made 236 requests")  # the warm-up has no end line: its bar must not run into this one
+    progress.update("p.yaml: agent: fixed rate 1000/s", 2500, 2500, 2.5, 10.0)
+    assert screen(err.getvalue()) == [
+        "bench: made 236 requests",
+        "[#####...............] p.yaml: agent: fixed rate 1000/s: sent 2500, completed 2500, 2.5/10 s",
+    ]
+    progress.end("p.yaml: agent: fixed rate 1000/s", "10000 answered")
+    assert screen(err.getvalue()) == ["bench: made 236 requests", "bench: p.yaml: agent: fixed rate 1000/s: 10000 "
+                                      "answered", ""]  # fmt: skip
+    plain = io.StringIO()
+    Progress(plain).update("p.yaml: agent: warm-up", 1, 1, 0.1, 1.0)  # CI logs: no redrawn line at all
+    assert plain.getvalue() == ""
 
 
 def test_compare_is_the_change_of_the_second_run_in_percent() -> None:
