@@ -45,6 +45,10 @@ DEMO = Path(__file__).parent.parent.parent / "agent" / "demo"
         ("mean > 1ms", "mean", ">", 1.0),
         ("rps < 5000", "rps", "<", 5000.0),
         ("rps <= 10.5", "rps", "<=", 10.5),
+        ("rps < 5000/s", "rps", "<", 5000.0),
+        ("rps < 5000 rps", "rps", "<", 5000.0),
+        ("p99 > 250\u00b5s", "p99", ">", 0.25),  # the micro sign
+        ("p99 > 250\u03bcs", "p99", ">", 0.25),  # the Greek mu, which looks the same
     ],
 )
 def test_fail_if_reads_what_ci_writes(expr: str, metric: str, op: str, limit: float) -> None:
@@ -60,7 +64,9 @@ def test_fail_if_reads_what_ci_writes(expr: str, metric: str, op: str, limit: fl
         ("p99 > 2min", "give the latency a unit"),
         ("p99 < 2ms", "a latency fails when it is too high"),
         ("rps > 100", "rps fails when it is too low"),
-        ("rps < 100ms", "without a unit"),
+        ("rps < 100ms", "write the number alone"),
+        ("rps < 5k", "write the number alone, 'rps < 5000'"),
+        ("p99 > 2ms/s", "give the latency a unit"),
         ("p95 > 2ms", "unknown measure 'p95'"),
         ("p99 > -2ms", "not an expression"),
         ("", "not an expression"),
