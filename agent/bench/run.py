@@ -371,7 +371,9 @@ class Bench:
         elif rate is not None and load.sent < 0.99 * len(made.order):
             self._note(f"{traffic.policy.source}: {target_name}: the fixed-rate phase sent {load.sent} of the "
                        f"{len(made.order)} requests due in its time: the agent (or the generator) could not keep up "
-                       f"with {rate:g}/s; the latencies count the wait")  # fmt: skip
+                       f"with {rate:g}/s. The latencies of those sent count their wait from when each was due; the "
+                       f"{len(made.order) - load.sent} never sent are errors (-3), not latencies, so the percentiles "
+                       "understate the wait: lower --rate to one the saturation phase shows it sustains")  # fmt: skip
         elif rate is None and load.sent >= len(made.order) and load.elapsed_ns < self.saturation_s * 0.99e9:
             self._note(f"{traffic.policy.source}: the saturation phase sent every request it had made "
                        f"({len(made.order)}) before its time was up")  # fmt: skip

@@ -9,6 +9,8 @@ from agent.policytest.report import printable
 COLUMNS = ("p50", "p90", "p99", "p999", "max")
 HEAD = ("p50", "p90", "p99", "p99.9", "max")
 NAME_WIDTH = 44
+# The generator's outcomes that are not answers (agent._loadgen): said in words, with the code the JSON has.
+ERRORS = {"-1": "a reset or failed connection (-1)", "-2": "a bad reply (-2)", "-3": "no answer in time (-3)"}
 
 
 def _ms(v: Any) -> str:
@@ -96,9 +98,11 @@ def lines(result: dict[str, Any]) -> list[str]:
            if isinstance(p, dict) and "cases" in p for c in p["cases"] if c["mismatches"] or c["errors"]]  # fmt: skip
     if bad:
         out.append("")
-        out.append("!! WRONG ANSWERS: a benchmark of wrong answers is not a benchmark")
+        out.append("!! WRONG ANSWERS OR ERRORS: a benchmark of wrong answers is not a benchmark")
         for label, key, c in bad:
-            got = ", ".join(f"{o} x{n}" for o, n in c["outcomes"].items() if o != str(c["expect_status"]))
+            got = ", ".join(
+                f"{ERRORS.get(o, o)} x{n}" for o, n in c["outcomes"].items() if o != str(c["expect_status"])
+            )
             out.append(f"!! {label} {key}: case {_name(c['name'])!r} (line {c['line']}) expected {c['expect_status']}, "
                        f"got {got}")  # fmt: skip
     for f in result.get("fail_if", []):

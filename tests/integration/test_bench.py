@@ -48,7 +48,8 @@ def demo(tmp_path: Path) -> Path:
 
 def bench(policy: Path, cases: Path, tmp: Path, **settings: Any) -> tuple[int, str, str, Bench]:
     """A bench run in this process (the agent is still its own process), with its outputs and its object."""
-    options = Options(policy=policy, cases=cases, duration=1.0, rate=200.0, workdir=tmp / "work", **settings)
+    settings = {"duration": 1.0, "rate": 200.0} | settings
+    options = Options(policy=policy, cases=cases, workdir=tmp / "work", **settings)
     out, err = io.StringIO(), io.StringIO()
     b = Bench(options, out, err)
     code = b.run()
@@ -146,6 +147,25 @@ def test_a_wrong_expectation_is_counted_as_mismatches_and_fails(demo: Path, tmp_
     assert fixed["mismatches"] == alice["mismatches"]  # only that case
     assert "case 'alice lists orders' (line 7) expected 201, got 200 x" in out
     assert out.splitlines()[-1] == "FAILED"
+
+
+def test_a_rate_past_what_the_agent_sustains_shows_it_falling_behind(demo: Path, tmp_path: Path) -> None:
+    """A million a second for 50 ms: far more than the agent (or the generator) keeps up with. What was due but never
+    sent is counted as errors, never dropped; what was sent is timed from when it was due, so its latencies show the
+    queue (the last one sent waited most of the phase); the run fails and says why."""
+    code, out, _, _ = bench(demo / "policy.yaml", demo / "policy.test.yaml", tmp_path, rate=1_000_000.0, duration=0.05,
+                            saturation=False, json_out=tmp_path / "r.json")  # fmt: skip
+    assert code == 1
+    result = json.loads((tmp_path / "r.json").read_text())
+    fixed = result["runs"][0]["phases"]["fixed"]
+    assert fixed["due"] == 50_000 and 0 < fixed["sent"] < fixed["due"]
+    assert fixed["errors"] == fixed["due"] - fixed["completed"] and fixed["mismatches"] == 0
+    assert sum(c["count"] for c in fixed["cases"]) == fixed["due"]
+    lat = fixed["latency_ms"]
+    assert lat["count"] == fixed["completed"] and lat["p50"] <= lat["p99"] <= lat["max"]
+    assert lat["max"] >= 20.0  # sent tens of ms after it was due: the wait is measured, not hidden
+    assert any("could not keep up with 1e+06/s" in n and "understate the wait" in n for n in result["notes"])
+    assert "no answer in time (-3) x" in out and out.splitlines()[-1] == "FAILED"
 
 
 def test_fail_if_violated_exits_1_naming_it_and_a_bad_one_exits_2_before_running(demo: Path, tmp_path: Path) -> None:
