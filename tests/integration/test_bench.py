@@ -244,6 +244,24 @@ def test_envoy_alone_keeps_its_upstream_connections_for_requests_with_a_body(tmp
         envoy.stop()
 
 
+@pytest.mark.e2e
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a child subreaper is Linux's")
+def test_a_bench_killed_mid_run_leaves_neither_envoy_nor_its_agent_running(demo: Path, tmp_path: Path) -> None:
+    """SIGKILL (the OOM killer, a CI runner that kills only the main process) cannot be caught, so no finally stops
+    anything: the agent child watches for its parent (orphan_watch), and Envoy asks the kernel for SIGTERM when its
+    parent dies (it sets PR_SET_PDEATHSIG itself). Run from a subreaper (tests/integration/bench_killed.py), so the
+    orphans are not left to whatever init does with them (this machine's init stops them; a laptop's does not)."""
+    env = {**os.environ, "TMPDIR": str(tmp_path)}  # the bench's private directory, which nothing can remove then
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.integration.bench_killed", str(demo / "policy.yaml"),
+         str(demo / "policy.test.yaml")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert report["children"] == ["envoy", "python"]  # the agent child and Envoy were both running
+    assert report["left"] == []
+
+
 def test_compare_runs_both_policies_and_a_changed_rule_shows_in_its_run_only(demo: Path, tmp_path: Path) -> None:
     other = demo / "other.yaml"
     text = (demo / "policy.yaml").read_text()
