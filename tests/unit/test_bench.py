@@ -20,7 +20,7 @@ from agent._xds.envoy.service.auth.v3 import external_auth_pb2 as ext
 from agent.bench import stats
 from agent.bench.envoy import BUFFER, EXT_AUTHZ, ROUTER, bench_bootstrap
 from agent.bench.failif import parse
-from agent.bench.run import Progress, compare, judge, write_atomically
+from agent.bench.run import Progress, compare, judge, run_labels, write_atomically
 from agent.bench.table import lines
 from agent.bench.traffic import CHECK_PATH, Traffic, check_request, mix, secrets_of, with_secrets
 from agent.config import load_policy
@@ -330,6 +330,14 @@ def test_the_progress_line_is_a_bar_cleared_before_anything_else_is_said() -> No
     plain = io.StringIO()
     Progress(plain).update("p.yaml: agent: warm-up", 1, 1, 0.1, 1.0)  # CI logs: no redrawn line at all
     assert plain.getvalue() == ""
+
+
+def test_two_runs_never_share_a_label(tmp_path: Path) -> None:
+    a, b = tmp_path / "a" / "policy.yaml", tmp_path / "b" / "policy.yaml"
+    assert run_labels([a, tmp_path / "v2.yaml"]) == ["policy.yaml", "v2.yaml"]
+    assert run_labels([a, b]) == ["a/policy.yaml", "b/policy.yaml"]
+    assert run_labels([a, tmp_path / "x" / "a" / "policy.yaml"]) == [str(a), str(tmp_path / "x" / "a" / "policy.yaml")]
+    assert run_labels([a, a]) == [f"{a} (#1)", f"{a} (#2)"]  # a policy against itself: the machine's noise
 
 
 def test_compare_is_the_change_of_the_second_run_in_percent() -> None:
