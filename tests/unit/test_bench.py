@@ -9,6 +9,7 @@ import itertools
 import json
 import os
 import random
+import re
 import shutil
 import stat
 from pathlib import Path
@@ -358,3 +359,19 @@ def test_json_and_report_files_are_written_whole_with_ordinary_permissions(tmp_p
     mask = os.umask(0o022)
     os.umask(mask)
     assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~mask
+
+
+def test_the_docs_name_every_option_and_every_key_and_show_a_real_run(capsys: pytest.CaptureFixture[str]) -> None:
+    """docs/benchmarking.md is what users read: every option `bench --help` lists, the keys the JSON adds beyond the
+    sketch, and an example run's numbers (not a placeholder)."""
+    from agent.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    options = set(re.findall(r"(--[a-z][a-z-]+)", capsys.readouterr().out)) - {"--help"}
+    docs = (DEMO.parent.parent / "docs" / "benchmarking.md").read_text()
+    assert len(options) >= 15
+    assert [o for o in sorted(options) if f"`{o}" not in docs] == []
+    assert [k for k in ("due", "ran_out", "left_out", "pinning", "seed") if f"{k}`" not in docs] == []
+    example = docs[docs.index("## Example run") :]
+    assert "Placeholder" not in example and "req/s" in example and "added by the agent" in example
