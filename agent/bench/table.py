@@ -24,9 +24,15 @@ def _name(text: str) -> str:
     return text if len(text) <= NAME_WIDTH else text[: NAME_WIDTH - 1] + "~"
 
 
+def _first(text: str) -> str:
+    """A name that starts a row: a line starting "::" in a GitHub Actions log is a command to the runner."""
+    return text.replace(":", "\\x3a", 1) if text.lstrip().startswith("::") else text
+
+
 def _row(name: str, weight: str, expect: str, count: Any, mismatches: Any, errors: Any, lat: dict[str, Any]) -> str:
     cells = " ".join(f"{_ms(lat.get(k)):>8}" for k in COLUMNS)
-    return f"{_name(name):<{NAME_WIDTH}} {weight:>6} {expect:>6} {count!s:>8} {mismatches!s:>6} {errors!s:>6} {cells}"
+    first = _first(_name(name))
+    return f"{first:<{NAME_WIDTH}} {weight:>6} {expect:>6} {count!s:>8} {mismatches!s:>6} {errors!s:>6} {cells}"
 
 
 def header() -> str:

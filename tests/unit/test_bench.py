@@ -275,6 +275,10 @@ def test_the_table_shows_a_hostile_case_name_as_text_and_the_wrong_answers() -> 
     assert "evil?[2J?name?" in out
     assert "!! p.yaml fixed: case 'evil?[2J?name?' (line 3) expected 200, got 403 x1" in out
     assert out.splitlines()[-1] == "FAILED"
+    # A row starts with the case's name: in a GitHub Actions log, a line starting "::" is a command to the runner.
+    rows = lines(_result(" ::add-mask::the-p99"))
+    assert not any(row.lstrip().startswith("::") for row in rows)
+    assert any(row.startswith(" \\x3a:add-mask::the-p99 ") for row in rows)
 
 
 def test_the_table_shows_hostile_labels_versions_paths_and_notes_as_text() -> None:
