@@ -4,6 +4,7 @@ so a wrong expectation or a changed policy shows as mismatches and exit 1, and a
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -104,10 +105,13 @@ def found_in(text: str, secrets: set[str]) -> list[str]:
 
 
 def test_the_leak_search_finds_what_a_plain_search_finds() -> None:
-    jwt = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJl"
-    signature = "sig1=:K2qGT5srn2OGbOIDzQ6kYT+ruaycnDAAUpKv+ePFfD0=:"
-    key = "bWFkZSB1cCBrZXkgZm9yIHRlc3Rz"
-    secrets = {jwt, signature, key, "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJib2IifQ.b3RoZXI"}
+    def b64(text: str) -> str:
+        return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+    jwt, other = (".".join(map(b64, ('{"alg":"ES256"}', f'{{"sub":"{who}"}}', who))) for who in ("alice", "bob"))
+    signature = f"sig1=:{base64.b64encode(bytes(range(200, 232))).decode()}:"  # '+', '/' and '=' padding in it
+    key = base64.b64encode(b"made up key for tests").decode()
+    secrets = {jwt, signature, key, other}
     texts = [
         "nothing here",
         f"authorization: Bearer {jwt}\n",
