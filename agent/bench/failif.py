@@ -7,9 +7,10 @@ import re
 from dataclasses import dataclass
 
 LATENCY_METRICS = ("p50", "p90", "p99", "p999", "max", "mean")
-_UNITS_MS = {"us": 0.001, "µs": 0.001, "ms": 1.0, "s": 1000.0}
+# Microseconds as written: ASCII, the micro sign (U+00B5) or the Greek mu (U+03BC); the two look alike.
+_UNITS_MS = {"us": 0.001, "\u00b5s": 0.001, "\u03bcs": 0.001, "ms": 1.0, "s": 1000.0}
 _EXPR = re.compile(
-    r"\s*(?P<metric>[a-z0-9.]+)\s*(?P<op>>=|<=|>|<)\s*(?P<value>[0-9]+(?:\.[0-9]+)?)\s*(?P<unit>[a-zµ]*)\s*"
+    r"\s*(?P<metric>[a-z0-9.]+)\s*(?P<op>>=|<=|>|<)\s*(?P<value>[0-9]+(?:\.[0-9]+)?)\s*(?P<unit>[a-z\u00b5\u03bc/]*)\s*"
 )
 GRAMMAR = "'p50|p90|p99|p999|max|mean > N(us|ms|s)' (or >=), or 'rps < N' (or <=)"
 
@@ -42,7 +43,7 @@ def parse(expr: str) -> FailIf:
         if op not in ("<", "<="):
             raise ValueError(f"--fail-if {expr!r}: rps fails when it is too low: write 'rps < N' (or <=)")
         if unit not in ("", "rps", "/s"):
-            raise ValueError(f"--fail-if {expr!r}: rps is requests per second, without a unit: 'rps < {m['value']}'")
+            raise ValueError(f"--fail-if {expr!r}: rps is requests per second: write the number alone, 'rps < 5000'")
         return FailIf(expr, metric, op, value)
     if metric not in LATENCY_METRICS:
         raise ValueError(f"--fail-if {expr!r}: unknown measure {metric!r}; write {GRAMMAR}")

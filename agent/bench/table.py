@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from agent.policytest.report import printable
+
 COLUMNS = ("p50", "p90", "p99", "p999", "max")
 HEAD = ("p50", "p90", "p99", "p99.9", "max")
 NAME_WIDTH = 44
+# The generator's outcomes that are not answers (agent._loadgen): said in words, with the code the JSON has.
+ERRORS = {"-1": "a reset or failed connection (-1)", "-2": "a bad reply (-2)", "-3": "no answer in time (-3)"}
 
 
 def _ms(v: Any) -> str:
@@ -20,9 +24,15 @@ def _name(text: str) -> str:
     return text if len(text) <= NAME_WIDTH else text[: NAME_WIDTH - 1] + "~"
 
 
+def _first(text: str) -> str:
+    """A name that starts a row: a line starting "::" in a GitHub Actions log is a command to the runner."""
+    return text.replace(":", "\\x3a", 1) if text.lstrip().startswith("::") else text
+
+
 def _row(name: str, weight: str, expect: str, count: Any, mismatches: Any, errors: Any, lat: dict[str, Any]) -> str:
     cells = " ".join(f"{_ms(lat.get(k)):>8}" for k in COLUMNS)
-    return f"{_name(name):<{NAME_WIDTH}} {weight:>6} {expect:>6} {count!s:>8} {mismatches!s:>6} {errors!s:>6} {cells}"
+    first = _first(_name(name))
+    return f"{first:<{NAME_WIDTH}} {weight:>6} {expect:>6} {count!s:>8} {mismatches!s:>6} {errors!s:>6} {cells}"
 
 
 def header() -> str:
@@ -94,9 +104,11 @@ def lines(result: dict[str, Any]) -> list[str]:
            if isinstance(p, dict) and "cases" in p for c in p["cases"] if c["mismatches"] or c["errors"]]  # fmt: skip
     if bad:
         out.append("")
-        out.append("!! WRONG ANSWERS: a benchmark of wrong answers is not a benchmark")
+        out.append("!! WRONG ANSWERS OR ERRORS: a benchmark of wrong answers is not a benchmark")
         for label, key, c in bad:
-            got = ", ".join(f"{o} x{n}" for o, n in c["outcomes"].items() if o != str(c["expect_status"]))
+            got = ", ".join(
+                f"{ERRORS.get(o, o)} x{n}" for o, n in c["outcomes"].items() if o != str(c["expect_status"])
+            )
             out.append(f"!! {label} {key}: case {_name(c['name'])!r} (line {c['line']}) expected {c['expect_status']}, "
                        f"got {got}")  # fmt: skip
     for f in result.get("fail_if", []):
@@ -109,4 +121,5 @@ def lines(result: dict[str, Any]) -> list[str]:
         out += [f"note: {n}" for n in result["notes"]]
     out.append("")
     out.append("OK" if result["ok"] else "FAILED")
-    return out
+    # Labels, the policy's version (its `service:`), paths and notes are users' text too: none may move the cursor.
+    return [printable(piece) for line in out for piece in line.split("\n")]

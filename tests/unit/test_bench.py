@@ -4,10 +4,12 @@ requests made from cases, the Envoy config, the table, the JSON writer. End to e
 from __future__ import annotations
 
 import base64
+import io
 import itertools
 import json
 import os
 import random
+import re
 import shutil
 import stat
 from pathlib import Path
@@ -17,9 +19,9 @@ import pytest
 
 from agent._xds.envoy.service.auth.v3 import external_auth_pb2 as ext
 from agent.bench import stats
-from agent.bench.envoy import EXT_AUTHZ, bench_bootstrap
+from agent.bench.envoy import BUFFER, EXT_AUTHZ, ROUTER, bench_bootstrap
 from agent.bench.failif import parse
-from agent.bench.run import compare, judge, write_atomically
+from agent.bench.run import Progress, compare, judge, run_labels, write_atomically
 from agent.bench.table import lines
 from agent.bench.traffic import CHECK_PATH, Traffic, check_request, mix, secrets_of, with_secrets
 from agent.config import load_policy
@@ -44,6 +46,10 @@ DEMO = Path(__file__).parent.parent.parent / "agent" / "demo"
         ("mean > 1ms", "mean", ">", 1.0),
         ("rps < 5000", "rps", "<", 5000.0),
         ("rps <= 10.5", "rps", "<=", 10.5),
+        ("rps < 5000/s", "rps", "<", 5000.0),
+        ("rps < 5000 rps", "rps", "<", 5000.0),
+        ("p99 > 250\u00b5s", "p99", ">", 0.25),  # the micro sign
+        ("p99 > 250\u03bcs", "p99", ">", 0.25),  # the Greek mu, which looks the same
     ],
 )
 def test_fail_if_reads_what_ci_writes(expr: str, metric: str, op: str, limit: float) -> None:
@@ -59,7 +65,9 @@ def test_fail_if_reads_what_ci_writes(expr: str, metric: str, op: str, limit: fl
         ("p99 > 2min", "give the latency a unit"),
         ("p99 < 2ms", "a latency fails when it is too high"),
         ("rps > 100", "rps fails when it is too low"),
-        ("rps < 100ms", "without a unit"),
+        ("rps < 100ms", "write the number alone"),
+        ("rps < 5k", "write the number alone, 'rps < 5000'"),
+        ("p99 > 2ms/s", "give the latency a unit"),
         ("p95 > 2ms", "unknown measure 'p95'"),
         ("p99 > -2ms", "not an expression"),
         ("", "not an expression"),
@@ -234,6 +242,7 @@ def test_the_bench_envoy_has_envoy_alone_beside_the_agent_and_answers_200_itself
         return [f["name"] for f in hcm["http_filters"]]
 
     assert EXT_AUTHZ in filters("inbound") and EXT_AUTHZ not in filters("alone")
+    assert filters("upstream") == [BUFFER, ROUTER]  # the request whole before the answer: connections are kept
     assert listeners["inbound"]["address"]["socket_address"]["port_value"] == with_agent
     assert listeners["alone"]["address"]["socket_address"]["port_value"] == alone
     upstream = listeners["upstream"]["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]
@@ -266,6 +275,74 @@ def test_the_table_shows_a_hostile_case_name_as_text_and_the_wrong_answers() -> 
     assert "evil?[2J?name?" in out
     assert "!! p.yaml fixed: case 'evil?[2J?name?' (line 3) expected 200, got 403 x1" in out
     assert out.splitlines()[-1] == "FAILED"
+    # A row starts with the case's name: in a GitHub Actions log, a line starting "::" is a command to the runner.
+    rows = lines(_result(" ::add-mask::the-p99"))
+    assert not any(row.lstrip().startswith("::") for row in rows)
+    assert any(row.startswith(" \\x3a:add-mask::the-p99 ") for row in rows)
+
+
+def test_the_table_shows_hostile_labels_versions_paths_and_notes_as_text() -> None:
+    """Not only case names: the policy's version holds its own `service:`, labels and paths are file names, notes
+    quote the policy; a CI log or a terminal must not act on any of them."""
+    result = _result("ok")
+    run = result["runs"][0]
+    run["label"] = "p\x1b[2J.yaml"
+    run["policy_version"] = "orders\x1b[31m\rEVIL@3f9a"
+    run["cases_file"] = "/tmp/c\x1b]0;title\x07.yaml"
+    result["notes"] = ["the agent exited with status 1 when stopped:\n  | \x1b[31mred\x1b[0m"]
+    out = lines(result)
+    text = "\n".join(out)
+    assert not any(c in text for c in "\x1b\r\x07"), text
+    assert "== p\\x1b[2J.yaml (orders\\x1b[31m\\rEVIL@3f9a), cases /tmp/c\\x1b]0;title\\x07.yaml" in out
+    assert "note: the agent exited with status 1 when stopped:" in out and "  | \\x1b[31mred\\x1b[0m" in out
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def screen(text: str) -> list[str]:
+    """What a terminal shows for `text`: `\\r` returns to the start of the line, later characters overwrite."""
+    rows, col = [""], 0
+    for ch in text:
+        if ch == "\r":
+            col = 0
+        elif ch == "\n":
+            rows, col = [*rows, ""], 0
+        else:
+            rows[-1] = rows[-1][:col] + ch + rows[-1][col + 1 :]
+            col += 1
+    return [row.rstrip() for row in rows]
+
+
+def test_the_progress_line_is_a_bar_cleared_before_anything_else_is_said() -> None:
+    err = Terminal()
+    progress = Progress(err)
+    progress.update("p\x1b[2J.yaml: agent: warm-up", 500, 480, 0.5, 1.0)
+    assert screen(err.getvalue()) == [
+        "[##########..........] p\\x1b[2J.yaml: agent: warm-up: sent 500, completed 480, 0.5/1 s"
+    ]
+    progress.say("made 236 requests")  # the warm-up has no end line: its bar must not run into this one
+    progress.update("p.yaml: agent: fixed rate 1000/s", 2500, 2500, 2.5, 10.0)
+    assert screen(err.getvalue()) == [
+        "bench: made 236 requests",
+        "[#####...............] p.yaml: agent: fixed rate 1000/s: sent 2500, completed 2500, 2.5/10 s",
+    ]
+    progress.end("p.yaml: agent: fixed rate 1000/s", "10000 answered")
+    assert screen(err.getvalue()) == ["bench: made 236 requests", "bench: p.yaml: agent: fixed rate 1000/s: 10000 "
+                                      "answered", ""]  # fmt: skip
+    plain = io.StringIO()
+    Progress(plain).update("p.yaml: agent: warm-up", 1, 1, 0.1, 1.0)  # CI logs: no redrawn line at all
+    assert plain.getvalue() == ""
+
+
+def test_two_runs_never_share_a_label(tmp_path: Path) -> None:
+    a, b = tmp_path / "a" / "policy.yaml", tmp_path / "b" / "policy.yaml"
+    assert run_labels([a, tmp_path / "v2.yaml"]) == ["policy.yaml", "v2.yaml"]
+    assert run_labels([a, b]) == ["a/policy.yaml", "b/policy.yaml"]
+    assert run_labels([a, tmp_path / "x" / "a" / "policy.yaml"]) == [str(a), str(tmp_path / "x" / "a" / "policy.yaml")]
+    assert run_labels([a, a]) == [f"{a} (#1)", f"{a} (#2)"]  # a policy against itself: the machine's noise
 
 
 def test_compare_is_the_change_of_the_second_run_in_percent() -> None:
@@ -286,3 +363,19 @@ def test_json_and_report_files_are_written_whole_with_ordinary_permissions(tmp_p
     mask = os.umask(0o022)
     os.umask(mask)
     assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~mask
+
+
+def test_the_docs_name_every_option_and_every_key_and_show_a_real_run(capsys: pytest.CaptureFixture[str]) -> None:
+    """docs/benchmarking.md is what users read: every option `bench --help` lists, the keys the JSON adds beyond the
+    sketch, and an example run's numbers (not a placeholder)."""
+    from agent.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    options = set(re.findall(r"(--[a-z][a-z-]+)", capsys.readouterr().out)) - {"--help"}
+    docs = (DEMO.parent.parent / "docs" / "benchmarking.md").read_text()
+    assert len(options) >= 15
+    assert [o for o in sorted(options) if f"`{o}" not in docs] == []
+    assert [k for k in ("due", "ran_out", "left_out", "pinning", "seed") if f"{k}`" not in docs] == []
+    example = docs[docs.index("## Example run") :]
+    assert "Placeholder" not in example and "req/s" in example and "added by the agent" in example
