@@ -12,7 +12,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 import urllib.request
 from collections import Counter
 from pathlib import Path
@@ -212,7 +211,6 @@ def test_a_rate_past_what_the_agent_sustains_shows_it_falling_behind(demo: Path,
 
 def test_fail_if_violated_exits_1_naming_it_and_a_bad_one_exits_2_before_running(demo: Path, tmp_path: Path) -> None:
     policy, cases = str(demo / "policy.yaml"), str(demo / "policy.test.yaml")
-    started = time.monotonic()
     code, out, err = cli("--policy", policy, "--cases", cases, *SHORT, "--fail-if", "p99 >> 2ms")
     assert code == 2 and out == ""
     assert "--fail-if 'p99 >> 2ms': not an expression" in err
@@ -221,7 +219,7 @@ def test_fail_if_violated_exits_1_naming_it_and_a_bad_one_exits_2_before_running
     assert code == 2 and "a latency fails when it is too high" in err
     code, _, err = cli("--policy", policy, "--cases", cases, *SHORT, "--fail-if", "rps < 10", "--no-saturation")
     assert code == 2 and "drop --no-saturation" in err
-    assert time.monotonic() - started < 5
+    assert "starting the agent" not in err  # refused before anything ran
 
     code, out, err = cli("--policy", policy, "--cases", cases, *SHORT, "--no-saturation", "--fail-if", "p50 > 1us",
                          "--fail-if", "max > 1000s")  # fmt: skip
@@ -421,12 +419,11 @@ def test_certificates_and_opaque_tokens_reach_the_agent_directly_and_envoy_refus
         "a bearer token on an mtls route": ({"401": 50}, 1.0),
         "erin lists items with an opaque token": ({"200": 50}, 1.0),
     }
-    started = time.monotonic()
     code, out, err = cli("--policy", str(policy), "--cases", str(cases), *SHORT, "--through-envoy")
     assert code == 2 and out == ""
     assert "--through-envoy: these cases send a client certificate (token.mtls)" in err
     assert "'dave replaces an item with his certificate-bound token'" in err
-    assert time.monotonic() - started < 5
+    assert "starting the agent" not in err  # refused before anything ran
 
 
 def test_a_bad_case_file_is_refused_as_policy_test_refuses_it(demo: Path) -> None:
