@@ -54,9 +54,9 @@ async def run_demo(port: int = 10000, self_test: bool = False, workdir: str | No
     (policies / f"{DEMO_SERVICE}.yaml").write_text(text)
     # Its test cases beside it, as a service owner keeps them: the control plane runs them before it publishes,
     # and the console's Policies page shows their results.
-    cases = resources.files("agent.demo").joinpath("policy.test.yaml").read_text()
-    cases = cases.replace("\npolicy: policy.yaml\n", f"\npolicy: {DEMO_SERVICE}.yaml\n")
-    (policies / f"{DEMO_SERVICE}.test.yaml").write_text(cases)
+    tests_text = resources.files("agent.demo").joinpath("policy.test.yaml").read_text()
+    tests_text = tests_text.replace("\npolicy: policy.yaml\n", f"\npolicy: {DEMO_SERVICE}.yaml\n")
+    (policies / f"{DEMO_SERVICE}.test.yaml").write_text(tests_text)
     write_keypair(work / "bundle-signing.pem", work / "bundle-verify.pem")
     console = ConsoleConfig(idp.issuer, CONSOLE_CLIENT_ID) if console_available() else None
     cp = ControlPlane(policies, load_signing_key(str(work / "bundle-signing.pem")), "127.0.0.1:0",
