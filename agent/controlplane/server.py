@@ -68,6 +68,8 @@ from agent.controlplane.tls import (
     TlsFront,
     _printable,
     front_limits,
+    host_of,
+    source_of,
 )
 from agent.errors import ConfigErrors
 from agent.policytest import FileResult, run_file
@@ -785,6 +787,15 @@ class ControlPlane:
             return True
         peername = request.transport.get_extra_info("peername") if request.transport is not None else None
         return self._admin_front.peer_of(peername) is not None
+
+    def console_source(self, request: web.Request) -> str:
+        """Where a /ui request comes from, for per-source limits: the browser's address as the TLS front saw it
+        (every forwarded connection reaches aiohttp from 127.0.0.1), an IPv6 address as its /64."""
+        if self._admin_front is not None:
+            peername = request.transport.get_extra_info("peername") if request.transport is not None else None
+            forwarded = self._admin_front.peer_of(peername)
+            return source_of(host_of(forwarded.address)) if forwarded is not None else "?"
+        return source_of(request.remote or "?")
 
     def _check_certificates(self) -> None:
         """End every forwarded connection whose certificate expired, or (after a client CA change) no longer

@@ -152,14 +152,20 @@ def test_a_new_login_replaces_the_session_id(console: ConsoleStack, browser: Bro
     login(page, console, "ada")
     first = session_cookie(page)
     Seen.cookies(page)
-    page.goto(console.url + "/ui/login/start")  # signing in again (e.g. as another user)
+    # Signed in, the sign-in link leads back to the console: a GET ends no session (see the attacker test).
+    page.goto(console.url + "/ui/login/start")
+    page.wait_for_url(console.url + "/ui/")
+    assert "Ada Lovelace" in page.inner_text("header.top")
+    page.click("text=Sign out")  # signing in as another user: sign out (a CSRF-checked POST), then in
+    page.wait_for_url(console.url + "/ui/login?signed_out=1")
+    page.goto(console.url + "/ui/login/start")
     idp_sign_in(page, console, "vic")
     page.wait_for_url(console.url + "/ui/")
     second = session_cookie(page)
     assert first is not None and second is not None and first["value"] != second["value"]
     assert "Vic Viewer" in page.inner_text("header.top")
     Seen.cookies(page)
-    # The first session was ended when the new login started.
+    # The first session is gone for good.
     page.context.add_cookies([{k: first[k] for k in ("name", "value", "domain", "path", "httpOnly", "sameSite")}])
     page.goto(console.url + "/ui/")
     page.wait_for_selector("select#user")
@@ -177,9 +183,16 @@ def attacker(loop_thread: LoopThread) -> Iterator[str]:
         form = f'<form method="post" action="{target}">{fields}<button id="go" type="submit">go</button></form>'
         return web.Response(text=form, content_type="text/html")
 
+    async def link(request: web.Request) -> web.Response:
+        target = request.query["target"]
+        return web.Response(
+            text=f'<img src="{target}" alt=""><a id="go" href="{target}">go</a>', content_type="text/html"
+        )
+
     async def start() -> tuple[web.AppRunner, int]:
         app = web.Application()
         app.router.add_get("/", page)
+        app.router.add_get("/link", link)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         port = free_port()
@@ -241,6 +254,23 @@ def test_a_forged_cross_origin_post_is_refused_even_with_the_token(console: Cons
     answer = page.request.post(console.url + "/ui/logout", form={"csrf": token}, max_redirects=0,
                                headers={"Referer": ""})  # fmt: skip
     assert answer.status == 403
+    page.context.close()
+
+
+def test_a_page_elsewhere_cannot_sign_a_user_out(console: ConsoleStack, browser: Browser, attacker: str) -> None:
+    """Before: GET /ui/login/start ended the session it came with and cleared the cookie, so a same-site page's
+    <img> or link (here 127.0.0.1 on another port: the same site, so the Strict cookie is sent) signed users out."""
+    page = console.new_page(browser)
+    login(page, console, "ada")
+    Seen.cookies(page)
+    before = session_cookie(page)
+    with page.expect_response(lambda r: r.url == console.url + "/ui/login/start"):
+        page.goto(f"{attacker}/link?target={console.url}/ui/login/start")  # its <img> asks at once
+    with page.expect_navigation():
+        page.click("#go")
+    page.wait_for_url(console.url + "/ui/")  # sent to the console, not to the IdP
+    assert "Ada Lovelace" in page.inner_text("header.top")
+    assert session_cookie(page) == before
     page.context.close()
 
 

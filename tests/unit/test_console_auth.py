@@ -26,9 +26,12 @@ from joserfc.jwk import OctKey
 
 from agent import cli
 from agent.controlplane.console import ConsoleConfig
+from agent.controlplane.console.app import SESSION_COOKIE
 from agent.controlplane.console.auth import (
     ABSOLUTE_S,
     IDLE_S,
+    MAX_PENDING,
+    MAX_PENDING_PER_SOURCE,
     STATE_TTL_S,
     LoginError,
     LoginFlow,
@@ -149,6 +152,24 @@ async def test_a_login_not_finished_in_ten_minutes_is_forgotten(idp: LocalIdP) -
         clock.now += STATE_TTL_S + 1
         with pytest.raises(LoginError, match="unknown or expired"):
             await flow.finish(back["state"], back["code"], binding)
+    finally:
+        await flow.close()
+
+
+async def test_a_flood_of_login_starts_from_one_source_does_not_push_out_anothers_login(idp: LocalIdP) -> None:
+    """Before: 1000 GETs of /ui/login/start from anywhere pushed every other browser's pending login out (the
+    global cap dropped the oldest), so its callback failed. Now a source beyond its cap loses its own oldest."""
+    flow = _flow(idp)
+    try:
+        url, binding = await flow.begin("192.0.2.7")
+        for _ in range(MAX_PENDING + 10):  # more than the whole table, from one place
+            await flow.begin("203.0.113.9")
+        assert len(flow._pending) <= MAX_PENDING_PER_SOURCE + 1
+        back = await _authorize(idp, url)
+        assert (await flow.finish(back["state"], back["code"], binding)).subject == "ada"
+        # The flooding source keeps only its newest attempts, and a finished one leaves no trace of its source.
+        assert set(flow._by_source) == {"203.0.113.9"}
+        assert len(flow._by_source["203.0.113.9"]) == MAX_PENDING_PER_SOURCE
     finally:
         await flow.close()
 
@@ -324,6 +345,26 @@ async def test_a_viewer_is_refused_an_admin_write_even_with_a_good_form(plane: C
         http.post(base + "/ui/act", data={"csrf": "x"}, headers={"Origin": base}) as r,
     ):  # not signed in at all; fmt: skip
         assert r.status == 403
+
+
+async def test_a_get_of_login_start_signs_nobody_out(plane: ControlPlane, idp: LocalIdP) -> None:
+    """/ui/login/start is a GET any page can trigger (a link, an <img>, a redirect). Before, it ended the session
+    it came with and cleared the session cookie: a same-site page signed users out, a cross-site navigation
+    cleared their cookie. Now a signed-in browser is sent to the console and no session cookie is touched."""
+    base = f"http://127.0.0.1:{plane.admin_port}"
+    async with console_client() as http:
+        await http_login(http, base, idp, "ada", idp.users["ada"].password)
+        async with http.get(base + "/ui/login/start", allow_redirects=False) as r:
+            assert (r.status, r.headers["Location"]) == (302, "/ui/")
+            assert not any(c.startswith(SESSION_COOKIE + "=") for c in r.headers.getall("Set-Cookie", []))
+        async with http.get(base + "/ui/", allow_redirects=False) as r:
+            assert r.status == 200  # still signed in
+    async with (
+        console_client() as http,  # no session: to the IdP, and still no session cookie cleared
+        http.get(base + "/ui/login/start", allow_redirects=False) as r,
+    ):
+        assert r.status == 302 and r.headers["Location"].startswith(idp.issuer + "/authorize?")
+        assert not any(c.startswith(SESSION_COOKIE + "=") for c in r.headers.getall("Set-Cookie", []))
 
 
 async def test_what_agents_report_is_escaped_on_the_fleet_page(plane: ControlPlane, idp: LocalIdP) -> None:

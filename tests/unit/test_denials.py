@@ -121,3 +121,14 @@ def test_distinct_pairs_per_minute_are_bounded() -> None:
     assert len(totals) <= MAX_PAIRS_PER_MINUTE + 2
     assert sum(n for *_, n in totals) == (MAX_PAIRS_PER_MINUTE // MAX_PER_REPORT + 2) * MAX_PER_REPORT
     assert Counter(r for r, _, _ in totals)[OTHER] >= 1
+
+
+def test_a_service_name_with_dollar_signs_is_drawn_as_text() -> None:
+    """Before, matplotlib read "$...$" in the chart's title as mathtext: a service an agent named "a$\\frac{$b"
+    raised ValueError and a deeply nested one RecursionError, failing the Denials page for everyone."""
+    from agent.controlplane.console.denials import chart_svg
+
+    minutes = list(range(60))
+    for name in ("a$\\frac{$b", "x$\\undefinedmacro$y", "$" + "{" * 60 + "x" + "}" * 60 + "$"):
+        svg = chart_svg(minutes, {"token_missing": [1] * 60}, f"{name}: denials per minute")
+        assert svg.startswith(b"<?xml")

@@ -317,17 +317,19 @@ async def _login_page(request: web.Request) -> web.Response:
 
 
 async def _login_start(request: web.Request) -> web.Response:
-    """Redirect to the IdP. A session this browser still holds ends here: a login always opens a new one."""
+    """Redirect to the IdP. A GET any page can make (a link, an image, a redirect), so it changes no session: a
+    signed-in user goes to the console (signing out is the CSRF-checked POST), and no session cookie is cleared
+    (a cross-site page must not sign anyone out). The callback always opens a new session id (no fixation)."""
     console = console_of(request)
-    console.sessions.delete(_sid(request))
+    if maybe_user(request) is not None:
+        raise web.HTTPFound(PREFIX + "/")
     try:
-        url, binding = await console.flow.begin()
+        url, binding = await console.flow.begin(console.cp.console_source(request))
     except LoginError as e:
         return render(request, "error.html", status=e.status, title="Sign-in unavailable", message=e.message)
     response = web.HTTPFound(url)
     response.set_cookie(LOGIN_COOKIE, binding, max_age=int(STATE_TTL_S), path=PREFIX + "/callback", httponly=True,
                         secure=console.secure_cookies, samesite="Lax")  # fmt: skip
-    response.del_cookie(SESSION_COOKIE, path=PREFIX)
     raise response
 
 

@@ -41,7 +41,10 @@ STATE_TTL_S = 600.0  # a login attempt not finished within this is forgotten
 IDLE_S = 30 * 60.0  # a session unused this long ends
 ABSOLUTE_S = 8 * 3600.0  # and every session ends this long after login
 MAX_SESSIONS = 1000  # the least recently used goes first
-MAX_PENDING = 1000  # login attempts in flight; the oldest goes first
+MAX_PENDING = 10_000  # login attempts in flight; the oldest goes first (a few hundred bytes each)
+# ... and per source address (an IPv6 /64): one that starts more loses its own oldest, so a flood of
+# /ui/login/start from one place cannot push other people's logins out between their redirect and callback.
+MAX_PENDING_PER_SOURCE = 16
 DISCOVERY_TTL_S = 3600.0  # the discovery document is fetched again after this (or after a failure)
 FETCH_TIMEOUT_S = 5.0
 LEEWAY_S = 30.0
@@ -147,6 +150,7 @@ class Pending:
     verifier: str  # PKCE code_verifier
     binding: bytes  # SHA-256 of the LOGIN_COOKIE value given to the browser that started it
     created: float
+    source: str = ""  # where the browser that started it connected from (the per-source bound)
 
 
 @dataclass(frozen=True)
@@ -192,6 +196,7 @@ class LoginFlow:
         self._redirect_uri = redirect_uri
         self._clock = clock
         self._pending: OrderedDict[str, Pending] = OrderedDict()
+        self._by_source: dict[str, OrderedDict[str, None]] = {}  # source -> its pending states, oldest first
         self._discovered: _Discovered | None = None
         self._lock = asyncio.Lock()
         self._http: aiohttp.ClientSession | None = None
@@ -246,16 +251,32 @@ class LoginFlow:
             self._discovered = _Discovered(endpoints, self._clock(), KeyStore(idp))
             return self._discovered
 
-    async def begin(self) -> tuple[str, str]:
-        """Start a login: (the IdP's authorization URL to redirect to, the value for the LOGIN_COOKIE)."""
+    def _take(self, state: str) -> Pending | None:
+        """Forget the login attempt `state` (finished, expired or pushed out); the attempt, or None."""
+        pending = self._pending.pop(state, None)
+        if pending is not None:
+            mine = self._by_source.get(pending.source)
+            if mine is not None:
+                mine.pop(state, None)
+                if not mine:
+                    del self._by_source[pending.source]
+        return pending
+
+    async def begin(self, source: str = "") -> tuple[str, str]:
+        """Start a login for a browser at `source`: (the IdP's authorization URL to redirect to, the value for the
+        LOGIN_COOKIE). At most MAX_PENDING_PER_SOURCE attempts per source are kept: its own oldest goes first."""
         found = await self._discover()
         now = self._clock()
         while self._pending and now - next(iter(self._pending.values())).created > STATE_TTL_S:
-            self._pending.popitem(last=False)
+            self._take(next(iter(self._pending)))
+        mine = self._by_source.get(source)
+        while mine and len(mine) >= MAX_PENDING_PER_SOURCE:
+            self._take(next(iter(mine)))
         while len(self._pending) >= MAX_PENDING:
-            self._pending.popitem(last=False)
+            self._take(next(iter(self._pending)))
         state, nonce, verifier, binding = (secrets.token_urlsafe(32) for _ in range(4))
-        self._pending[state] = Pending(nonce, verifier, _digest(binding), now)
+        self._pending[state] = Pending(nonce, verifier, _digest(binding), now, source)
+        self._by_source.setdefault(source, OrderedDict())[state] = None
         challenge = _b64(hashlib.sha256(verifier.encode("ascii")).digest())
         query = urlencode({
             "response_type": "code",
@@ -273,7 +294,7 @@ class LoginFlow:
     async def finish(self, state: str, code: str, binding: str | None) -> User:
         """The callback: the attempt `state` names (once), from the browser that started it, its code exchanged
         and the ID token verified; the user with their console roles (LoginError when anything fails)."""
-        pending = self._pending.pop(state, None) if state else None
+        pending = self._take(state) if state else None
         if pending is None or self._clock() - pending.created > STATE_TTL_S:
             raise LoginError("this login attempt is unknown or expired; sign in again")
         if not binding or not secrets.compare_digest(_digest(binding), pending.binding):

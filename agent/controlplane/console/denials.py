@@ -55,7 +55,9 @@ def chart_svg(minutes: list[int], series: dict[str, list[int]], title: str) -> b
     ax.set_xlim(-0.6, len(minutes) - 0.4)
     ax.set_ylabel("denials / minute")
     ax.set_xlabel("minute (UTC)")
-    ax.set_title(title, loc="left", fontsize=11)
+    # Plain text: a service name is any printable text an agent sent, and matplotlib would read "$...$" in it as
+    # mathtext (a bad one raises, a deep one recurses: the whole page would fail for everyone).
+    ax.set_title(title, loc="left", fontsize=11, parse_math=False)
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(axis="y", color="#d9dee6", linewidth=0.8)
     ax.set_axisbelow(True)
