@@ -132,3 +132,16 @@ def test_a_service_name_with_dollar_signs_is_drawn_as_text() -> None:
     for name in ("a$\\frac{$b", "x$\\undefinedmacro$y", "$" + "{" * 60 + "x" + "}" * 60 + "$"):
         svg = chart_svg(minutes, {"token_missing": [1] * 60}, f"{name}: denials per minute")
         assert svg.startswith(b"<?xml")
+
+
+def test_past_the_chart_limit_a_service_keeps_its_table_but_is_not_drawn() -> None:
+    """A hostile agent can name up to MAX_SERVICES services: the page draws only the MAX_CHARTS with the most
+    denials (matplotlib costs tens of milliseconds a chart), the others keep their counts."""
+    from agent.controlplane.console.denials import MAX_CHARTS, service_denials
+
+    assert 1 <= MAX_CHARTS <= 20
+    rows = [("/v1/x", "token_missing", 3)]
+    drawn = service_denials("a", rows, list(range(60)), {"token_missing": [1] * 60}, True)
+    skipped = service_denials("b", rows, list(range(60)), {"token_missing": [1] * 60}, True, draw=False)
+    assert drawn.chart is not None and drawn.chart.startswith("data:image/svg+xml;base64,")
+    assert skipped.chart is None and skipped.total == 3 and skipped.rows == rows

@@ -74,10 +74,17 @@ def _data_uri(svg: bytes) -> str:
     return "data:image/svg+xml;base64," + base64.b64encode(svg).decode()
 
 
+# Charts drawn on one page: the services with the most denials. A hostile agent on a plain-text channel can name up
+# to MAX_SERVICES services, and each chart costs matplotlib tens of milliseconds; the rest link to `?service=`.
+MAX_CHARTS = 12
+
+
 def service_denials(name: str, totals: list[Entry], minutes: list[int], series: dict[str, list[int]],
-                    published: bool) -> ServiceDenials:  # fmt: skip
+                    published: bool, draw: bool = True) -> ServiceDenials:  # fmt: skip
     total = sum(n for _, _, n in totals)
-    chart = _data_uri(chart_svg(minutes, series, f"{name}: denials per minute, last hour")) if total else None
+    chart = None
+    if total and draw:
+        chart = _data_uri(chart_svg(minutes, series, f"{name}: denials per minute, last hour"))
     return ServiceDenials(name, total, totals, chart, published)
 
 
@@ -91,12 +98,14 @@ async def denials(request: web.Request) -> web.Response:
     if wanted in names:
         names = [wanted]
     inputs = [(n, window.totals(n), *window.per_minute(n), n in published) for n in names]
-    # matplotlib takes tens of milliseconds per chart: off the event loop that serves the agents.
-    services = await asyncio.to_thread(lambda: [service_denials(*i) for i in inputs])
-    services.sort(key=lambda s: (-s.total, s.name))
+    inputs.sort(key=lambda i: (-sum(c for _, _, c in i[1]), i[0]))
+    # matplotlib takes tens of milliseconds per chart: off the event loop that serves the agents, and only for the
+    # MAX_CHARTS services with the most denials.
+    services = await asyncio.to_thread(lambda: [service_denials(*i, draw=k < MAX_CHARTS) for k, i in enumerate(inputs)])
     status = window.status()
     return render(request, "denials.html", title="Denials", services=services, minutes=MINUTES, other=OTHER,
-                  rejected=status["rejected_entries"], wanted=wanted if wanted in names else None)  # fmt: skip
+                  rejected=status["rejected_entries"], wanted=wanted if wanted in names else None,
+                  max_charts=MAX_CHARTS)  # fmt: skip
 
 
 def setup(app: web.Application) -> None:
