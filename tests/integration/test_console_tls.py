@@ -107,6 +107,16 @@ async def test_status_without_a_certificate_is_refused_as_before(plane: Plane) -
     assert status == 403 and plane.count("not_admin") == before + 1
 
 
+async def test_status_cannot_be_reached_without_a_certificate_by_another_spelling(plane: Plane) -> None:
+    """With the console on, the admin port takes peers without a certificate (browsers): no spelling of the status
+    path reaches the status without an admin certificate."""
+    for path in ("/status/", "//status", "/ui/../status", "/ui/%2e%2e/status", "/%73tatus", "/status?x=1",
+                 "/status%00", "/STATUS", "/ui/status", "/./status"):  # fmt: skip
+        status, _, body = await _get(plane, path, None)
+        assert '"services"' not in body and '"refusals"' not in body, (path, status)
+        assert status in (403, 404, 400, 302), (path, status)
+
+
 async def test_a_certificate_of_another_ca_is_still_refused_at_the_handshake(plane: Plane, tmp_path: Path) -> None:
     other = trustme.CA()
     issue(other, "spiffe://example.org/admin").write(tmp_path / "x.pem", tmp_path / "x.key")
