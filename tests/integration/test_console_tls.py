@@ -158,9 +158,11 @@ async def test_a_browser_without_a_certificate_signs_in_over_tls_with_secure_coo
         http.cookie_jar.clear()
         csrf = await http_login(http, plane.base, plane.idp, "ada", plane.passwords["ada"])
         cookies = {c.key: c for c in http.cookie_jar}
-        session = cookies["authz_console"]
+        # __Host-: Secure, Path=/, no Domain, so a sibling subdomain cannot plant one (login fixation)
+        assert "authz_console" not in cookies
+        session = cookies["__Host-authz_console"]
         assert session["secure"] and session["httponly"] and session["samesite"] == "Strict"
-        assert session["path"] == "/ui"
+        assert session["path"] == "/"
         async with http.get(plane.base + "/ui/", allow_redirects=False) as r:
             assert r.status == 200 and "Ada Lovelace" in await r.text()
         # /status is not opened by a console session.

@@ -26,12 +26,12 @@ from joserfc.jwk import OctKey
 
 from agent import cli
 from agent.controlplane.console import ConsoleConfig
-from agent.controlplane.console.app import SESSION_COOKIE
 from agent.controlplane.console.auth import (
     ABSOLUTE_S,
     IDLE_S,
     MAX_PENDING,
     MAX_PENDING_PER_SOURCE,
+    SESSION_COOKIE,
     STATE_TTL_S,
     LoginError,
     LoginFlow,

@@ -29,13 +29,13 @@ from agent.controlplane.console import ConsoleConfig
 from agent.controlplane.console.auth import (
     ABSOLUTE_S,
     LOGIN_COOKIE,
-    SESSION_COOKIE,
     STATE_TTL_S,
     LoginError,
     LoginFlow,
     Session,
     Sessions,
     User,
+    session_cookie,
 )
 
 if TYPE_CHECKING:
@@ -264,7 +264,7 @@ async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse
     console = console_of(request)
     if not console.cp.console_peer_ok(request):
         return web.Response(status=403, text="connect through the console's TLS port")
-    sid = request.cookies.get(SESSION_COOKIE)
+    sid = request.cookies.get(session_cookie(console.secure_cookies)[0])
     session = console.sessions.get(sid)
     if session is not None:
         assert sid is not None
@@ -357,7 +357,8 @@ async def _callback(request: web.Request) -> web.Response:
     sid, _ = console.sessions.create(user)
     log.info("console: %s signed in as %s", user.subject, user.role)
     response = render(request, "callback.html", title="Signed in", next=PREFIX + "/")
-    response.set_cookie(SESSION_COOKIE, sid, path=PREFIX, httponly=True, secure=console.secure_cookies,
+    name, path = session_cookie(console.secure_cookies)
+    response.set_cookie(name, sid, path=path, httponly=True, secure=console.secure_cookies,
                         samesite="Strict", max_age=int(ABSOLUTE_S))  # fmt: skip
     return _clear_login(response)
 
@@ -374,5 +375,6 @@ async def _logout(request: web.Request) -> web.Response:
     console.sessions.delete(_sid(request))
     log.info("console: %s signed out", user.subject)
     response = web.HTTPSeeOther(PREFIX + "/login?signed_out=1")
-    response.del_cookie(SESSION_COOKIE, path=PREFIX)
+    name, path = session_cookie(console.secure_cookies)
+    response.del_cookie(name, path=path)
     raise response

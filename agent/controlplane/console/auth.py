@@ -36,6 +36,17 @@ from agent.urls import fetchable
 log = logging.getLogger("agent.console")
 
 SESSION_COOKIE = "authz_console"
+# Over https the session cookie is named with the __Host- prefix, which browsers accept only when Secure, with
+# Path=/ and no Domain: a sibling subdomain cannot plant a session cookie of its own (login fixation). The
+# admin port serves /status and /ui only, so Path=/ shows it to nothing else.
+SECURE_SESSION_COOKIE = "__Host-authz_console"
+
+
+def session_cookie(secure: bool) -> tuple[str, str]:
+    """The session cookie's name and path."""
+    return (SECURE_SESSION_COOKIE, "/") if secure else (SESSION_COOKIE, "/ui")
+
+
 LOGIN_COOKIE = "authz_console_login"  # SameSite=Lax: it must come back on the IdP's cross-site redirect
 STATE_TTL_S = 600.0  # a login attempt not finished within this is forgotten
 IDLE_S = 30 * 60.0  # a session unused this long ends
