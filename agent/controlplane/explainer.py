@@ -42,6 +42,9 @@ MAX_HOST = 255
 PER_MINUTE = 10  # explanations per user per minute
 MAX_USERS = 10_000  # users whose recent explanations are remembered (the oldest forgotten first)
 HIDDEN = "[the token]"
+# Headers whose values are credentials: cut out of anything shown, as the token field is (a proof, a signature,
+# a session cookie pasted with the request must not come back in the page).
+CREDENTIAL_HEADERS = ("authorization", "proxy-authorization", "dpop", "signature", "cookie", "x-api-key")
 
 
 class ExplainRefused(ValueError):
@@ -164,7 +167,9 @@ class Explainer:
         finally:
             if engine.introspector is not None:
                 await engine.introspector.close()
-        secrets = [s for s in (token, token.partition(" ")[2], headers.get("authorization", "")) if len(s) >= 8]
+        pasted = [headers.get(h, "") for h in CREDENTIAL_HEADERS]
+        pasted += [v.partition(" ")[2] for v in pasted]  # a scheme's value alone ("Bearer X" -> "X")
+        secrets = [s for s in (token, token.partition(" ")[2], *pasted) if len(s) >= 8]
         return ExplainResult(
             service,
             version,

@@ -121,3 +121,19 @@ async def test_a_token_the_output_would_echo_is_hidden(idp: LocalIdP, explainer:
     weird = "not-a-jwt-but-long-enough-to-matter"
     out = await explainer.explain("orders", "GET", "/v1/orders", token=weird)
     assert weird not in repr(out) and not out.allowed
+
+
+async def test_credential_headers_pasted_with_the_request_are_hidden(idp: LocalIdP, explainer: Explainer) -> None:
+    """A proof, a signature or a cookie pasted among the headers is a credential too: never shown. (No step echoes
+    these headers today; the explainer cuts their values out of what it shows all the same, as it does the token,
+    and this guards both.)"""
+    proof = "eyJhbGciOiJFUzI1NiJ9.not-a-real-proof-but-long.sig"  # pragma: allowlist secret
+    signature = "sig1=:bm90LWEtcmVhbC1zaWduYXR1cmUtYnV0LWxvbmc=:"  # pragma: allowlist secret
+    bearer = "opaque-pasted-bearer-value-0123456789"  # pragma: allowlist secret
+    headers = (
+        f"dpop: {proof}\nsignature: {signature}\ncookie: session=s3cr3t-cookie-value\nauthorization: Bearer {bearer}"
+    )
+    out = await explainer.explain("orders", "POST", "/v1/orders", headers_text=headers)
+    shown = repr(out)
+    for secret in (proof, signature, "session=s3cr3t-cookie-value", bearer):
+        assert secret not in shown, secret
