@@ -29,6 +29,7 @@ from agent.bench import stats
 from agent.bench.failif import FailIf
 from agent.bench.traffic import Made, Traffic, secrets_of
 from agent.config.model import Policy
+from agent.files import plain_mode, write_atomically
 from agent.policytest.report import printable
 
 SCHEMA = "authz-agent-bench/1"
@@ -537,11 +538,11 @@ class Bench:
             print(line, file=self.out)
         try:
             if self.o.json_out is not None:
-                write_atomically(self.o.json_out, json.dumps(result, indent=1).encode())
+                write_atomically(self.o.json_out, json.dumps(result, indent=1).encode(), plain_mode())
             if self.o.report is not None:
                 from agent.bench.report import render_html  # type: ignore[import-not-found,unused-ignore]
 
-                write_atomically(self.o.report, render_html(result).encode())
+                write_atomically(self.o.report, render_html(result).encode(), plain_mode())
         except OSError as e:
             print(f"authz-agent bench: cannot write {e.filename}: {e.strerror}", file=self.err)
             return 2
@@ -704,19 +705,3 @@ def _table_lines(result: dict[str, Any]) -> list[str]:
     from agent.bench.table import lines
 
     return lines(result)
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write beside the target and rename over it: a reader never sees half a file."""
-    directory = path.resolve().parent
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        mask = os.umask(0o022)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # what a plain open() would have made, not mkstemp's 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from agent.controlplane.revocations import write_atomically
+from agent.files import write_atomically
 
 log = logging.getLogger("agent.controlplane.history")
 

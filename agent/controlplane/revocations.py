@@ -14,9 +14,7 @@ edit. Format:
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -137,32 +135,3 @@ def render(entries: RevocationEntries) -> str:
         doc["clients"] = [c if not i else {"client_id": c, "issuer": i} for i, c in entries.clients]
     body = yaml.safe_dump(doc, sort_keys=False, allow_unicode=True, default_flow_style=None, width=1 << 16)
     return HEADER + (body if doc else "{}\n")
-
-
-def write_atomically(path: Path, data: bytes, mode: int | None = None) -> None:
-    """Write beside the target, flush to disk and rename over it: a reader (the poll) sees the old file or the new
-    one. `mode` defaults to the existing file's (an operator's file keeps its permissions), else 0600."""
-    if mode is None:
-        try:
-            mode = path.stat().st_mode & 0o777
-        except FileNotFoundError:
-            mode = 0o600
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)  # the rename itself survives a crash
-    finally:
-        os.close(dir_fd)

@@ -52,7 +52,6 @@ from agent.controlplane.revocations import (
     parse_revocations,
     render,
     with_entry,
-    write_atomically,
 )
 from agent.controlplane.tls import (
     BAD_HELLO,
@@ -72,6 +71,7 @@ from agent.controlplane.tls import (
     source_of,
 )
 from agent.errors import ConfigErrors
+from agent.files import write_atomically
 from agent.policytest import FileResult, run_file
 from agent.policytest.report import printable
 

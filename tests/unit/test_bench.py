@@ -21,11 +21,12 @@ from agent._xds.envoy.service.auth.v3 import external_auth_pb2 as ext
 from agent.bench import stats
 from agent.bench.envoy import BUFFER, EXT_AUTHZ, ROUTER, bench_bootstrap
 from agent.bench.failif import parse
-from agent.bench.run import Progress, compare, judge, run_labels, write_atomically
+from agent.bench.run import Progress, compare, judge, run_labels
 from agent.bench.table import lines
 from agent.bench.traffic import CHECK_PATH, Traffic, check_request, mix, secrets_of, with_secrets
 from agent.config import load_policy
 from agent.decision import RequestView
+from agent.files import plain_mode, write_atomically
 from agent.policytest.cases import read_test_file
 from agent.server.envoy_wire import decode
 
@@ -356,8 +357,8 @@ def test_compare_is_the_change_of_the_second_run_in_percent() -> None:
 
 def test_json_and_report_files_are_written_whole_with_ordinary_permissions(tmp_path: Path) -> None:
     target = tmp_path / "r.json"
-    write_atomically(target, b"{}")
-    write_atomically(target, b'{"a": 1}')
+    write_atomically(target, b"{}", plain_mode())  # as bench writes --json and --report
+    write_atomically(target, b'{"a": 1}', plain_mode())
     assert target.read_bytes() == b'{"a": 1}'
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary file left
     mask = os.umask(0o022)
